@@ -88,7 +88,9 @@ class SchedulerService(Protocol):
         self, request: scheduler_pb2.RegisterServiceRequest
     ) -> scheduler_pb2.RegisterServiceResponse: ...
 
-    async def status(self, request: scheduler_pb2.StatusRequest) -> scheduler_pb2.StatusResponse: ...
+    async def status(
+        self, request: scheduler_pb2.StatusRequest
+    ) -> scheduler_pb2.StatusResponse: ...
 
 
 __all__ = ["AgentService", "EnvironmentService", "ModelService", "SchedulerService"]

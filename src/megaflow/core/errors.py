@@ -23,7 +23,7 @@ class MegaFlowError(Exception):
     """Root of every error MegaFlow raises on purpose."""
 
     retryable: bool = False
-    kind: int = common_pb2.ERROR_KIND_TASK
+    kind: common_pb2.ErrorKind.ValueType = common_pb2.ERROR_KIND_TASK
 
 
 class InvalidRequestError(MegaFlowError, ValueError):

@@ -1,0 +1,190 @@
+"""gRPC clients: the second transport of each service interface.
+
+Each client has the same methods as the implementation it talks to (see
+`megaflow.contract`), so callers cannot tell the transports apart. Every call has a
+deadline; a failed call raises the MegaFlow error the service raised, or the one its
+status code maps to (`megaflow.rpc.status`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from megaflow.core.errors import DeadlineExceededError, MegaFlowError, ServiceUnavailableError
+from megaflow.rpc.server import CHANNEL_OPTIONS, SERVICES
+from megaflow.rpc.status import ERROR_METADATA_KEY, error_from_rpc
+from megaflow.v1 import agent_pb2, common_pb2, env_pb2, model_pb2, scheduler_pb2
+
+R = TypeVar("R", bound=Message)
+
+# Slack added to a call's deadline beyond the budget the request itself carries.
+DEADLINE_SLACK_S = 10.0
+
+
+def _translate(address: str, error: grpc.aio.AioRpcError) -> MegaFlowError:
+    class_name = None
+    for key, value in error.trailing_metadata() or ():
+        if key == ERROR_METADATA_KEY:
+            class_name = str(value)
+    code = error.code()
+    details = error.details() or ""
+    if class_name is None and code is grpc.StatusCode.UNAVAILABLE:
+        return ServiceUnavailableError(f"{address} unreachable: {details}")
+    if class_name is None and code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceededError(f"call to {address} passed its deadline")
+    return error_from_rpc(code, details, class_name)
+
+
+class GrpcClient:
+    """A channel to one service address, with deadlines and error translation."""
+
+    kind: str = ""
+
+    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._service = SERVICES[self.kind].full_name
+
+    async def _unary(
+        self, method: str, request: Message, out: type[R], timeout_s: float | None
+    ) -> R:
+        call = self._channel.unary_unary(
+            f"/{self._service}/{method}",
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=out.FromString,
+        )
+        try:
+            response: R = await call(request, timeout=timeout_s or self.timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise _translate(self.address, error) from None
+        return response
+
+    async def _stream(
+        self, method: str, request: Message, out: type[R], timeout_s: float | None
+    ) -> AsyncIterator[R]:
+        call = self._channel.unary_stream(
+            f"/{self._service}/{method}",
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=out.FromString,
+        )
+        try:
+            async for item in call(request, timeout=timeout_s):
+                yield item
+        except grpc.aio.AioRpcError as error:
+            raise _translate(self.address, error) from None
+
+    async def health(self, request: common_pb2.HealthRequest) -> common_pb2.HealthResponse:
+        return await self._unary("Health", request, common_pb2.HealthResponse, 5.0)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class ModelServiceClient(GrpcClient):
+    kind = "model"
+
+    async def generate(
+        self, request: model_pb2.GenerateRequest, timeout_s: float | None = None
+    ) -> model_pb2.GenerateResponse:
+        return await self._unary("Generate", request, model_pb2.GenerateResponse, timeout_s)
+
+    async def list_models(
+        self, request: model_pb2.ListModelsRequest, timeout_s: float | None = None
+    ) -> model_pb2.ListModelsResponse:
+        return await self._unary("ListModels", request, model_pb2.ListModelsResponse, timeout_s)
+
+
+class EnvironmentServiceClient(GrpcClient):
+    kind = "env"
+
+    async def create_environment(
+        self, request: env_pb2.CreateEnvironmentRequest, timeout_s: float | None = None
+    ) -> env_pb2.CreateEnvironmentResponse:
+        budget = timeout_s or (request.setup_timeout_s or self.timeout_s) + DEADLINE_SLACK_S
+        return await self._unary(
+            "CreateEnvironment", request, env_pb2.CreateEnvironmentResponse, budget
+        )
+
+    async def execute_step(
+        self, request: env_pb2.ExecuteStepRequest, timeout_s: float | None = None
+    ) -> env_pb2.ExecuteStepResponse:
+        budget = timeout_s or (request.timeout_s or self.timeout_s) + DEADLINE_SLACK_S
+        return await self._unary("ExecuteStep", request, env_pb2.ExecuteStepResponse, budget)
+
+    async def get_observation(
+        self, request: env_pb2.GetObservationRequest, timeout_s: float | None = None
+    ) -> env_pb2.GetObservationResponse:
+        return await self._unary(
+            "GetObservation", request, env_pb2.GetObservationResponse, timeout_s
+        )
+
+    async def submit_action(
+        self, request: env_pb2.SubmitActionRequest, timeout_s: float | None = None
+    ) -> env_pb2.SubmitActionResponse:
+        budget = timeout_s
+        if budget is None and request.WhichOneof("action") == "submit":
+            budget = (request.submit.scoring_timeout_s or self.timeout_s) + DEADLINE_SLACK_S
+        return await self._unary("SubmitAction", request, env_pb2.SubmitActionResponse, budget)
+
+    async def release_environment(
+        self, request: env_pb2.ReleaseEnvironmentRequest, timeout_s: float | None = None
+    ) -> env_pb2.ReleaseEnvironmentResponse:
+        return await self._unary(
+            "ReleaseEnvironment", request, env_pb2.ReleaseEnvironmentResponse, timeout_s
+        )
+
+    async def heartbeat(
+        self, request: env_pb2.EnvHeartbeatRequest, timeout_s: float | None = None
+    ) -> env_pb2.EnvHeartbeatResponse:
+        return await self._unary("Heartbeat", request, env_pb2.EnvHeartbeatResponse, timeout_s)
+
+
+class AgentServiceClient(GrpcClient):
+    kind = "agent"
+
+    async def run_task(
+        self, request: agent_pb2.RunTaskRequest, timeout_s: float | None = None
+    ) -> agent_pb2.RunTaskResponse:
+        budget = timeout_s
+        if budget is None and request.task.budgets.task_timeout_s:
+            budget = request.task.budgets.task_timeout_s * 2 + 60.0  # setup + scoring around it
+        return await self._unary("RunTask", request, agent_pb2.RunTaskResponse, budget or 3600.0)
+
+    async def cancel_task(
+        self, request: agent_pb2.CancelTaskRequest, timeout_s: float | None = None
+    ) -> agent_pb2.CancelTaskResponse:
+        return await self._unary("CancelTask", request, agent_pb2.CancelTaskResponse, timeout_s)
+
+
+class SchedulerServiceClient(GrpcClient):
+    kind = "scheduler"
+
+    async def submit_tasks(
+        self, request: scheduler_pb2.SubmitTasksRequest, timeout_s: float | None = None
+    ) -> scheduler_pb2.SubmitTasksResponse:
+        return await self._unary(
+            "SubmitTasks", request, scheduler_pb2.SubmitTasksResponse, timeout_s
+        )
+
+    def watch_events(
+        self, request: scheduler_pb2.WatchEventsRequest, timeout_s: float | None = None
+    ) -> AsyncIterator[scheduler_pb2.TaskEvent]:
+        """Stream the run's events; `timeout_s` None means until the run finishes."""
+        return self._stream("WatchEvents", request, scheduler_pb2.TaskEvent, timeout_s)
+
+    async def register_service(
+        self, request: scheduler_pb2.RegisterServiceRequest, timeout_s: float | None = None
+    ) -> scheduler_pb2.RegisterServiceResponse:
+        return await self._unary(
+            "RegisterService", request, scheduler_pb2.RegisterServiceResponse, timeout_s
+        )
+
+    async def status(
+        self, request: scheduler_pb2.StatusRequest, timeout_s: float | None = None
+    ) -> scheduler_pb2.StatusResponse:
+        return await self._unary("Status", request, scheduler_pb2.StatusResponse, timeout_s)
