@@ -1,8 +1,8 @@
 """The built-in agent's tools, shared by the agent and the simulated policy.
 
-    bash       {"command": str}                      run in the persistent shell
-    edit_file  {"path": str, "old": str, "new": str}  replace exactly one occurrence
-    submit     {}                                    done: run the hidden evaluation
+bash       {"command": str}                      run in the persistent shell
+edit_file  {"path": str, "old": str, "new": str}  replace exactly one occurrence
+submit     {}                                    done: run the hidden evaluation
 """
 
 from __future__ import annotations

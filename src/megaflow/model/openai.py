@@ -1,0 +1,469 @@
+"""`OpenAIBackend`: any OpenAI-compatible chat-completions server, over aiohttp.
+
+One `OpenAIBackend` talks to one upstream (vLLM, SGLang, llm-katan, a hosted API...)
+through one shared `aiohttp.ClientSession` with a bounded connection pool. It does
+not use httpx or the `openai` SDK: those collapse under high concurrency on our
+machines, while one aiohttp session with a `TCPConnector(limit=...)` does not.
+
+Errors (see `megaflow.core.errors`):
+
+    connection refused, DNS failure, reset      ModelUnavailableError (retryable)
+    no answer within `request_timeout_s`        ModelUnavailableError (retryable)
+    HTTP 5xx, 429, 408                          ModelUnavailableError (retryable)
+    malformed JSON, missing `choices`           ModelUnavailableError (retryable)
+    any other HTTP 4xx (400, 401, 404, 422...)  InvalidRequestError (final), with
+                                                the upstream's own error message
+    a `ToolSpec` whose schema is not JSON       InvalidRequestError (final)
+
+A request that runs past its deadline raises `ModelUnavailableError` (not
+`DeadlineExceededError`): the upstream is too slow or stuck, which is a backend
+failure that a retry (perhaps on another replica) can fix; `DeadlineExceededError`
+is kept for MegaFlow's own budgets (step, task). Every network await is bounded by
+`request_timeout_s`, so `generate` never hangs.
+
+The backend is bound to the event loop in which it first makes a request (its
+session lives there); use one backend per loop, and `await close()` it when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from megaflow.core.errors import InvalidRequestError, ModelUnavailableError
+from megaflow.v1 import common_pb2, model_pb2
+
+__all__ = [
+    "OpenAIBackend",
+    "OpenAIBackendConfig",
+    "list_upstream_models",
+    "normalise_base_url",
+]
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "OPENAI_API_KEY"
+# How much of an upstream's body goes into an error message.
+_BODY_EXCERPT = 300
+# HTTP statuses below 500 that still mean "try again later".
+_RETRYABLE_4XX = frozenset({408, 429})
+
+
+def normalise_base_url(url: str) -> str:
+    """The API root of an OpenAI-compatible server, ending in `/v1`, no trailing slash.
+
+    "http://h:8000", "http://h:8000/", "http://h:8000/v1" and "http://h:8000/v1/" all
+    become "http://h:8000/v1"; a prefix is kept ("https://h/openai" -> "https://h/openai/v1").
+    """
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"base_url must start with http:// or https://, got {url!r}")
+    if url.endswith("/chat/completions"):
+        url = url.removesuffix("/chat/completions")
+    if not url.endswith("/v1"):
+        url += "/v1"
+    return url
+
+
+class OpenAIBackendConfig(BaseModel):
+    """How to reach one OpenAI-compatible chat-completions server."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_url: str = Field(
+        description=(
+            "Root of the upstream server, with or without `/v1` (e.g. 'http://127.0.0.1:8000' "
+            "or 'http://127.0.0.1:8000/v1'). Normalised to end in '/v1'."
+        )
+    )
+    model: str = Field(
+        default="",
+        description=(
+            "The upstream's model name, sent as `model` in each request. Empty: the first "
+            "model listed by GET /v1/models, fetched on first use (or by `resolve_model()`)."
+        ),
+    )
+    api_key: str | None = Field(
+        default=None,
+        description=(
+            "Bearer token sent as `Authorization: Bearer <key>`. None: the environment "
+            f"variable {API_KEY_ENV}, read when the backend is constructed; if that is "
+            "unset too, no Authorization header is sent."
+        ),
+    )
+    request_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description=(
+            "Deadline of one request, in seconds: waiting for a pooled connection, connecting, "
+            "sending and reading the whole answer."
+        ),
+    )
+    max_connections: int = Field(
+        default=256,
+        ge=1,
+        description="Most concurrent HTTP connections to the upstream; further requests wait.",
+    )
+    name: str = Field(
+        default="",
+        description="The model's name inside MegaFlow (what tasks ask for). Empty: `model`.",
+    )
+    version: str = Field(
+        default="upstream",
+        description="Reported as `model_version` in every response (e.g. a checkpoint tag).",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _normalise(cls, value: str) -> str:
+        return normalise_base_url(value)
+
+
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _excerpt(body: bytes) -> str:
+    text = body.decode("utf-8", errors="replace").strip()
+    return text if len(text) <= _BODY_EXCERPT else text[:_BODY_EXCERPT] + "..."
+
+
+def _upstream_error_message(body: bytes) -> str:
+    """The human message of an error answer: OpenAI's {"error": {"message"}}, else the body."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return _excerpt(body) or "(empty body)"
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        for key in ("message", "detail"):
+            value = data.get(key)
+            if isinstance(value, str):
+                return value
+            if value is not None:
+                return json.dumps(value)[:_BODY_EXCERPT]
+    return _excerpt(body)
+
+
+def _raise_for_status(url: str, status: int, body: bytes) -> None:
+    """Map a non-2xx answer to MegaFlow's errors; return for 2xx."""
+    if 200 <= status < 300:
+        return
+    message = _upstream_error_message(body)
+    if 400 <= status < 500 and status not in _RETRYABLE_4XX:
+        raise InvalidRequestError(f"{url} rejected the request (HTTP {status}): {message}")
+    raise ModelUnavailableError(f"{url} answered HTTP {status}: {message}")
+
+
+async def _request_json(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    timeout_s: float,
+    headers: dict[str, str],
+    body: bytes | None = None,
+) -> Any:
+    """One HTTP exchange with a hard deadline; the parsed JSON answer, or a MegaFlow error."""
+    try:
+        # aiohttp's own total timeout covers pool wait, connect, send and reading the body;
+        # the outer asyncio.timeout is a backstop in case any await slips past it.
+        async with asyncio.timeout(timeout_s + 1.0):
+            async with session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as resp:
+                status = resp.status
+                raw = await resp.read()
+    except TimeoutError as exc:  # aiohttp's timeout errors subclass TimeoutError
+        raise ModelUnavailableError(
+            f"{method} {url} timed out after {timeout_s:g}s with no complete answer"
+        ) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise ModelUnavailableError(f"cannot connect to {url}: {exc}") from exc
+    except aiohttp.ClientError as exc:
+        detail = str(exc) or type(exc).__name__
+        raise ModelUnavailableError(f"{method} {url} failed: {detail}") from exc
+    _raise_for_status(url, status, raw)
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ModelUnavailableError(
+            f"{url} answered HTTP {status} with malformed JSON: {_excerpt(raw)!r}"
+        ) from exc
+
+
+def _model_ids(url: str, data: Any) -> list[str]:
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise ModelUnavailableError(f"{url} answered without a `data` list: {str(data)[:200]}")
+    return [str(item["id"]) for item in items if isinstance(item, dict) and "id" in item]
+
+
+async def list_upstream_models(
+    base_url: str, timeout_s: float = 10.0, *, api_key: str | None = None
+) -> list[str]:
+    """The model ids an OpenAI-compatible server lists at GET /v1/models.
+
+    `api_key` None means the OPENAI_API_KEY environment variable (if set). Raises
+    `ModelUnavailableError` if the server cannot be reached in `timeout_s` or answers
+    nonsense, `InvalidRequestError` for a 4xx (e.g. a missing key).
+    """
+    url = normalise_base_url(base_url) + "/models"
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    async with aiohttp.ClientSession() as session:
+        data = await _request_json(
+            session, "GET", url, timeout_s=timeout_s, headers=_auth_headers(key)
+        )
+    return _model_ids(url, data)
+
+
+def _message_to_openai(msg: common_pb2.ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": msg.role, "content": msg.content}
+    if msg.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments_json or "{}"},
+            }
+            for call in msg.tool_calls
+        ]
+        if not msg.content:
+            out["content"] = None  # OpenAI's shape for an assistant turn that only calls tools
+    if msg.tool_call_id:
+        out["tool_call_id"] = msg.tool_call_id
+    if msg.name:
+        out["name"] = msg.name
+    return out
+
+
+def _tool_to_openai(spec: common_pb2.ToolSpec) -> dict[str, Any]:
+    parameters: Any = {"type": "object", "properties": {}}
+    if spec.parameters_json_schema:
+        try:
+            parameters = json.loads(spec.parameters_json_schema)
+        except ValueError as exc:
+            raise InvalidRequestError(
+                f"tool {spec.name!r}: parameters_json_schema is not valid JSON: {exc}"
+            ) from exc
+    function: dict[str, Any] = {"name": spec.name, "parameters": parameters}
+    if spec.description:
+        function["description"] = spec.description
+    return {"type": "function", "function": function}
+
+
+def _tool_calls_from_openai(url: str, raw: Any) -> list[common_pb2.ToolCall]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ModelUnavailableError(f"{url} answered with malformed tool_calls: {str(raw)[:200]}")
+    calls = []
+    for item in raw:
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict):
+            raise ModelUnavailableError(f"{url} answered with a malformed tool call: {item!r}")
+        arguments = function.get("arguments")
+        if arguments is None:
+            arguments = "{}"
+        elif not isinstance(arguments, str):  # some servers send the object itself
+            arguments = json.dumps(arguments)
+        calls.append(
+            common_pb2.ToolCall(
+                id=str(item.get("id") or ""),
+                name=str(function.get("name") or ""),
+                arguments_json=arguments,
+            )
+        )
+    return calls
+
+
+def _token_count(usage: Any, key: str) -> int:
+    if not isinstance(usage, dict):
+        return 0
+    value = usage.get(key)
+    try:
+        return max(0, int(value)) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+class OpenAIBackend:
+    """A `ModelBackend` that forwards each chat to an OpenAI-compatible server."""
+
+    kind = "openai"
+
+    def __init__(self, config: OpenAIBackendConfig) -> None:
+        self.config = config
+        self.base_url = config.base_url
+        self.chat_url = f"{config.base_url}/chat/completions"
+        self.model = config.model
+        self.name = config.name or config.model
+        self.version = config.version
+        self._api_key = (
+            config.api_key if config.api_key is not None else os.environ.get(API_KEY_ENV)
+        )
+        self._headers = {"Content-Type": "application/json", **_auth_headers(self._api_key)}
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resolve_lock: asyncio.Lock | None = None
+        self._closed = False
+        self._in_flight = 0
+        self._requests = 0
+        self._failures = 0
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(name={self.name!r}, model={self.model!r}, url={self.base_url!r})"
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ModelUnavailableError(f"OpenAI backend {self.name!r} ({self.base_url}) is closed")
+        loop = asyncio.get_running_loop()
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.config.max_connections)
+            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError(
+                f"OpenAIBackend {self.name!r} is bound to another event loop; "
+                "use one backend per loop"
+            )
+        return self._session
+
+    async def resolve_model(self) -> str:
+        """The upstream model name: `config.model`, or the first of GET /v1/models.
+
+        Fills `model` (and `name`, if no name was configured). Called by `generate` on
+        first use when `config.model` is empty; call it yourself to learn `name` early.
+        """
+        if self.model:
+            return self.model
+        if self._resolve_lock is None:
+            self._resolve_lock = asyncio.Lock()
+        async with self._resolve_lock:
+            if not self.model:
+                url = f"{self.base_url}/models"
+                data = await _request_json(
+                    self._get_session(),
+                    "GET",
+                    url,
+                    timeout_s=self.config.request_timeout_s,
+                    headers={},
+                )
+                ids = _model_ids(url, data)
+                if not ids:
+                    raise ModelUnavailableError(f"{url} lists no models")
+                self.model = ids[0]
+                if not self.name:
+                    self.name = self.model
+                logger.info("OpenAI backend at %s: using upstream model %r", url, self.model)
+        return self.model
+
+    def _payload(self, request: model_pb2.GenerateRequest) -> bytes:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [_message_to_openai(m) for m in request.messages],
+            "temperature": request.temperature,
+            "stream": False,
+        }
+        if request.tools:
+            body["tools"] = [_tool_to_openai(t) for t in request.tools]
+        if request.max_tokens:
+            body["max_tokens"] = request.max_tokens
+        return json.dumps(body).encode()
+
+    def _parse(self, data: Any) -> model_pb2.GenerateResponse:
+        url = self.chat_url
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise ModelUnavailableError(
+                f"{url} answered without choices: {json.dumps(data)[:_BODY_EXCERPT]}"
+            )
+        choice = choices[0]
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise ModelUnavailableError(
+                f"{url} answered a choice without a message: {json.dumps(choice)[:_BODY_EXCERPT]}"
+            )
+        content = message.get("content")
+        if content is None:
+            content = ""
+        elif not isinstance(content, str):  # e.g. a list of content parts
+            content = json.dumps(content)
+        usage = data.get("usage")
+        return model_pb2.GenerateResponse(
+            message=common_pb2.ChatMessage(
+                role=str(message.get("role") or "assistant"),
+                content=content,
+                tool_calls=_tool_calls_from_openai(url, message.get("tool_calls")),
+            ),
+            model=self.name,
+            model_version=self.version,
+            prompt_tokens=_token_count(usage, "prompt_tokens"),
+            completion_tokens=_token_count(usage, "completion_tokens"),
+            finish_reason=str(choice.get("finish_reason") or ""),
+        )
+
+    # -- ModelBackend ---------------------------------------------------------------
+
+    async def generate(self, request: model_pb2.GenerateRequest) -> model_pb2.GenerateResponse:
+        """Send one chat upstream; see the module docstring for the errors raised."""
+        start = time.monotonic()
+        self._requests += 1
+        self._in_flight += 1
+        try:
+            if not request.messages:
+                raise InvalidRequestError("a GenerateRequest needs at least one message")
+            if not self.model:
+                await self.resolve_model()
+            payload = self._payload(request)
+            data = await _request_json(
+                self._get_session(),
+                "POST",
+                self.chat_url,
+                timeout_s=self.config.request_timeout_s,
+                headers={},
+                body=payload,
+            )
+            response = self._parse(data)
+        except BaseException:
+            self._failures += 1
+            raise
+        finally:
+            self._in_flight -= 1
+        response.latency_s = time.monotonic() - start
+        return response
+
+    def stats(self) -> model_pb2.ModelStats:
+        """In-flight and total requests; utilisation is unknown for an upstream (0.0)."""
+        return model_pb2.ModelStats(
+            utilisation=0.0, in_flight=self._in_flight, queued=0, requests=self._requests
+        )
+
+    @property
+    def failures(self) -> int:
+        """Requests that ended in an error (including cancellation) since start."""
+        return self._failures
+
+    async def close(self) -> None:
+        """Close the HTTP session. Later `generate` calls raise `ModelUnavailableError`."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
