@@ -1,0 +1,117 @@
+"""The bubblewrap command line of a local sandbox.
+
+The sandbox sees a read-only root built on a tmpfs: the image's system folders
+(``usr``, ``etc``, ``opt``, and the ``bin``/``lib*``/``sbin`` links or folders),
+a writable ``/workspace`` (a host folder), a private ``/tmp``, its own ``/proc`` and
+a minimal ``/dev``. Nothing else of the host (``/root``, ``/home``, ``/work``,
+``/var``, the host's ``/tmp``) exists inside. It runs in new pid, ipc, uts and
+network namespaces (only ``lo``, no route out), with every capability dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+from megaflow.env.local.shell import SAFE_PATH
+
+BWRAP = "/usr/bin/bwrap"
+WORKDIR = "/workspace"
+INBOX = "/.megaflow/inbox"
+"""Read-only folder inside the sandbox through which the host hands over uploads."""
+
+IMAGE_ENTRIES = ("usr", "etc", "opt", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+"""Top-level entries of the image root made visible (read-only) when present."""
+
+MASKED_FILES = ("etc/shadow", "etc/gshadow", "etc/shadow-", "etc/gshadow-")
+"""Files of the image hidden behind /dev/null (host password hashes, when image is /)."""
+
+
+def bwrap_argv(
+    *,
+    image_root: Path,
+    workspace: Path,
+    inbox: Path,
+    hostname: str,
+    extra_path: Sequence[str] = (),
+) -> list[str]:
+    """The bwrap argv that starts ``bash`` in a fresh sandbox."""
+    argv = [
+        BWRAP,
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-net",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--hostname",
+        hostname,
+        "--tmpfs",
+        "/",
+    ]
+    for name in IMAGE_ENTRIES:
+        source = image_root / name
+        if source.is_symlink():
+            argv += ["--symlink", os.readlink(source), f"/{name}"]
+        elif source.is_dir():
+            argv += ["--ro-bind", str(source), f"/{name}"]
+    for name in MASKED_FILES:
+        if (image_root / name).is_file():
+            argv += ["--ro-bind", "/dev/null", f"/{name}"]
+    path = ":".join([SAFE_PATH, *extra_path])
+    argv += [
+        "--dir",
+        WORKDIR,
+        "--bind",
+        str(workspace),
+        WORKDIR,
+        "--dir",
+        INBOX,
+        "--ro-bind",
+        str(inbox),
+        INBOX,
+        "--tmpfs",
+        "/tmp",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--remount-ro",
+        "/",
+        "--chdir",
+        WORKDIR,
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        path,
+        "--setenv",
+        "HOME",
+        WORKDIR,
+        "--setenv",
+        "TERM",
+        "dumb",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+        "--",
+        "bash",
+        "--noprofile",
+        "--norc",
+    ]
+    return argv
+
+
+def launcher_argv(bwrap: list[str], procs_files: Sequence[Path]) -> list[str]:
+    """Wrap ``bwrap`` so it joins the sandbox's cgroups *before* it execs.
+
+    ``/bin/sh`` writes its own pid into each ``cgroup.procs`` and then becomes bwrap,
+    so bwrap and everything it starts are limited from the first instruction.
+    """
+    if not procs_files:
+        return bwrap
+    joins = " && ".join(f"echo $$ > {shlex.quote(str(p))}" for p in procs_files)
+    return ["/bin/sh", "-c", f'{joins} && exec "$@"', "megaflow-sandbox", *bwrap]

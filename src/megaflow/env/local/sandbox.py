@@ -1,0 +1,540 @@
+"""``LocalSandbox``: a bubblewrap sandbox on this machine with one persistent bash.
+
+Life of a sandbox::
+
+    sb = LocalSandbox("sb-1", root_dir=Path("/var/lib/megaflow/sandboxes"))
+    await sb.start()                      # folder, owner file, cgroups, bwrap + bash
+    r = await sb.execute("cd src && export X=1", timeout_s=10)
+    r = await sb.execute("echo $X; pwd", timeout_s=10)   # "1\\n/workspace/src\\n"
+    await sb.stop()                       # no process, cgroup or folder remains
+
+Host layout: ``root_dir/<sandbox_id>/`` holds ``owner.json`` (see
+:mod:`megaflow.env.local.owner`), ``workspace/`` (``/workspace`` inside) and
+``inbox/`` (read-only inside; uploads for :meth:`LocalSandbox.write_file`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import re
+import secrets
+import shutil
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from megaflow.core.errors import InvalidRequestError, SandboxError
+from megaflow.env.local import procs
+from megaflow.env.local.bwrap import INBOX, WORKDIR, bwrap_argv, launcher_argv
+from megaflow.env.local.cgroups import SandboxCgroups, cgroup_layout
+from megaflow.env.local.owner import Owner
+from megaflow.env.local.process import ShellProcess
+from megaflow.env.local.shell import (
+    OutputCollector,
+    ansi_c_quote,
+    command_line,
+    marker,
+    new_nonce,
+    ready_line,
+    user_command_line,
+)
+
+MAX_FILE_BYTES = 8 * 1024 * 1024
+"""Largest file :meth:`LocalSandbox.read_file` / :meth:`LocalSandbox.write_file` move."""
+MAX_COMMAND_BYTES = 1024 * 1024
+"""Largest command :meth:`LocalSandbox.execute` accepts (UTF-8 bytes)."""
+FILE_OP_TIMEOUT_S = 60.0
+INTERRUPT_GRACE_S = 2.0
+"""How long a timed-out command's shell gets to come back before it is replaced."""
+RESTART_TIMEOUT_S = 10.0
+
+SHELL_RESTARTED = "[megaflow: the shell exited; a new shell was started]"
+_SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_LineBuilder = Callable[[str], bytes]
+"""Builds the control line of one exchange from its nonce."""
+_BASH_PREFIX = re.compile(r"^[\w./-]+: line \d+: ", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What one command did."""
+
+    output: str
+    """stdout and stderr merged, UTF-8 decoded (bad bytes replaced), maybe truncated."""
+    exit_code: int
+    """The command's exit status; 137 when it was killed (timeout, out of memory)."""
+    timed_out: bool
+    """Whether the command ran past its timeout and was killed."""
+    truncated: bool
+    """Whether output was dropped (the output then holds a marker where)."""
+    duration_s: float
+    """Wall time from sending the command to its result."""
+
+
+@dataclass
+class _Exchange:
+    """Raw outcome of one line sent to the shell."""
+
+    status: int | None  # None: the shell died
+    sink: OutputCollector
+    timed_out: bool
+    duration_s: float
+    note: str = ""
+    exit_code: int | None = None  # the shell's exit status when it died
+
+
+class LocalSandbox:
+    """A bubblewrap sandbox with a persistent shell, memory and pids limits.
+
+    Not safe to share between event loops. Calls on one sandbox are serialised;
+    :meth:`stop` may be called at any time, also while a command runs.
+
+    Arguments:
+
+    - ``sandbox_id``: names the folder and the cgroups: letters, digits, ``_.-``, <= 64.
+    - ``root_dir``: host folder holding one sub-folder per sandbox.
+    - ``image_root``: its ``usr``, ``etc``, ``opt``, ``bin``, ``lib*`` and ``sbin``
+      make the read-only root (``/etc/shadow`` and the like are masked).
+    - ``memory_mib``: memory limit of the whole sandbox, shell included (when the
+      machine has a memory cgroup; see :func:`~megaflow.env.local.cgroup_support`).
+    - ``pids``: process limit of the whole sandbox, counting bwrap's two processes and
+      the shell (when the machine has a pids cgroup).
+    - ``output_bytes``: output kept per command: the first and last halves.
+    - ``extra_path``: folders (inside the sandbox) appended to ``PATH``.
+
+    If the shell dies (``exit``, killed for memory), the next call starts a new one in
+    the same sandbox: ``/workspace`` and the cgroups persist, while ``/tmp``, the
+    environment and the working folder start afresh; the output says so.
+    """
+
+    WORKDIR = WORKDIR
+
+    def __init__(
+        self,
+        sandbox_id: str,
+        *,
+        root_dir: Path,
+        image_root: Path = Path("/"),
+        memory_mib: int = 1024,
+        pids: int = 256,
+        output_bytes: int = 64_000,
+        extra_path: Sequence[str] = (),
+    ) -> None:
+        if not _SANDBOX_ID.fullmatch(sandbox_id):
+            raise InvalidRequestError(f"invalid sandbox id {sandbox_id!r}")
+        if memory_mib < 16 or pids < 8 or output_bytes < 256:
+            raise InvalidRequestError(
+                f"sandbox limits too small: memory_mib={memory_mib} (min 16), "
+                f"pids={pids} (min 8), output_bytes={output_bytes} (min 256)"
+            )
+        if any(":" in p or "\0" in p or not p.startswith("/") for p in extra_path):
+            raise InvalidRequestError(f"extra_path entries must be absolute: {extra_path!r}")
+        self.sandbox_id = sandbox_id
+        self._root_dir = Path(root_dir)
+        self._dir = self._root_dir / sandbox_id
+        self.host_workspace: Path = self._dir / "workspace"
+        """Host folder seen as /workspace inside the sandbox."""
+        self._inbox = self._dir / "inbox"
+        self._image_root = Path(image_root)
+        self._memory_mib = memory_mib
+        self._pids = pids
+        self._output_bytes = output_bytes
+        self._extra_path = tuple(extra_path)
+        self._state: Literal["new", "starting", "running", "stopped"] = "new"
+        self._made_dir = False
+        self._cgroups = SandboxCgroups(())
+        self._shell: ShellProcess | None = None
+        self._lock = asyncio.Lock()
+        self._stale: bytes | None = None  # sentinel of a command abandoned by cancellation
+        self._broken: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        """Create the folders and cgroups and start bwrap + bash; SandboxError on failure."""
+        if self._state != "new":
+            raise SandboxError(f"sandbox {self.sandbox_id} was already started")
+        self._state = "starting"
+        try:
+            async with asyncio.timeout(timeout_s):
+                self._prepare()
+                await self._spawn()
+        except BaseException as exc:
+            self._state = "stopped"
+            await self._teardown()
+            if isinstance(exc, TimeoutError):
+                raise SandboxError(
+                    f"sandbox {self.sandbox_id} did not start within {timeout_s} s"
+                ) from exc
+            if isinstance(exc, OSError):
+                raise SandboxError(f"sandbox {self.sandbox_id} failed to start: {exc}") from exc
+            raise
+        if self._state != "starting":  # stop() came while starting
+            await self._teardown()
+            raise SandboxError(f"sandbox {self.sandbox_id} was stopped while starting")
+        self._state = "running"
+
+    async def stop(self) -> None:
+        """Kill every process of the sandbox, remove its cgroups and its folder. Idempotent."""
+        previous, self._state = self._state, "stopped"
+        if previous in ("new", "stopped"):
+            return
+        await self._teardown()
+
+    async def __aenter__(self) -> LocalSandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def alive(self) -> bool:
+        """True from a successful start() until stop(), unless the sandbox broke for good.
+
+        A shell that exited (``exit``, killed for memory) still counts as alive: the next
+        call starts a new one.
+        """
+        return self._state == "running" and self._broken is None
+
+    # -- commands and files ----------------------------------------------------------
+
+    async def execute(self, command: str, timeout_s: float) -> CommandResult:
+        """Run ``command`` in the persistent shell (cwd and environment persist)."""
+        if not isinstance(command, str) or not command.strip():
+            raise InvalidRequestError("command must be a non-empty string")
+        if "\0" in command:
+            raise InvalidRequestError("command must not contain NUL bytes")
+        if len(command.encode("utf-8", errors="surrogatepass")) > MAX_COMMAND_BYTES:
+            raise InvalidRequestError(f"command longer than {MAX_COMMAND_BYTES} bytes")
+        _check_timeout(timeout_s)
+        async with self._lock:
+            note = await self._ready_shell()
+            ex = await self._exchange(
+                lambda nonce: user_command_line(command, nonce), timeout_s, self._output_bytes
+            )
+        output = ex.sink.text()
+        if note:
+            output = f"{note}\n{output}"
+        if ex.timed_out:
+            output += f"\n[megaflow: command timed out after {timeout_s:g} s and was killed]\n"
+        if ex.note:
+            output += f"\n{ex.note}\n"
+        if ex.timed_out:
+            exit_code = 137
+        elif ex.status is None:  # the shell itself exited (``exit 3``, killed for memory)
+            exit_code = 137 if ex.exit_code is None else ex.exit_code
+        else:
+            exit_code = ex.status
+        return CommandResult(output, exit_code, ex.timed_out, ex.sink.truncated, ex.duration_s)
+
+    async def read_file(self, path: str) -> bytes:
+        """Read a file as the sandbox sees it (symlinks resolve inside the sandbox)."""
+        target = _sandbox_path(path)
+        cap = 4 * (MAX_FILE_BYTES // 3 + 2) + 4096
+        code = f"__mf_read {ansi_c_quote(target)} {MAX_FILE_BYTES + 1}"
+        async with self._lock:
+            await self._ready_shell()
+            ex = await self._exchange(lambda n: command_line(code, n), FILE_OP_TIMEOUT_S, cap)
+        self._check_file_op("read_file", path, ex)
+        try:
+            data = base64.b64decode(ex.sink.raw(), validate=True)
+        except ValueError as exc:
+            raise SandboxError(f"read_file {path!r}: garbled transfer") from exc
+        if len(data) > MAX_FILE_BYTES:
+            raise InvalidRequestError(f"read_file {path!r}: larger than {MAX_FILE_BYTES} bytes")
+        return data
+
+    async def write_file(self, path: str, content: bytes) -> None:
+        """Write ``content`` to ``path`` inside the sandbox, creating parent folders.
+
+        Relative paths are relative to /workspace. The write happens inside the
+        sandbox, so read-only places and symlinks behave as they do for commands.
+        """
+        target = _sandbox_path(path)
+        if not isinstance(content, (bytes, bytearray, memoryview)):
+            raise InvalidRequestError("write_file content must be bytes")
+        data = bytes(content)
+        if len(data) > MAX_FILE_BYTES:
+            raise InvalidRequestError(
+                f"write_file {path!r}: {len(data)} bytes is more than {MAX_FILE_BYTES}"
+            )
+        async with self._lock:
+            await self._ready_shell()
+            upload = self._inbox / new_nonce()
+            if len(data) > 256 * 1024:
+                await asyncio.to_thread(upload.write_bytes, data)
+            else:
+                upload.write_bytes(data)
+            code = f"__mf_write {ansi_c_quote(target)} {INBOX}/{upload.name}"
+            try:
+                ex = await self._exchange(lambda n: command_line(code, n), FILE_OP_TIMEOUT_S, 65536)
+            finally:
+                upload.unlink(missing_ok=True)
+        self._check_file_op("write_file", path, ex)
+
+    async def cwd(self) -> str:
+        """The persistent shell's current folder."""
+        async with self._lock:
+            await self._ready_shell()
+            ex = await self._exchange(
+                lambda n: command_line('builtin printf %s "$PWD"', n), FILE_OP_TIMEOUT_S, 65536
+            )
+        if ex.status != 0:
+            raise SandboxError(f"sandbox {self.sandbox_id}: cannot read cwd")
+        return ex.sink.raw().decode("utf-8", errors="surrogateescape")
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Sandbox folder, owner file (written before the cgroups exist), cgroups."""
+        layout = cgroup_layout()
+        name = f"megaflow-{self.sandbox_id}-{secrets.token_hex(4)}"
+        self._root_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._dir.mkdir()
+        except FileExistsError as exc:
+            raise SandboxError(f"sandbox folder {self._dir} already exists") from exc
+        self._made_dir = True
+        Owner.current(tuple(base / name for _, base in layout.bases)).write(self._dir)
+        self.host_workspace.mkdir()
+        self._inbox.mkdir()
+        self._cgroups = SandboxCgroups.create(
+            layout, name, memory_bytes=self._memory_mib * 1024 * 1024, pids=self._pids
+        )
+
+    async def _spawn(self) -> None:
+        """Start bwrap + bash and wait until the shell answers."""
+        argv = launcher_argv(
+            bwrap_argv(
+                image_root=self._image_root,
+                workspace=self.host_workspace,
+                inbox=self._inbox,
+                hostname="sandbox",
+                extra_path=self._extra_path,
+            ),
+            self._cgroups.procs_files,
+        )
+        shell = await ShellProcess.spawn(argv)
+        self._shell = shell
+        nonce = new_nonce()
+        shell.write(ready_line(nonce))
+        sink = OutputCollector(16384)
+        if await shell.reader.read_until(marker(nonce), sink) is None:
+            code = await shell.wait()
+            shell.close()
+            raise SandboxError(
+                f"sandbox {self.sandbox_id}: shell did not start (exit {code}): "
+                f"{sink.text().strip()[-2000:]}"
+            )
+
+    async def _ready_shell(self) -> str:
+        """Check the sandbox is usable; resync or restart the shell; return a note."""
+        if self._state != "running":
+            raise SandboxError(f"sandbox {self.sandbox_id} is not running ({self._state})")
+        if self._broken is not None:
+            raise SandboxError(f"sandbox {self.sandbox_id} is broken: {self._broken}")
+        shell = self._shell
+        if self._stale is not None and shell is not None and shell.returncode is None:
+            stale, self._stale = self._stale, None
+            if await self._interrupt(stale, OutputCollector(1024)) is not None:
+                return ""
+        self._stale = None
+        if shell is not None and shell.returncode is None and not shell.reader.eof:
+            return ""
+        await self._restart()
+        return SHELL_RESTARTED
+
+    async def _restart(self) -> None:
+        """Replace a dead or hopeless shell (workspace and cgroups persist)."""
+        await self._kill_processes()
+        try:
+            async with asyncio.timeout(RESTART_TIMEOUT_S):
+                await self._spawn()
+        except (TimeoutError, SandboxError, OSError) as exc:
+            await self._kill_processes()
+            self._broken = f"the shell could not be restarted: {exc}"
+            raise SandboxError(f"sandbox {self.sandbox_id}: {self._broken}") from exc
+        if self._state != "running":
+            await self._kill_processes()
+            raise SandboxError(f"sandbox {self.sandbox_id} was stopped")
+
+    async def _exchange(self, line: _LineBuilder, timeout_s: float, cap: int) -> _Exchange:
+        """Send one control line and collect its output until the sentinel."""
+        shell = self._shell
+        assert shell is not None
+        nonce = new_nonce()
+        sentinel = marker(nonce)
+        sink = OutputCollector(cap)
+        started = time.perf_counter()
+        shell.write(line(nonce))
+        timed_out = False
+        try:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    status = await shell.reader.read_until(sentinel, sink)
+            except TimeoutError:
+                timed_out = True
+                status = await self._interrupt(sentinel, sink)
+        except BaseException:  # cancelled: stop the command now, resync on the next call
+            self._stale = sentinel
+            self._kill_workload(signal_shell=True)
+            raise
+        ex = _Exchange(status, sink, timed_out, time.perf_counter() - started)
+        if status is None:
+            await self._after_shell_death(ex)
+        return ex
+
+    async def _after_shell_death(self, ex: _Exchange) -> None:
+        """The shell died under a command: record why, and start a new one."""
+        shell = self._shell
+        assert shell is not None
+        await self._kill_processes()
+        ex.exit_code = shell.returncode
+        if self._state != "running":
+            raise SandboxError(f"sandbox {self.sandbox_id} was stopped while the command ran")
+        try:
+            await self._restart()
+        except SandboxError as exc:
+            ex.note = f"[megaflow: the shell exited and could not be restarted: {exc}]"
+            return
+        ex.note = SHELL_RESTARTED
+
+    async def _interrupt(self, sentinel: bytes, sink: OutputCollector) -> int | None:
+        """Kill the running command; return its status, or None if the shell was replaced."""
+        shell = self._shell
+        assert shell is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + INTERRUPT_GRACE_S
+        wait_s = 0.01
+        while loop.time() < deadline and shell.returncode is None:
+            self._kill_workload(signal_shell=True)
+            try:
+                async with asyncio.timeout(wait_s):
+                    status = await shell.reader.read_until(sentinel, sink)
+            except TimeoutError:
+                wait_s = min(wait_s * 2, 0.2)
+                continue
+            if status is not None:
+                await self._absorb_job_reports()
+            return status
+        # The shell does not come back (it ignores the trap, or exec'd something else).
+        await self._kill_processes()
+        try:
+            async with asyncio.timeout(1.0):
+                return await shell.reader.read_until(sentinel, sink)
+        except TimeoutError:
+            return None
+
+    async def _absorb_job_reports(self) -> None:
+        """Reap the killed background jobs now, so bash's "Killed" reports about them
+        do not open the next command's output; a shell that hangs here is killed."""
+        shell = self._shell
+        assert shell is not None
+        nonce = new_nonce()
+        shell.write(command_line("builtin wait", nonce))
+        try:
+            async with asyncio.timeout(1.0):
+                if await shell.reader.read_until(marker(nonce), OutputCollector(4096)) is not None:
+                    return
+        except TimeoutError:
+            pass
+        await self._kill_processes()  # the next call starts a new shell
+
+    def _members(self) -> list[procs.Member]:
+        """Every process of the sandbox, tagged with its pid inside (0: outer bwrap)."""
+        if self._cgroups.dirs:
+            return procs.classify(self._cgroups.pids())
+        shell = self._shell
+        ns = shell.pid_namespace() if shell is not None else None
+        return procs.classify(procs.pids_in_namespace(ns)) if ns is not None else []
+
+    def _kill_workload(self, *, signal_shell: bool) -> None:
+        """SIGKILL every process but bwrap's init and the shell; SIGUSR1 the shell."""
+        members = self._members()
+        procs.kill(m.host_pid for m in members if m.ns_pid > procs.SHELL_NS_PID)
+        if signal_shell:
+            shell_pids = [m.host_pid for m in members if m.ns_pid == procs.SHELL_NS_PID]
+            procs.kill(shell_pids, signal.SIGUSR1)
+
+    async def _kill_processes(self) -> None:
+        """Kill everything in the sandbox and reap bwrap; the cgroups stay."""
+        shell = self._shell
+        if shell is not None:
+            if shell.returncode is None:
+                # Killing the namespace's init makes the kernel kill every process inside.
+                procs.kill(m.host_pid for m in self._members() if m.ns_pid != 0)
+                try:
+                    async with asyncio.timeout(1.0):
+                        await shell.wait()
+                except TimeoutError:
+                    procs.kill([shell.pid])
+                    try:
+                        async with asyncio.timeout(5.0):
+                            await shell.wait()
+                    except TimeoutError as exc:
+                        raise SandboxError(f"sandbox {self.sandbox_id}: bwrap survives") from exc
+            shell.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while (left := self._cgroups.pids()) and loop.time() < deadline:
+            procs.kill(left)
+            await asyncio.sleep(0.002)
+
+    async def _teardown(self) -> None:
+        """Kill, then remove cgroups and the sandbox folder (blocking parts in a thread)."""
+        try:
+            await self._kill_processes()
+        finally:
+            await asyncio.to_thread(self._remove_files)
+
+    def _remove_files(self) -> None:
+        errors = []
+        try:
+            self._cgroups.remove(timeout_s=2.0)
+        except SandboxError as exc:
+            errors.append(str(exc))
+        if self._made_dir:
+            try:
+                shutil.rmtree(self._dir)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                errors.append(f"cannot remove {self._dir}: {exc}")
+            self._made_dir = self._dir.exists()
+        if errors:
+            raise SandboxError(f"sandbox {self.sandbox_id}: cleanup failed: {'; '.join(errors)}")
+
+    def _check_file_op(self, op: str, path: str, ex: _Exchange) -> None:
+        if ex.timed_out:
+            raise SandboxError(f"{op} {path!r}: timed out after {FILE_OP_TIMEOUT_S} s")
+        if ex.status is None:
+            raise SandboxError(f"{op} {path!r}: the shell died ({ex.note})")
+        if ex.status != 0:
+            message = _BASH_PREFIX.sub("", ex.sink.text()).strip() or f"exit status {ex.status}"
+            raise InvalidRequestError(f"{op} {path!r}: {message}")
+
+
+def _check_timeout(timeout_s: float) -> None:
+    if not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise InvalidRequestError(f"timeout_s must be a positive number, got {timeout_s!r}")
+
+
+def _sandbox_path(path: str) -> str:
+    """Validate a sandbox path; relative paths are taken relative to /workspace."""
+    if not isinstance(path, str) or not path:
+        raise InvalidRequestError("path must be a non-empty string")
+    if "\0" in path or len(path) > 4096:
+        raise InvalidRequestError(f"invalid path {path[:100]!r}")
+    return path if path.startswith("/") else f"{WORKDIR}/{path}"
