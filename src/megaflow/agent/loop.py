@@ -1,0 +1,219 @@
+"""The built-in tool-calling agent: one task, one environment, one model.
+
+    create environment → [model turn → tool calls → observations]* → submit → release
+
+Outcomes the task is responsible for (step or token limit, the whole-task deadline)
+are returned as a failed result with `ERROR_KIND_TASK` and reward 0. Failures of the
+platform (sandbox, model, unreachable services) propagate as `InfrastructureError`,
+for the scheduler to retry: they are never scored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from megaflow.agent import tools
+from megaflow.contract import EnvironmentService, ModelService
+from megaflow.core.errors import MegaFlowError
+from megaflow.v1 import common_pb2, env_pb2, model_pb2
+
+log = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = (
+    "You are a careful software engineer. The repository is in /workspace and your shell "
+    "starts there. Fix the problem described by the user. Use the `bash` tool to inspect "
+    "and test, `edit_file` to change files, and call `submit` when you are done."
+)
+NO_TOOL_NUDGE = "Please answer with exactly one tool call: bash, edit_file or submit."
+
+
+@dataclass(frozen=True)
+class AgentLimits:
+    """Defaults for budgets a task leaves at zero."""
+
+    max_steps: int = 30
+    max_tokens: int = 200_000
+    step_timeout_s: float = 60.0
+    setup_timeout_s: float = 60.0
+    task_timeout_s: float = 1800.0
+    scoring_timeout_s: float = 120.0
+    max_completion_tokens: int = 1024
+
+
+class _TaskOutcome(Exception):
+    """Ends the loop with a task-caused outcome."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class ToolAgent:
+    """Runs one task to a result and a trajectory."""
+
+    def __init__(
+        self,
+        task: common_pb2.TaskSpec,
+        attempt_id: str,
+        *,
+        env: EnvironmentService,
+        model: ModelService,
+        limits: AgentLimits,
+    ) -> None:
+        self.task = task
+        self.attempt_id = attempt_id
+        self.env = env
+        self.model = model
+        b = task.budgets
+        self.max_steps = b.max_steps or limits.max_steps
+        self.max_tokens = b.max_tokens or limits.max_tokens
+        self.step_timeout_s = b.step_timeout_s or limits.step_timeout_s
+        self.setup_timeout_s = b.setup_timeout_s or limits.setup_timeout_s
+        self.task_timeout_s = b.task_timeout_s or limits.task_timeout_s
+        self.scoring_timeout_s = b.scoring_timeout_s or limits.scoring_timeout_s
+        self.max_completion_tokens = limits.max_completion_tokens
+        self.result = common_pb2.TaskResult(task_id=task.task_id, attempt_id=attempt_id)
+        self.trajectory = common_pb2.Trajectory(task_id=task.task_id, attempt_id=attempt_id)
+
+    async def run(self) -> tuple[common_pb2.TaskResult, common_pb2.Trajectory]:
+        started = time.monotonic()
+        created = await self.env.create_environment(
+            env_pb2.CreateEnvironmentRequest(
+                owner=self.attempt_id,
+                image=self.task.image,
+                files=self.task.files,
+                hidden_files=self.task.hidden_files,
+                eval_command=self.task.eval_command,
+                limits=self.task.limits,
+                setup_timeout_s=self.setup_timeout_s,
+                lease_s=self.task_timeout_s + self.scoring_timeout_s + 60.0,
+            )
+        )
+        self.result.setup_s = time.monotonic() - started
+        try:
+            try:
+                async with asyncio.timeout(self.task_timeout_s):
+                    await self._loop(created.env_id)
+            except TimeoutError:
+                self._fail(f"task deadline of {self.task_timeout_s:.0f}s passed")
+            except _TaskOutcome as outcome:
+                self._fail(str(outcome))
+        finally:
+            released = time.monotonic()
+            with contextlib.suppress(MegaFlowError, OSError, asyncio.TimeoutError):
+                await self.env.release_environment(
+                    env_pb2.ReleaseEnvironmentRequest(env_id=created.env_id)
+                )
+            self.result.teardown_s = time.monotonic() - released
+        self.result.duration_s = time.monotonic() - started
+        self.result.steps = len(self.trajectory.turns)
+        return self.result, self.trajectory
+
+    def _fail(self, message: str) -> None:
+        self.result.state = common_pb2.TASK_STATE_FAILED
+        self.result.error_kind = common_pb2.ERROR_KIND_TASK
+        self.result.error = message
+        self.result.has_reward = True
+        self.result.reward = 0.0
+
+    async def _loop(self, env_id: str) -> None:
+        messages = self.trajectory.messages
+        pending = [
+            common_pb2.ChatMessage(role="system", content=SYSTEM_PROMPT),
+            common_pb2.ChatMessage(role="user", content=self.task.problem_statement),
+        ]
+        specs = tools.tool_specs()
+        for index in range(self.max_steps):
+            messages.extend(pending)
+            turn = self.trajectory.turns.add(index=index, prompt_delta=pending)
+            t0 = time.monotonic()
+            response = await self.model.generate(
+                model_pb2.GenerateRequest(
+                    task_id=self.task.task_id,
+                    model=self.task.model,
+                    messages=messages,
+                    tools=specs,
+                    max_tokens=self.max_completion_tokens,
+                )
+            )
+            turn.model_latency_s = time.monotonic() - t0
+            turn.response.CopyFrom(response.message)
+            turn.model_version = response.model_version
+            turn.prompt_tokens = response.prompt_tokens
+            turn.completion_tokens = response.completion_tokens
+            self.result.prompt_tokens += response.prompt_tokens
+            self.result.completion_tokens += response.completion_tokens
+            messages.append(response.message)
+            t1 = time.monotonic()
+            pending = []
+            if not response.message.tool_calls:
+                pending.append(common_pb2.ChatMessage(role="user", content=NO_TOOL_NUDGE))
+            for call in response.message.tool_calls:
+                text, done = await self._act(env_id, call)
+                observation = common_pb2.ChatMessage(
+                    role="tool", content=text, tool_call_id=call.id, name=call.name
+                )
+                turn.observations.append(observation)
+                if done:
+                    messages.append(observation)
+                    turn.env_latency_s = time.monotonic() - t1
+                    return
+                pending.append(observation)
+            turn.env_latency_s = time.monotonic() - t1
+            used = self.result.prompt_tokens + self.result.completion_tokens
+            if used > self.max_tokens:
+                messages.extend(pending)
+                raise _TaskOutcome(f"token limit of {self.max_tokens} reached ({used} used)")
+        messages.extend(pending)
+        raise _TaskOutcome(f"step limit of {self.max_steps} reached without submitting")
+
+    async def _act(self, env_id: str, call: common_pb2.ToolCall) -> tuple[str, bool]:
+        """Perform one tool call; return the observation and whether the task is done."""
+        try:
+            args = json.loads(call.arguments_json or "{}")
+            if not isinstance(args, dict):
+                raise ValueError("arguments must be a JSON object")
+        except ValueError as error:
+            return f"error: invalid arguments for {call.name}: {error}", False
+        if call.name == tools.BASH:
+            command = args.get("command")
+            if not isinstance(command, str) or not command.strip():
+                return "error: bash needs a non-empty string `command`", False
+            step = await self.env.execute_step(
+                env_pb2.ExecuteStepRequest(
+                    env_id=env_id, command=command, timeout_s=self.step_timeout_s
+                )
+            )
+            text = step.output
+            if step.timed_out:
+                text += f"\n[command timed out after {self.step_timeout_s:.0f}s and was killed]"
+            elif step.exit_code != 0:
+                text += f"\n[exit code {step.exit_code}]"
+            return text, False
+        if call.name == tools.EDIT_FILE:
+            fields = [args.get(k) for k in ("path", "old", "new")]
+            if not all(isinstance(v, str) for v in fields):
+                return "error: edit_file needs string `path`, `old` and `new`", False
+            path, old, new = (str(v) for v in fields)
+            reply = await self.env.submit_action(
+                env_pb2.SubmitActionRequest(
+                    env_id=env_id, edit_file=env_pb2.EditFile(path=path, old=old, new=new)
+                )
+            )
+            return (reply.message if reply.ok else f"error: {reply.message}"), False
+        if call.name == tools.SUBMIT:
+            reply = await self.env.submit_action(
+                env_pb2.SubmitActionRequest(
+                    env_id=env_id, submit=env_pb2.Submit(scoring_timeout_s=self.scoring_timeout_s)
+                )
+            )
+            self.result.state = common_pb2.TASK_STATE_SUCCEEDED
+            self.result.has_reward = reply.has_reward
+            self.result.reward = reply.reward
+            self.result.eval_output = reply.eval_output
+            return reply.message, True
+        return f"error: unknown tool {call.name!r}; use bash, edit_file or submit", False

@@ -1,0 +1,84 @@
+"""The Agent Service: hosts many agent loops in one process, as asyncio tasks."""
+
+from __future__ import annotations
+
+import asyncio
+
+from megaflow.agent.loop import AgentLimits, ToolAgent
+from megaflow.core.errors import CancelledTaskError, CapacityError, InvalidRequestError
+from megaflow.rpc.resolver import ServiceResolver
+from megaflow.v1 import agent_pb2, common_pb2
+
+
+class AgentServiceImpl:
+    """Runs `RunTaskRequest`s with the built-in tool-calling agent."""
+
+    def __init__(
+        self,
+        resolver: ServiceResolver,
+        *,
+        capacity: int = 10_000,
+        limits: AgentLimits | None = None,
+    ) -> None:
+        self.resolver = resolver
+        self.capacity = capacity
+        self.limits = limits or AgentLimits()
+        self._running: dict[str, asyncio.Task[agent_pb2.RunTaskResponse]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    async def run_task(self, request: agent_pb2.RunTaskRequest) -> agent_pb2.RunTaskResponse:
+        task = request.task
+        if not task.task_id:
+            raise InvalidRequestError("RunTaskRequest.task.task_id is empty")
+        if not request.attempt_id:
+            raise InvalidRequestError("RunTaskRequest.attempt_id is empty")
+        if request.attempt_id in self._running:
+            raise InvalidRequestError(f"attempt {request.attempt_id!r} is already running here")
+        if len(self._running) >= self.capacity:
+            raise CapacityError(f"agent service is at its capacity of {self.capacity} tasks")
+        agent = ToolAgent(
+            task,
+            request.attempt_id,
+            env=self.resolver.env(request.env_address),
+            model=self.resolver.model(request.model_address),
+            limits=self.limits,
+        )
+        runner = asyncio.create_task(self._run(agent), name=f"agent-{request.attempt_id}")
+        self._running[request.attempt_id] = runner
+        try:
+            return await asyncio.shield(runner)
+        except asyncio.CancelledError:
+            # Our caller went away (e.g. its RPC was cancelled): stop the agent too.
+            runner.cancel()
+            raise
+        finally:
+            self._running.pop(request.attempt_id, None)
+
+    async def _run(self, agent: ToolAgent) -> agent_pb2.RunTaskResponse:
+        try:
+            result, trajectory = await agent.run()
+        except asyncio.CancelledError:
+            raise CancelledTaskError(f"attempt {agent.attempt_id} was cancelled") from None
+        return agent_pb2.RunTaskResponse(result=result, trajectory=trajectory)
+
+    async def cancel_task(
+        self, request: agent_pb2.CancelTaskRequest
+    ) -> agent_pb2.CancelTaskResponse:
+        runner = self._running.get(request.attempt_id)
+        if runner is not None:
+            runner.cancel()
+        return agent_pb2.CancelTaskResponse(found=runner is not None)
+
+    async def health(self, request: common_pb2.HealthRequest) -> common_pb2.HealthResponse:
+        return common_pb2.HealthResponse(ok=True, detail=f"{self.in_flight}/{self.capacity} tasks")
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        for runner in list(self._running.values()):
+            runner.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
