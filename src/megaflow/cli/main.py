@@ -1,0 +1,176 @@
+"""The `megaflow` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from megaflow.cli import output
+from megaflow.env.service import EnvServiceConfig
+
+app = typer.Typer(
+    help="MegaFlow: agent tasks at scale.", no_args_is_help=True, add_completion=False
+)
+serve_app = typer.Typer(help="Run one service as its own process.", no_args_is_help=True)
+env_app = typer.Typer(help="Environment maintenance.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+app.add_typer(env_app, name="env")
+
+console = Console(stderr=True)
+
+DEFAULT_SANDBOX_DIR = EnvServiceConfig().root_dir
+LogLevel = Annotated[str, typer.Option(help="Python log level.")]
+Listen = Annotated[str, typer.Option(help="host:port to listen on (port 0: any free port).")]
+SchedulerAddr = Annotated[str, typer.Option("--scheduler", help="Scheduler address host:port.")]
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def run(
+    tasks: Annotated[int, typer.Option(min=1, help="Number of synthetic tasks.")] = 32,
+    concurrency: Annotated[int, typer.Option(min=1, help="Hard cap on tasks in flight.")] = 8,
+    model: Annotated[
+        str, typer.Option(help="'simulated' or 'openai:http://HOST:PORT[#model]'.")
+    ] = "simulated",
+    out: Annotated[
+        Path, typer.Option(help="Directory for results.jsonl and trajectories.jsonl.")
+    ] = Path("megaflow-out"),
+    seed: Annotated[
+        int, typer.Option(help="Seed of the task generator and the simulated policy.")
+    ] = 0,
+    success_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Simulated policy's success rate.")
+    ] = 0.8,
+    time_scale: Annotated[
+        float, typer.Option(min=0.0, help="Scale of the simulated GPU's latencies (0: none).")
+    ] = 1.0,
+    scheduler: Annotated[
+        str | None, typer.Option("--scheduler", help="Submit to a running scheduler at host:port.")
+    ] = None,
+    sandbox_dir: Annotated[
+        Path, typer.Option(help="Where sandboxes live (embedded mode).")
+    ] = DEFAULT_SANDBOX_DIR,
+    log_level: LogLevel = "warning",
+) -> None:
+    """Run N synthetic software-engineering tasks and write trajectories and rewards."""
+    from megaflow.cli.commands import run_command
+
+    _logging(log_level)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = asyncio.run(
+        run_command(
+            tasks=tasks,
+            concurrency=concurrency,
+            model=model,
+            out=out,
+            seed=seed,
+            success_rate=success_rate,
+            time_scale=time_scale,
+            scheduler=scheduler,
+            sandbox_dir=sandbox_dir,
+            console=console,
+        )
+    )
+    output.print_summary(console, summary, out)
+    raise typer.Exit(0 if summary.finished == summary.total else 1)
+
+
+@app.command()
+def status(scheduler: SchedulerAddr = "127.0.0.1:7070") -> None:
+    """Show a running scheduler's queue and services."""
+    from megaflow.cli.commands import status_command
+
+    output.print_status(console, asyncio.run(status_command(scheduler)))
+
+
+@serve_app.command("scheduler")
+def serve_scheduler(
+    listen: Listen = "127.0.0.1:7070",
+    store: Annotated[Path, typer.Option(help="SQLite ledger file.")] = Path(
+        "megaflow-ledger.sqlite"
+    ),
+    log_level: LogLevel = "info",
+) -> None:
+    """The scheduler: queue, ledger, placement."""
+    from megaflow.cli.commands import serve_scheduler_command
+
+    _logging(log_level)
+    asyncio.run(serve_scheduler_command(listen, store))
+
+
+@serve_app.command("model")
+def serve_model(
+    scheduler: SchedulerAddr,
+    listen: Listen = "127.0.0.1:0",
+    model: Annotated[
+        str, typer.Option(help="'simulated' or 'openai:http://HOST:PORT[#model]'.")
+    ] = "simulated",
+    success_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.8,
+    seed: int = 0,
+    time_scale: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    capacity: Annotated[
+        int, typer.Option(min=1, help="Concurrent requests, for load balancing.")
+    ] = 256,
+    log_level: LogLevel = "info",
+) -> None:
+    """A Model Service."""
+    from megaflow.cli.commands import serve_model_command
+
+    _logging(log_level)
+    asyncio.run(
+        serve_model_command(listen, scheduler, model, success_rate, seed, time_scale, capacity)
+    )
+
+
+@serve_app.command("agent")
+def serve_agent(
+    scheduler: SchedulerAddr,
+    listen: Listen = "127.0.0.1:0",
+    capacity: Annotated[int, typer.Option(min=1, help="Concurrent agent loops.")] = 10_000,
+    log_level: LogLevel = "info",
+) -> None:
+    """An Agent Service."""
+    from megaflow.cli.commands import serve_agent_command
+
+    _logging(log_level)
+    asyncio.run(serve_agent_command(listen, scheduler, capacity))
+
+
+@serve_app.command("env")
+def serve_env(
+    scheduler: SchedulerAddr,
+    listen: Listen = "127.0.0.1:0",
+    capacity: Annotated[int, typer.Option(min=1, help="Live sandboxes at most.")] = 512,
+    sandbox_dir: Annotated[Path, typer.Option(help="Where sandboxes live.")] = DEFAULT_SANDBOX_DIR,
+    log_level: LogLevel = "info",
+) -> None:
+    """An Environment Service (local bubblewrap sandboxes)."""
+    from megaflow.cli.commands import serve_env_command
+
+    _logging(log_level)
+    asyncio.run(serve_env_command(listen, scheduler, capacity, sandbox_dir))
+
+
+@env_app.command("gc")
+def env_gc(
+    sandbox_dir: Annotated[Path, typer.Option(help="Where sandboxes live.")] = DEFAULT_SANDBOX_DIR,
+) -> None:
+    """Reclaim sandboxes whose owning process is gone."""
+    from megaflow.env.local import reclaim_orphans
+
+    count = reclaim_orphans(sandbox_dir) if sandbox_dir.exists() else 0
+    console.print(f"reclaimed {count} sandbox(es) under {sandbox_dir}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,62 @@
+"""The embedded deployment: scheduler, Model, Agent and Environment services in one
+process, talking through the in-process transport."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megaflow.agent.loop import AgentLimits
+from megaflow.agent.service import AgentServiceImpl
+from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.model.backend import ModelBackend
+from megaflow.model.service import ModelServiceImpl
+from megaflow.rpc.resolver import ServiceResolver
+from megaflow.scheduler.service import SchedulerServiceImpl
+from megaflow.scheduler.state import KIND_AGENT, KIND_ENV, KIND_MODEL, SchedulerPolicy
+from megaflow.store.sqlite import SqliteLedger
+
+
+class EmbeddedSystem:
+    """All four roles in this process. Use as `async with EmbeddedSystem(...) as system`."""
+
+    def __init__(
+        self,
+        *,
+        backends: list[ModelBackend],
+        ledger_path: Path,
+        env_config: EnvServiceConfig | None = None,
+        agent_capacity: int = 10_000,
+        agent_limits: AgentLimits | None = None,
+        policy: SchedulerPolicy | None = None,
+    ) -> None:
+        self.model = ModelServiceImpl(backends)
+        self.env = LocalEnvironmentService(env_config)
+        self.resolver = ServiceResolver(model=self.model, env=self.env)
+        self.agent = AgentServiceImpl(self.resolver, capacity=agent_capacity, limits=agent_limits)
+        self.resolver.set_local("agent", self.agent)
+        self.scheduler = SchedulerServiceImpl(
+            SqliteLedger(ledger_path), self.resolver, policy=policy
+        )
+
+    async def start(self) -> None:
+        await self.env.start()
+        await self.model.start()
+        await self.agent.start()
+        await self.scheduler.start()
+        self.scheduler.register_local(KIND_MODEL, 10_000)
+        self.scheduler.register_local(KIND_ENV, self.env.config.max_environments)
+        self.scheduler.register_local(KIND_AGENT, self.agent.capacity)
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        await self.scheduler.stop(grace_s)
+        await self.agent.stop(grace_s)
+        await self.env.stop(grace_s)
+        await self.model.stop(grace_s)
+        await self.resolver.close()
+
+    async def __aenter__(self) -> EmbeddedSystem:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
