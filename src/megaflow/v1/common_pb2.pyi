@@ -435,6 +435,8 @@ class TaskResult(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     DURATION_S_FIELD_NUMBER: _builtins.int
     EVAL_OUTPUT_FIELD_NUMBER: _builtins.int
+    SETUP_S_FIELD_NUMBER: _builtins.int
+    TEARDOWN_S_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     attempt_id: _builtins.str
     state: Global___TaskState.ValueType
@@ -449,6 +451,10 @@ class TaskResult(_message.Message):
     completion_tokens: _builtins.int
     duration_s: _builtins.float
     eval_output: _builtins.str
+    setup_s: _builtins.float
+    """creating the environment"""
+    teardown_s: _builtins.float
+    """releasing it"""
     def __init__(
         self,
         *,
@@ -465,10 +471,12 @@ class TaskResult(_message.Message):
         completion_tokens: _builtins.int = ...,
         duration_s: _builtins.float = ...,
         eval_output: _builtins.str = ...,
+        setup_s: _builtins.float = ...,
+        teardown_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "attempts", b"attempts", "completion_tokens", b"completion_tokens", "duration_s", b"duration_s", "error", b"error", "error_kind", b"error_kind", "eval_output", b"eval_output", "has_reward", b"has_reward", "prompt_tokens", b"prompt_tokens", "reward", b"reward", "state", b"state", "steps", b"steps", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "attempts", b"attempts", "completion_tokens", b"completion_tokens", "duration_s", b"duration_s", "error", b"error", "error_kind", b"error_kind", "eval_output", b"eval_output", "has_reward", b"has_reward", "prompt_tokens", b"prompt_tokens", "reward", b"reward", "setup_s", b"setup_s", "state", b"state", "steps", b"steps", "task_id", b"task_id", "teardown_s", b"teardown_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
