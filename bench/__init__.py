@@ -1,0 +1,1 @@
+"""MegaFlow's benchmarks: `./dev bench` (or `python -m bench [NAME ...]`)."""

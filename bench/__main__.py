@@ -1,0 +1,36 @@
+"""Run the benchmarks and print their figures: `python -m bench [--quick] [env] [e2e]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+
+from bench import e2e_bench, env_bench
+
+BENCHES = {"env": env_bench.run, "e2e": e2e_bench.run}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument(
+        "names", nargs="*", help=f"which benchmarks: {sorted(BENCHES)} (default: all)"
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    unknown = sorted(set(args.names) - set(BENCHES))
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHES)}")
+    logging.basicConfig(level=logging.WARNING)
+    figures = {}
+    for name in args.names or list(BENCHES):
+        figures[name] = asyncio.run(BENCHES[name](quick=args.quick))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
