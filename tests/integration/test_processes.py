@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from megaflow.model.simulated import SimulatedPolicy
+from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.testing.processes import ServiceProcess
+from megaflow.v1 import scheduler_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -21,9 +23,7 @@ def _pids_of(pattern: str) -> set[int]:
     return {int(p) for p in out.stdout.split()}
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[dict[str, ServiceProcess]]:
-    sandboxes = tmp_path / "sandboxes"
+def _start(tmp_path: Path, envs: int = 1, env_capacity: int = 8) -> dict[str, ServiceProcess]:
     procs: dict[str, ServiceProcess] = {}
     try:
         procs["scheduler"] = ServiceProcess(
@@ -33,15 +33,57 @@ def cluster(tmp_path: Path) -> Iterator[dict[str, ServiceProcess]]:
         procs["model"] = ServiceProcess(
             "model", "--scheduler", sched, "--time-scale", "0.05", "--success-rate", "0.8"
         ).start()
-        procs["env"] = ServiceProcess(
-            "env", "--scheduler", sched, "--sandbox-dir", str(sandboxes), "--capacity", "8"
-        ).start()
+        for i in range(envs):
+            procs["env" if i == 0 else f"env{i}"] = ServiceProcess(
+                "env",
+                "--scheduler",
+                sched,
+                "--sandbox-dir",
+                str(tmp_path / "sandboxes"),
+                "--capacity",
+                str(env_capacity),
+            ).start()
         procs["agent"] = ServiceProcess("agent", "--scheduler", sched).start()
-        yield procs
-    finally:
-        for name in ("agent", "env", "model", "scheduler"):
-            if name in procs:
-                procs[name].stop()
+    except BaseException:
+        _stop(procs)
+        raise
+    return procs
+
+
+def _stop(procs: dict[str, ServiceProcess]) -> None:
+    for proc in reversed(list(procs.values())):
+        proc.stop()
+
+
+def _run(
+    scheduler: str, out: Path, tasks: int, concurrency: int
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megaflow.cli.main",
+            "run",
+            "--scheduler",
+            scheduler,
+            "--tasks",
+            str(tasks),
+            "--concurrency",
+            str(concurrency),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[dict[str, ServiceProcess]]:
+    procs = _start(tmp_path)
+    yield procs
+    _stop(procs)
 
 
 def test_eight_tasks_through_four_processes(
@@ -129,3 +171,20 @@ def _is_child_of_dir(pid: int, directory: Path) -> bool:
         return str(directory) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
+
+
+async def test_a_second_env_process_adds_capacity(tmp_path: Path) -> None:
+    procs = _start(tmp_path, envs=2, env_capacity=2)
+    try:
+        run = _run(procs["scheduler"].address, tmp_path / "out", tasks=8, concurrency=8)
+        assert run.returncode == 0, run.stderr
+        client = SchedulerServiceClient(procs["scheduler"].address)
+        status = await client.status(scheduler_pb2.StatusRequest())
+        await client.close()
+    finally:
+        _stop(procs)
+    envs = [s for s in status.services if s.kind == scheduler_pb2.SERVICE_KIND_ENV]
+    assert len(envs) == 2
+    assert all(e.dispatched > 0 for e in envs)  # both took work
+    assert sum(e.dispatched for e in envs) == 8
+    assert status.succeeded == 8

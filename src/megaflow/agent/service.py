@@ -10,6 +10,11 @@ from megaflow.rpc.resolver import ServiceResolver
 from megaflow.v1 import agent_pb2, common_pb2
 
 
+def _current_task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class AgentServiceImpl:
     """Runs `RunTaskRequest`s with the built-in tool-calling agent."""
 
@@ -24,6 +29,7 @@ class AgentServiceImpl:
         self.capacity = capacity
         self.limits = limits or AgentLimits()
         self._running: dict[str, asyncio.Task[agent_pb2.RunTaskResponse]] = {}
+        self._runners: set[asyncio.Task[agent_pb2.RunTaskResponse]] = set()  # incl. abandoned
 
     @property
     def in_flight(self) -> int:
@@ -48,20 +54,21 @@ class AgentServiceImpl:
         )
         runner = asyncio.create_task(self._run(agent), name=f"agent-{request.attempt_id}")
         self._running[request.attempt_id] = runner
+        self._runners.add(runner)
+        runner.add_done_callback(self._runners.discard)
         try:
             return await asyncio.shield(runner)
         except asyncio.CancelledError:
-            # Our caller went away (e.g. its RPC was cancelled): stop the agent too.
-            runner.cancel()
+            if runner.cancelled() and not _current_task_cancelling():
+                # CancelTask stopped the agent, not our caller: a typed error.
+                raise CancelledTaskError(f"attempt {request.attempt_id} was cancelled") from None
+            runner.cancel()  # our caller went away: stop the agent; stop() awaits it
             raise
         finally:
             self._running.pop(request.attempt_id, None)
 
     async def _run(self, agent: ToolAgent) -> agent_pb2.RunTaskResponse:
-        try:
-            result, trajectory = await agent.run()
-        except asyncio.CancelledError:
-            raise CancelledTaskError(f"attempt {agent.attempt_id} was cancelled") from None
+        result, trajectory = await agent.run()
         return agent_pb2.RunTaskResponse(result=result, trajectory=trajectory)
 
     async def cancel_task(
@@ -79,6 +86,9 @@ class AgentServiceImpl:
         return None
 
     async def stop(self, grace_s: float = 0.0) -> None:
-        for runner in list(self._running.values()):
-            runner.cancel()
-        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        """Cancel every agent loop and wait until each has released its environment."""
+        runners = list(self._runners)
+        for runner in runners:
+            if not runner.cancelling():  # a second cancel would interrupt its cleanup
+                runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)

@@ -67,20 +67,29 @@ def run(
 
     _logging(log_level)
     out.mkdir(parents=True, exist_ok=True)
-    summary = asyncio.run(
-        run_command(
-            tasks=tasks,
-            concurrency=concurrency,
-            model=model,
-            out=out,
-            seed=seed,
-            success_rate=success_rate,
-            time_scale=time_scale,
-            scheduler=scheduler,
-            sandbox_dir=sandbox_dir,
-            console=console,
+    try:
+        summary = asyncio.run(
+            run_command(
+                tasks=tasks,
+                concurrency=concurrency,
+                model=model,
+                out=out,
+                seed=seed,
+                success_rate=success_rate,
+                time_scale=time_scale,
+                scheduler=scheduler,
+                sandbox_dir=sandbox_dir,
+                console=console,
+            )
         )
-    )
+    except KeyboardInterrupt:
+        # asyncio.run cancelled the run; every sandbox was released on the way out.
+        done = output.count_lines(out / "results.jsonl")
+        console.print(
+            f"[yellow]interrupted[/]: {done} of {tasks} tasks finished; "
+            f"their results are in {out / 'results.jsonl'}"
+        )
+        raise typer.Exit(130) from None
     output.print_summary(console, summary, out)
     raise typer.Exit(0 if summary.finished == summary.total else 1)
 

@@ -84,7 +84,7 @@ def print_status(console: Console, status: scheduler_pb2.StatusResponse) -> None
     table.add_row(*(str(getattr(status, n)) for n in ("pending", "running", "succeeded", "failed")))
     console.print(table)
     services = Table(title="services")
-    for name in ("kind", "address", "in flight", "capacity", "last seen"):
+    for name in ("kind", "address", "in flight", "capacity", "dispatched", "last seen"):
         services.add_column(name)
     for svc in status.services:
         services.add_row(
@@ -92,6 +92,15 @@ def print_status(console: Console, status: scheduler_pb2.StatusResponse) -> None
             svc.address,
             str(svc.in_flight),
             str(svc.capacity),
+            str(svc.dispatched),
             f"{svc.last_seen_s_ago:.1f} s ago",
         )
     console.print(services)
+
+
+def count_lines(path: Path) -> int:
+    try:
+        with path.open() as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0

@@ -29,6 +29,7 @@ from megaflow.core.errors import (
     InvalidRequestError,
     NotFoundError,
     SandboxError,
+    ServiceUnavailableError,
 )
 from megaflow.env.local import LocalSandbox, reclaim_orphans
 from megaflow.v1 import common_pb2, env_pb2
@@ -97,6 +98,10 @@ class LocalEnvironmentService:
         self.config = config or EnvServiceConfig()
         self._envs: dict[str, _Environment] = {}
         self._starting = 0  # sandboxes still starting count against the cap
+        self._none_starting = asyncio.Event()
+        self._none_starting.set()
+        self._closing = False
+        self._teardowns: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -110,12 +115,16 @@ class LocalEnvironmentService:
         self._reaper = asyncio.create_task(self._reap_forever(), name="env-lease-reaper")
 
     async def stop(self, grace_s: float = 0.0) -> None:
+        """Refuse new environments, wait for those starting, then release every one."""
+        self._closing = True
+        await self._none_starting.wait()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
             self._reaper = None
         await asyncio.gather(*(self._destroy(env_id) for env_id in list(self._envs)))
+        await asyncio.gather(*self._teardowns, return_exceptions=True)
 
     async def __aenter__(self) -> LocalEnvironmentService:
         await self.start()
@@ -143,6 +152,8 @@ class LocalEnvironmentService:
             raise InvalidRequestError(
                 f"environment files total {size} bytes; limit {MAX_FILES_BYTES}"
             )
+        if self._closing:
+            raise ServiceUnavailableError("the Environment Service is shutting down")
         if self.live >= self.config.max_environments:
             raise CapacityError(f"all {self.config.max_environments} environment slots are in use")
         cfg, limits = self.config, request.limits
@@ -155,6 +166,7 @@ class LocalEnvironmentService:
             output_bytes=limits.output_bytes or cfg.output_bytes,
         )
         self._starting += 1
+        self._none_starting.clear()
         try:
             setup_s = request.setup_timeout_s or cfg.setup_timeout_s
             try:
@@ -166,10 +178,12 @@ class LocalEnvironmentService:
                     f"sandbox setup passed its {setup_s:.1f}s budget"
                 ) from None
         except BaseException:
-            await sandbox.stop()
+            await self._teardown(sandbox)
             raise
         finally:
             self._starting -= 1
+            if self._starting == 0:
+                self._none_starting.set()
         lease_s = request.lease_s or cfg.lease_s
         self._envs[env_id] = _Environment(
             env_id=env_id,
@@ -292,9 +306,18 @@ class LocalEnvironmentService:
         )
 
     async def _destroy(self, env_id: str) -> None:
+        """Tear a sandbox down. The teardown runs to completion even if the caller is
+        cancelled half-way (stop() waits for it), so nothing is left half-removed."""
         env = self._envs.pop(env_id, None)
-        if env is not None:
-            await env.sandbox.stop()
+        if env is None:
+            return
+        await self._teardown(env.sandbox)
+
+    async def _teardown(self, sandbox: LocalSandbox) -> None:
+        teardown = asyncio.create_task(sandbox.stop(), name="sandbox-teardown")
+        self._teardowns.add(teardown)
+        teardown.add_done_callback(self._teardowns.discard)
+        await asyncio.shield(teardown)
 
     async def _reap_forever(self) -> None:
         while True:

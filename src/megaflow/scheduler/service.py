@@ -162,6 +162,7 @@ class SchedulerServiceImpl:
                     capacity=svc.capacity,
                     in_flight=svc.in_flight,
                     last_seen_s_ago=now - self._last_seen.get(svc.address, now),
+                    dispatched=svc.dispatched,
                 )
                 for svc in self.state.services.values()
             ],

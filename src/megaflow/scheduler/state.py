@@ -145,6 +145,7 @@ class _Service:
     address: str
     capacity: int
     in_flight: int = 0
+    dispatched: int = 0
 
     @property
     def load(self) -> float:
@@ -294,6 +295,7 @@ class SchedulerState:
                 task.placement = (agent.address, env.address, model.address)
                 for service in (agent, env, model):
                     service.in_flight += 1
+                    service.dispatched += 1
                 run.in_flight += 1
                 out.append(
                     Dispatch(

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from megaflow.v1 import common_pb2 as megaflow_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmegaflow/v1/scheduler.proto\x12\x0bmegaflow.v1\x1a\x18megaflow/v1/common.proto\"c\n\x12SubmitTasksRequest\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.megaflow.v1.TaskSpec\x12\x17\n\x0fmax_concurrency\x18\x02 \x01(\r\x12\x0e\n\x06run_id\x18\x03 \x01(\t\"7\n\x13SubmitTasksResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\"$\n\x12WatchEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xde\x01\n\tTaskEvent\x12$\n\x04type\x18\x01 \x01(\x0e\x32\x16.megaflow.v1.EventType\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.megaflow.v1.TaskResult\x12+\n\ntrajectory\x18\x06 \x01(\x0b\x32\x17.megaflow.v1.Trajectory\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x13\n\x0btime_unix_s\x18\x08 \x01(\x01\"c\n\x16RegisterServiceRequest\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.megaflow.v1.ServiceKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\"7\n\x17RegisterServiceResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"\x0f\n\rStatusRequest\"\x86\x01\n\rServiceStatus\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.megaflow.v1.ServiceKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x17\n\x0flast_seen_s_ago\x18\x05 \x01(\x01\"\x83\x01\n\x0eStatusResponse\x12\x0f\n\x07pending\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x11\n\tsucceeded\x18\x03 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\r\x12,\n\x08services\x18\x05 \x03(\x0b\x32\x1a.megaflow.v1.ServiceStatus*\x9d\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45VENT_TYPE_TASK_STARTED\x10\x01\x12\x1c\n\x18\x45VENT_TYPE_TASK_RETRYING\x10\x02\x12\x1c\n\x18\x45VENT_TYPE_TASK_FINISHED\x10\x03\x12\x1b\n\x17\x45VENT_TYPE_RUN_FINISHED\x10\x04*q\n\x0bServiceKind\x12\x1c\n\x18SERVICE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12SERVICE_KIND_MODEL\x10\x01\x12\x16\n\x12SERVICE_KIND_AGENT\x10\x02\x12\x14\n\x10SERVICE_KIND_ENV\x10\x03\x32\xcf\x02\n\x10SchedulerService\x12P\n\x0bSubmitTasks\x12\x1f.megaflow.v1.SubmitTasksRequest\x1a .megaflow.v1.SubmitTasksResponse\x12H\n\x0bWatchEvents\x12\x1f.megaflow.v1.WatchEventsRequest\x1a\x16.megaflow.v1.TaskEvent0\x01\x12\\\n\x0fRegisterService\x12#.megaflow.v1.RegisterServiceRequest\x1a$.megaflow.v1.RegisterServiceResponse\x12\x41\n\x06Status\x12\x1a.megaflow.v1.StatusRequest\x1a\x1b.megaflow.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmegaflow/v1/scheduler.proto\x12\x0bmegaflow.v1\x1a\x18megaflow/v1/common.proto\"c\n\x12SubmitTasksRequest\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.megaflow.v1.TaskSpec\x12\x17\n\x0fmax_concurrency\x18\x02 \x01(\r\x12\x0e\n\x06run_id\x18\x03 \x01(\t\"7\n\x13SubmitTasksResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\"$\n\x12WatchEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xde\x01\n\tTaskEvent\x12$\n\x04type\x18\x01 \x01(\x0e\x32\x16.megaflow.v1.EventType\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.megaflow.v1.TaskResult\x12+\n\ntrajectory\x18\x06 \x01(\x0b\x32\x17.megaflow.v1.Trajectory\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x13\n\x0btime_unix_s\x18\x08 \x01(\x01\"c\n\x16RegisterServiceRequest\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.megaflow.v1.ServiceKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\"7\n\x17RegisterServiceResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"\x0f\n\rStatusRequest\"\x9a\x01\n\rServiceStatus\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.megaflow.v1.ServiceKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x17\n\x0flast_seen_s_ago\x18\x05 \x01(\x01\x12\x12\n\ndispatched\x18\x06 \x01(\x04\"\x83\x01\n\x0eStatusResponse\x12\x0f\n\x07pending\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x11\n\tsucceeded\x18\x03 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\r\x12,\n\x08services\x18\x05 \x03(\x0b\x32\x1a.megaflow.v1.ServiceStatus*\x9d\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45VENT_TYPE_TASK_STARTED\x10\x01\x12\x1c\n\x18\x45VENT_TYPE_TASK_RETRYING\x10\x02\x12\x1c\n\x18\x45VENT_TYPE_TASK_FINISHED\x10\x03\x12\x1b\n\x17\x45VENT_TYPE_RUN_FINISHED\x10\x04*q\n\x0bServiceKind\x12\x1c\n\x18SERVICE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12SERVICE_KIND_MODEL\x10\x01\x12\x16\n\x12SERVICE_KIND_AGENT\x10\x02\x12\x14\n\x10SERVICE_KIND_ENV\x10\x03\x32\xcf\x02\n\x10SchedulerService\x12P\n\x0bSubmitTasks\x12\x1f.megaflow.v1.SubmitTasksRequest\x1a .megaflow.v1.SubmitTasksResponse\x12H\n\x0bWatchEvents\x12\x1f.megaflow.v1.WatchEventsRequest\x1a\x16.megaflow.v1.TaskEvent0\x01\x12\\\n\x0fRegisterService\x12#.megaflow.v1.RegisterServiceRequest\x1a$.megaflow.v1.RegisterServiceResponse\x12\x41\n\x06Status\x12\x1a.megaflow.v1.StatusRequest\x1a\x1b.megaflow.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'megaflow.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTTYPE']._serialized_start=938
-  _globals['_EVENTTYPE']._serialized_end=1095
-  _globals['_SERVICEKIND']._serialized_start=1097
-  _globals['_SERVICEKIND']._serialized_end=1210
+  _globals['_EVENTTYPE']._serialized_start=958
+  _globals['_EVENTTYPE']._serialized_end=1115
+  _globals['_SERVICEKIND']._serialized_start=1117
+  _globals['_SERVICEKIND']._serialized_end=1230
   _globals['_SUBMITTASKSREQUEST']._serialized_start=70
   _globals['_SUBMITTASKSREQUEST']._serialized_end=169
   _globals['_SUBMITTASKSRESPONSE']._serialized_start=171
@@ -51,9 +51,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=649
   _globals['_STATUSREQUEST']._serialized_end=664
   _globals['_SERVICESTATUS']._serialized_start=667
-  _globals['_SERVICESTATUS']._serialized_end=801
-  _globals['_STATUSRESPONSE']._serialized_start=804
-  _globals['_STATUSRESPONSE']._serialized_end=935
-  _globals['_SCHEDULERSERVICE']._serialized_start=1213
-  _globals['_SCHEDULERSERVICE']._serialized_end=1548
+  _globals['_SERVICESTATUS']._serialized_end=821
+  _globals['_STATUSRESPONSE']._serialized_start=824
+  _globals['_STATUSRESPONSE']._serialized_end=955
+  _globals['_SCHEDULERSERVICE']._serialized_start=1233
+  _globals['_SCHEDULERSERVICE']._serialized_end=1568
 # @@protoc_insertion_point(module_scope)

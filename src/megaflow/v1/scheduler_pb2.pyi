@@ -250,11 +250,14 @@ class ServiceStatus(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     LAST_SEEN_S_AGO_FIELD_NUMBER: _builtins.int
+    DISPATCHED_FIELD_NUMBER: _builtins.int
     kind: Global___ServiceKind.ValueType
     address: _builtins.str
     capacity: _builtins.int
     in_flight: _builtins.int
     last_seen_s_ago: _builtins.float
+    dispatched: _builtins.int
+    """attempts placed on this service so far"""
     def __init__(
         self,
         *,
@@ -263,10 +266,11 @@ class ServiceStatus(_message.Message):
         capacity: _builtins.int = ...,
         in_flight: _builtins.int = ...,
         last_seen_s_ago: _builtins.float = ...,
+        dispatched: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "in_flight", b"in_flight", "kind", b"kind", "last_seen_s_ago", b"last_seen_s_ago"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "dispatched", b"dispatched", "in_flight", b"in_flight", "kind", b"kind", "last_seen_s_ago", b"last_seen_s_ago"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

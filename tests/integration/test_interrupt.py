@@ -1,0 +1,65 @@
+"""Ctrl-C during an embedded run: finished results are kept, no sandbox survives."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _sandbox_processes(marker: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(marker) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_sigint_releases_every_sandbox_and_keeps_finished_results(tmp_path: Path) -> None:
+    out, sandboxes = tmp_path / "out", tmp_path / "sandboxes"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megaflow.cli.main",
+            "run",
+            "--tasks",
+            "400",
+            "--concurrency",
+            "16",
+            "--out",
+            str(out),
+            "--sandbox-dir",
+            str(sandboxes),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until tasks are finishing and others are live
+        if results.exists() and results.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    assert _sandbox_processes(sandboxes), "expected live sandboxes mid-run"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    kept = [json.loads(line) for line in results.read_text().splitlines()]
+    assert 3 <= len(kept) < 400
+    assert all(r["status"] in ("succeeded", "failed") for r in kept)
+    assert not _sandbox_processes(sandboxes)
+    assert not sandboxes.exists() or not any(sandboxes.iterdir())
