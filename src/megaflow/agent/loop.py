@@ -91,6 +91,7 @@ class ToolAgent:
                 limits=self.task.limits,
                 setup_timeout_s=self.setup_timeout_s,
                 lease_s=self.task_timeout_s + self.scoring_timeout_s + 60.0,
+                placement=self.task.placement,
             )
         )
         self.result.setup_s = time.monotonic() - started

@@ -56,6 +56,14 @@ class EnvironmentService(Protocol):
         self, request: env_pb2.EnvHeartbeatRequest
     ) -> env_pb2.EnvHeartbeatResponse: ...
 
+    async def snapshot_environment(
+        self, request: env_pb2.SnapshotEnvironmentRequest
+    ) -> env_pb2.SnapshotEnvironmentResponse: ...
+
+    async def suspend_environment(
+        self, request: env_pb2.SuspendEnvironmentRequest
+    ) -> env_pb2.SuspendEnvironmentResponse: ...
+
     async def health(self, request: common_pb2.HealthRequest) -> common_pb2.HealthResponse: ...
 
 

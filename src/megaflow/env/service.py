@@ -258,6 +258,18 @@ class LocalEnvironmentService:
         env.renew(request.lease_s or None)
         return env_pb2.EnvHeartbeatResponse(lease_expires_in_s=env.lease_expires - time.monotonic())
 
+    async def snapshot_environment(
+        self, request: env_pb2.SnapshotEnvironmentRequest
+    ) -> env_pb2.SnapshotEnvironmentResponse:
+        self._get(request.env_id)
+        raise InvalidRequestError("snapshots are not supported by this Environment Service yet")
+
+    async def suspend_environment(
+        self, request: env_pb2.SuspendEnvironmentRequest
+    ) -> env_pb2.SuspendEnvironmentResponse:
+        self._get(request.env_id)
+        raise InvalidRequestError("suspend is not supported by this Environment Service yet")
+
     async def health(self, request: common_pb2.HealthRequest) -> common_pb2.HealthResponse:
         return common_pb2.HealthResponse(
             ok=True, detail=f"{self.live}/{self.config.max_environments} environments"

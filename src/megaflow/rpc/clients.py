@@ -143,6 +143,20 @@ class EnvironmentServiceClient(GrpcClient):
     ) -> env_pb2.EnvHeartbeatResponse:
         return await self._unary("Heartbeat", request, env_pb2.EnvHeartbeatResponse, timeout_s)
 
+    async def snapshot_environment(
+        self, request: env_pb2.SnapshotEnvironmentRequest, timeout_s: float | None = None
+    ) -> env_pb2.SnapshotEnvironmentResponse:
+        return await self._unary(
+            "SnapshotEnvironment", request, env_pb2.SnapshotEnvironmentResponse, timeout_s or 300.0
+        )
+
+    async def suspend_environment(
+        self, request: env_pb2.SuspendEnvironmentRequest, timeout_s: float | None = None
+    ) -> env_pb2.SuspendEnvironmentResponse:
+        return await self._unary(
+            "SuspendEnvironment", request, env_pb2.SuspendEnvironmentResponse, timeout_s
+        )
+
 
 class AgentServiceClient(GrpcClient):
     kind = "agent"

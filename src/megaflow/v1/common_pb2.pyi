@@ -172,23 +172,61 @@ class EnvLimits(_message.Message):
     MEMORY_MIB_FIELD_NUMBER: _builtins.int
     PIDS_FIELD_NUMBER: _builtins.int
     OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
+    CPU_SHARES_FIELD_NUMBER: _builtins.int
+    DISK_MIB_FIELD_NUMBER: _builtins.int
     memory_mib: _builtins.int
     pids: _builtins.int
     output_bytes: _builtins.int
+    cpu_shares: _builtins.int
+    """relative CPU weight (cgroup cpu.shares / cpu.weight scale of 1024)"""
+    disk_mib: _builtins.int
+    """workspace disk quota"""
     def __init__(
         self,
         *,
         memory_mib: _builtins.int = ...,
         pids: _builtins.int = ...,
         output_bytes: _builtins.int = ...,
+        cpu_shares: _builtins.int = ...,
+        disk_mib: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_mib", b"memory_mib", "output_bytes", b"output_bytes", "pids", b"pids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_shares", b"cpu_shares", "disk_mib", b"disk_mib", "memory_mib", b"memory_mib", "output_bytes", b"output_bytes", "pids", b"pids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnvLimits: _TypeAlias = EnvLimits  # noqa: Y015
+
+@_typing.final
+class EnvPlacement(_message.Message):
+    """Where and how a task's environment runs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKEND_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    backend: _builtins.str
+    """"local" (bubblewrap, default) | "docker" """
+    runtime: _builtins.str
+    """docker only: "" / "runc" | "runsc" (gVisor, for untrusted code)"""
+    mode: _builtins.str
+    """"ephemeral" (fresh sandbox per task, default) | "persistent" (pooled, reset)"""
+    def __init__(
+        self,
+        *,
+        backend: _builtins.str = ...,
+        runtime: _builtins.str = ...,
+        mode: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "mode", b"mode", "runtime", b"runtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnvPlacement: _TypeAlias = EnvPlacement  # noqa: Y015
 
 @_typing.final
 class TaskBudgets(_message.Message):
@@ -283,6 +321,7 @@ class TaskSpec(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     family: _builtins.str
     """e.g. "swe-synth" """
@@ -307,6 +346,8 @@ class TaskSpec(_message.Message):
     def budgets(self) -> Global___TaskBudgets: ...
     @_builtins.property
     def limits(self) -> Global___EnvLimits: ...
+    @_builtins.property
+    def placement(self) -> Global___EnvPlacement: ...
     def __init__(
         self,
         *,
@@ -321,10 +362,11 @@ class TaskSpec(_message.Message):
         limits: Global___EnvLimits | None = ...,
         max_attempts: _builtins.int = ...,
         model: _builtins.str = ...,
+        placement: Global___EnvPlacement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "limits", b"limits", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "eval_command", b"eval_command", "family", b"family", "files", b"files", "hidden_files", b"hidden_files", "image", b"image", "limits", b"limits", "max_attempts", b"max_attempts", "model", b"model", "problem_statement", b"problem_statement", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "eval_command", b"eval_command", "family", b"family", "files", b"files", "hidden_files", b"hidden_files", "image", b"image", "limits", b"limits", "max_attempts", b"max_attempts", "model", b"model", "placement", b"placement", "problem_statement", b"problem_statement", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -345,12 +387,18 @@ class Turn(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     MODEL_LATENCY_S_FIELD_NUMBER: _builtins.int
     ENV_LATENCY_S_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    COMPLETION_LOGPROBS_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     model_version: _builtins.str
     prompt_tokens: _builtins.int
     completion_tokens: _builtins.int
     model_latency_s: _builtins.float
     env_latency_s: _builtins.float
+    replica: _builtins.str
+    """which model replica served the turn"""
     @_builtins.property
     def prompt_delta(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """messages added to the conversation before this model call"""
@@ -363,6 +411,14 @@ class Turn(_message.Message):
     def observations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """tool results returned to the model"""
 
+    @_builtins.property
+    def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Token fidelity: exactly what the backend produced, never re-tokenised."""
+
+    @_builtins.property
+    def completion_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def completion_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
         self,
         *,
@@ -375,10 +431,14 @@ class Turn(_message.Message):
         completion_tokens: _builtins.int = ...,
         model_latency_s: _builtins.float = ...,
         env_latency_s: _builtins.float = ...,
+        prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        completion_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        completion_logprobs: _abc.Iterable[_builtins.float] | None = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "env_latency_s", b"env_latency_s", "index", b"index", "model_latency_s", b"model_latency_s", "model_version", b"model_version", "observations", b"observations", "prompt_delta", b"prompt_delta", "prompt_tokens", b"prompt_tokens", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_logprobs", b"completion_logprobs", "completion_token_ids", b"completion_token_ids", "completion_tokens", b"completion_tokens", "env_latency_s", b"env_latency_s", "index", b"index", "model_latency_s", b"model_latency_s", "model_version", b"model_version", "observations", b"observations", "prompt_delta", b"prompt_delta", "prompt_token_ids", b"prompt_token_ids", "prompt_tokens", b"prompt_tokens", "replica", b"replica", "response", b"response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,6 +71,8 @@ class CreateEnvironmentRequest(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     SETUP_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     LEASE_S_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    RESTORE_FROM_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
     """who holds the lease (e.g. the attempt id)"""
     image: _builtins.str
@@ -79,12 +81,16 @@ class CreateEnvironmentRequest(_message.Message):
     setup_timeout_s: _builtins.float
     lease_s: _builtins.float
     """released automatically if not renewed (steps and heartbeats renew)"""
+    restore_from: _builtins.str
+    """a snapshot URI: start from that filesystem state"""
     @_builtins.property
     def files(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]: ...
     @_builtins.property
     def hidden_files(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]: ...
     @_builtins.property
     def limits(self) -> _common_pb2.EnvLimits: ...
+    @_builtins.property
+    def placement(self) -> _common_pb2.EnvPlacement: ...
     def __init__(
         self,
         *,
@@ -96,10 +102,12 @@ class CreateEnvironmentRequest(_message.Message):
         limits: _common_pb2.EnvLimits | None = ...,
         setup_timeout_s: _builtins.float = ...,
         lease_s: _builtins.float = ...,
+        placement: _common_pb2.EnvPlacement | None = ...,
+        restore_from: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_command", b"eval_command", "files", b"files", "hidden_files", b"hidden_files", "image", b"image", "lease_s", b"lease_s", "limits", b"limits", "owner", b"owner", "setup_timeout_s", b"setup_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_command", b"eval_command", "files", b"files", "hidden_files", b"hidden_files", "image", b"image", "lease_s", b"lease_s", "limits", b"limits", "owner", b"owner", "placement", b"placement", "restore_from", b"restore_from", "setup_timeout_s", b"setup_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -472,3 +480,86 @@ class EnvHeartbeatResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnvHeartbeatResponse: _TypeAlias = EnvHeartbeatResponse  # noqa: Y015
+
+@_typing.final
+class SnapshotEnvironmentRequest(_message.Message):
+    """Save the environment's filesystem changes to the artifact store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENV_ID_FIELD_NUMBER: _builtins.int
+    URI_FIELD_NUMBER: _builtins.int
+    env_id: _builtins.str
+    uri: _builtins.str
+    """where to write it; empty = the service's artifact store"""
+    def __init__(
+        self,
+        *,
+        env_id: _builtins.str = ...,
+        uri: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env_id", b"env_id", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotEnvironmentRequest: _TypeAlias = SnapshotEnvironmentRequest  # noqa: Y015
+
+@_typing.final
+class SnapshotEnvironmentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URI_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    uri: _builtins.str
+    bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        uri: _builtins.str = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotEnvironmentResponse: _TypeAlias = SnapshotEnvironmentResponse  # noqa: Y015
+
+@_typing.final
+class SuspendEnvironmentRequest(_message.Message):
+    """Freeze every process of the environment (it resumes on its next step)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENV_ID_FIELD_NUMBER: _builtins.int
+    env_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        env_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env_id", b"env_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuspendEnvironmentRequest: _TypeAlias = SuspendEnvironmentRequest  # noqa: Y015
+
+@_typing.final
+class SuspendEnvironmentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuspendEnvironmentResponse: _TypeAlias = SuspendEnvironmentResponse  # noqa: Y015

@@ -65,6 +65,16 @@ class EnvironmentServiceStub:
                 request_serializer=megaflow_dot_v1_dot_env__pb2.EnvHeartbeatRequest.SerializeToString,
                 response_deserializer=megaflow_dot_v1_dot_env__pb2.EnvHeartbeatResponse.FromString,
                 _registered_method=True)
+        self.SnapshotEnvironment = channel.unary_unary(
+                '/megaflow.v1.EnvironmentService/SnapshotEnvironment',
+                request_serializer=megaflow_dot_v1_dot_env__pb2.SnapshotEnvironmentRequest.SerializeToString,
+                response_deserializer=megaflow_dot_v1_dot_env__pb2.SnapshotEnvironmentResponse.FromString,
+                _registered_method=True)
+        self.SuspendEnvironment = channel.unary_unary(
+                '/megaflow.v1.EnvironmentService/SuspendEnvironment',
+                request_serializer=megaflow_dot_v1_dot_env__pb2.SuspendEnvironmentRequest.SerializeToString,
+                response_deserializer=megaflow_dot_v1_dot_env__pb2.SuspendEnvironmentResponse.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/megaflow.v1.EnvironmentService/Health',
                 request_serializer=megaflow_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
@@ -111,6 +121,18 @@ class EnvironmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SnapshotEnvironment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SuspendEnvironment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -149,6 +171,16 @@ def add_EnvironmentServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=megaflow_dot_v1_dot_env__pb2.EnvHeartbeatRequest.FromString,
                     response_serializer=megaflow_dot_v1_dot_env__pb2.EnvHeartbeatResponse.SerializeToString,
+            ),
+            'SnapshotEnvironment': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotEnvironment,
+                    request_deserializer=megaflow_dot_v1_dot_env__pb2.SnapshotEnvironmentRequest.FromString,
+                    response_serializer=megaflow_dot_v1_dot_env__pb2.SnapshotEnvironmentResponse.SerializeToString,
+            ),
+            'SuspendEnvironment': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuspendEnvironment,
+                    request_deserializer=megaflow_dot_v1_dot_env__pb2.SuspendEnvironmentRequest.FromString,
+                    response_serializer=megaflow_dot_v1_dot_env__pb2.SuspendEnvironmentResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -318,6 +350,60 @@ class EnvironmentService:
             '/megaflow.v1.EnvironmentService/Heartbeat',
             megaflow_dot_v1_dot_env__pb2.EnvHeartbeatRequest.SerializeToString,
             megaflow_dot_v1_dot_env__pb2.EnvHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotEnvironment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megaflow.v1.EnvironmentService/SnapshotEnvironment',
+            megaflow_dot_v1_dot_env__pb2.SnapshotEnvironmentRequest.SerializeToString,
+            megaflow_dot_v1_dot_env__pb2.SnapshotEnvironmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuspendEnvironment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megaflow.v1.EnvironmentService/SuspendEnvironment',
+            megaflow_dot_v1_dot_env__pb2.SuspendEnvironmentRequest.SerializeToString,
+            megaflow_dot_v1_dot_env__pb2.SuspendEnvironmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from megaflow.v1 import common_pb2 as megaflow_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17megaflow/v1/model.proto\x12\x0bmegaflow.v1\x1a\x18megaflow/v1/common.proto\"\xac\x01\n\x0fGenerateRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.megaflow.v1.ChatMessage\x12$\n\x05tools\x18\x04 \x03(\x0b\x32\x15.megaflow.v1.ToolSpec\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x01\"\xd0\x01\n\x10GenerateResponse\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.megaflow.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\x12\x11\n\tlatency_s\x18\x08 \x01(\x01\"\x13\n\x11ListModelsRequest\";\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.megaflow.v1.ModelInfo\"V\n\nModelStats\x12\x13\n\x0butilisation\x18\x01 \x01(\x01\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x0e\n\x06queued\x18\x03 \x01(\r\x12\x10\n\x08requests\x18\x04 \x01(\x04\x32\xe9\x01\n\x0cModelService\x12G\n\x08Generate\x12\x1c.megaflow.v1.GenerateRequest\x1a\x1d.megaflow.v1.GenerateResponse\x12M\n\nListModels\x12\x1e.megaflow.v1.ListModelsRequest\x1a\x1f.megaflow.v1.ListModelsResponse\x12\x41\n\x06Health\x12\x1a.megaflow.v1.HealthRequest\x1a\x1b.megaflow.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17megaflow/v1/model.proto\x12\x0bmegaflow.v1\x1a\x18megaflow/v1/common.proto\"\xac\x01\n\x0fGenerateRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.megaflow.v1.ChatMessage\x12$\n\x05tools\x18\x04 \x03(\x0b\x32\x15.megaflow.v1.ToolSpec\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x01\"\xb6\x02\n\x10GenerateResponse\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.megaflow.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\x12\x11\n\tlatency_s\x18\x08 \x01(\x01\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12\x1c\n\x14\x63ompletion_token_ids\x18\n \x03(\r\x12\x1b\n\x13\x63ompletion_logprobs\x18\x0b \x03(\x02\x12\x0f\n\x07replica\x18\x0c \x01(\t\"\x13\n\x11ListModelsRequest\";\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.megaflow.v1.ModelInfo\"V\n\nModelStats\x12\x13\n\x0butilisation\x18\x01 \x01(\x01\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x0e\n\x06queued\x18\x03 \x01(\r\x12\x10\n\x08requests\x18\x04 \x01(\x04\x32\xe9\x01\n\x0cModelService\x12G\n\x08Generate\x12\x1c.megaflow.v1.GenerateRequest\x1a\x1d.megaflow.v1.GenerateResponse\x12M\n\nListModels\x12\x1e.megaflow.v1.ListModelsRequest\x1a\x1f.megaflow.v1.ListModelsResponse\x12\x41\n\x06Health\x12\x1a.megaflow.v1.HealthRequest\x1a\x1b.megaflow.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=67
   _globals['_GENERATEREQUEST']._serialized_end=239
   _globals['_GENERATERESPONSE']._serialized_start=242
-  _globals['_GENERATERESPONSE']._serialized_end=450
-  _globals['_LISTMODELSREQUEST']._serialized_start=452
-  _globals['_LISTMODELSREQUEST']._serialized_end=471
-  _globals['_MODELINFO']._serialized_start=473
-  _globals['_MODELINFO']._serialized_end=532
-  _globals['_LISTMODELSRESPONSE']._serialized_start=534
-  _globals['_LISTMODELSRESPONSE']._serialized_end=594
-  _globals['_MODELSTATS']._serialized_start=596
-  _globals['_MODELSTATS']._serialized_end=682
-  _globals['_MODELSERVICE']._serialized_start=685
-  _globals['_MODELSERVICE']._serialized_end=918
+  _globals['_GENERATERESPONSE']._serialized_end=552
+  _globals['_LISTMODELSREQUEST']._serialized_start=554
+  _globals['_LISTMODELSREQUEST']._serialized_end=573
+  _globals['_MODELINFO']._serialized_start=575
+  _globals['_MODELINFO']._serialized_end=634
+  _globals['_LISTMODELSRESPONSE']._serialized_start=636
+  _globals['_LISTMODELSRESPONSE']._serialized_end=696
+  _globals['_MODELSTATS']._serialized_start=698
+  _globals['_MODELSTATS']._serialized_end=784
+  _globals['_MODELSERVICE']._serialized_start=787
+  _globals['_MODELSERVICE']._serialized_end=1020
 # @@protoc_insertion_point(module_scope)

@@ -69,6 +69,10 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     QUEUE_S_FIELD_NUMBER: _builtins.int
     LATENCY_S_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    COMPLETION_LOGPROBS_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     model_version: _builtins.str
     prompt_tokens: _builtins.int
@@ -78,8 +82,20 @@ class GenerateResponse(_message.Message):
     """time spent waiting for a batch slot"""
     latency_s: _builtins.float
     """total time inside the service"""
+    replica: _builtins.str
+    """which replica served the request"""
     @_builtins.property
     def message(self) -> _common_pb2.ChatMessage: ...
+    @_builtins.property
+    def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Token fidelity: ids and logprobs as the backend produced them (empty when the
+        backend cannot report them).
+        """
+
+    @_builtins.property
+    def completion_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def completion_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
         self,
         *,
@@ -91,10 +107,14 @@ class GenerateResponse(_message.Message):
         finish_reason: _builtins.str = ...,
         queue_s: _builtins.float = ...,
         latency_s: _builtins.float = ...,
+        prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        completion_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        completion_logprobs: _abc.Iterable[_builtins.float] | None = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "latency_s", b"latency_s", "message", b"message", "model", b"model", "model_version", b"model_version", "prompt_tokens", b"prompt_tokens", "queue_s", b"queue_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_logprobs", b"completion_logprobs", "completion_token_ids", b"completion_token_ids", "completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "latency_s", b"latency_s", "message", b"message", "model", b"model", "model_version", b"model_version", "prompt_token_ids", b"prompt_token_ids", "prompt_tokens", b"prompt_tokens", "queue_s", b"queue_s", "replica", b"replica"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
