@@ -44,6 +44,7 @@ from megaflow.env.local.shell import (
     ready_line,
     user_command_line,
 )
+from megaflow.env.sandbox import CommandResult
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
 """Largest file :meth:`LocalSandbox.read_file` / :meth:`LocalSandbox.write_file` move."""
@@ -59,22 +60,6 @@ _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _LineBuilder = Callable[[str], bytes]
 """Builds the control line of one exchange from its nonce."""
 _BASH_PREFIX = re.compile(r"^[\w./-]+: line \d+: ", re.MULTILINE)
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What one command did."""
-
-    output: str
-    """stdout and stderr merged, UTF-8 decoded (bad bytes replaced), maybe truncated."""
-    exit_code: int
-    """The command's exit status; 137 when it was killed (timeout, out of memory)."""
-    timed_out: bool
-    """Whether the command ran past its timeout and was killed."""
-    truncated: bool
-    """Whether output was dropped (the output then holds a marker where)."""
-    duration_s: float
-    """Wall time from sending the command to its result."""
 
 
 @dataclass
