@@ -9,6 +9,7 @@ crashed process.
 
 from megaflow.env.local.cgroups import CgroupSupport, cgroup_support
 from megaflow.env.local.owner import reclaim_orphans
-from megaflow.env.local.sandbox import CommandResult, LocalSandbox
+from megaflow.env.local.sandbox import LocalSandbox
+from megaflow.env.sandbox import CommandResult
 
 __all__ = ["CgroupSupport", "CommandResult", "LocalSandbox", "cgroup_support", "reclaim_orphans"]
