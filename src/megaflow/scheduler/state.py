@@ -128,7 +128,8 @@ class _Task:
     state: int = common_pb2.TASK_STATE_PENDING
     attempt: int = 0
     attempt_id: str = ""
-    placement: tuple[str, str, str] = ("", "", "")
+    # The services (this incarnation of each) the current attempt holds capacity on.
+    placement: tuple[_Service, ...] = ()
 
 
 @dataclass
@@ -253,11 +254,9 @@ class SchedulerState:
     def _release(self, task: _Task) -> None:
         run = self.runs[task.run_id]
         run.in_flight -= 1
-        for kind, address in zip((KIND_AGENT, KIND_ENV, KIND_MODEL), task.placement, strict=True):
-            service = self.services.get((kind, address))
-            if service is not None:
-                service.in_flight -= 1
-        task.placement = ("", "", "")
+        for service in task.placement:
+            service.in_flight -= 1  # a lost service's object is gone from the map: harmless
+        task.placement = ()
 
     def _finish(
         self, task: _Task, result: common_pb2.TaskResult, trajectory: common_pb2.Trajectory | None
@@ -292,7 +291,7 @@ class SchedulerState:
                 task.attempt += 1
                 task.attempt_id = f"{task.spec.task_id}#{task.attempt}"
                 task.state = common_pb2.TASK_STATE_RUNNING
-                task.placement = (agent.address, env.address, model.address)
+                task.placement = (agent, env, model)
                 for service in (agent, env, model):
                     service.in_flight += 1
                     service.dispatched += 1
