@@ -2,7 +2,7 @@
 
 Usage: python scripts/gen_proto.py [OUT_DIR]
 
-Writes `megaflow/v1/*_pb2.py`, `*_pb2_grpc.py` and `*.pyi` stubs under OUT_DIR
+Writes `megaflow/v1/*_pb2.py` and `*.pyi` stubs under OUT_DIR
 (default: `src/`). The output depends only on the .proto files and the pinned
 grpcio-tools / mypy-protobuf versions, so `tests/contract/test_generated.py` can
 regenerate into a scratch folder and fail when the committed copy is stale.
@@ -16,6 +16,8 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
+# No *_pb2_grpc.py: servers and clients are built from the service descriptors
+# (megaflow.rpc.server / megaflow.rpc.clients), so generated stubs would be dead code.
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 
@@ -30,7 +32,6 @@ def generate(out_dir: Path) -> list[Path]:
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
         f"--mypy_out=quiet:{out_dir}",
         *(str(p.relative_to(PROTO_ROOT)) for p in protos),
     ]
