@@ -8,6 +8,7 @@ from pathlib import Path
 from megaflow.agent.loop import AgentLimits
 from megaflow.agent.service import AgentServiceImpl
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.simulated import SimulatedEnvironmentService
 from megaflow.model.backend import ModelBackend
 from megaflow.model.service import ModelServiceImpl
 from megaflow.rpc.resolver import ServiceResolver
@@ -25,12 +26,14 @@ class EmbeddedSystem:
         backends: list[ModelBackend],
         ledger_path: Path,
         env_config: EnvServiceConfig | None = None,
+        env: LocalEnvironmentService | SimulatedEnvironmentService | None = None,
         agent_capacity: int = 10_000,
         agent_limits: AgentLimits | None = None,
         policy: SchedulerPolicy | None = None,
     ) -> None:
         self.model = ModelServiceImpl(backends)
-        self.env = LocalEnvironmentService(env_config)
+        # `env` replaces the default local (bubblewrap) service, e.g. with the simulated one.
+        self.env = env if env is not None else LocalEnvironmentService(env_config)
         self.resolver = ServiceResolver(model=self.model, env=self.env)
         self.agent = AgentServiceImpl(self.resolver, capacity=agent_capacity, limits=agent_limits)
         self.resolver.set_local("agent", self.agent)
