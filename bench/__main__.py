@@ -7,9 +7,14 @@ import asyncio
 import json
 import logging
 
-from bench import e2e_bench, env_bench
+from bench import e2e_bench, env_bench, model_bench, scale_bench
 
-BENCHES = {"env": env_bench.run, "e2e": e2e_bench.run}
+BENCHES = {
+    "env": env_bench.run,
+    "model": model_bench.run,
+    "e2e": e2e_bench.run,
+    "scale": scale_bench.run,
+}
 
 
 def main() -> None:

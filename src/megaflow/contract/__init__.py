@@ -27,6 +27,14 @@ class ModelService(Protocol):
 
     async def health(self, request: common_pb2.HealthRequest) -> common_pb2.HealthResponse: ...
 
+    async def update_weights(
+        self, request: model_pb2.UpdateWeightsRequest
+    ) -> model_pb2.UpdateWeightsResponse: ...
+
+    async def list_replicas(
+        self, request: model_pb2.ListReplicasRequest
+    ) -> model_pb2.ListReplicasResponse: ...
+
 
 @runtime_checkable
 class EnvironmentService(Protocol):

@@ -16,11 +16,20 @@ def backend_from_spec(
     seed: int = 0,
     latency: LatencyConfig | None = None,
     request_timeout_s: float = 120.0,
+    name: str | None = None,
+    version: str | None = None,
+    checkpoint: str = "",
 ) -> ModelBackend:
     """`simulated` → the in-package policy behind a GPU latency model;
-    `openai:http://host:port[#model]` → an OpenAI-compatible server."""
+    `openai:http://host:port[#model]` → an OpenAI-compatible server.
+
+    `name` and `version` override the backend's own (how a hot swap tags a new version);
+    `checkpoint` is for backends that load weights (neither of these does: ignored).
+    """
     if spec == "simulated":
         return SimulatedBackend(
+            name=name or "simulated",
+            version=version or "sim-1",
             success_rate=success_rate,
             seed=seed,
             latency=GpuLatencyModel(latency or LatencyConfig()),
@@ -33,8 +42,19 @@ def backend_from_spec(
             OpenAIBackendConfig(
                 base_url=url,
                 model=model,
-                name=model or "openai",  # the upstream's first model when none is named
+                # the upstream's first model when none is named
+                name=name or model or "openai",
+                version=version or "upstream",
                 request_timeout_s=request_timeout_s,
             )
         )
     raise InvalidRequestError(f"unknown model spec {spec!r}: use 'simulated' or 'openai:URL'")
+
+
+def spec_of(backend: ModelBackend) -> str | None:
+    """The spec that builds a backend like `backend` again, if it has one."""
+    if backend.kind == "simulated":
+        return "simulated"
+    if isinstance(backend, OpenAIBackend):
+        return f"openai:{backend.base_url}" + (f"#{backend.model}" if backend.model else "")
+    return None

@@ -1,22 +1,34 @@
 """A latency model of a GPU inference server, for the simulated backend.
 
-The server has `slots` concurrent batch slots. A request holds one slot for
+Continuous batching: the server has `slots` batch slots and, optionally, a KV-cache
+budget of `kv_tokens` tokens. A request holds one slot and `prompt + completion`
+tokens of KV for
 
-    time_scale * (overhead_s + prefill_s_per_token * prompt_tokens
-                  + decode_s_per_token * completion_tokens)
+    time_scale * (overhead_s + prefill_s_per_token * uncached_prompt_tokens
+                  + decode_s_per_token * completion_tokens * batch_factor)
 
-seconds; requests beyond `slots` wait in FIFO order. Everything runs on the
-event loop (one timer per sleeping request, one future per queued request), so
-thousands of concurrent requests are cheap. With `time_scale=0` nothing sleeps
-and requests are admitted at once (tests). Times are measured on the monotonic
-clock, i.e. real seconds: with `time_scale=1` they are the modelled seconds.
+seconds, where `batch_factor = 1 + decode_batch_slowdown * (running - 1) / slots` makes
+decoding mildly slower as the batch fills. Requests are admitted in FIFO order when a
+slot is free *and* their KV fits (a request larger than the whole budget runs alone);
+the others wait.
+
+Prefix cache (`prefix_cache_tokens > 0`): a request with a `prefix_key` (e.g. its task
+id) whose previous turn is cached pays prefill only for the new suffix; when it
+finishes, its `prompt + completion` tokens become the cached prefix for that key. The
+cache is LRU, bounded in tokens; `prefix_hit_rate()` reports hits / keyed requests.
+
+Everything runs on the event loop (one timer per running request, one future per
+waiting one), so thousands of concurrent requests are cheap. With `time_scale=0`
+nothing sleeps. Times are monotonic-clock seconds. `utilisation()` is busy slot-time /
+(slots x time since the first request).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,10 +42,10 @@ class LatencyConfig(BaseModel):
         default=64, ge=1, description="Concurrent batch slots; more requests queue FIFO."
     )
     prefill_s_per_token: float = Field(
-        default=0.0002, ge=0, description="Seconds per prompt token."
+        default=0.0002, ge=0, description="Seconds per (uncached) prompt token."
     )
     decode_s_per_token: float = Field(
-        default=0.004, ge=0, description="Seconds per completion token."
+        default=0.004, ge=0, description="Seconds per completion token, alone in the batch."
     )
     overhead_s: float = Field(
         default=0.0, ge=0, description="Fixed seconds added to every request."
@@ -43,10 +55,37 @@ class LatencyConfig(BaseModel):
         ge=0,
         description="Multiplies every service time; 0 disables sleeping entirely.",
     )
+    kv_tokens: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "KV-cache budget in tokens; a running request holds prompt+completion tokens. "
+            "0: unlimited (only slots bound the batch)."
+        ),
+    )
+    decode_batch_slowdown: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "Decode time grows by this fraction when the batch is full (linear in the "
+            "number of running requests); 0: decode cost independent of batch size."
+        ),
+    )
+    prefix_cache_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Prefix-cache capacity in tokens (LRU over prefix keys); 0: no cache.",
+    )
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future[None]
+    kv: int
 
 
 class GpuLatencyModel:
-    """Slots, a FIFO queue and per-token service times; see the module docstring."""
+    """Slots, a KV budget, a FIFO queue, a prefix cache; see the module docstring."""
 
     def __init__(self, config: LatencyConfig | None = None, **overrides: float) -> None:
         base = config or LatencyConfig()
@@ -54,68 +93,135 @@ class GpuLatencyModel:
             LatencyConfig.model_validate({**base.model_dump(), **overrides}) if overrides else base
         )
         self._free = self.config.slots
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._kv_used = 0
+        self._waiters: deque[_Waiter] = deque()
         self._requests = 0
         self._busy_done = 0.0  # slot-seconds of finished service
         self._epoch = time.monotonic()
         self._busy_starts = 0.0  # sum of the start times (since _epoch) of the services in flight
         self._in_flight = 0
         self._first: float | None = None
+        self._cache: OrderedDict[str, int] = OrderedDict()  # prefix key -> cached tokens
+        self._cache_used = 0
+        self._lookups = 0
+        self._hits = 0
+        self._keyed_prompt_tokens = 0
+        self._cached_prompt_tokens = 0
 
-    def service_time(self, prompt_tokens: int, completion_tokens: int) -> float:
+    def service_time(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, batch: int = 1
+    ) -> float:
         """Modelled seconds of one request, before `time_scale`."""
         c = self.config
+        uncached = max(prompt_tokens, 0) - min(max(cached_tokens, 0), max(prompt_tokens, 0))
+        factor = 1.0 + c.decode_batch_slowdown * max(batch - 1, 0) / c.slots
         return (
             c.overhead_s
-            + c.prefill_s_per_token * max(prompt_tokens, 0)
-            + c.decode_s_per_token * max(completion_tokens, 0)
+            + c.prefill_s_per_token * uncached
+            + c.decode_s_per_token * max(completion_tokens, 0) * factor
         )
 
-    async def run(self, prompt_tokens: int, completion_tokens: int) -> tuple[float, float]:
-        """Queue for a slot, hold it for the service time; (queue_s, service_s), measured."""
+    async def run(
+        self, prompt_tokens: int, completion_tokens: int, prefix_key: str | None = None
+    ) -> tuple[float, float]:
+        """Queue for a slot and KV, hold them for the service time; (queue_s, service_s)."""
         loop = asyncio.get_running_loop()
         arrived = time.monotonic()
         if self._first is None:
             self._first = arrived
         self._requests += 1
-        await self._acquire(loop)
+        kv = max(prompt_tokens, 0) + max(completion_tokens, 0) if self.config.kv_tokens else 0
+        await self._acquire(loop, kv)
         started = time.monotonic()
         self._in_flight += 1
         self._busy_starts += started - self._epoch
         try:
-            delay = self.service_time(prompt_tokens, completion_tokens) * self.config.time_scale
+            cached = self._lookup(prefix_key, prompt_tokens)
+            service = self.service_time(prompt_tokens, completion_tokens, cached, self._in_flight)
+            delay = service * self.config.time_scale
             if delay > 0:
                 await asyncio.sleep(delay)
+            self._remember(prefix_key, prompt_tokens + completion_tokens)
         finally:
             ended = time.monotonic()
             self._in_flight -= 1
             self._busy_starts -= started - self._epoch
             self._busy_done += ended - started
-            self._release()
+            self._release(kv)
         return started - arrived, ended - started
 
-    async def _acquire(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._free > 0 and not self._waiters:
+    # -- admission ------------------------------------------------------------------------
+
+    def _fits(self, kv: int) -> bool:
+        if self._free <= 0:
+            return False
+        budget = self.config.kv_tokens
+        return not budget or self._kv_used + kv <= budget or self._kv_used == 0
+
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, kv: int) -> None:
+        if not self._waiters and self._fits(kv):
             self._free -= 1
+            self._kv_used += kv
             return
-        waiter: asyncio.Future[None] = loop.create_future()
+        waiter = _Waiter(loop.create_future(), kv)
         self._waiters.append(waiter)
         try:
-            await waiter
+            await waiter.future
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release()  # the slot was handed over just as we were cancelled
+            if waiter.future.done() and not waiter.future.cancelled():
+                self._release(kv)  # admitted just as we were cancelled
             else:
                 self._waiters.remove(waiter)
+                self._admit()  # the head may have been blocking others
             raise
 
-    def _release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # hand the slot straight to the next in line
-                return
+    def _release(self, kv: int) -> None:
         self._free += 1
+        self._kv_used -= kv
+        self._admit()
+
+    def _admit(self) -> None:
+        """Admit waiters in FIFO order while the head fits."""
+        while self._waiters:
+            head = self._waiters[0]
+            if head.future.done():
+                self._waiters.popleft()
+                continue
+            if not self._fits(head.kv):
+                return
+            self._waiters.popleft()
+            self._free -= 1
+            self._kv_used += head.kv
+            head.future.set_result(None)
+
+    # -- prefix cache ---------------------------------------------------------------------
+
+    def _lookup(self, key: str | None, prompt_tokens: int) -> int:
+        if key is None or not self.config.prefix_cache_tokens:
+            return 0
+        self._lookups += 1
+        self._keyed_prompt_tokens += max(prompt_tokens, 0)
+        cached = self._cache.get(key, 0)
+        if cached:
+            self._cache.move_to_end(key)
+            hit = min(cached, max(prompt_tokens, 0))
+            if hit:
+                self._hits += 1
+                self._cached_prompt_tokens += hit
+            return hit
+        return 0
+
+    def _remember(self, key: str | None, tokens: int) -> None:
+        capacity = self.config.prefix_cache_tokens
+        if key is None or not capacity or tokens > capacity:
+            return
+        self._cache_used += tokens - self._cache.pop(key, 0)
+        self._cache[key] = tokens
+        while self._cache_used > capacity:
+            _, evicted = self._cache.popitem(last=False)
+            self._cache_used -= evicted
+
+    # -- figures --------------------------------------------------------------------------
 
     @property
     def in_flight(self) -> int:
@@ -124,13 +230,33 @@ class GpuLatencyModel:
 
     @property
     def queued(self) -> int:
-        """Requests waiting for a slot."""
-        return sum(1 for w in self._waiters if not w.done())
+        """Requests waiting for a slot or KV."""
+        return sum(1 for w in self._waiters if not w.future.done())
 
     @property
     def requests(self) -> int:
         """Requests received since start."""
         return self._requests
+
+    @property
+    def kv_in_use(self) -> int:
+        """KV tokens held by running requests (0 when no budget is configured)."""
+        return self._kv_used
+
+    @property
+    def prefix_cached_tokens(self) -> int:
+        """Tokens held by the prefix cache."""
+        return self._cache_used
+
+    def prefix_hit_rate(self) -> float:
+        """Keyed requests that found a cached prefix / keyed requests (0 without any)."""
+        return self._hits / self._lookups if self._lookups else 0.0
+
+    def prefix_token_hit_rate(self) -> float:
+        """Prompt tokens served from the cache / prompt tokens of keyed requests."""
+        if not self._keyed_prompt_tokens:
+            return 0.0
+        return self._cached_prompt_tokens / self._keyed_prompt_tokens
 
     def utilisation(self) -> float:
         """Busy slot-seconds / (slots x seconds since the first request), in [0, 1]."""

@@ -1,77 +1,420 @@
-"""The Model Service: chat completions from named backends.
+"""The Model Service: chat completions from routed, health-checked, versioned replicas.
 
-Holds one backend per model name (`megaflow.model.backend.ModelBackend`) and answers
-the `ModelService` contract. Replicas, routing and hot-swapped versions build on this
-(one name → several backends) in later work.
+Each model name is a `ModelPool` (`megaflow.model.versions`) of replicas, each wrapping
+one `ModelBackend`. `ModelServiceImpl([backend, ...])` makes one single-replica pool per
+backend (the embedded mode and CLI); `add_replica` adds more, `deploy_version` hot-swaps
+a model to a new version (also over gRPC as `UpdateWeights`).
+
+A `generate` call:
+
+    1. validate; admit under the client's rate limits (wait if the wait fits the
+       deadline, else `CapacityError`)
+    2. route (`megaflow.model.router`, a pure policy); if every healthy replica is
+       saturated, wait in the model's bounded queue (`CapacityError` past the bound
+       or the deadline)
+    3. dispatch; on a retryable error, count a failure against the replica and retry on
+       ANOTHER replica within the deadline; once every replica has failed the request
+       (`retry_rounds` times over, after a backoff), raise the last (retryable) error, so
+       the caller's own retry policy takes over; `InvalidRequestError` and other final
+       errors are raised at once
+    4. tag the response with the `replica` and `model_version` that served it
 """
 
 from __future__ import annotations
 
-from megaflow.core.errors import InvalidRequestError, NotFoundError
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from megaflow.core.errors import (
+    CapacityError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    MegaFlowError,
+    ModelUnavailableError,
+    NotFoundError,
+)
+from megaflow.model.admission import (
+    ModelServiceConfig,
+    client_key,
+    estimate_tokens,
+    validate_generate,
+)
 from megaflow.model.backend import ModelBackend
+from megaflow.model.factory import backend_from_spec, spec_of
+from megaflow.model.latency import LatencyConfig
+from megaflow.model.ratelimit import RateLimiter
+from megaflow.model.replicas import Replica, ReplicaState
+from megaflow.model.router import Router
+from megaflow.model.versions import ModelPool, SwapReport, hot_swap
 from megaflow.v1 import common_pb2, model_pb2
 
-_ROLES = {"system", "user", "assistant", "tool"}
+log = logging.getLogger(__name__)
 
+BackendFactory = Callable[..., ModelBackend]
 
-def validate_generate(request: model_pb2.GenerateRequest) -> None:
-    """Reject malformed chats with a clear error before they reach a backend."""
-    if not request.messages:
-        raise InvalidRequestError("GenerateRequest.messages is empty")
-    for i, message in enumerate(request.messages):
-        if message.role not in _ROLES:
-            raise InvalidRequestError(
-                f"GenerateRequest.messages[{i}].role is {message.role!r}; "
-                f"expected one of {sorted(_ROLES)}"
-            )
-        if message.role == "tool" and not message.tool_call_id:
-            raise InvalidRequestError(
-                f"GenerateRequest.messages[{i}] is a tool result without tool_call_id"
-            )
-    if request.temperature < 0:
-        raise InvalidRequestError("GenerateRequest.temperature must be >= 0")
+__all__ = [
+    "BackendFactory",
+    "ModelServiceConfig",
+    "ModelServiceImpl",
+    "client_key",
+    "estimate_tokens",
+    "validate_generate",
+]
 
 
 class ModelServiceImpl:
-    """Serves `GenerateRequest`s from the backend named by `request.model`."""
+    """Serves `GenerateRequest`s from the replicas of the model named by `request.model`."""
 
-    def __init__(self, backends: list[ModelBackend], default: str | None = None) -> None:
+    def __init__(
+        self,
+        backends: Sequence[ModelBackend],
+        default: str | None = None,
+        config: ModelServiceConfig | None = None,
+        *,
+        backend_factory: BackendFactory = backend_from_spec,
+    ) -> None:
         if not backends:
             raise ValueError("a Model Service needs at least one backend")
-        self._backends = {b.name: b for b in backends}
+        self.config = config or ModelServiceConfig()
+        self._factory = backend_factory
+        self._pools: dict[str, ModelPool] = {}
+        self._routers: dict[str, Router] = {}
+        self._limiter = RateLimiter(self.config.rate_limit)
+        self._health_task: asyncio.Task[None] | None = None
+        self._probes_needed = False  # only non-simulated replicas need periodic probes
+        self._closed = False
+        for backend in backends:
+            self.add_replica(backend)
         self.default = default or backends[0].name
-        if self.default not in self._backends:
+        if self.default not in self._pools:
             raise ValueError(f"default model {self.default!r} is not among the backends")
 
+    # -- replicas -------------------------------------------------------------------------
+
+    def add_replica(
+        self, backend: ModelBackend, *, model: str | None = None, capacity: int | None = None
+    ) -> Replica:
+        """Serve `model` (default: `backend.name`) from one more replica, at once."""
+        name = model or backend.name
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = ModelPool(name)
+            self._routers[name] = Router(
+                self.config.route_policy, sticky=self.config.sticky, seed=self.config.seed
+            )
+        replica = pool.new_replica(
+            backend, pool.version, capacity or self.config.replica_capacity, ReplicaState.ACTIVE
+        )
+        pool.add(replica)
+        self._probes_needed |= backend.kind != "simulated"
+        spec = spec_of(backend)
+        if spec is not None and spec not in pool.specs:
+            pool.specs.append(spec)
+        self._ensure_health_task()
+        return replica
+
+    def _pool(self, name: str) -> ModelPool:
+        pool = self._pools.get(name or self.default)
+        if pool is None:
+            raise NotFoundError(f"no model named {name!r}; known: {sorted(self._pools)}")
+        return pool
+
+    def replicas(self, model: str = "") -> list[Replica]:
+        """The live replicas of one model (or of all), in routing order."""
+        pools = [self._pool(model)] if model else list(self._pools.values())
+        return [r for pool in pools for r in pool.replicas]
+
     def backend(self, name: str) -> ModelBackend:
-        backend = self._backends.get(name or self.default)
-        if backend is None:
-            raise NotFoundError(f"no model named {name!r}; known: {sorted(self._backends)}")
-        return backend
+        """The backend of a model's first active replica (single-replica callers)."""
+        pool = self._pool(name)
+        active = pool.active()
+        if not active:
+            raise ModelUnavailableError(f"model {pool.name!r} has no active replica")
+        return active[0].backend
+
+    # -- generate -------------------------------------------------------------------------
 
     async def generate(self, request: model_pb2.GenerateRequest) -> model_pb2.GenerateResponse:
         validate_generate(request)
-        return await self.backend(request.model).generate(request)
+        pool = self._pool(request.model)
+        self._ensure_health_task()
+        started = time.monotonic()
+        deadline = started + self.config.deadline_s
+        tokens = estimate_tokens(request)
+        client = client_key(request)
+        wait = self._limiter.reserve(client, tokens, started, deadline - started)
+        if wait is None:
+            raise CapacityError(f"client {client!r} is over its rate limit; retry later")
+        if wait > 0:
+            await asyncio.sleep(wait)
+        tried: set[str] = set()
+        backoff = self.config.retry_backoff_s
+        rounds = 0
+        last: MegaFlowError | None = None
+        while True:
+            replica = await self._acquire(pool, request.task_id, tokens, tried, deadline, last)
+            if replica is None:  # every replica failed this request
+                rounds += 1
+                if rounds >= self.config.retry_rounds and last is not None:
+                    raise last  # retryable: the caller (agent, scheduler) decides what next
+                tried.clear()  # pause, then another round over all replicas
+                await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0.0)))
+                backoff = min(backoff * 2, 1.0)
+                continue
+            replica.begin(tokens)
+            try:
+                async with asyncio.timeout_at(_loop_time(deadline)) as scope:
+                    response = await replica.backend.generate(request)
+            except MegaFlowError as error:
+                if not error.retryable:
+                    raise
+                last = error
+                tried.add(replica.id)
+                if replica.record(False, self.config.health):
+                    pool.wake_all()
+                log.info("replica %s failed a request (%s); retrying elsewhere", replica.id, error)
+                continue
+            except TimeoutError as error:
+                if scope.expired():
+                    raise DeadlineExceededError(
+                        f"model {pool.name!r}: no answer within {self.config.deadline_s:g}s"
+                        + (f" (last error: {last})" if last else "")
+                    ) from error
+                raise
+            finally:
+                replica.end(tokens)
+                pool.wake_one()
+            replica.record(True, self.config.health)
+            response.replica = replica.id
+            response.model_version = replica.version or response.model_version
+            if response.completion_tokens:
+                self._limiter.charge(client, response.completion_tokens, time.monotonic())
+            response.latency_s = max(response.latency_s, time.monotonic() - started)
+            return response
+
+    async def _acquire(
+        self,
+        pool: ModelPool,
+        task_id: str,
+        tokens: int,
+        tried: set[str],
+        deadline: float,
+        last: MegaFlowError | None,
+    ) -> Replica | None:
+        """A replica to send to, after waiting for capacity; None if all were tried."""
+        router = self._routers[pool.name]
+        woken = False
+        while True:
+            if time.monotonic() >= deadline:
+                if last is not None:
+                    raise last
+                raise CapacityError(f"model {pool.name!r}: no capacity within the deadline")
+            route = router.choose(pool.views(), task_id=task_id, tokens=tokens, exclude=tried)
+            if route.replica is not None:
+                return pool.get(route.replica)
+            if route.reason == "unavailable":
+                if tried:
+                    return None
+                raise ModelUnavailableError(f"model {pool.name!r} has no active replica")
+            if len(pool.waiters) >= self.config.max_queue and not woken:
+                raise CapacityError(
+                    f"model {pool.name!r}: every replica is saturated and "
+                    f"{len(pool.waiters)} requests are already queued"
+                )
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if woken:
+                pool.waiters.appendleft(waiter)  # keep its place in line
+            else:
+                pool.waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    await waiter
+            except TimeoutError:
+                if last is not None:
+                    raise last from None
+                raise CapacityError(
+                    f"model {pool.name!r}: every replica stayed saturated until the deadline"
+                ) from None
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    pool.waiters.remove(waiter)
+            woken = True
+
+    # -- versions -------------------------------------------------------------------------
+
+    async def deploy_version(
+        self,
+        model: str,
+        version: str,
+        backends: Sequence[ModelBackend],
+        *,
+        capacity: int | None = None,
+        drain_timeout_s: float | None = None,
+        specs: Sequence[str] = (),
+    ) -> SwapReport:
+        """Hot-swap `model` to `version` served by `backends` (warm, shift, drain, retire)."""
+        if not version:
+            raise InvalidRequestError("deploy_version needs a version tag")
+        if not backends:
+            raise InvalidRequestError("deploy_version needs at least one backend")
+        name = model or self.default
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = ModelPool(name)
+            self._routers[name] = Router(
+                self.config.route_policy, sticky=self.config.sticky, seed=self.config.seed
+            )
+        if not specs:
+            specs = [s for s in (spec_of(b) for b in backends) if s is not None]
+        self._probes_needed |= any(b.kind != "simulated" for b in backends)
+        report = await hot_swap(
+            pool,
+            version,
+            backends,
+            capacity=capacity or self.config.replica_capacity,
+            health=self.config.health,
+            warm_timeout_s=self.config.warm_timeout_s,
+            drain_timeout_s=drain_timeout_s or self.config.drain_timeout_s,
+            specs=specs,
+        )
+        self._ensure_health_task()
+        return report
+
+    async def update_weights(
+        self, request: model_pb2.UpdateWeightsRequest
+    ) -> model_pb2.UpdateWeightsResponse:
+        """The trainer-facing hot swap: build the new version's backends from specs."""
+        pool = self._pool(request.model)
+        if not request.version:
+            raise InvalidRequestError("UpdateWeightsRequest.version is required")
+        specs = list(request.backend_specs) or list(pool.specs)
+        if not specs:
+            raise InvalidRequestError(
+                f"model {pool.name!r}: no backend_specs given and none known to reuse"
+            )
+        template = pool.active()[0].backend if pool.active() else None
+        latency = getattr(getattr(template, "latency", None), "config", None)
+        backends = []
+        for spec in specs:
+            for _ in range(max(request.replicas, 1)):
+                kwargs: dict[str, object] = {"name": pool.name, "version": request.version}
+                if spec == "simulated" and isinstance(latency, LatencyConfig):
+                    kwargs["latency"] = latency
+                if request.checkpoint:
+                    kwargs["checkpoint"] = request.checkpoint
+                backends.append(self._factory(spec, **kwargs))
+        report = await self.deploy_version(
+            pool.name,
+            request.version,
+            backends,
+            drain_timeout_s=request.drain_timeout_s or None,
+            specs=specs,
+        )
+        return model_pb2.UpdateWeightsResponse(
+            model=report.model,
+            version=report.version,
+            previous_version=report.previous_version,
+            replicas=list(report.replicas),
+            retired=list(report.retired),
+            swap_s=report.swap_s,
+        )
+
+    # -- health ---------------------------------------------------------------------------
+
+    def _ensure_health_task(self) -> None:
+        """Start periodic probes once a replica needs them (simulated ones do not)."""
+        if self._health_task is not None or self._closed:
+            return
+        if not self._probes_needed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # constructed outside a loop: started by start() or the first request
+        self._health_task = loop.create_task(self._health_loop(), name="model-health")
+
+    async def _health_loop(self) -> None:
+        health = self.config.health
+        while True:
+            await asyncio.sleep(health.interval_s)
+            try:
+                await self.check_health()
+            except Exception:  # keep probing: a bad round must not end health checks
+                log.exception("health check round failed")
+
+    async def check_health(self) -> None:
+        """Probe every active replica once; wake queued requests if any came back."""
+        for pool in list(self._pools.values()):
+            active = pool.active()
+            results = await asyncio.gather(*(r.probe(self.config.health.timeout_s) for r in active))
+            changed = [
+                r.record(ok, self.config.health) for r, ok in zip(active, results, strict=True)
+            ]
+            if any(changed):
+                pool.wake_all()
+
+    # -- the rest of the contract -----------------------------------------------------------
 
     async def list_models(
         self, request: model_pb2.ListModelsRequest
     ) -> model_pb2.ListModelsResponse:
-        return model_pb2.ListModelsResponse(
-            models=[
-                model_pb2.ModelInfo(name=b.name, version=b.version, backend=b.kind)
-                for b in self._backends.values()
-            ]
+        models = []
+        for pool in self._pools.values():
+            active = pool.active()
+            kind = active[0].backend.kind if active else ""
+            models.append(
+                model_pb2.ModelInfo(name=pool.name, version=pool.current_version(), backend=kind)
+            )
+        return model_pb2.ListModelsResponse(models=models)
+
+    async def list_replicas(
+        self, request: model_pb2.ListReplicasRequest
+    ) -> model_pb2.ListReplicasResponse:
+        return model_pb2.ListReplicasResponse(
+            replicas=[r.info() for r in self.replicas(request.model)]
         )
 
     async def health(self, request: common_pb2.HealthRequest) -> common_pb2.HealthResponse:
-        return common_pb2.HealthResponse(ok=True, detail=f"{len(self._backends)} model(s)")
+        replicas = self.replicas()
+        healthy = sum(1 for r in replicas if r.accepting and r.healthy)
+        return common_pb2.HealthResponse(
+            ok=healthy > 0,
+            detail=f"{len(self._pools)} model(s), {healthy}/{len(replicas)} replica(s) healthy",
+        )
 
     def stats(self) -> dict[str, model_pb2.ModelStats]:
-        return {name: b.stats() for name, b in self._backends.items()}
+        """Per model: mean utilisation and summed load over its active replicas."""
+        out = {}
+        for name, pool in self._pools.items():
+            stats = [r.backend.stats() for r in pool.active()]
+            out[name] = model_pb2.ModelStats(
+                utilisation=sum(s.utilisation for s in stats) / len(stats) if stats else 0.0,
+                in_flight=sum(s.in_flight for s in stats),
+                queued=sum(s.queued for s in stats) + len(pool.waiters),
+                requests=sum(s.requests for s in stats),
+            )
+        return out
 
     async def start(self) -> None:
-        return None
+        self._ensure_health_task()
 
     async def stop(self, grace_s: float = 0.0) -> None:
-        for backend in self._backends.values():
-            await backend.close()
+        self._closed = True
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for pool in self._pools.values():
+            pool.wake_all()
+            await asyncio.gather(*(r.close() for r in pool.replicas))
+
+
+def _loop_time(deadline: float) -> float:
+    """A `time.monotonic()` deadline on the event loop's clock."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())

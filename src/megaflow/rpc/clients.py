@@ -98,6 +98,18 @@ class ModelServiceClient(GrpcClient):
     ) -> model_pb2.ListModelsResponse:
         return await self._unary("ListModels", request, model_pb2.ListModelsResponse, timeout_s)
 
+    async def update_weights(
+        self, request: model_pb2.UpdateWeightsRequest, timeout_s: float | None = None
+    ) -> model_pb2.UpdateWeightsResponse:
+        return await self._unary(
+            "UpdateWeights", request, model_pb2.UpdateWeightsResponse, timeout_s
+        )
+
+    async def list_replicas(
+        self, request: model_pb2.ListReplicasRequest, timeout_s: float | None = None
+    ) -> model_pb2.ListReplicasResponse:
+        return await self._unary("ListReplicas", request, model_pb2.ListReplicasResponse, timeout_s)
+
 
 class EnvironmentServiceClient(GrpcClient):
     kind = "env"
