@@ -7,11 +7,12 @@ import asyncio
 import json
 import logging
 
-from bench import e2e_bench, env_bench, model_bench, scale_bench
+from bench import e2e_bench, env_bench, gateway_bench, model_bench, scale_bench
 
 BENCHES = {
     "env": env_bench.run,
     "model": model_bench.run,
+    "gateway": gateway_bench.run,
     "e2e": e2e_bench.run,
     "scale": scale_bench.run,
 }

@@ -146,6 +146,10 @@ class ToolAgent:
             turn.model_version = response.model_version
             turn.prompt_tokens = response.prompt_tokens
             turn.completion_tokens = response.completion_tokens
+            turn.prompt_token_ids.extend(response.prompt_token_ids)
+            turn.completion_token_ids.extend(response.completion_token_ids)
+            turn.completion_logprobs.extend(response.completion_logprobs)
+            turn.replica = response.replica
             self.result.prompt_tokens += response.prompt_tokens
             self.result.completion_tokens += response.completion_tokens
             messages.append(response.message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -12,7 +13,9 @@ from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.processes import serve
 from megaflow.deploy.run import RunSummary, run_batch
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.model.backend import ModelBackend
 from megaflow.model.factory import backend_from_spec
+from megaflow.model.gateway import Gateway
 from megaflow.model.latency import LatencyConfig
 from megaflow.model.service import ModelServiceImpl
 from megaflow.rpc.clients import SchedulerServiceClient
@@ -86,13 +89,25 @@ async def serve_model_command(
     seed: int,
     time_scale: float,
     capacity: int,
+    openai_listen: str | None = None,
 ) -> None:
-    backend = backend_from_spec(
-        model, success_rate=success_rate, seed=seed, latency=LatencyConfig(time_scale=time_scale)
-    )
-    await serve(
-        "model", ModelServiceImpl([backend]), listen=listen, scheduler=scheduler, capacity=capacity
-    )
+    latency = LatencyConfig(time_scale=time_scale)
+    backend = backend_from_spec(model, success_rate=success_rate, seed=seed, latency=latency)
+
+    def factory(spec: str, **kwargs: Any) -> ModelBackend:  # new versions keep the CLI's settings
+        kwargs.setdefault("success_rate", success_rate)
+        kwargs.setdefault("seed", seed)
+        kwargs.setdefault("latency", latency)
+        return backend_from_spec(spec, **kwargs)
+
+    service = ModelServiceImpl([backend], backend_factory=factory)
+    if not openai_listen:
+        await serve("model", service, listen=listen, scheduler=scheduler, capacity=capacity)
+        return
+    host, _, port = openai_listen.rpartition(":")
+    async with Gateway(service, host=host or "127.0.0.1", port=int(port)) as gateway:
+        print(f"megaflow openai-gateway ready on {gateway.base_url}", flush=True)
+        await serve("model", service, listen=listen, scheduler=scheduler, capacity=capacity)
 
 
 async def serve_agent_command(listen: str, scheduler: str, capacity: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from megaflow.core.errors import InvalidRequestError
 from megaflow.model.backend import ModelBackend
 from megaflow.model.latency import GpuLatencyModel, LatencyConfig
@@ -24,7 +26,8 @@ def backend_from_spec(
     `openai:http://host:port[#model]` → an OpenAI-compatible server.
 
     `name` and `version` override the backend's own (how a hot swap tags a new version);
-    `checkpoint` is for backends that load weights (neither of these does: ignored).
+    `transformers:/path` → a local Hugging Face model (needs the `transformers` extra);
+    `checkpoint` (with a `transformers:` spec) replaces the path: new weights for a hot swap.
     """
     if spec == "simulated":
         return SimulatedBackend(
@@ -48,7 +51,21 @@ def backend_from_spec(
                 request_timeout_s=request_timeout_s,
             )
         )
-    raise InvalidRequestError(f"unknown model spec {spec!r}: use 'simulated' or 'openai:URL'")
+    if spec.startswith("transformers:"):
+        from megaflow.model.transformers_backend import (  # torch is imported only here
+            TransformersBackend,
+            TransformersBackendConfig,
+        )
+
+        path = checkpoint or spec.removeprefix("transformers:")
+        if not path:
+            raise InvalidRequestError(f"model spec {spec!r}: expected transformers:/path/to/model")
+        return TransformersBackend(
+            TransformersBackendConfig(path=Path(path), name=name or "", version=version or "")
+        )
+    raise InvalidRequestError(
+        f"unknown model spec {spec!r}: use 'simulated', 'openai:URL' or 'transformers:PATH'"
+    )
 
 
 def spec_of(backend: ModelBackend) -> str | None:

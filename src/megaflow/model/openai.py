@@ -15,6 +15,11 @@ Errors (see `megaflow.core.errors`):
                                                 the upstream's own error message
     a `ToolSpec` whose schema is not JSON       InvalidRequestError (final)
 
+Token fidelity: each request asks for `logprobs` (config `request_logprobs`) and, with
+`request_token_ids`, for vLLM's token-id extensions; `prompt_token_ids`,
+`completion_token_ids` and `completion_logprobs` are filled from whatever the upstream
+returns (see `_completion_tokens`) and left empty otherwise.
+
 A request that runs past its deadline raises `ModelUnavailableError` (not
 `DeadlineExceededError`): the upstream is too slow or stuck, which is a backend
 failure that a retry (perhaps on another replica) can fix; `DeadlineExceededError`
@@ -118,6 +123,21 @@ class OpenAIBackendConfig(BaseModel):
     version: str = Field(
         default="upstream",
         description="Reported as `model_version` in every response (e.g. a checkpoint tag).",
+    )
+    request_logprobs: bool = Field(
+        default=True,
+        description=(
+            "Send `logprobs: true, top_logprobs: 0` and keep each completion token's logprob. "
+            "Turn off for an upstream that rejects the parameter."
+        ),
+    )
+    request_token_ids: bool = Field(
+        default=False,
+        description=(
+            "Ask for token ids the vLLM way (`return_token_ids`, `return_tokens_as_token_ids`; "
+            "vLLM >= 0.10.2, MegaFlow's gateway). Off by default: hosted APIs reject unknown "
+            "parameters."
+        ),
     )
 
     @field_validator("base_url")
@@ -302,6 +322,38 @@ def _token_count(usage: Any, key: str) -> int:
         return 0
 
 
+def _int_list(raw: Any) -> list[int]:
+    """A list of non-negative token ids, or [] if `raw` is anything else."""
+    if not isinstance(raw, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in raw
+    ):
+        return []
+    return list(raw)
+
+
+def _completion_tokens(choice: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """Completion token ids and logprobs from whichever fields the upstream filled.
+
+    Ids: the choice's `token_ids` (vLLM `return_token_ids`), else the `token_id:<id>`
+    token names of `logprobs.content` (vLLM `return_tokens_as_token_ids`, MegaFlow's
+    gateway). Logprobs: `logprobs.content[].logprob`. Either is [] when absent.
+    """
+    ids = _int_list(choice.get("token_ids"))
+    logprobs: list[float] = []
+    block = choice.get("logprobs")
+    content = block.get("content") if isinstance(block, dict) else None
+    if isinstance(content, list) and all(isinstance(e, dict) for e in content):
+        values = [e.get("logprob") for e in content]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            logprobs = [float(v) for v in values]  # type: ignore[arg-type]
+        if not ids:
+            names = [str(e.get("token", "")) for e in content]
+            if names and all(n.startswith("token_id:") for n in names):
+                ids = _int_list([int(n[9:]) for n in names if n[9:].isdigit()])
+                ids = ids if len(ids) == len(names) else []
+    return ids, logprobs
+
+
 class OpenAIBackend:
     """A `ModelBackend` that forwards each chat to an OpenAI-compatible server."""
 
@@ -386,6 +438,12 @@ class OpenAIBackend:
             body["tools"] = [_tool_to_openai(t) for t in request.tools]
         if request.max_tokens:
             body["max_tokens"] = request.max_tokens
+        if self.config.request_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = 0
+        if self.config.request_token_ids:
+            body["return_token_ids"] = True
+            body["return_tokens_as_token_ids"] = True
         return json.dumps(body).encode()
 
     def _parse(self, data: Any) -> model_pb2.GenerateResponse:
@@ -407,7 +465,11 @@ class OpenAIBackend:
         elif not isinstance(content, str):  # e.g. a list of content parts
             content = json.dumps(content)
         usage = data.get("usage")
+        completion_ids, logprobs = _completion_tokens(choice)
         return model_pb2.GenerateResponse(
+            prompt_token_ids=_int_list(data.get("prompt_token_ids")),
+            completion_token_ids=completion_ids,
+            completion_logprobs=logprobs,
             message=common_pb2.ChatMessage(
                 role=str(message.get("role") or "assistant"),
                 content=content,

@@ -14,7 +14,10 @@ unexpected (an unreadable file, no buggy line, a failed edit) leads to a bounded
 fallback and, at worst, `submit`: the policy never loops.
 
 `SimulatedBackend` implements `ModelBackend` with the policy and a
-`GpuLatencyModel` (`megaflow.model.latency`).
+`GpuLatencyModel` (`megaflow.model.latency`). It fills the token-fidelity fields from
+a simulated tokenizer (`simulated_encode`: 4 UTF-8 bytes a token, reversible by
+`simulated_decode`); the completion's token stream is the message content followed
+by each tool call's name and arguments, and its logprobs are deterministic stand-ins.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import hashlib
 import json
 import re
 import shlex
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +38,14 @@ from megaflow.tasks.catalogue import locate_bug
 from megaflow.tasks.swe_synth import VISIBLE_TEST_COMMAND, parse_problem_statement
 from megaflow.v1 import common_pb2, model_pb2
 
-__all__ = ["GpuLatencyModel", "LatencyConfig", "SimulatedBackend", "SimulatedPolicy"]
+__all__ = [
+    "GpuLatencyModel",
+    "LatencyConfig",
+    "SimulatedBackend",
+    "SimulatedPolicy",
+    "simulated_decode",
+    "simulated_encode",
+]
 
 MAX_ACTIONS = 10  # past this many tool calls the policy always submits
 _PY_PATH = re.compile(r"^\.?/?([\w./-]+\.py):")
@@ -207,9 +218,29 @@ def _first_py_path(output: str) -> str | None:
     return None
 
 
+def simulated_encode(text: str) -> list[int]:
+    """The simulated tokenizer: each 4 bytes of UTF-8 are one token, its id their
+    little-endian value (the last token zero-padded). Reversible, deterministic, cheap;
+    it only stands in for a real tokenizer and says nothing about any real model."""
+    data = text.encode()
+    data += b"\0" * (-len(data) % 4)
+    return memoryview(data).cast("I").tolist() if data else [0]
+
+
+def simulated_decode(ids: list[int]) -> str:
+    """The text `simulated_encode` made `ids` from."""
+    data = array("I", ids).tobytes() if ids else b""
+    return data.rstrip(b"\0").decode(errors="replace")
+
+
+def simulated_logprobs(ids: list[int]) -> list[float]:
+    """A deterministic pseudo log-probability in (-4, 0] per simulated token."""
+    return [-((i * 2654435761) % 1000) / 250.0 for i in ids]
+
+
 def count_tokens(text: str) -> int:
-    """A rough token count: four characters a token, at least one."""
-    return max(1, len(text) // 4)
+    """How many simulated tokens `text` is: one per 4 UTF-8 bytes, at least one."""
+    return max(1, -(-len(text.encode()) // 4))
 
 
 def _message_text(message: common_pb2.ChatMessage) -> str:
@@ -257,8 +288,9 @@ class SimulatedBackend:
             message = self.policy.next_message(task_id, request.messages)
         except Exception as error:  # a policy bug must not pass for a task failure
             raise ModelUnavailableError(f"simulated policy failed: {error}") from error
-        prompt_tokens = count_tokens("".join(_message_text(m) for m in request.messages))
-        completion_tokens = count_tokens(_message_text(message))
+        prompt_ids = simulated_encode("".join(_message_text(m) for m in request.messages))
+        completion_ids = simulated_encode(_message_text(message))
+        prompt_tokens, completion_tokens = len(prompt_ids), len(completion_ids)
         queue_s, service_s = await self.latency.run(prompt_tokens, completion_tokens)
         return model_pb2.GenerateResponse(
             message=message,
@@ -269,6 +301,9 @@ class SimulatedBackend:
             finish_reason="tool_calls",
             queue_s=queue_s,
             latency_s=queue_s + service_s,
+            prompt_token_ids=prompt_ids,
+            completion_token_ids=completion_ids,
+            completion_logprobs=simulated_logprobs(completion_ids),
         )
 
     def stats(self) -> model_pb2.ModelStats:

@@ -1,0 +1,368 @@
+"""An OpenAI-compatible HTTP gateway in front of the Model Service (aiohttp.web).
+
+Unmodified agent frameworks point their OpenAI client at `gateway.base_url` and get
+MegaFlow's models, with every call tied to a task and its token ids recorded:
+
+    POST /v1/chat/completions   chats, tools and tool_calls both ways; `stream: true`
+                                answers with SSE chunks ending in `data: [DONE]`
+    POST /v1/completions        the prompt is sent as a single user message
+    GET  /v1/models             the Model Service's models
+    GET  /v1/megaflow/trajectories/{task_id}
+                                the recorded turns of a task, as the JSON form of a
+                                `megaflow.v1.Trajectory` (token ids, logprobs, replica)
+    DELETE /v1/megaflow/trajectories/{task_id}
+                                forget them
+    GET  /health
+
+Which task a call belongs to: the `X-MegaFlow-Task: <task id>` header, else
+`Authorization: Bearer <key>` with a key from `issue_key(task_id)`. A call with
+neither (or an unknown key) is served but not recorded, unless `require_key` is set,
+when it gets 401. Only calls tied to a task are recorded; the gateway keeps the
+`max_recorded_tasks` most recently used tasks.
+
+Errors are OpenAI-style JSON, `{"error": {"message", "type", "code", "param"}}`:
+400 malformed request, 401 missing key, 404 unknown model or route, 413 body too
+large, 429 no capacity (the gateway's own `max_in_flight` or a `CapacityError`), 503
+model unavailable, 504 no answer within `request_timeout_s`, 500 a bug.
+
+HTTP is aiohttp on both sides (design.md §5: httpx collapses under fan-out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+from google.protobuf import json_format
+from pydantic import BaseModel, ConfigDict, Field
+
+from megaflow.contract import ModelService
+from megaflow.core.errors import (
+    CancelledTaskError,
+    CapacityError,
+    DeadlineExceededError,
+    InfrastructureError,
+    InvalidRequestError,
+    MegaFlowError,
+    NotFoundError,
+)
+from megaflow.model import gateway_codec as codec
+from megaflow.v1 import common_pb2, model_pb2
+
+__all__ = ["TASK_HEADER", "Gateway", "GatewayConfig"]
+
+log = logging.getLogger(__name__)
+
+TASK_HEADER = "X-MegaFlow-Task"
+
+
+class GatewayConfig(BaseModel):
+    """Limits and policy of the gateway."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    request_timeout_s: float = Field(
+        default=300.0, gt=0, description="Deadline of one model call through the gateway."
+    )
+    max_in_flight: int = Field(
+        default=4096, ge=1, description="Concurrent model calls; more are answered 429."
+    )
+    max_body_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="Largest request body accepted."
+    )
+    require_key: bool = Field(
+        default=False, description="Answer 401 to calls not tied to a task by key or header."
+    )
+    max_recorded_tasks: int = Field(
+        default=10_000, ge=1, description="Tasks whose trajectories are kept (LRU)."
+    )
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, kind: str, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.code = status, kind, code
+
+
+def _error_response(status: int, kind: str, message: str, code: str | None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "code": code, "param": None}}
+    return web.json_response(body, status=status)
+
+
+def _classify(error: BaseException) -> tuple[int, str, str | None]:
+    if isinstance(error, InvalidRequestError):
+        return 400, "invalid_request_error", None
+    if isinstance(error, NotFoundError):
+        return 404, "not_found_error", "model_not_found"
+    if isinstance(error, CapacityError):
+        return 429, "rate_limit_error", "capacity"
+    if isinstance(error, DeadlineExceededError | TimeoutError):
+        return 504, "timeout_error", "timeout"
+    if isinstance(error, CancelledTaskError):
+        return 409, "cancelled_error", "task_cancelled"
+    if isinstance(error, InfrastructureError):
+        return 503, "service_unavailable_error", "model_unavailable"
+    return 500, "internal_error", None
+
+
+class Gateway:
+    """Serves the OpenAI API over `model_service`. `async with Gateway(svc) as gw: ...`"""
+
+    def __init__(
+        self,
+        model_service: ModelService,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        config: GatewayConfig | None = None,
+    ) -> None:
+        self.model_service = model_service
+        self.host = host
+        self.port = port
+        self.config = config or GatewayConfig()
+        self._keys: dict[str, str] = {}
+        self._trajectories: OrderedDict[str, common_pb2.Trajectory] = OrderedDict()
+        self._in_flight = 0
+        self._runner: web.AppRunner | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """`http://host:port` once started."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def in_flight(self) -> int:
+        """Model calls the gateway is waiting on now."""
+        return self._in_flight
+
+    @property
+    def base_url(self) -> str:
+        """What to give an OpenAI client as `base_url`."""
+        return self.url + "/v1"
+
+    def app(self) -> web.Application:
+        """The aiohttp application (routes only; `start()` serves it)."""
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app.router.add_post("/v1/chat/completions", self._wrap(self._chat))
+        app.router.add_post("/v1/completions", self._wrap(self._completions))
+        app.router.add_get("/v1/models", self._wrap(self._models))
+        path = "/v1/megaflow/trajectories/{task_id}"
+        app.router.add_get(path, self._wrap(self._get_trajectory))
+        app.router.add_delete(path, self._wrap(self._delete_trajectory))
+        app.router.add_get("/health", self._wrap(self._health))
+        return app
+
+    async def start(self) -> None:
+        """Listen on `host:port` (port 0: a free port, then stored in `port`)."""
+        if self._runner is not None:
+            return
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        if runner.addresses:
+            self.port = int(runner.addresses[0][1])
+        log.info("OpenAI gateway on %s", self.base_url)
+
+    async def stop(self) -> None:
+        """Stop listening and close open connections."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- tasks and recording ------------------------------------------------------------
+
+    def issue_key(self, task_id: str) -> str:
+        """A fresh API key that ties calls to `task_id` (pass it as the client's api_key)."""
+        if not task_id:
+            raise InvalidRequestError("issue_key needs a task id")
+        key = "mf-" + secrets.token_urlsafe(24)
+        self._keys[key] = task_id
+        return key
+
+    def revoke_key(self, key: str) -> None:
+        """Forget a key; later calls with it are anonymous (or 401 with `require_key`)."""
+        self._keys.pop(key, None)
+
+    def trajectory(self, task_id: str) -> common_pb2.Trajectory | None:
+        """What the gateway recorded for `task_id`, if anything."""
+        return self._trajectories.get(task_id)
+
+    def pop_trajectory(self, task_id: str) -> common_pb2.Trajectory | None:
+        """Hand over and forget the record of `task_id`."""
+        return self._trajectories.pop(task_id, None)
+
+    def _task_id(self, request: web.Request) -> str:
+        header = request.headers.get(TASK_HEADER, "").strip()
+        if header:
+            return header
+        auth = request.headers.get("Authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        task_id = self._keys.get(key, "")
+        if not task_id and self.config.require_key:
+            raise _HttpError(
+                401,
+                "authentication_error",
+                f"give a task key (Authorization: Bearer <key>) or a {TASK_HEADER} header",
+                "invalid_api_key",
+            )
+        return task_id
+
+    def _record(
+        self,
+        request: model_pb2.GenerateRequest,
+        response: model_pb2.GenerateResponse,
+        latency_s: float,
+    ) -> None:
+        """Add one turn to the task's trajectory: what was new in the prompt, the answer."""
+        task_id = request.task_id
+        trajectory = self._trajectories.pop(task_id, None)
+        if trajectory is None:
+            trajectory = common_pb2.Trajectory(task_id=task_id)
+        self._trajectories[task_id] = trajectory  # most recently used last
+        while len(self._trajectories) > self.config.max_recorded_tasks:
+            self._trajectories.popitem(last=False)
+        known = len(trajectory.messages)
+        delta = request.messages[known:] if len(request.messages) >= known else request.messages
+        del trajectory.messages[:]
+        trajectory.messages.extend(request.messages)
+        trajectory.messages.append(response.message)
+        trajectory.turns.add(
+            index=len(trajectory.turns),
+            prompt_delta=delta,
+            response=response.message,
+            model_version=response.model_version,
+            prompt_tokens=response.prompt_tokens,
+            completion_tokens=response.completion_tokens,
+            model_latency_s=latency_s,
+            prompt_token_ids=response.prompt_token_ids,
+            completion_token_ids=response.completion_token_ids,
+            completion_logprobs=response.completion_logprobs,
+            replica=response.replica,
+        )
+
+    # -- handlers -------------------------------------------------------------------------
+
+    def _wrap(self, handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            try:
+                response: web.StreamResponse = await handler(request)
+                return response
+            except _HttpError as error:
+                return _error_response(error.status, error.kind, str(error), error.code)
+            except web.HTTPRequestEntityTooLarge:
+                limit = self.config.max_body_bytes
+                return _error_response(
+                    413, "invalid_request_error", f"body over {limit} bytes", None
+                )
+            except MegaFlowError as error:
+                status, kind, code = _classify(error)
+                return _error_response(status, kind, str(error), code)
+            except Exception as error:
+                log.exception("gateway bug on %s %s", request.method, request.path)
+                return _error_response(500, "internal_error", f"internal error: {error}", None)
+
+        return wrapped
+
+    async def _body(self, request: web.Request) -> Any:
+        raw = await request.read()
+        try:
+            return json.loads(raw)
+        except ValueError as error:
+            raise InvalidRequestError(f"the body is not valid JSON: {error}") from error
+
+    async def _generate(self, request: model_pb2.GenerateRequest) -> model_pb2.GenerateResponse:
+        if self._in_flight >= self.config.max_in_flight:
+            raise CapacityError(f"the gateway has {self._in_flight} calls in flight; retry later")
+        self._in_flight += 1
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.config.request_timeout_s):
+                response = await self.model_service.generate(request)
+        except TimeoutError as error:
+            raise DeadlineExceededError(
+                f"no answer from the model within {self.config.request_timeout_s:g}s"
+            ) from error
+        finally:
+            self._in_flight -= 1
+        if request.task_id:
+            self._record(request, response, time.monotonic() - started)
+        return response
+
+    async def _serve(
+        self,
+        request: web.Request,
+        parse: Callable[[Any, str], model_pb2.GenerateRequest],
+        body_of: Callable[[dict[str, Any], model_pb2.GenerateResponse], dict[str, Any]],
+        chunks_of: Callable[[dict[str, Any], model_pb2.GenerateResponse], Iterator[str]],
+    ) -> web.StreamResponse:
+        task_id = self._task_id(request)
+        body = await self._body(request)
+        generate_request = parse(body, task_id)
+        response = await self._generate(generate_request)
+        if not body.get("stream"):
+            return web.json_response(body_of(body, response))
+        stream = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await stream.prepare(request)
+        for payload in chunks_of(body, response):
+            await stream.write(f"data: {payload}\n\n".encode())
+        await stream.write(b"data: [DONE]\n\n")
+        await stream.write_eof()
+        return stream
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, codec.chat_request, codec.chat_body, codec.chat_chunks)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(
+            request, codec.completion_request, codec.completion_body, codec.completion_chunks
+        )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        listed = await self.model_service.list_models(model_pb2.ListModelsRequest())
+        data = [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": f"megaflow:{m.backend}"}
+            for m in listed.models
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _get_trajectory(self, request: web.Request) -> web.Response:
+        task_id = request.match_info["task_id"]
+        trajectory = self._trajectories.get(task_id)
+        if trajectory is None:
+            raise _HttpError(404, "not_found_error", f"nothing recorded for task {task_id!r}")
+        return web.json_response(
+            json_format.MessageToDict(trajectory, preserving_proto_field_name=True)
+        )
+
+    async def _delete_trajectory(self, request: web.Request) -> web.Response:
+        task_id = request.match_info["task_id"]
+        if self._trajectories.pop(task_id, None) is None:
+            raise _HttpError(404, "not_found_error", f"nothing recorded for task {task_id!r}")
+        return web.json_response({"deleted": task_id})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        health = await self.model_service.health(common_pb2.HealthRequest())
+        return web.json_response({"ok": health.ok, "detail": health.detail})

@@ -1,0 +1,328 @@
+"""OpenAI JSON <-> MegaFlow protobuf, for the gateway (`megaflow.model.gateway`).
+
+Requests: `chat_request` turns a `/v1/chat/completions` body into a `GenerateRequest`;
+`completion_request` turns a `/v1/completions` body into one with a single user
+message holding the prompt (the Model Service only serves chats). Anything malformed
+raises `InvalidRequestError` (HTTP 400).
+
+Responses: `chat_body` / `completion_body` build the non-streaming answers and
+`chat_chunks` / `completion_chunks` the SSE chunks of a streamed one. Token ids travel
+as vLLM does it: with `"return_token_ids": true` in the request the answer carries
+`prompt_token_ids` at the top and `token_ids` in the choice; with `"logprobs": true`
+the choice carries `logprobs.content` with one entry per completion token, named
+`token_id:<id>` (the gateway has no tokenizer to spell tokens with).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from megaflow.core.errors import InvalidRequestError
+from megaflow.v1 import common_pb2, model_pb2
+
+__all__ = [
+    "chat_body",
+    "chat_chunks",
+    "chat_request",
+    "completion_body",
+    "completion_chunks",
+    "completion_request",
+    "message_to_openai",
+]
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def _text(value: Any, where: str) -> str:
+    """Message content: a string, null, or a list of content parts (text parts kept)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if isinstance(part, dict) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            elif isinstance(part, str):
+                parts.append(part)
+            else:
+                raise InvalidRequestError(f"{where}: only text content parts are supported")
+        return "".join(parts)
+    raise InvalidRequestError(f"{where}: content must be a string or a list of parts")
+
+
+def _message(raw: Any, i: int) -> common_pb2.ChatMessage:
+    where = f"messages[{i}]"
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"{where} must be an object")
+    role = raw.get("role")
+    if role not in _ROLES:
+        raise InvalidRequestError(f"{where}.role must be one of {sorted(_ROLES)}, got {role!r}")
+    message = common_pb2.ChatMessage(
+        role="system" if role == "developer" else role,
+        content=_text(raw.get("content"), where),
+        name=str(raw.get("name") or ""),
+        tool_call_id=str(raw.get("tool_call_id") or ""),
+    )
+    calls = raw.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise InvalidRequestError(f"{where}.tool_calls must be a list")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequestError(f"{where}.tool_calls[{j}] needs function.name")
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments)
+        message.tool_calls.add(
+            id=str(call.get("id") or ""), name=function["name"], arguments_json=arguments
+        )
+    return message
+
+
+def _tool(raw: Any, i: int) -> common_pb2.ToolSpec:
+    function = raw.get("function") if isinstance(raw, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise InvalidRequestError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
+    parameters = function.get("parameters")
+    return common_pb2.ToolSpec(
+        name=function["name"],
+        description=str(function.get("description") or ""),
+        parameters_json_schema=json.dumps(parameters) if parameters is not None else "",
+    )
+
+
+def _sampling(body: dict[str, Any], request: model_pb2.GenerateRequest) -> None:
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be a positive integer")
+        request.max_tokens = max_tokens
+    temperature = body.get("temperature", 1.0)  # OpenAI's default
+    if temperature is None:
+        temperature = 1.0
+    if not isinstance(temperature, int | float) or isinstance(temperature, bool):
+        raise InvalidRequestError("temperature must be a number")
+    if temperature < 0:
+        raise InvalidRequestError("temperature must be >= 0")
+    request.temperature = float(temperature)
+    n = body.get("n", 1)
+    if n not in (1, None):
+        raise InvalidRequestError("only n=1 is supported")
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model", "")
+    if not isinstance(model, str):
+        raise InvalidRequestError("model must be a string")
+    return model
+
+
+def chat_request(body: Any, task_id: str) -> model_pb2.GenerateRequest:
+    """A `/v1/chat/completions` body as a `GenerateRequest` for `task_id`."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list")
+    tools = body.get("tools") or []
+    if not isinstance(tools, list):
+        raise InvalidRequestError("tools must be a list")
+    request = model_pb2.GenerateRequest(
+        task_id=task_id,
+        model=_model(body),
+        messages=[_message(m, i) for i, m in enumerate(messages)],
+        tools=[_tool(t, i) for i, t in enumerate(tools)],
+    )
+    _sampling(body, request)
+    return request
+
+
+def completion_request(body: Any, task_id: str) -> model_pb2.GenerateRequest:
+    """A `/v1/completions` body: the prompt becomes one user message."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("prompt must be a string (or a list of exactly one string)")
+    request = model_pb2.GenerateRequest(
+        task_id=task_id,
+        model=_model(body),
+        messages=[common_pb2.ChatMessage(role="user", content=prompt)],
+    )
+    _sampling(body, request)
+    return request
+
+
+def message_to_openai(message: common_pb2.ChatMessage) -> dict[str, Any]:
+    """An assistant message in OpenAI's shape (content null when it only calls tools)."""
+    out: dict[str, Any] = {"role": message.role or "assistant", "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments_json or "{}"},
+            }
+            for call in message.tool_calls
+        ]
+        if not message.content:
+            out["content"] = None
+    return out
+
+
+def _usage(response: model_pb2.GenerateResponse) -> dict[str, int]:
+    return {
+        "prompt_tokens": response.prompt_tokens,
+        "completion_tokens": response.completion_tokens,
+        "total_tokens": response.prompt_tokens + response.completion_tokens,
+    }
+
+
+def _finish(response: model_pb2.GenerateResponse) -> str:
+    if response.message.tool_calls:
+        return "tool_calls"
+    return response.finish_reason if response.finish_reason in ("stop", "length") else "stop"
+
+
+def _logprobs(response: model_pb2.GenerateResponse) -> dict[str, Any] | None:
+    if not response.completion_logprobs:
+        return None
+    return {
+        "content": [
+            {"token": f"token_id:{tid}", "logprob": lp, "bytes": None, "top_logprobs": []}
+            for tid, lp in zip(
+                response.completion_token_ids, response.completion_logprobs, strict=False
+            )
+        ]
+    }
+
+
+def _extras(body: dict[str, Any], response: model_pb2.GenerateResponse) -> dict[str, Any]:
+    """MegaFlow/vLLM extensions asked for by the request."""
+    extras: dict[str, Any] = {}
+    if body.get("return_token_ids"):
+        extras["prompt_token_ids"] = list(response.prompt_token_ids)
+    return extras
+
+
+def _envelope(kind: str, response: model_pb2.GenerateResponse) -> dict[str, Any]:
+    return {
+        "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": response.model,
+        "system_fingerprint": response.model_version,
+    }
+
+
+def chat_body(body: dict[str, Any], response: model_pb2.GenerateResponse) -> dict[str, Any]:
+    """A non-streaming chat completion."""
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": message_to_openai(response.message),
+        "finish_reason": _finish(response),
+        "logprobs": _logprobs(response) if body.get("logprobs") else None,
+    }
+    if body.get("return_token_ids"):
+        choice["token_ids"] = list(response.completion_token_ids)
+    return {
+        **_envelope("chat", response),
+        "choices": [choice],
+        "usage": _usage(response),
+        **_extras(body, response),
+    }
+
+
+def completion_body(body: dict[str, Any], response: model_pb2.GenerateResponse) -> dict[str, Any]:
+    """A non-streaming text completion (the assistant's content as `text`)."""
+    choice: dict[str, Any] = {
+        "index": 0,
+        "text": response.message.content,
+        "finish_reason": _finish(response),
+        "logprobs": None,
+    }
+    if body.get("return_token_ids"):
+        choice["token_ids"] = list(response.completion_token_ids)
+    return {
+        **_envelope("text", response),
+        "choices": [choice],
+        "usage": _usage(response),
+        **_extras(body, response),
+    }
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+def chat_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse) -> Iterator[str]:
+    """The SSE `data:` payloads of a streamed chat completion (without `[DONE]`)."""
+    head = {**_envelope("chat", response), "object": "chat.completion.chunk"}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        choice.update(more)
+        return json.dumps({**head, "choices": [choice]})
+
+    # The token ids and logprobs of the whole answer ride on the first chunk.
+    extra: dict[str, Any] = {}
+    if body.get("logprobs"):
+        extra["logprobs"] = _logprobs(response)
+    if body.get("return_token_ids"):
+        extra["token_ids"] = list(response.completion_token_ids)
+    yield chunk({"role": "assistant", "content": ""}, **extra)
+    if response.message.content:
+        yield chunk({"content": response.message.content})
+    for i, call in enumerate(response.message.tool_calls):
+        yield chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": i,
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments_json or "{}"},
+                    }
+                ]
+            }
+        )
+    yield chunk({}, _finish(response))
+    if _include_usage(body):
+        yield json.dumps({**head, "choices": [], "usage": _usage(response)})
+
+
+def completion_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse) -> Iterator[str]:
+    """The SSE `data:` payloads of a streamed text completion (without `[DONE]`)."""
+    head = _envelope("text", response)
+    yield json.dumps(
+        {
+            **head,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": response.message.content,
+                    "finish_reason": None,
+                    "logprobs": None,
+                }
+            ],
+        }
+    )
+    yield json.dumps(
+        {
+            **head,
+            "choices": [
+                {"index": 0, "text": "", "finish_reason": _finish(response), "logprobs": None}
+            ],
+        }
+    )
+    if _include_usage(body):
+        yield json.dumps({**head, "choices": [], "usage": _usage(response)})
