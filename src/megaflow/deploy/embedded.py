@@ -10,7 +10,7 @@ from megaflow.agent.service import AgentServiceImpl
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.env.simulated import SimulatedEnvironmentService
 from megaflow.model.backend import ModelBackend
-from megaflow.model.service import ModelServiceImpl
+from megaflow.model.service import ModelServiceConfig, ModelServiceImpl
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.scheduler.state import KIND_AGENT, KIND_ENV, KIND_MODEL, SchedulerPolicy
@@ -27,11 +27,12 @@ class EmbeddedSystem:
         ledger_path: Path,
         env_config: EnvServiceConfig | None = None,
         env: LocalEnvironmentService | SimulatedEnvironmentService | None = None,
+        model_config: ModelServiceConfig | None = None,
         agent_capacity: int = 10_000,
         agent_limits: AgentLimits | None = None,
         policy: SchedulerPolicy | None = None,
     ) -> None:
-        self.model = ModelServiceImpl(backends)
+        self.model = ModelServiceImpl(backends, config=model_config)
         # `env` replaces the default local (bubblewrap) service, e.g. with the simulated one.
         self.env = env if env is not None else LocalEnvironmentService(env_config)
         self.resolver = ServiceResolver(model=self.model, env=self.env)
