@@ -194,6 +194,10 @@ async def test_timeout_kills_command_and_daemons(sandbox: LocalSandbox) -> None:
     assert result.output.startswith("started\n")
     assert "timed out" in result.output
     after = await sandbox.execute("cat /proc/[0-9]*/comm; pwd; echo $KEEP", 10)
+    deadline = time.monotonic() + 5  # a killed daemon may await reaping by pid 1 a moment
+    while "sleep" in after.output and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        after = await sandbox.execute("cat /proc/[0-9]*/comm; pwd; echo $KEEP", 10)
     assert "sleep" not in after.output
     assert after.output.endswith("/tmp\nyes\n")
     assert not after.timed_out
@@ -249,6 +253,9 @@ async def test_without_cgroups_timeouts_and_stop_still_work(
         assert result.timed_out and result.exit_code == 137
         assert not host_pids_with_arg(tag)
         await sb.execute(f"sleep {tag} &", 10)
+        deadline = time.monotonic() + 5  # the background job may not have exec'd yet
+        while not host_pids_with_arg(tag) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         assert host_pids_with_arg(tag)
         assert (await sb.execute("pwd", 10)).output == "/tmp\n"
     finally:
@@ -418,8 +425,10 @@ async def test_start_twice_and_duplicate_id(tmp_path: Path) -> None:
 
 
 async def test_start_failure_is_sandbox_error_and_cleans_up(tmp_path: Path) -> None:
-    image = tmp_path / "image"  # an image root without bash
-    (image / "usr").mkdir(parents=True)
+    image = tmp_path / "image"  # an image root whose bash cannot run
+    (image / "usr/bin").mkdir(parents=True)
+    (image / "usr/bin/bash").write_text("not a program")
+    (image / "usr/bin/bash").chmod(0o755)
     sb = LocalSandbox("bad", root_dir=tmp_path / "root", image_root=image)
     with pytest.raises(SandboxError, match="did not start"):
         await sb.start()

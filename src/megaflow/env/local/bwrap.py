@@ -5,7 +5,9 @@ The sandbox sees a read-only root built on a tmpfs: the image's system folders
 a writable ``/workspace`` (a host folder), a private ``/tmp``, its own ``/proc`` and
 a minimal ``/dev``. Nothing else of the host (``/root``, ``/home``, ``/work``,
 ``/var``, the host's ``/tmp``) exists inside. It runs in new pid, ipc, uts and
-network namespaces (only ``lo``, no route out), with every capability dropped.
+network namespaces (only ``lo``, no route out), with every capability dropped,
+``/proc/sys`` read-only and a seccomp filter against keyrings and user namespaces
+(:mod:`megaflow.env.local.seccomp`).
 """
 
 from __future__ import annotations
@@ -36,8 +38,13 @@ def bwrap_argv(
     inbox: Path,
     hostname: str,
     extra_path: Sequence[str] = (),
+    seccomp_fd: int | None = None,
 ) -> list[str]:
-    """The bwrap argv that starts ``bash`` in a fresh sandbox."""
+    """The bwrap argv that starts ``bash`` in a fresh sandbox.
+
+    ``seccomp_fd``: a readable descriptor holding the BPF program of
+    :mod:`megaflow.env.local.seccomp` (bwrap reads it once, at start).
+    """
     argv = [
         BWRAP,
         "--unshare-pid",
@@ -78,10 +85,18 @@ def bwrap_argv(
         "/tmp",
         "--proc",
         "/proc",
+        # Real root needs no capability to write sysctls: keep /proc/sys read-only.
+        "--ro-bind",
+        "/proc/sys",
+        "/proc/sys",
+        "--ro-bind-try",
+        "/proc/sysrq-trigger",
+        "/proc/sysrq-trigger",
         "--dev",
         "/dev",
         "--remount-ro",
         "/",
+        *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
         "--chdir",
         WORKDIR,
         "--clearenv",
@@ -103,6 +118,11 @@ def bwrap_argv(
         "--norc",
     ]
     return argv
+
+
+def image_has_bash(image_root: Path) -> bool:
+    """Whether the image offers ``bash`` where the sandbox's ``PATH`` finds it."""
+    return any((image_root / d / "bash").exists() for d in ("usr/bin", "bin", "usr/local/bin"))
 
 
 def launcher_argv(bwrap: list[str], procs_files: Sequence[Path]) -> list[str]:

@@ -30,11 +30,20 @@ from pathlib import Path
 from typing import Literal
 
 from megaflow.core.errors import SandboxError
+from megaflow.env.local.freezer import freeze_file
 
 CGROUP_FS_ROOT = Path("/sys/fs/cgroup")
 """Every cgroup path this module creates or removes lies under this folder."""
 
-_LIMIT_FILES = {"memory": ("memory.limit_in_bytes", "memory.max"), "pids": ("pids.max",)}
+_LIMIT_FILES = {
+    "memory": ("memory.limit_in_bytes", "memory.max"),
+    "pids": ("pids.max",),
+    "cpu": ("cpu.shares", "cpu.weight"),
+    "freezer": ("freezer.state", "cgroup.freeze"),
+}
+_V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+CPU_SHARES_DEFAULT = 1024
+"""The kernel's default v1 ``cpu.shares``: a sandbox with it gets an equal CPU share."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,10 @@ class CgroupSupport:
     """Whether the process-count limit (``pids``) is enforced."""
     detail: str
     """Human-readable explanation (where the cgroups go, or why there are none)."""
+    cpu: bool = False
+    """Whether the CPU share (``cpu_shares``: v1 ``cpu.shares``, v2 ``cpu.weight``) applies."""
+    freezer: bool = False
+    """Whether sandboxes can be suspended (v1 ``freezer.state``, v2 ``cgroup.freeze``)."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +161,7 @@ def _probe(base: Path, control_files: Iterable[str]) -> str | None:
 def _detect_v1(mounts: list[_Mount], own: dict[str, str]) -> CgroupLayout | None:
     bases: list[tuple[str, Path]] = []
     notes: list[str] = []
-    for controller in ("memory", "pids"):
+    for controller in _V1_CONTROLLERS:
         mount = next(
             (m for m in mounts if m.fstype == "cgroup" and controller in m.superopts), None
         )
@@ -166,7 +179,16 @@ def _detect_v1(mounts: list[_Mount], own: dict[str, str]) -> CgroupLayout | None
     if not bases:
         return None if not notes else _none("cgroup v1 unusable: " + "; ".join(notes))
     names = {name for name, _ in bases}
-    support = CgroupSupport("v1", "memory" in names, "pids" in names, "; ".join(notes))
+    if not names & {"memory", "pids"}:
+        return _none("cgroup v1 has neither memory nor pids: " + "; ".join(notes))
+    support = CgroupSupport(
+        "v1",
+        "memory" in names,
+        "pids" in names,
+        "; ".join(notes),
+        cpu="cpu" in names,
+        freezer="freezer" in names,
+    )
     return CgroupLayout(support, tuple(bases))
 
 
@@ -197,18 +219,19 @@ def _detect_v2(mounts: list[_Mount], own: dict[str, str]) -> CgroupLayout | None
             available = set((base / "cgroup.controllers").read_text().split())
         except OSError:
             continue
-        wanted = {"memory", "pids"} & available
+        wanted = {"memory", "pids", "cpu"} & available
         # Only the own cgroup gets a write; the parent is used as its manager left it.
         on = _enabled(base, wanted) if base == own_dir else wanted & _subtree(base)
-        if not on:
+        if not on & {"memory", "pids"}:
             notes.append(f"{base}: cannot enable memory/pids for children")
             continue
         problem = _probe(base, [f for c in sorted(on) for f in _LIMIT_FILES[c]])
         if problem:
             notes.append(problem)
             continue
-        detail = f"unified, {'+'.join(sorted(on))} under {base}"
-        support = CgroupSupport("v2", "memory" in on, "pids" in on, detail)
+        detail = f"unified, {'+'.join(sorted(on))} (+freeze) under {base}"
+        # cgroup.freeze is a core file of every non-root v2 cgroup: no controller needed.
+        support = CgroupSupport("v2", "memory" in on, "pids" in on, detail, "cpu" in on, True)
         return CgroupLayout(support, (("unified", base),))
     return _none("cgroup v2 unusable: " + ("; ".join(notes) or "no controllers"))
 
@@ -251,7 +274,13 @@ class SandboxCgroups:
 
     @classmethod
     def create(
-        cls, layout: CgroupLayout, name: str, *, memory_bytes: int, pids: int
+        cls,
+        layout: CgroupLayout,
+        name: str,
+        *,
+        memory_bytes: int,
+        pids: int,
+        cpu_shares: int = CPU_SHARES_DEFAULT,
     ) -> SandboxCgroups:
         """Create the sandbox's cgroups with their limits; raise SandboxError on failure."""
         made: list[Path] = []
@@ -264,6 +293,9 @@ class SandboxCgroups:
                     _set_memory(folder, memory_bytes)
                 if controller in ("pids", "unified"):
                     _write_if_present(folder / "pids.max", str(pids))
+                if controller in ("cpu", "unified") and cpu_shares != CPU_SHARES_DEFAULT:
+                    _write_if_present(folder / "cpu.shares", str(cpu_shares))
+                    _write_if_present(folder / "cpu.weight", str(shares_to_weight(cpu_shares)))
         except OSError as exc:
             cls(tuple(made)).remove(timeout_s=1.0)
             raise SandboxError(f"cannot set up cgroup {name}: {exc}") from exc
@@ -282,9 +314,20 @@ class SandboxCgroups:
                 found.update(int(p) for p in procs.read_text().split())
         return found
 
+    @property
+    def freezer_file(self) -> Path | None:
+        """The sandbox's freezer control file (v1 ``freezer.state``, v2 ``cgroup.freeze``)."""
+        return freeze_file(self.dirs)
+
     def remove(self, timeout_s: float = 2.0) -> None:
         """Remove the (emptied) cgroup folders, retrying while the kernel still holds them."""
         remove_cgroup_dirs(self.dirs, timeout_s=timeout_s)
+
+
+def shares_to_weight(shares: int) -> int:
+    """v1 ``cpu.shares`` (2..262144, default 1024) as v2 ``cpu.weight`` (1..10000, 100)."""
+    shares = min(max(shares, 2), 262144)
+    return 1 + ((shares - 2) * 9999) // 262142 if shares != CPU_SHARES_DEFAULT else 100
 
 
 def _set_memory(folder: Path, memory_bytes: int) -> None:

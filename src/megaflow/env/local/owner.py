@@ -18,6 +18,8 @@ from pathlib import Path
 
 from megaflow.env.local import procs
 from megaflow.env.local.cgroups import cgroup_pids, remove_cgroup_dirs
+from megaflow.env.local.freezer import thaw_if_frozen
+from megaflow.env.local.quota import unmount_workspace
 
 OWNER_FILE = "owner.json"
 UNOWNED_GRACE_S = 60.0
@@ -67,7 +69,8 @@ class Owner:
 
 
 def kill_cgroup_members(dirs: tuple[Path, ...], *, timeout_s: float = 2.0) -> None:
-    """SIGKILL every process in ``dirs`` until they are empty (blocking)."""
+    """Thaw, then SIGKILL every process in ``dirs`` until they are empty (blocking)."""
+    thaw_if_frozen(dirs)
     deadline = time.monotonic() + timeout_s
     while (pids := cgroup_pids(dirs) - {os.getpid()}) and time.monotonic() < deadline:
         procs.kill(pids)
@@ -101,6 +104,8 @@ def reclaim_orphans(root_dir: Path) -> int:
         kill_cgroup_members(cgroups)
         with contextlib.suppress(Exception):
             remove_cgroup_dirs(cgroups, timeout_s=2.0)
+        with contextlib.suppress(Exception):
+            unmount_workspace(folder / "workspace")
         shutil.rmtree(folder, ignore_errors=True)
         reclaimed += 1
     return reclaimed

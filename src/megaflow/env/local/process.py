@@ -41,10 +41,14 @@ class ShellProcess:
         self._pid_ns: int | None = None
 
     @classmethod
-    async def spawn(cls, argv: Sequence[str]) -> ShellProcess:
-        """Start ``argv`` in its own session with piped stdin and merged stdout/stderr."""
+    async def spawn(cls, argv: Sequence[str], pass_fds: Sequence[int] = ()) -> ShellProcess:
+        """Start ``argv`` in its own session with piped stdin and merged stdout/stderr.
+
+        The environment is minimal (``PATH`` only): the sandbox's pid 1 is bwrap, whose
+        environment any process inside can read in ``/proc/1/environ``.
+        """
         loop = asyncio.get_running_loop()
-        popen = _popen(argv)
+        popen = _popen(argv, pass_fds)
         assert popen.stdin is not None and popen.stdout is not None
         exited: asyncio.Future[int] = loop.create_future()
         _watch_exit(loop, popen, exited)
@@ -92,10 +96,16 @@ class ShellProcess:
         self._read_transport.close()
 
 
-def _popen(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+_LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+def _popen(argv: Sequence[str], pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
     """fork+exec (vfork, well under a millisecond): what asyncio itself does inline."""
     return subprocess.Popen(
         list(argv),
+        env=_LAUNCH_ENV,
+        cwd="/",
+        pass_fds=tuple(pass_fds),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

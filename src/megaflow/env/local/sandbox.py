@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
+import os
 import re
 import secrets
 import shutil
@@ -31,10 +32,14 @@ from typing import Literal
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env.local import procs
-from megaflow.env.local.bwrap import INBOX, WORKDIR, bwrap_argv, launcher_argv
-from megaflow.env.local.cgroups import SandboxCgroups, cgroup_layout
+from megaflow.env.local.bwrap import INBOX, WORKDIR, bwrap_argv, image_has_bash, launcher_argv
+from megaflow.env.local.cgroups import CPU_SHARES_DEFAULT, SandboxCgroups, cgroup_layout
+from megaflow.env.local.features import SandboxFeatures
+from megaflow.env.local.freezer import thaw_if_frozen
 from megaflow.env.local.owner import Owner
 from megaflow.env.local.process import ShellProcess
+from megaflow.env.local.quota import mount_workspace, unmount_workspace
+from megaflow.env.local.seccomp import filter_program
 from megaflow.env.local.shell import (
     OutputCollector,
     ansi_c_quote,
@@ -74,7 +79,7 @@ class _Exchange:
     exit_code: int | None = None  # the shell's exit status when it died
 
 
-class LocalSandbox:
+class LocalSandbox(SandboxFeatures):
     """A bubblewrap sandbox with a persistent shell, memory and pids limits.
 
     Not safe to share between event loops. Calls on one sandbox are serialised;
@@ -92,6 +97,16 @@ class LocalSandbox:
       the shell (when the machine has a pids cgroup).
     - ``output_bytes``: output kept per command: the first and last halves.
     - ``extra_path``: folders (inside the sandbox) appended to ``PATH``.
+    - ``cpu_shares``: relative CPU weight in v1 ``cpu.shares`` units (default 1024 = an
+      equal share; v2 gets the matching ``cpu.weight``), when the machine has a cpu cgroup.
+    - ``disk_mib``: workspace quota: ``/workspace`` becomes a tmpfs of that size and a
+      write beyond it fails with ENOSPC (see :mod:`megaflow.env.local.quota`); 0: none.
+
+    The image must provide ``bash`` (the persistent shell's protocol needs it); an image
+    without one is refused with InvalidRequestError.
+
+    :meth:`suspend` freezes every process through the cgroup freezer; any later call that
+    uses the shell (:meth:`execute`, file operations) resumes the sandbox first.
 
     If the shell dies (``exit``, killed for memory), the next call starts a new one in
     the same sandbox: ``/workspace`` and the cgroups persist, while ``/tmp``, the
@@ -110,6 +125,8 @@ class LocalSandbox:
         pids: int = 256,
         output_bytes: int = 64_000,
         extra_path: Sequence[str] = (),
+        cpu_shares: int = CPU_SHARES_DEFAULT,
+        disk_mib: int = 0,
     ) -> None:
         if not _SANDBOX_ID.fullmatch(sandbox_id):
             raise InvalidRequestError(f"invalid sandbox id {sandbox_id!r}")
@@ -117,6 +134,11 @@ class LocalSandbox:
             raise InvalidRequestError(
                 f"sandbox limits too small: memory_mib={memory_mib} (min 16), "
                 f"pids={pids} (min 8), output_bytes={output_bytes} (min 256)"
+            )
+        if not 2 <= cpu_shares <= 262144 or not 0 <= disk_mib <= 1024 * 1024:
+            raise InvalidRequestError(
+                f"cpu_shares={cpu_shares} (2..262144) or disk_mib={disk_mib} (0..1048576) "
+                "out of range"
             )
         if any(":" in p or "\0" in p or not p.startswith("/") for p in extra_path):
             raise InvalidRequestError(f"extra_path entries must be absolute: {extra_path!r}")
@@ -131,6 +153,9 @@ class LocalSandbox:
         self._pids = pids
         self._output_bytes = output_bytes
         self._extra_path = tuple(extra_path)
+        self._cpu_shares = cpu_shares
+        self._disk_mib = disk_mib
+        self._frozen = False
         self._state: Literal["new", "starting", "running", "stopped"] = "new"
         self._made_dir = False
         self._cgroups = SandboxCgroups(())
@@ -284,23 +309,44 @@ class LocalSandbox:
 
     def _prepare(self) -> None:
         """Sandbox folder, owner file (written before the cgroups exist), cgroups."""
+        if not image_has_bash(self._image_root):
+            raise InvalidRequestError(
+                f"image {self._image_root} has no bash (/usr/bin/bash or /bin/bash): "
+                "local sandbox images need bash"
+            )
         layout = cgroup_layout()
         name = f"megaflow-{self.sandbox_id}-{secrets.token_hex(4)}"
-        self._root_dir.mkdir(parents=True, exist_ok=True)
+        self._root_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            self._dir.mkdir()
+            # 0700: no other host user may reach the workspace, where the sandbox (uid 0)
+            # can leave setuid-root files.
+            self._dir.mkdir(mode=0o700)
         except FileExistsError as exc:
             raise SandboxError(f"sandbox folder {self._dir} already exists") from exc
         self._made_dir = True
         Owner.current(tuple(base / name for _, base in layout.bases)).write(self._dir)
         self.host_workspace.mkdir()
+        if self._disk_mib:
+            mount_workspace(self.host_workspace, self._disk_mib)
         self._inbox.mkdir()
         self._cgroups = SandboxCgroups.create(
-            layout, name, memory_bytes=self._memory_mib * 1024 * 1024, pids=self._pids
+            layout,
+            name,
+            memory_bytes=self._memory_mib * 1024 * 1024,
+            pids=self._pids,
+            cpu_shares=self._cpu_shares,
         )
 
     async def _spawn(self) -> None:
         """Start bwrap + bash and wait until the shell answers."""
+        program = filter_program()
+        seccomp_fd: int | None = None
+        if program is not None:  # a pipe per spawn: bwrap reads the program from it
+            seccomp_fd, write_end = os.pipe()
+            try:
+                os.write(write_end, program)  # < 1 KiB: fits in the pipe buffer
+            finally:
+                os.close(write_end)
         argv = launcher_argv(
             bwrap_argv(
                 image_root=self._image_root,
@@ -308,10 +354,15 @@ class LocalSandbox:
                 inbox=self._inbox,
                 hostname="sandbox",
                 extra_path=self._extra_path,
+                seccomp_fd=seccomp_fd,
             ),
             self._cgroups.procs_files,
         )
-        shell = await ShellProcess.spawn(argv)
+        try:
+            shell = await ShellProcess.spawn(argv, () if seccomp_fd is None else (seccomp_fd,))
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
         self._shell = shell
         nonce = new_nonce()
         shell.write(ready_line(nonce))
@@ -330,6 +381,8 @@ class LocalSandbox:
             raise SandboxError(f"sandbox {self.sandbox_id} is not running ({self._state})")
         if self._broken is not None:
             raise SandboxError(f"sandbox {self.sandbox_id} is broken: {self._broken}")
+        if self._frozen:
+            await self._set_frozen(False)
         shell = self._shell
         if self._stale is not None and shell is not None and shell.returncode is None:
             stale, self._stale = self._stale, None
@@ -455,6 +508,9 @@ class LocalSandbox:
 
     async def _kill_processes(self) -> None:
         """Kill everything in the sandbox and reap bwrap; the cgroups stay."""
+        if self._frozen:  # frozen processes cannot die
+            self._frozen = False
+            await asyncio.to_thread(thaw_if_frozen, self._cgroups.dirs)
         shell = self._shell
         if shell is not None:
             if shell.returncode is None:
@@ -491,6 +547,10 @@ class LocalSandbox:
         except SandboxError as exc:
             errors.append(str(exc))
         if self._made_dir:
+            try:
+                unmount_workspace(self.host_workspace)
+            except SandboxError as exc:
+                errors.append(str(exc))
             try:
                 shutil.rmtree(self._dir)
             except FileNotFoundError:

@@ -1,0 +1,152 @@
+"""Read images exported to disk: an OCI image layout, or a ``docker save`` archive.
+
+``oci:/path`` names either a folder or a tar archive of one, in either format:
+
+- OCI image layout (``index.json`` + ``blobs/sha256/...``; what ``skopeo copy
+  oci:...`` and Docker >= 25 ``docker save`` write): the first linux/amd64 manifest (or
+  the only one) is used; the manifest and every layer are checked against their
+  sha256 digests; the cache key is the manifest digest.
+- Legacy ``docker save`` (``manifest.json`` with ``Config`` and ``Layers``): layers are
+  checked against the config's ``rootfs.diff_ids``; the cache key is the config digest
+  (the image id).
+
+Blocking functions; errors name the image (``ImageNotFoundError`` when the path holds
+no image, SandboxError when a blob is missing or does not match its digest).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megaflow.core.errors import SandboxError
+from megaflow.env.images_registry import INDEX_TYPES, ImageNotFoundError
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    digest: str
+    """Cache key: the OCI manifest digest, or the legacy config digest."""
+    layers: tuple[tuple[Path, str | None], ...]
+    """Each layer file, lowest first, with the sha256 its content must have (None: the
+    uncompressed content is checked instead, against ``diff_ids``)."""
+    diff_ids: tuple[str, ...] = ()
+
+
+def unpack_archive(archive: Path, dest: Path, ref: str) -> Path:
+    """Extract an archived layout into ``dest`` (tarfile's "data" filter) and return it."""
+    try:
+        with tarfile.open(archive, mode="r:*") as tar:
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ImageNotFoundError(f"image {ref}: cannot read archive {archive}: {exc}") from exc
+    return dest
+
+
+def _file_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()
+
+
+def _inside(root: Path, rel: str, ref: str) -> Path:
+    path = Path(os.path.realpath(root / rel))
+    if not path.is_relative_to(os.path.realpath(root)):
+        raise SandboxError(f"image {ref}: {rel!r} points outside the image folder")
+    return path
+
+
+def _blob(root: Path, digest: str, ref: str) -> Path:
+    algo, _, hexdigest = digest.partition(":")
+    if algo != "sha256" or len(hexdigest) != 64:
+        raise SandboxError(f"image {ref}: unsupported digest {digest!r}")
+    path = _inside(root, f"blobs/sha256/{hexdigest}", ref)
+    if not path.is_file():
+        raise SandboxError(f"image {ref}: blob {digest} is missing")
+    return path
+
+
+def _json(path: Path, ref: str) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise SandboxError(f"image {ref}: unreadable {path.name}: {exc}") from exc
+
+
+def _pick(descriptors: list[Any], ref: str) -> dict[str, Any]:
+    usable = [d for d in descriptors if isinstance(d, dict) and "digest" in d]
+    if not usable:
+        raise ImageNotFoundError(f"image {ref}: the index lists no manifest")
+    for d in usable:
+        platform = d.get("platform") or {}
+        if platform.get("os") == "linux" and platform.get("architecture") == "amd64":
+            return d
+    return usable[0]
+
+
+def read_layout(root: Path, ref: str) -> LocalImage:
+    """Find the image in a layout folder (without reading its layers)."""
+    if (root / "index.json").is_file():
+        descriptor = _pick(_json(root / "index.json", ref).get("manifests", []), ref)
+        for _ in range(2):  # an index may point at a nested index
+            digest = str(descriptor["digest"])
+            blob = _blob(root, digest, ref)
+            data = blob.read_bytes()
+            if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+                raise SandboxError(f"image {ref}: manifest digest mismatch ({digest})")
+            manifest = json.loads(data)
+            if descriptor.get("mediaType") not in INDEX_TYPES and "manifests" not in manifest:
+                break
+            descriptor = _pick(manifest.get("manifests", []), ref)
+        layers: tuple[tuple[Path, str | None], ...] = tuple(
+            (_blob(root, str(d["digest"]), ref), str(d["digest"])) for d in manifest["layers"]
+        )
+        return LocalImage(digest, layers)
+    if (root / "manifest.json").is_file():
+        entries = _json(root / "manifest.json", ref)
+        if not isinstance(entries, list) or not entries:
+            raise ImageNotFoundError(f"image {ref}: manifest.json lists no image")
+        config_path = _inside(root, str(entries[0]["Config"]), ref)
+        config = _json(config_path, ref)
+        diff_ids = tuple(str(d) for d in config.get("rootfs", {}).get("diff_ids", []))
+        legacy: tuple[tuple[Path, str | None], ...] = tuple(
+            (_inside(root, str(x), ref), None) for x in entries[0]["Layers"]
+        )
+        if diff_ids and len(diff_ids) != len(legacy):
+            raise SandboxError(f"image {ref}: {len(legacy)} layers but {len(diff_ids)} diff_ids")
+        return LocalImage(_file_sha256(config_path), legacy, diff_ids)
+    raise ImageNotFoundError(f"image {ref}: no index.json or manifest.json in {root}")
+
+
+def verify_layers(image: LocalImage, ref: str) -> None:
+    """Check every layer file against its digest (or its uncompressed diff_id)."""
+    for i, (path, digest) in enumerate(image.layers):
+        if not path.is_file():
+            raise SandboxError(f"image {ref}: layer {path.name} is missing")
+        if digest is not None:
+            got = _file_sha256(path)
+            want = digest
+        elif image.diff_ids:
+            got, want = _uncompressed_sha256(path), image.diff_ids[i]
+        else:
+            continue
+        if got != want:
+            raise SandboxError(f"image {ref}: layer digest mismatch: got {got}, want {want}")
+
+
+def _uncompressed_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as raw:
+        magic = raw.read(2)
+    with gzip.open(path, "rb") if magic == b"\x1f\x8b" else path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()

@@ -1,0 +1,212 @@
+"""A real OCI registry for tests (Debian's ``docker-registry``) and a push client.
+
+    async with LocalRegistry(tmp_path / "registry") as reg:       # 127.0.0.1:<free port>
+        digest = await push_rootfs(reg.address, "tools/busybox", "v1", rootfs_dir)
+        ...  # pull "registry:" + reg.address + "/tools/busybox:v1"
+
+:func:`push_image` builds an image without dockerd (gzip tar layers, a config and a
+Docker schema 2 or OCI manifest) and uploads it over the Registry HTTP API v2 (blob
+uploads, then the manifest). Every HTTP call has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import aiohttp
+
+from megaflow.env.images_build import build_oci_image, tar_layer
+
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+HTTP_TIMEOUT_S = 30.0
+
+_CONFIG = """version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: {root}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LocalRegistry:
+    """``docker-registry serve`` on 127.0.0.1 with filesystem storage under ``work_dir``.
+
+    Started by :meth:`start` (waits until ``GET /v2/`` answers), stopped by PID with
+    :meth:`stop` (SIGTERM, then SIGKILL). ``address`` is ``127.0.0.1:<port>``.
+    """
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = Path(work_dir)
+        self.storage = self.work_dir / "storage"
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = self.work_dir / "registry.log"
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to put in image references."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self, timeout_s: float = 20.0) -> LocalRegistry:
+        """Start the registry and wait until it answers; RuntimeError if it does not."""
+        self._launch()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _launch(self) -> None:
+        if not os.access(REGISTRY_BINARY, os.X_OK):
+            raise RuntimeError(f"{REGISTRY_BINARY} missing: install Debian's docker-registry")
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        config = self.work_dir / "config.yml"
+        config.write_text(_CONFIG.format(root=self.storage, port=self.port))
+        with self._log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [REGISTRY_BINARY, "serve", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    async def _wait_ready(self) -> None:
+        url = f"http://{self.address}/v2/"
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                assert self._proc is not None
+                if self._proc.poll() is not None:
+                    log = self._log.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"docker-registry exited ({self._proc.returncode}): {log}")
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(url) as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the registry (its whole session), then SIGKILL after ``grace_s``."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the registry stores a blob (tests corrupt it to check verification)."""
+        algo, hexdigest = digest.split(":", 1)
+        return self.storage / f"docker/registry/v2/blobs/{algo}/{hexdigest[:2]}/{hexdigest}/data"
+
+    async def __aenter__(self) -> LocalRegistry:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def push_image(
+    address: str,
+    repository: str,
+    tag: str,
+    layers: Sequence[bytes],
+    *,
+    flavour: Literal["docker", "oci"] = "docker",
+    timeout_s: float = HTTP_TIMEOUT_S,
+) -> str:
+    """Upload an image made of uncompressed tar ``layers`` (gzipped here); return the
+    manifest digest. ``address`` is ``host:port`` of a plain-HTTP registry."""
+    image = await asyncio.to_thread(build_oci_image, layers, flavour)
+    base = f"http://{address}/v2/{repository}"
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for blob in (image.config, *image.layers):
+            await _upload_blob(session, base, address, blob)
+        headers = {"Content-Type": image.media_type}
+        async with session.put(
+            f"{base}/manifests/{tag}", data=image.manifest, headers=headers
+        ) as r:
+            if r.status != 201:
+                raise RuntimeError(f"manifest PUT {repository}:{tag}: {r.status} {await r.text()}")
+    return image.digest
+
+
+async def _upload_blob(
+    session: aiohttp.ClientSession, base: str, address: str, blob: bytes
+) -> None:
+    digest = _digest(blob)
+    async with session.head(f"{base}/blobs/{digest}") as r:
+        if r.status == 200:
+            return
+    async with session.post(f"{base}/blobs/uploads/") as r:
+        if r.status != 202:
+            raise RuntimeError(f"blob upload start: {r.status} {await r.text()}")
+        location = r.headers["Location"]
+    if location.startswith("/"):
+        location = f"http://{address}{location}"
+    sep = "&" if "?" in location else "?"
+    headers = {"Content-Type": "application/octet-stream"}
+    url = f"{location}{sep}digest={digest}"
+    async with session.put(url, data=io.BytesIO(blob), headers=headers) as r:
+        if r.status != 201:
+            raise RuntimeError(f"blob upload {digest}: {r.status} {await r.text()}")
+
+
+async def push_rootfs(
+    address: str,
+    repository: str,
+    tag: str,
+    rootfs: Path,
+    *,
+    flavour: Literal["docker", "oci"] = "docker",
+) -> str:
+    """Push the folder ``rootfs`` as a one-layer image; return the manifest digest."""
+    layer = await asyncio.to_thread(tar_layer, rootfs)
+    return await push_image(address, repository, tag, [layer], flavour=flavour)
