@@ -1,0 +1,76 @@
+"""The private dockerd helper leaves nothing behind, even after the daemon crashed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from megaflow.core.errors import SandboxError
+from megaflow.env.docker import DockerSandbox
+from megaflow.testing.dockerd import Dockerd, build_busybox_image, dockerd_available
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(dockerd_available() is not None, reason=str(dockerd_available())),
+]
+
+
+def traces(folder: Path) -> tuple[list[int], list[str]]:
+    """Processes whose command line names ``folder``, and mounts under it."""
+    needle = str(folder).encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if needle in Path(f"/proc/{name}/cmdline").read_bytes():
+                    pids.append(int(name))
+            except OSError:
+                pass
+    mounts = [
+        line.split(" ")[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split(" ")[4].startswith(str(folder))
+    ]
+    return pids, mounts
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["clean", "after-sigkill"])
+async def test_stop_leaves_no_process_mount_or_folder(crash: bool) -> None:
+    daemon = Dockerd().start()
+    try:
+        assert daemon.start_s > 0 and daemon.base_url.startswith("unix://")
+        with daemon.api() as api:
+            build_busybox_image(api, "megaflow-busybox:stop")
+        engine = daemon.engine()
+        sb = DockerSandbox("left-running", engine=engine, image="megaflow-busybox:stop")
+        await sb.start()
+        assert (await sb.execute("echo up", 10)).output == "up\n"
+        pids, mounts = traces(daemon.dir)
+        assert pids and mounts  # dockerd, containerd, a shim; overlay and netns mounts
+        with daemon.api() as api:
+            init_pid = api.inspect_container(sb.container_name)["State"]["Pid"]
+        assert daemon.cgroup_dirs()
+        if crash:
+            daemon.crash()
+            with pytest.raises(SandboxError, match="unreachable"):  # said, not hidden
+                await sb.stop()
+            assert not sb.alive
+        else:
+            await sb.stop()
+        engine.close()
+    finally:
+        daemon.stop()
+    assert traces(daemon.dir) == ([], [])
+    assert not daemon.dir.exists()
+    assert not running(init_pid)  # the container's processes died with it
+    assert daemon.cgroup_dirs() == []
