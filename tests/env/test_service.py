@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
 from megaflow.tasks.swe_synth import generate_tasks, reference_patch, wrong_patch
 from megaflow.v1 import common_pb2, env_pb2
+from tests.env.test_pools import _sandbox_pids
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +31,7 @@ async def service(tmp_path: Path) -> AsyncIterator[LocalEnvironmentService]:
     assert not any((tmp_path / "sb").iterdir())
 
 
-def _create(task: common_pb2.TaskSpec, **kw: float) -> env_pb2.CreateEnvironmentRequest:
+def _create(task: common_pb2.TaskSpec, **kw: float | str) -> env_pb2.CreateEnvironmentRequest:
     return env_pb2.CreateEnvironmentRequest(
         owner="test",
         image=task.image,
@@ -138,3 +141,139 @@ async def test_expired_lease_releases_the_sandbox(service: LocalEnvironmentServi
         await service.execute_step(
             env_pb2.ExecuteStepRequest(env_id=created.env_id, command="true")
         )
+
+
+async def _run(svc: LocalEnvironmentService, env_id: str, command: str) -> str:
+    reply = await svc.execute_step(env_pb2.ExecuteStepRequest(env_id=env_id, command=command))
+    return reply.output
+
+
+async def test_suspend_freezes_and_the_next_call_resumes(service: LocalEnvironmentService) -> None:
+    env_id = (await service.create_environment(env_pb2.CreateEnvironmentRequest())).env_id
+    if not getattr(service._envs[env_id].sandbox, "can_suspend", True):
+        pytest.skip("this machine has no cgroup freezer")
+    await _run(service, env_id, "(while :; do echo x >> ticks; sleep 0.02; done) >/dev/null 2>&1 &")
+    ticks = service._envs[env_id].sandbox.host_workspace / "ticks"  # type: ignore[attr-defined]
+    await asyncio.sleep(0.2)
+    await service.suspend_environment(env_pb2.SuspendEnvironmentRequest(env_id=env_id))
+    await service.suspend_environment(env_pb2.SuspendEnvironmentRequest(env_id=env_id))  # idem
+    frozen_at = ticks.read_bytes().count(b"x")
+    await asyncio.sleep(0.3)
+    assert ticks.read_bytes().count(b"x") == frozen_at  # nothing ran while suspended
+    assert (await _run(service, env_id, "echo awake")).strip() == "awake"  # resumed
+    await asyncio.sleep(0.3)
+    assert ticks.read_bytes().count(b"x") > frozen_at
+    await service.suspend_environment(env_pb2.SuspendEnvironmentRequest(env_id=env_id))
+    await service.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=env_id))
+
+
+async def test_idle_environments_are_suspended_automatically(tmp_path: Path) -> None:
+    config = EnvServiceConfig(root_dir=tmp_path / "sb", reap_interval_s=0.05, idle_suspend_s=0.1)
+    async with LocalEnvironmentService(config) as svc:
+        env_id = (await svc.create_environment(env_pb2.CreateEnvironmentRequest())).env_id
+        if not getattr(svc._envs[env_id].sandbox, "can_suspend", True):
+            pytest.skip("this machine has no cgroup freezer")
+        await asyncio.sleep(0.4)
+        assert svc._envs[env_id].suspended
+        assert (await _run(svc, env_id, "echo back")).strip() == "back"
+        assert not svc._envs[env_id].suspended
+
+
+@pytest.mark.parametrize("store", ["dir", "memory"])
+async def test_snapshot_then_restore(tmp_path: Path, store: str) -> None:
+    url = f"memory://snaps-{tmp_path.name}" if store == "memory" else ""
+    config = EnvServiceConfig(
+        root_dir=tmp_path / "sb", artifact_dir=tmp_path / "artifacts", artifact_url=url
+    )
+    task = generate_tasks(1, seed=3)[0]
+    async with LocalEnvironmentService(config) as svc:
+        env_id = (await svc.create_environment(_create(task))).env_id
+        await _run(svc, env_id, "mkdir -p work && echo progress > work/state.txt && rm -f README*")
+        snap = await svc.snapshot_environment(env_pb2.SnapshotEnvironmentRequest(env_id=env_id))
+        assert snap.bytes > 0
+        if store == "dir":
+            assert snap.uri.startswith(f"file://{tmp_path / 'artifacts'}/")
+            assert Path(snap.uri.removeprefix("file://")).stat().st_size == snap.bytes
+        else:
+            assert snap.uri.startswith(url + "/")
+        await svc.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=env_id))
+        restored = (await svc.create_environment(_create(task, restore_from=snap.uri))).env_id
+        assert (await _run(svc, restored, "cat work/state.txt")).strip() == "progress"
+        listing = await _run(svc, restored, "find . -type f | sort")
+        assert "README" not in listing  # the snapshot's state, not the task's fresh files
+        with pytest.raises(InvalidRequestError, match="outside the store"):
+            await svc.snapshot_environment(
+                env_pb2.SnapshotEnvironmentRequest(env_id=restored, uri="file:///etc/evil.tar")
+            )
+        with pytest.raises(InvalidRequestError, match="outside the store"):
+            await svc.create_environment(_create(task, restore_from="file:///etc/passwd"))
+        with pytest.raises(NotFoundError):
+            await svc.create_environment(_create(task, restore_from=snap.uri + ".missing"))
+        assert svc.live == 1  # failed creates hold no sandbox
+        await svc.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=restored))
+    assert not any((tmp_path / "sb").iterdir())
+
+
+async def test_heartbeat_keeps_the_lease(service: LocalEnvironmentService) -> None:
+    env_id = (await service.create_environment(_create_plain(lease_s=0.3))).env_id
+    for _ in range(6):
+        await asyncio.sleep(0.1)
+        await service.heartbeat(env_pb2.EnvHeartbeatRequest(env_id=env_id))
+    assert (await _run(service, env_id, "echo kept")).strip() == "kept"
+    await asyncio.sleep(0.6)  # no more heartbeats: the reaper releases it
+    with pytest.raises(NotFoundError):
+        await _run(service, env_id, "true")
+    assert service.live == 0
+
+
+def _create_plain(**kw: float) -> env_pb2.CreateEnvironmentRequest:
+    return env_pb2.CreateEnvironmentRequest(owner="test", **kw)
+
+
+_ORPHAN_MAKER = """
+import asyncio, sys
+from pathlib import Path
+from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.v1 import common_pb2, env_pb2
+
+async def main() -> None:
+    config = EnvServiceConfig(root_dir=Path(sys.argv[1]), warm_pool={"host": 2})
+    svc = LocalEnvironmentService(config)
+    await svc.start()
+    await svc.warmed()
+    for mode in ("ephemeral", "persistent"):
+        placement = common_pb2.EnvPlacement(mode=mode)
+        request = env_pb2.CreateEnvironmentRequest(placement=placement)
+        env_id = (await svc.create_environment(request)).env_id
+        step = env_pb2.ExecuteStepRequest(env_id=env_id, command="(sleep 300 &)")
+        await svc.execute_step(step)
+    await svc.warmed()
+    print(svc.live, flush=True)
+    await asyncio.sleep(300)
+
+asyncio.run(main())
+"""
+
+
+async def test_restart_reclaims_what_a_killed_service_left(tmp_path: Path) -> None:
+    root = tmp_path / "sb"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _ORPHAN_MAKER, str(root), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+        assert int(line) == 4  # two in use, two pooled
+    finally:
+        proc.kill()
+        await proc.wait()
+    left = [d for d in root.iterdir()]
+    assert len(left) == 4
+    owners = [json.loads((d / "owner.json").read_text()) for d in left]
+    cgroups = [Path(c) for o in owners for c in o.get("cgroups", [])]
+    async with LocalEnvironmentService(EnvServiceConfig(root_dir=root)) as svc:
+        assert svc.live == 0
+    assert not any(root.iterdir())
+    assert not any(c.exists() for c in cgroups)
+    for d in left:
+        assert not _sandbox_pids(d / "workspace")

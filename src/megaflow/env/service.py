@@ -3,128 +3,102 @@
 `ExecuteStep` runs a shell command in an environment's persistent shell;
 `GetObservation` reports its state; `SubmitAction` performs structured actions (read,
 write or edit a file, or submit — which copies the hidden files in and runs the
-evaluation inside the sandbox). Every environment holds a lease renewed by steps and
-heartbeats; a background reaper releases environments whose lease expired, so an
-agent that vanished cannot leak a sandbox.
+evaluation inside the sandbox).
+
+Placement picks the backend (``local`` bubblewrap, or ``docker``) and the mode:
+``ephemeral`` environments get a fresh sandbox, stopped at release; ``persistent``
+ones are reset to the image state at release and pooled for the next task (see
+`megaflow.env.pool`). Both take a warm, never-used sandbox from the pool when one is
+ready. `SuspendEnvironment` freezes a sandbox while its agent waits for the model;
+the next call thaws it. `SnapshotEnvironment` saves the workspace to the artifact
+store; `CreateEnvironmentRequest.restore_from` starts from such a snapshot.
+
+A sandbox that dies under its task (killed from outside, its shell gone) is detected
+on the next call, which raises `SandboxError` (retryable: the scheduler runs the task
+elsewhere), and it is released. Leases, renewed by every call and heartbeat, are
+reaped when they run out (`megaflow.env.leases`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
-import posixpath
 import time
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
-
-from pydantic import BaseModel, ConfigDict, Field
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from megaflow.core.errors import (
-    CapacityError,
     DeadlineExceededError,
     InvalidRequestError,
     NotFoundError,
     SandboxError,
     ServiceUnavailableError,
 )
-from megaflow.env.local import LocalSandbox, reclaim_orphans
+from megaflow.env import backends
+from megaflow.env.actions import check_relative_path, evaluate, file_action
+from megaflow.env.artifacts import ArtifactStore
+from megaflow.env.backends import MODES, SandboxFactory
+from megaflow.env.config import EnvServiceConfig
+from megaflow.env.leases import Environment, Reaper
+from megaflow.env.pool import SandboxPool
+from megaflow.env.sandbox import CommandResult
 from megaflow.v1 import common_pb2, env_pb2
+
+__all__ = ["EnvServiceConfig", "LocalEnvironmentService", "check_relative_path"]
 
 log = logging.getLogger(__name__)
 
 MAX_FILES_BYTES = 32 * 1024 * 1024
-
-
-class EnvServiceConfig(BaseModel):
-    """Settings of one Environment Service (local bubblewrap backend)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    root_dir: Path = Field(
-        default=Path("/tmp/megaflow/sandboxes"),
-        description="Host directory holding each sandbox's workspace and state.",
-    )
-    max_environments: int = Field(default=512, ge=1, description="Hard cap on live sandboxes.")
-    memory_mib: int = Field(default=1024, ge=16, description="Default memory limit per sandbox.")
-    pids: int = Field(default=256, ge=8, description="Default process-count limit per sandbox.")
-    output_bytes: int = Field(default=64_000, ge=1024, description="Default cap on step output.")
-    step_timeout_s: float = Field(default=60.0, gt=0, description="Default per-command budget.")
-    max_step_timeout_s: float = Field(default=3600.0, gt=0, description="Largest budget allowed.")
-    setup_timeout_s: float = Field(default=60.0, gt=0, description="Default sandbox setup budget.")
-    scoring_timeout_s: float = Field(default=120.0, gt=0, description="Default evaluation budget.")
-    lease_s: float = Field(default=900.0, gt=0, description="Default lease; renewed by each call.")
-    reap_interval_s: float = Field(
-        default=5.0, gt=0, description="How often expired leases are reaped."
-    )
-
-
-@dataclass
-class _Environment:
-    env_id: str
-    owner: str
-    sandbox: LocalSandbox
-    hidden_files: dict[str, bytes]
-    eval_command: str
-    lease_s: float
-    lease_expires: float
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    steps: int = 0
-    last_output: str = ""
-
-    def renew(self, lease_s: float | None = None) -> None:
-        if lease_s:
-            self.lease_s = lease_s
-        self.lease_expires = time.monotonic() + self.lease_s
-
-
-def check_relative_path(path: str) -> str:
-    """A workspace-relative path, or InvalidRequestError."""
-    if not path or "\x00" in path:
-        raise InvalidRequestError(f"invalid file path {path!r}")
-    norm = posixpath.normpath(path)
-    if norm.startswith("/") or norm == ".." or norm.startswith("../"):
-        raise InvalidRequestError(f"file path {path!r} must stay inside the workspace")
-    return norm
+_T = TypeVar("_T")
 
 
 class LocalEnvironmentService:
-    """The Environment Service over local bubblewrap sandboxes."""
+    """The Environment Service on this host (local sandboxes; Docker when configured)."""
 
     def __init__(self, config: EnvServiceConfig | None = None) -> None:
         self.config = config or EnvServiceConfig()
-        self._envs: dict[str, _Environment] = {}
-        self._starting = 0  # sandboxes still starting count against the cap
-        self._none_starting = asyncio.Event()
-        self._none_starting.set()
-        self._closing = False
-        self._teardowns: set[asyncio.Task[None]] = set()
-        self._reaper: asyncio.Task[None] | None = None
-        self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.factory = SandboxFactory(self.config)
+        self.pool = SandboxPool(self.config, self.factory, self._prefix)
+        self.store = ArtifactStore(self.config.artifact_url or self.config.artifact_dir)
+        self._envs: dict[str, Environment] = {}
+        self._creating = 0
+        self._none_creating = asyncio.Event()
+        self._none_creating.set()
+        self._closing = False
+        self._ids = itertools.count()
+        self._reaper = Reaper(
+            self._envs,
+            interval_s=self.config.reap_interval_s,
+            idle_suspend_s=self.config.idle_suspend_s,
+            release=self._destroy,
+            suspend=self._suspend,
+        )
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
-        self.config.root_dir.mkdir(parents=True, exist_ok=True)
-        reclaimed = await asyncio.to_thread(reclaim_orphans, self.config.root_dir)
+        """Reclaim what a dead earlier process left, start the reaper and the warm pools."""
+        # Only root may traverse sandbox folders: a setuid file an agent plants in its
+        # workspace must be out of reach of unprivileged host users.
+        self.config.root_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.config.root_dir.chmod(0o700)
+        reclaimed = await self.factory.reclaim()
         if reclaimed:
             log.warning("reclaimed %d sandbox(es) left by an earlier process", reclaimed)
-        self._reaper = asyncio.create_task(self._reap_forever(), name="env-lease-reaper")
+        self.pool.start()
+        self._reaper.start()
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Refuse new environments, wait for those starting, then release every one."""
         self._closing = True
-        await self._none_starting.wait()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-            self._reaper = None
+        await self._none_creating.wait()
+        await self._reaper.stop()
         await asyncio.gather(*(self._destroy(env_id) for env_id in list(self._envs)))
-        await asyncio.gather(*self._teardowns, return_exceptions=True)
+        await self.pool.stop()
+        await self.factory.aclose()
 
     async def __aenter__(self) -> LocalEnvironmentService:
         await self.start()
@@ -133,18 +107,29 @@ class LocalEnvironmentService:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    async def warmed(self) -> None:
+        """Wait until the warm pools' refills under way are done."""
+        await self.pool.wait_refills()
+
     @property
     def live(self) -> int:
-        return len(self._envs) + self._starting
+        """Sandboxes held: in use, starting, resetting and pooled (what the cap counts)."""
+        return self.pool.slots
+
+    def load(self) -> tuple[int, int]:
+        """(busy, capacity) for heartbeats: busy = held sandboxes minus idle pooled ones
+        (a pooled sandbox is free capacity, and the fastest kind)."""
+        return self.pool.slots - self.pool.idle, self.config.max_environments
 
     # -- the contract ------------------------------------------------------------
     async def create_environment(
         self, request: env_pb2.CreateEnvironmentRequest
     ) -> env_pb2.CreateEnvironmentResponse:
-        if request.image not in ("", "host"):
-            raise InvalidRequestError(
-                f"image {request.image!r} is not available: the local backend serves 'host'"
-            )
+        placement = request.placement if request.HasField("placement") else None
+        spec = self.factory.spec(request.image, placement, request.limits)
+        mode = (placement.mode if placement else "") or "ephemeral"
+        if mode not in MODES:
+            raise InvalidRequestError(f"unknown placement.mode {mode!r}; expected one of {MODES}")
         files = {check_relative_path(p): c for p, c in request.files.items()}
         hidden = {check_relative_path(p): c for p, c in request.hidden_files.items()}
         size = sum(map(len, files.values())) + sum(map(len, hidden.values()))
@@ -154,47 +139,44 @@ class LocalEnvironmentService:
             )
         if self._closing:
             raise ServiceUnavailableError("the Environment Service is shutting down")
-        if self.live >= self.config.max_environments:
-            raise CapacityError(f"all {self.config.max_environments} environment slots are in use")
-        cfg, limits = self.config, request.limits
-        env_id = f"env-{self._prefix}-{next(self._ids)}"
-        sandbox = LocalSandbox(
-            env_id,
-            root_dir=cfg.root_dir,
-            memory_mib=limits.memory_mib or cfg.memory_mib,
-            pids=limits.pids or cfg.pids,
-            output_bytes=limits.output_bytes or cfg.output_bytes,
-        )
-        self._starting += 1
-        self._none_starting.clear()
+        setup_s = request.setup_timeout_s or self.config.setup_timeout_s
+        self._creating += 1  # stop() waits for this create, whatever it awaits
+        self._none_creating.clear()
         try:
-            setup_s = request.setup_timeout_s or cfg.setup_timeout_s
+            archive = None
+            if request.restore_from:
+                archive = await self.store.read(request.restore_from)
+            sandbox, _ = await self.pool.claim(spec, setup_s)
             try:
                 async with asyncio.timeout(setup_s):
-                    await sandbox.start(timeout_s=setup_s)
-                    await asyncio.to_thread(_write_files, sandbox.host_workspace, files)
-            except TimeoutError:
-                raise DeadlineExceededError(
-                    f"sandbox setup passed its {setup_s:.1f}s budget"
-                ) from None
-        except BaseException:
-            await self._teardown(sandbox)
-            raise
+                    await backends.put_files(sandbox, files)
+                    if archive is not None:
+                        await backends.restore(sandbox, archive)
+            except BaseException as exc:
+                await self.pool.give_back(spec, sandbox, reuse=False)
+                if isinstance(exc, TimeoutError):
+                    raise DeadlineExceededError(
+                        f"environment setup passed its {setup_s:.1f}s budget"
+                    ) from exc
+                raise
         finally:
-            self._starting -= 1
-            if self._starting == 0:
-                self._none_starting.set()
-        lease_s = request.lease_s or cfg.lease_s
-        self._envs[env_id] = _Environment(
+            self._creating -= 1
+            if self._creating == 0:
+                self._none_creating.set()
+        env_id = f"env-{self._prefix}-{next(self._ids)}"
+        lease_s = request.lease_s or self.config.lease_s
+        self._envs[env_id] = Environment(
             env_id=env_id,
             owner=request.owner,
+            spec=spec,
             sandbox=sandbox,
+            persistent=mode == "persistent",
             hidden_files=hidden,
             eval_command=request.eval_command,
             lease_s=lease_s,
             lease_expires=time.monotonic() + lease_s,
         )
-        return env_pb2.CreateEnvironmentResponse(env_id=env_id, workdir=LocalSandbox.WORKDIR)
+        return env_pb2.CreateEnvironmentResponse(env_id=env_id, workdir=backends.workdir(sandbox))
 
     async def execute_step(
         self, request: env_pb2.ExecuteStepRequest
@@ -204,8 +186,8 @@ class LocalEnvironmentService:
             raise InvalidRequestError("ExecuteStepRequest.command is empty")
         timeout_s = self._step_timeout(request.timeout_s)
         async with env.lock:
-            env.renew()
-            result = await env.sandbox.execute(request.command, timeout_s)
+            await self._wake(env)
+            result = await self._run(env, request.command, timeout_s)
             env.steps += 1
             env.last_output = result.output
         return env_pb2.ExecuteStepResponse(
@@ -221,11 +203,11 @@ class LocalEnvironmentService:
     ) -> env_pb2.GetObservationResponse:
         env = self._get(request.env_id)
         async with env.lock:
-            env.renew()
-            alive = env.sandbox.alive
-            cwd = await env.sandbox.cwd() if alive else ""
+            await self._wake(env)
+            await self._check_alive(env)
+            cwd = await self._guard(env, env.sandbox.cwd())
         return env_pb2.GetObservationResponse(
-            cwd=cwd, last_output=env.last_output, steps=env.steps, alive=alive
+            cwd=cwd, last_output=env.last_output, steps=env.steps, alive=True
         )
 
     async def submit_action(
@@ -236,12 +218,19 @@ class LocalEnvironmentService:
         if action is None:
             raise InvalidRequestError("SubmitActionRequest has no action")
         async with env.lock:
-            env.renew()
+            await self._wake(env)
+            await self._check_alive(env)
             env.steps += 1
             if action == "submit":
-                return await self._evaluate(env, request.submit.scoring_timeout_s)
+                timeout_s = request.submit.scoring_timeout_s or self.config.scoring_timeout_s
+                return await self._guard(
+                    env,
+                    evaluate(
+                        env.sandbox, env.env_id, env.hidden_files, env.eval_command, timeout_s
+                    ),
+                )
             try:
-                return await _file_action(env.sandbox, request)
+                return await self._guard(env, file_action(env.sandbox, request))
             except InvalidRequestError as error:  # the agent's mistake: tell it, keep going
                 return env_pb2.SubmitActionResponse(ok=False, message=str(error))
 
@@ -261,22 +250,36 @@ class LocalEnvironmentService:
     async def snapshot_environment(
         self, request: env_pb2.SnapshotEnvironmentRequest
     ) -> env_pb2.SnapshotEnvironmentResponse:
-        self._get(request.env_id)
-        raise InvalidRequestError("snapshots are not supported by this Environment Service yet")
+        env = self._get(request.env_id)
+        uri = self.store.check(request.uri or f"{env.env_id}-{uuid.uuid4().hex[:8]}.tar")
+        async with env.lock:
+            await self._wake(env)
+            archive = await self._guard(env, backends.snapshot(env.sandbox))
+        uri = await self.store.write(uri, archive)
+        return env_pb2.SnapshotEnvironmentResponse(uri=uri, bytes=len(archive))
 
     async def suspend_environment(
         self, request: env_pb2.SuspendEnvironmentRequest
     ) -> env_pb2.SuspendEnvironmentResponse:
-        self._get(request.env_id)
-        raise InvalidRequestError("suspend is not supported by this Environment Service yet")
+        env = self._get(request.env_id)
+        async with env.lock:
+            env.renew()
+            await self._suspend(env)
+        return env_pb2.SuspendEnvironmentResponse()
 
     async def health(self, request: common_pb2.HealthRequest) -> common_pb2.HealthResponse:
+        pool = self.pool
         return common_pb2.HealthResponse(
-            ok=True, detail=f"{self.live}/{self.config.max_environments} environments"
+            ok=not self._closing,
+            detail=(
+                f"{self.live}/{self.config.max_environments} environments "
+                f"({len(self._envs)} in use, {pool.starting} starting or resetting, "
+                f"{pool.idle} pooled)"
+            ),
         )
 
     # -- internals ---------------------------------------------------------------
-    def _get(self, env_id: str) -> _Environment:
+    def _get(self, env_id: str) -> Environment:
         env = self._envs.get(env_id)
         if env is None:
             raise NotFoundError(f"no environment {env_id!r} (released, expired or never created)")
@@ -292,85 +295,52 @@ class LocalEnvironmentService:
             )
         return timeout_s
 
-    async def _evaluate(
-        self, env: _Environment, scoring_timeout_s: float
-    ) -> env_pb2.SubmitActionResponse:
-        if not env.eval_command:
-            return env_pb2.SubmitActionResponse(
-                ok=True, message="submitted; no evaluation configured"
-            )
-        timeout_s = scoring_timeout_s or self.config.scoring_timeout_s
-        if not env.sandbox.alive:
-            raise SandboxError(f"sandbox of {env.env_id} died before scoring")
-        for path, content in env.hidden_files.items():
-            await env.sandbox.write_file(path, content)
-        # Score from the workspace root, whatever directory the agent left the shell in.
-        result = await env.sandbox.execute(
-            f"cd {LocalSandbox.WORKDIR} && {env.eval_command}", timeout_s
-        )
-        passed = result.exit_code == 0 and not result.timed_out
-        return env_pb2.SubmitActionResponse(
-            ok=True,
-            message="hidden tests passed" if passed else "hidden tests failed",
-            has_reward=True,
-            reward=1.0 if passed else 0.0,
-            eval_output=result.output,
-        )
+    async def _wake(self, env: Environment) -> None:
+        """Renew the lease and thaw a suspended sandbox (under the environment's lock)."""
+        env.renew()
+        if env.suspended:
+            await self._guard(env, backends.resume(env.sandbox))
+            env.suspended = False
 
-    async def _destroy(self, env_id: str) -> None:
-        """Tear a sandbox down. The teardown runs to completion even if the caller is
-        cancelled half-way (stop() waits for it), so nothing is left half-removed."""
+    async def _suspend(self, env: Environment) -> None:
+        if not env.suspended:
+            await self._guard(env, backends.suspend(env.sandbox))
+            env.suspended = True
+
+    async def _check_alive(self, env: Environment) -> None:
+        """Before a file action or an observation: SandboxError if the sandbox died since
+        the last call. (A generous budget: a timed-out command would get the agent's
+        background jobs killed, and a builtin `true` only waits for a busy machine.)"""
+        await self._run(env, "true", self.config.step_timeout_s)
+
+    async def _run(self, env: Environment, command: str, timeout_s: float) -> CommandResult:
+        """Run a command; SandboxError (and release) if the sandbox had died before it."""
+        result = await self._guard(env, env.sandbox.execute(command, timeout_s))
+        if backends.shell_died_between_calls(result.output) or not env.sandbox.alive:
+            await self._destroy(env.env_id, broken=True)
+            raise SandboxError(f"the sandbox of {env.env_id} died between calls; its state is lost")
+        return result
+
+    async def _guard(self, env: Environment, call: Awaitable[_T]) -> _T:
+        """Await a sandbox call; a SandboxError means the sandbox is gone: release it."""
+        try:
+            return await call
+        except SandboxError:
+            log.warning("sandbox of %s failed; releasing it", env.env_id)
+            await self._destroy(env.env_id, broken=True)
+            raise
+
+    async def _destroy(self, env_id: str, *, broken: bool = False) -> None:
+        """Hand an environment's sandbox back to the pool: reset and kept (persistent
+        mode), or stopped (ephemeral mode, or ``broken``: it failed under its task)."""
         env = self._envs.pop(env_id, None)
         if env is None:
             return
-        await self._teardown(env.sandbox)
-
-    async def _teardown(self, sandbox: LocalSandbox) -> None:
-        teardown = asyncio.create_task(sandbox.stop(), name="sandbox-teardown")
-        self._teardowns.add(teardown)
-        teardown.add_done_callback(self._teardowns.discard)
-        await asyncio.shield(teardown)
-
-    async def _reap_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.reap_interval_s)
-            now = time.monotonic()
-            for env in [e for e in self._envs.values() if e.lease_expires < now]:
-                log.warning("lease of %s (owner %s) expired; releasing it", env.env_id, env.owner)
-                await self._destroy(env.env_id)
-
-
-def _write_files(workspace: Path, files: dict[str, bytes]) -> None:
-    """Write a task's repository into a fresh, empty workspace (no agent has touched it)."""
-    for rel, content in files.items():
-        target = workspace / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
-
-
-async def _file_action(
-    sandbox: LocalSandbox, request: env_pb2.SubmitActionRequest
-) -> env_pb2.SubmitActionResponse:
-    action = request.WhichOneof("action")
-    if action == "read_file":
-        content = await sandbox.read_file(request.read_file.path)
-        return env_pb2.SubmitActionResponse(
-            ok=True, content=content, message=f"read {len(content)} bytes"
-        )
-    if action == "write_file":
-        await sandbox.write_file(request.write_file.path, request.write_file.content)
-        return env_pb2.SubmitActionResponse(ok=True, message=f"wrote {request.write_file.path}")
-    edit = request.edit_file
-    if not edit.old:
-        raise InvalidRequestError("edit_file: `old` must not be empty")
-    raw = await sandbox.read_file(edit.path)
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        raise InvalidRequestError(f"edit_file: {edit.path} is not UTF-8 text") from None
-    count = text.count(edit.old)
-    if count != 1:
-        where = "not found" if count == 0 else f"found {count} times; make it unique"
-        raise InvalidRequestError(f"edit_file: the text to replace was {where} in {edit.path}")
-    await sandbox.write_file(edit.path, text.replace(edit.old, edit.new, 1).encode())
-    return env_pb2.SubmitActionResponse(ok=True, message=f"edited {edit.path}")
+        if env.suspended:
+            try:
+                await backends.resume(env.sandbox)
+                env.suspended = False
+            except Exception as exc:
+                log.warning("cannot resume %s before release: %s", env_id, exc)
+        reuse = env.persistent and not env.suspended and not broken
+        await self.pool.give_back(env.spec, env.sandbox, reuse=reuse)

@@ -1,0 +1,62 @@
+"""Images on demand through the Environment Service: a task names a registry image, the
+local backend pulls it once, runs its sandboxes on it and unpins it at release."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from megaflow.env.images import ImageNotFoundError
+from megaflow.env.images_build import build_busybox_rootfs
+from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.testing.registry import LocalRegistry, push_rootfs
+from megaflow.v1 import env_pb2
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def registry_image(tmp_path: Path) -> AsyncIterator[str]:
+    registry = LocalRegistry(tmp_path / "registry")
+    await registry.start()
+    try:
+        rootfs = build_busybox_rootfs(tmp_path / "busybox")
+        await push_rootfs(registry.address, "megaflow/busybox", "1", rootfs)
+        yield f"registry:{registry.address}/megaflow/busybox:1"
+    finally:
+        registry.stop()
+
+
+async def test_tasks_run_on_an_image_pulled_once(registry_image: str, tmp_path: Path) -> None:
+    config = EnvServiceConfig(root_dir=tmp_path / "sb", image_cache_dir=tmp_path / "images")
+    async with LocalEnvironmentService(config) as service:
+        request = env_pb2.CreateEnvironmentRequest(image=registry_image, files={"a.txt": b"hi\n"})
+        created = await asyncio.gather(*(service.create_environment(request) for _ in range(8)))
+        store = service.factory._image_store()
+        assert store.pulls == 1  # eight environments, one pull
+        step = await service.execute_step(
+            env_pb2.ExecuteStepRequest(
+                env_id=created[0].env_id,
+                command="cat a.txt; readlink -f /usr/bin/ls; test -e /usr/bin/python3; echo $?",
+            )
+        )
+        lines = step.output.split()
+        assert lines[0] == "hi"
+        assert lines[1].endswith("busybox")  # the image's tools, not the host's
+        assert lines[2] == "1"  # the host's python is not in this image
+        for c in created:
+            await service.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=c.env_id))
+        assert not service.factory._pinned  # every pin released with its sandbox
+
+
+async def test_an_unknown_image_is_a_clear_error(registry_image: str, tmp_path: Path) -> None:
+    config = EnvServiceConfig(root_dir=tmp_path / "sb", image_cache_dir=tmp_path / "images")
+    missing = registry_image.replace("busybox:1", "nothing:9")
+    async with LocalEnvironmentService(config) as service:
+        with pytest.raises(ImageNotFoundError, match="nothing"):
+            await service.create_environment(env_pb2.CreateEnvironmentRequest(image=missing))
+        with pytest.raises(Exception, match="not available to the local backend"):
+            await service.create_environment(env_pb2.CreateEnvironmentRequest(image="ubuntu"))
