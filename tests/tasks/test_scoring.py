@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megaflow.tasks.scoring import simulated_reward
-from megaflow.tasks.swe_synth import EVAL_COMMAND, generate_tasks, reference_patch, wrong_patch
+from megaflow.tasks.swe_synth import generate_tasks, reference_patch, wrong_patch
 from megaflow.v1 import common_pb2
 
 
@@ -20,11 +20,13 @@ def _apply(task: common_pb2.TaskSpec, patch: tuple[str, str, str]) -> dict[str, 
     return files
 
 
-def _hidden_tests_pass(files: dict[str, bytes], hidden: dict[str, bytes], tmp: Path) -> bool:
+def _hidden_tests_pass(
+    files: dict[str, bytes], hidden: dict[str, bytes], eval_command: str, tmp: Path
+) -> bool:
     for rel, content in {**files, **hidden}.items():
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / rel).write_bytes(content)
-    command = EVAL_COMMAND.replace("python3", sys.executable, 1)
+    command = eval_command.replace("python3", sys.executable, 1)
     return subprocess.run(command, shell=True, cwd=tmp, capture_output=True).returncode == 0
 
 
@@ -39,4 +41,5 @@ def test_simulated_reward_matches_the_hidden_tests(index: int, tmp_path: Path) -
     ):
         files = dict(task.files) if patch is None else _apply(task, patch)
         assert simulated_reward(files, hidden) == expected, name
-        assert _hidden_tests_pass(files, hidden, tmp_path / name) == (expected == 1.0), name
+        passed = _hidden_tests_pass(files, hidden, task.eval_command, tmp_path / name)
+        assert passed == (expected == 1.0), name

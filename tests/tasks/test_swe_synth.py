@@ -12,8 +12,8 @@ import pytest
 from megaflow.core.errors import InvalidRequestError
 from megaflow.tasks.catalogue import BY_NAME, CATALOGUE, locate_bug
 from megaflow.tasks.swe_synth import (
-    EVAL_COMMAND,
     FAMILY,
+    RUNNER_PATH,
     generate_task,
     generate_tasks,
     parse_problem_statement,
@@ -81,12 +81,12 @@ def test_fields() -> None:
     assert task.task_id == "swe-synth-3-00000"
     assert task.family == FAMILY == "swe-synth"
     assert task.image == "host"
-    assert task.eval_command == EVAL_COMMAND
+    assert f"{RUNNER_PATH} tests/test_hidden_" in task.eval_command and "-I" in task.eval_command
     assert task.budgets.max_steps == 20
     assert task.budgets.max_tokens == 0 and task.budgets.task_timeout_s == 0
     assert task.max_attempts == 0
     assert "README.md" in task.files
-    assert all(p.startswith("tests/test_hidden_") for p in task.hidden_files)
+    assert all(p.startswith("tests/test_hidden_") or p == RUNNER_PATH for p in task.hidden_files)
     assert not set(task.hidden_files) & set(task.files)
     assert generate_tasks(0) == []
     with pytest.raises(InvalidRequestError):

@@ -5,9 +5,9 @@ Each task is a small Python repository: a package with one or two modules of
 visible tests (under `tests/`) for every function but one. That one function
 carries the catalogue's buggy line; the hidden tests (`tests/test_hidden_*.py`,
 copied in after the agent submits) test it thoroughly, together with the other
-functions. Evaluation needs only the standard library:
-
-    python3 -m unittest discover -s tests -p 'test_hidden*.py' -q
+functions. Evaluation needs only the standard library: `hidden_runner.py` (copied in
+with them) runs exactly those tests in an isolated interpreter and exits with a
+per-task success code (see its docstring for what that defends against).
 
 Everything is a pure function of `(seed, index)`: task `i` is the same whatever
 the number of tasks generated, and the buggy functions cycle through the whole
@@ -19,13 +19,22 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 from megaflow.core.errors import InvalidRequestError
 from megaflow.tasks.catalogue import CATALOGUE, BugSite, FunctionTemplate, locate_bug
 from megaflow.v1 import common_pb2
 
 FAMILY = "swe-synth"
-EVAL_COMMAND = "python3 -m unittest discover -s tests -p 'test_hidden*.py' -q"
+RUNNER_PATH = ".megaflow/hidden_tests.py"
+EVAL_TEMPLATE = (
+    # -B and a pycache prefix that cannot exist: compile from source, never trust a
+    # __pycache__ entry (an edit of the same size within a second looks unchanged).
+    "printf '%s\\n' {code} | python3 -I -B -X pycache_prefix=/nonexistent/megaflow "
+    + RUNNER_PATH
+    + " {test_file} {count}; test $? -eq {code}"
+)
 VISIBLE_TEST_COMMAND = "python3 -m unittest discover -s tests -q"
 MAX_STEPS = 20
 
@@ -104,17 +113,27 @@ def generate_task(seed: int, index: int) -> common_pb2.TaskSpec:
         [bug, *(f for f in functions if f is not bug)],
     )
     path = f"{package}/{bug.module}.py"
+    # A success code only the evaluation knows: agent code cannot exit with it by accident.
+    code = rng.randint(3, 125)
+    eval_command = EVAL_TEMPLATE.format(
+        code=code, test_file=hidden_path, count=len(re.findall(r"^\s+def test_", hidden, re.M))
+    )
     return common_pb2.TaskSpec(
         task_id=task_id(seed, index),
         family=FAMILY,
         problem_statement=_statement(bug.template, path),
         image="host",
         files=files,
-        hidden_files={hidden_path: hidden.encode()},
-        eval_command=EVAL_COMMAND,
+        hidden_files={hidden_path: hidden.encode(), RUNNER_PATH: _runner_source()},
+        eval_command=eval_command,
         budgets=common_pb2.TaskBudgets(max_steps=MAX_STEPS),
         max_attempts=0,
     )
+
+
+@cache
+def _runner_source() -> bytes:
+    return (Path(__file__).parent / "hidden_runner.py").read_bytes()
 
 
 def parse_problem_statement(statement: str) -> tuple[str, str] | None:
