@@ -36,8 +36,11 @@ _REF = re.compile(
 )
 
 
-class ImageNotFoundError(InvalidRequestError):
-    """The image (repository, tag, digest or one of its blobs) does not exist."""
+class ImageNotFoundError(SandboxError):
+    """The image (repository, tag, digest or one of its blobs) does not exist.
+
+    An infrastructure failure, not the task's: the task is retried (the image may yet
+    be pushed) and, if it never appears, fails with no reward and this message."""
 
 
 @dataclass(frozen=True)
