@@ -7,10 +7,11 @@ import asyncio
 import json
 import logging
 
-from bench import e2e_bench, env_bench, gateway_bench, model_bench, scale_bench
+from bench import docker_bench, e2e_bench, env_bench, gateway_bench, model_bench, scale_bench
 
 BENCHES = {
     "env": env_bench.run,
+    "docker": docker_bench.run,
     "model": model_bench.run,
     "gateway": gateway_bench.run,
     "e2e": e2e_bench.run,

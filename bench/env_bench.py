@@ -218,7 +218,7 @@ async def _swerex_steps(n: int) -> list[float] | None:
 
 async def run(quick: bool = False) -> dict[str, float]:
     n_create, n_steps = (20, 200) if quick else (100, 1000)
-    n_claims, ramp_to, n_swerex = (100, 200, 20) if quick else (1000, 1000, 100)
+    n_claims, ramp_to, n_swerex = (100, 200, 20) if quick else (1000, 2000, 100)
     with tempfile.TemporaryDirectory(prefix="megaflow-bench-") as tmp:
         root = Path(tmp)
         create = summarise("create", await _cold_creates(root / "cold", n_create))
