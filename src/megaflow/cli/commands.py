@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from megaflow.agent.service import AgentServiceImpl
 from megaflow.cli.output import RunProgress
+from megaflow.core.errors import InvalidRequestError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.processes import serve
 from megaflow.deploy.run import RunSummary, run_batch
+from megaflow.env.backends import LOCAL_IMAGE_SOURCES
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.model.backend import ModelBackend
 from megaflow.model.factory import backend_from_spec
@@ -23,7 +27,78 @@ from megaflow.rpc.resolver import ServiceResolver
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.store.sqlite import SqliteLedger
 from megaflow.tasks.swe_synth import generate_tasks
-from megaflow.v1 import scheduler_pb2
+from megaflow.v1 import common_pb2, scheduler_pb2
+
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+
+class RunPlacement(BaseModel):
+    """Where `megaflow run` puts every task's sandbox (from --env, --runtime, --image)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: str = Field(
+        default="local", pattern=r"^(local|docker)$", description="Sandbox backend."
+    )
+    runtime: str = Field(
+        default="", pattern=r"^(|runc|runsc)$", description="Docker runtime; '' for local."
+    )
+    image: str = Field(default="host", min_length=1, description="Image of every task.")
+    docker_host: str | None = Field(
+        default=None,
+        description="Docker endpoint of the embedded Environment Service; None: no docker.",
+    )
+
+    def apply(self, task: common_pb2.TaskSpec) -> None:
+        """Set ``task``'s image and placement (its mode is kept)."""
+        task.image = self.image
+        task.placement.backend = self.backend
+        task.placement.runtime = self.runtime
+
+
+def resolve_placement(
+    *,
+    env: str,
+    runtime: str | None,
+    image: str | None,
+    docker_host: str | None,
+    scheduler: str | None,
+    environ: Mapping[str, str],
+) -> RunPlacement:
+    """Check the `run` options together; InvalidRequestError says what is wrong."""
+    if env not in ("local", "docker"):
+        raise InvalidRequestError(f"--env must be 'local' or 'docker', not {env!r}")
+    if env == "local":
+        if runtime is not None:
+            raise InvalidRequestError("--runtime applies to --env docker only")
+        if docker_host is not None:
+            raise InvalidRequestError("--docker-host applies to --env docker only")
+        image = image or "host"
+        if image != "host" and not image.startswith(LOCAL_IMAGE_SOURCES):
+            raise InvalidRequestError(
+                f"--image {image!r} is not available to --env local: use 'host' or a "
+                f"reference starting with one of {', '.join(LOCAL_IMAGE_SOURCES)}"
+            )
+        return RunPlacement(backend="local", image=image)
+    if runtime not in (None, "runc", "runsc"):
+        raise InvalidRequestError(f"--runtime must be 'runc' or 'runsc', not {runtime!r}")
+    if not image:
+        raise InvalidRequestError(
+            "--env docker needs --image NAME: a Docker image with /bin/sh and python3"
+        )
+    if image == "host":
+        raise InvalidRequestError("--image host is for --env local; name a Docker image")
+    if scheduler:
+        if docker_host is not None:
+            raise InvalidRequestError(
+                "--docker-host configures the embedded Environment Service; with --scheduler "
+                "the Environment Services' own settings apply"
+            )
+    else:
+        docker_host = docker_host or environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+    return RunPlacement(
+        backend="docker", runtime=runtime or "runc", image=image, docker_host=docker_host
+    )
 
 
 async def run_command(
@@ -38,8 +113,12 @@ async def run_command(
     scheduler: str | None,
     sandbox_dir: Path,
     console: Console,
+    placement: RunPlacement | None = None,
 ) -> RunSummary:
+    placement = placement or RunPlacement()
     specs = generate_tasks(tasks, seed=seed)
+    for spec in specs:
+        placement.apply(spec)
     with RunProgress(console, len(specs)) as progress:
         if scheduler:
             client = SchedulerServiceClient(scheduler)
@@ -58,7 +137,11 @@ async def run_command(
         system = EmbeddedSystem(
             backends=[backend],
             ledger_path=out / "ledger.sqlite",
-            env_config=EnvServiceConfig(root_dir=sandbox_dir, max_environments=max(concurrency, 1)),
+            env_config=EnvServiceConfig(
+                root_dir=sandbox_dir,
+                max_environments=max(concurrency, 1),
+                docker_host=placement.docker_host,
+            ),
         )
         async with system:
             summary = await run_batch(

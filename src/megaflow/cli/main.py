@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,7 @@ import typer
 from rich.console import Console
 
 from megaflow.cli import output
+from megaflow.core.errors import InvalidRequestError
 from megaflow.env.service import EnvServiceConfig
 
 app = typer.Typer(
@@ -58,13 +60,53 @@ def run(
         str | None, typer.Option("--scheduler", help="Submit to a running scheduler at host:port.")
     ] = None,
     sandbox_dir: Annotated[
-        Path, typer.Option(help="Where sandboxes live (embedded mode).")
+        Path, typer.Option(help="Where local sandboxes live (embedded mode).")
     ] = DEFAULT_SANDBOX_DIR,
+    env: Annotated[
+        str,
+        typer.Option(
+            "--env",
+            help="Sandbox backend of every task: 'local' (bubblewrap) or 'docker'.",
+        ),
+    ] = "local",
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            help="Container runtime with --env docker: 'runc' (default) or 'runsc' (gVisor)."
+        ),
+    ] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            help="Image of every task: 'host' (default) or a dir:/tar:/registry:/oci: "
+            "reference with --env local; a local Docker image name (required) with --env docker."
+        ),
+    ] = None,
+    docker_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Docker Engine endpoint with --env docker (embedded mode); "
+            "default: $DOCKER_HOST, else unix:///var/run/docker.sock."
+        ),
+    ] = None,
     log_level: LogLevel = "warning",
 ) -> None:
-    """Run N synthetic software-engineering tasks and write trajectories and rewards."""
-    from megaflow.cli.commands import run_command
+    """Run N synthetic software-engineering tasks and write trajectories and rewards.
 
+    --env docker --image NAME runs each task in a Docker container (--runtime runsc: gVisor)."""
+    from megaflow.cli.commands import resolve_placement, run_command
+
+    try:
+        placement = resolve_placement(
+            env=env,
+            runtime=runtime,
+            image=image,
+            docker_host=docker_host,
+            scheduler=scheduler,
+            environ=os.environ,
+        )
+    except InvalidRequestError as exc:
+        raise typer.BadParameter(str(exc)) from None
     _logging(log_level)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -80,6 +122,7 @@ def run(
                 scheduler=scheduler,
                 sandbox_dir=sandbox_dir,
                 console=console,
+                placement=placement,
             )
         )
     except KeyboardInterrupt:

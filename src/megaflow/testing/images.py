@@ -1,0 +1,59 @@
+"""A Docker image, built offline, that runs the synthetic software-engineering tasks.
+
+    with Dockerd() as daemon:
+        build_python_image(daemon.client(), "megaflow-python:test")
+
+The synthetic tasks (`megaflow.tasks.swe_synth`) need ``/bin/sh``, the usual shell
+tools and ``python3`` with the standard library (``unittest``, ``json``). The image is
+the busybox rootfs of `megaflow.env.images_build` (with bash) plus the host's Debian
+``/usr/bin/python3.11``, the shared libraries ``ldd`` lists for it and for its extension
+modules, and ``/usr/lib/python3.11`` without tests, IDLE, tkinter, ensurepip and
+``__pycache__`` folders; ``docker import``ed like `megaflow.testing.dockerd`'s busybox
+image. Blocking functions; needs Debian's ``python3.11`` and ``busybox-static``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import docker  # type: ignore[import-untyped]
+
+from megaflow.env.images_build import _copy_with_libraries, build_busybox_rootfs, tar_layer
+
+PYTHON = Path("/usr/bin/python3.11")
+STDLIB = Path("/usr/lib/python3.11")
+SKIPPED = ("test", "idlelib", "tkinter", "ensurepip", "__pycache__", "turtledemo")
+
+
+def python_rootfs(dest: Path) -> Path:
+    """Make the image's root filesystem in ``dest`` (created; must not exist)."""
+    if not PYTHON.is_file() or not STDLIB.is_dir():
+        raise RuntimeError(f"{PYTHON} or {STDLIB} is missing (Debian package python3.11)")
+    root = build_busybox_rootfs(dest, with_bash=True)
+    _copy_with_libraries(PYTHON, root)
+    (root / "usr/bin/python3").symlink_to("python3.11")
+    target = root / str(STDLIB).lstrip("/")
+    shutil.copytree(STDLIB, target, symlinks=True, ignore=shutil.ignore_patterns(*SKIPPED))
+    for module in sorted((STDLIB / "lib-dynload").glob("*.so")):
+        # Copies the module again (harmless) and the libraries it links (libssl, libz, ...).
+        _copy_with_libraries(module, root, as_name=str(module).lstrip("/"))
+    for folder in ("workspace", "proc", "sys", "dev"):
+        (root / folder).mkdir(exist_ok=True)
+    return root
+
+
+def build_python_image(client: docker.DockerClient | docker.APIClient, tag: str) -> str:
+    """``docker import`` a busybox + python3 root filesystem as ``tag``; returns its id."""
+    api = client.api if isinstance(client, docker.DockerClient) else client
+    repository, _, version = tag.rpartition(":") if ":" in tag else (tag, "", "latest")
+    with tempfile.TemporaryDirectory(prefix="mf-python-image-") as tmp:
+        layer = tar_layer(python_rootfs(Path(tmp) / "rootfs"))
+    api.import_image_from_data(
+        layer,
+        repository=repository,
+        tag=version,
+        changes=['CMD ["/bin/sh"]', "ENV PATH=/usr/local/bin:/usr/bin:/bin:/sbin"],
+    )
+    return str(api.inspect_image(tag)["Id"])
