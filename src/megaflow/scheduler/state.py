@@ -155,8 +155,11 @@ class _Service:
 
 @dataclass(frozen=True)
 class SchedulerPolicy:
-    default_max_attempts: int = 3
-    retry_base_s: float = 0.5
+    # 6 attempts 1 s apart, doubling: 1+2+4+8+16 = 31 s of backoff outlast a crashed
+    # service's restart (or the 3 missed heartbeats after which it is dropped), even while
+    # gRPC's own reconnect backoff (1 s, x1.6) keeps failing calls to the restarted address.
+    default_max_attempts: int = 6
+    retry_base_s: float = 1.0
     retry_max_s: float = 30.0
 
 
