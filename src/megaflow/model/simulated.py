@@ -291,7 +291,9 @@ class SimulatedBackend:
         prompt_ids = simulated_encode("".join(_message_text(m) for m in request.messages))
         completion_ids = simulated_encode(_message_text(message))
         prompt_tokens, completion_tokens = len(prompt_ids), len(completion_ids)
-        queue_s, service_s = await self.latency.run(prompt_tokens, completion_tokens)
+        queue_s, service_s = await self.latency.run(
+            prompt_tokens, completion_tokens, prefix_key=request.task_id or None
+        )
         return model_pb2.GenerateResponse(
             message=message,
             model=self.name,
