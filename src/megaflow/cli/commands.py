@@ -202,8 +202,32 @@ async def serve_agent_command(listen: str, scheduler: str, capacity: int) -> Non
         await resolver.close()
 
 
-async def serve_env_command(listen: str, scheduler: str, capacity: int, sandbox_dir: Path) -> None:
-    impl = LocalEnvironmentService(
-        EnvServiceConfig(root_dir=sandbox_dir, max_environments=capacity)
+def parse_warm_pool(items: list[str]) -> dict[str, int]:
+    """`IMAGE=N` pairs (from --warm-pool) as a mapping; ValueError says which is wrong."""
+    pools: dict[str, int] = {}
+    for item in items:
+        image, sep, size = item.rpartition("=")
+        if not sep or not image or not size.isdigit():
+            raise ValueError(f"--warm-pool {item!r}: expected IMAGE=N, e.g. host=8")
+        pools[image] = int(size)
+    return pools
+
+
+async def serve_env_command(
+    listen: str,
+    scheduler: str,
+    capacity: int,
+    sandbox_dir: Path,
+    docker_host: str | None = None,
+    warm_pool: dict[str, int] | None = None,
+    artifact_url: str = "",
+) -> None:
+    config = EnvServiceConfig(
+        root_dir=sandbox_dir,
+        max_environments=capacity,
+        docker_host=docker_host,
+        warm_pool=warm_pool or {},
+        artifact_url=artifact_url,
     )
+    impl = LocalEnvironmentService(config)
     await serve("env", impl, listen=listen, scheduler=scheduler, capacity=capacity)

@@ -204,13 +204,32 @@ def serve_env(
     listen: Listen = "127.0.0.1:0",
     capacity: Annotated[int, typer.Option(min=1, help="Live sandboxes at most.")] = 512,
     sandbox_dir: Annotated[Path, typer.Option(help="Where sandboxes live.")] = DEFAULT_SANDBOX_DIR,
+    docker_host: Annotated[
+        str | None, typer.Option(help="Docker endpoint: enables placement.backend 'docker'.")
+    ] = None,
+    warm_pool: Annotated[
+        list[str] | None,
+        typer.Option(help="IMAGE=N: keep N started sandboxes of IMAGE ready (repeatable)."),
+    ] = None,
+    artifact_url: Annotated[
+        str, typer.Option(help="Where snapshots go: a directory or any fsspec URL.")
+    ] = "",
     log_level: LogLevel = "info",
 ) -> None:
-    """An Environment Service (local bubblewrap sandboxes)."""
-    from megaflow.cli.commands import serve_env_command
+    """An Environment Service (local bubblewrap sandboxes; Docker with --docker-host)."""
+    from megaflow.cli.commands import parse_warm_pool, serve_env_command
 
     _logging(log_level)
-    asyncio.run(serve_env_command(listen, scheduler, capacity, sandbox_dir))
+    try:
+        pools = parse_warm_pool(warm_pool or [])
+    except ValueError as error:
+        console.print(f"[red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    asyncio.run(
+        serve_env_command(
+            listen, scheduler, capacity, sandbox_dir, docker_host, pools, artifact_url
+        )
+    )
 
 
 @env_app.command("gc")
