@@ -6,15 +6,24 @@ process or over gRPC. `Arena.assert_contained()` then checks, directly on the ho
 that nothing changed (planted secrets, watched mounts, sysctls, hostname, files named
 after the test's marker, kernel keys, the test's own TCP listener), that the victim's
 files and daemon are intact, and that the attacker's environment still answers.
+
+Every arena runs once per backend: ``local`` (bubblewrap) and ``docker`` (runc, on one
+private dockerd and image for the whole session). A case specific to one mechanism says
+so with ``@pytest.mark.only_backends("local", reason=...)``; the reason is required.
+On Docker the victim's host workspace is its container's overlay ``MergedDir``, and its
+host processes are found (and checked) by the container's cgroup.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import posixpath
 import secrets
+import shlex
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,8 +33,25 @@ import pytest
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
+from megaflow.testing.dockerd import Dockerd, dockerd_available
+from megaflow.testing.images import SECURITY_TOOLS, build_python_image
 from megaflow.v1 import env_pb2
 from tests.security import hoststate
+from tests.security.backends import (
+    DOCKER_IMAGE,
+    docker_workspace_holding,
+    env_request,
+    parametrize_backends,
+    sandbox_containers,
+)
+
+DENIED = (
+    "Read-only file system",
+    "No such file or directory",
+    "nonexistent directory",  # busybox sh's wording of ENOENT
+    "Permission denied",
+)
+"""Messages of a refused write (bash's and busybox sh's wordings)."""
 
 MEMORY_MIB = 128
 PIDS = 64
@@ -65,10 +91,16 @@ class Victim:
     daemon_pid: int
     """Host pid of a long-running process of the victim."""
     daemon_ticks: int
+    container_id: str = ""
+    """Docker: the victim's container."""
 
 
 @dataclass
 class Arena:
+    backend: str
+    """``local`` or ``docker``: where the attacker and victim run."""
+    dockerd: Dockerd | None
+    """The session's daemon (docker arenas only)."""
     service: LocalEnvironmentService
     api: EnvApi
     attacker: str
@@ -84,6 +116,42 @@ class Arena:
     env_secret: str
     listener_port: int
     connections: list[str] = field(default_factory=list)
+    containers: dict[str, str] = field(default_factory=dict)
+    """Docker: container id of the victim and the first attacker (``victim``/``attacker``)."""
+
+    def bash(self, command: str) -> str:
+        """``command`` run by bash: the local shell is bash, Docker's step shell is
+        busybox sh (no ``/dev/tcp``, ``exec -a``, ``disown``), so there it is wrapped."""
+        return command if self.backend == "local" else f"bash -c {shlex.quote(command)}"
+
+    def private_layers_holding(self, path: str) -> list[str]:
+        """Docker: ids of the sandbox containers whose private (upper) layer holds
+        ``path`` (absolute, symlinks already resolved as the container sees them)."""
+        assert self.dockerd is not None
+        rel = posixpath.normpath(path).lstrip("/")
+        return [
+            str(info["Id"])
+            for info in sandbox_containers(self.dockerd)
+            if os.path.lexists(Path(info["GraphDriver"]["Data"]["UpperDir"], rel))
+        ]
+
+    async def assert_written_privately(self, path: str) -> None:
+        """Docker: a write outside /workspace landed in the attacker's own copy-on-write
+        layer only (not the victim's, not the host's: `assert_contained` checks those).
+        ``path`` is resolved in the attacker (relative to /workspace, through links)."""
+        r = await self.step(f"cd /workspace && readlink -f -- {shlex.quote(path)}")
+        assert r.exit_code == 0, r.output
+        resolved = r.output.strip()
+        layers = self.private_layers_holding(resolved)
+        assert layers == [self.containers["attacker"]], (path, resolved, layers)
+
+    def request(self, **fields: Any) -> env_pb2.CreateEnvironmentRequest:
+        """A CreateEnvironmentRequest placed on this arena's backend."""
+        return env_request(self.backend, **fields)
+
+    async def create(self, **fields: Any) -> str:
+        """Create an environment on this arena's backend; its id."""
+        return (await self.service.create_environment(self.request(**fields))).env_id
 
     @property
     def pwn(self) -> str:
@@ -160,6 +228,42 @@ def host_global_ipv4() -> list[str]:
     return [line.split()[3].split("/")[0] for line in out.splitlines() if " inet " in line]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        parametrize_backends(metafunc)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "only_backends(*names, reason): run this security case on these backends only",
+    )
+    config.addinivalue_line(
+        "markers",
+        "hole_on(backend, reason): a known containment hole of that backend "
+        "(xfail(strict=True) there only)",
+    )
+
+
+@pytest.fixture(scope="session")
+def security_dockerd() -> Iterator[Dockerd]:
+    """One private dockerd and the battery's image (busybox, bash, python3, a few host
+    tools) for the whole session; stopped (containers removed) at its end."""
+    reason = dockerd_available()
+    if reason is not None:
+        pytest.skip(f"dockerd cannot run here: {reason}")
+    daemon = Dockerd().start()
+    try:
+        client = daemon.client()
+        try:
+            build_python_image(client, DOCKER_IMAGE, tools=SECURITY_TOOLS)
+        finally:
+            client.close()
+        yield daemon
+    finally:
+        daemon.stop()
+
+
 async def _wait_for_host_pid(marker: str) -> int:
     for _ in range(200):
         if pids := hoststate.host_pids_with(marker):
@@ -168,10 +272,12 @@ async def _wait_for_host_pid(marker: str) -> int:
     raise AssertionError(f"no host process carries {marker}")
 
 
-async def _start_victim(service: LocalEnvironmentService, marker: str) -> Victim:
+async def _start_victim(
+    service: LocalEnvironmentService, marker: str, backend: str, dockerd: Dockerd | None
+) -> Victim:
     env_id = (
         await service.create_environment(
-            env_pb2.CreateEnvironmentRequest(owner="victim", files={"victim.txt": VICTIM_TEXT})
+            env_request(backend, owner="victim", files={"victim.txt": VICTIM_TEXT})
         )
     ).env_id
     tag = f"victim-{marker}"
@@ -186,7 +292,14 @@ async def _start_victim(service: LocalEnvironmentService, marker: str) -> Victim
     pid = await _wait_for_host_pid(tag)
     ticks = hoststate.start_ticks(pid)
     assert ticks is not None
-    return Victim(env_id, _host_workspace_holding(service.config.root_dir, VICTIM_TEXT), pid, ticks)
+    container_id = ""
+    if dockerd is None:
+        workspace = _host_workspace_holding(service.config.root_dir, VICTIM_TEXT)
+    else:
+        workspace, container_id = docker_workspace_holding(dockerd, VICTIM_TEXT)
+        # Found by its command line; it must be a process of the victim's container.
+        assert pid in hoststate.cgroup_pids(container_id), "victim daemon not in its cgroup"
+    return Victim(env_id, workspace, pid, ticks, container_id)
 
 
 def _host_workspace_holding(root_dir: Path, text: bytes) -> Path:
@@ -197,7 +310,12 @@ def _host_workspace_holding(root_dir: Path, text: bytes) -> Path:
 
 
 @pytest.fixture
-async def arena(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Arena]:
+async def arena(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Arena]:
+    dockerd: Dockerd | None = (
+        request.getfixturevalue("security_dockerd") if backend == "docker" else None
+    )
     marker = f"mf{secrets.token_hex(6)}"
     env_secret = f"env-secret-{secrets.token_hex(8)}"
     monkeypatch.setenv(SECRET_ENV, env_secret)  # before any sandbox is spawned
@@ -228,18 +346,24 @@ async def arena(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
             max_step_timeout_s=60.0,
             reap_interval_s=1.0,
             artifact_dir=tmp_path / "artifacts",
+            docker_host=None if dockerd is None else dockerd.base_url,
         )
     )
     try:
         await service.start()
-        victim = await _start_victim(service, marker)
-        attacker = (
-            await service.create_environment(env_pb2.CreateEnvironmentRequest(owner="attacker"))
-        ).env_id
+        victim = await _start_victim(service, marker, backend, dockerd)
+        attacker = (await service.create_environment(env_request(backend, owner="attacker"))).env_id
+        containers = {}
+        if dockerd is not None:
+            ids = {str(c["Id"]) for c in sandbox_containers(dockerd)}
+            containers["victim"] = victim.container_id
+            (containers["attacker"],) = ids - {victim.container_id}
         snapshot = hoststate.HostSnapshot.take(
             marker, {secret_file: secret, root_secret: secret}, (host_dir,)
         )
         yield Arena(
+            backend=backend,
+            dockerd=dockerd,
             service=service,
             api=service,
             attacker=attacker,
@@ -253,11 +377,16 @@ async def arena(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
             env_secret=env_secret,
             listener_port=port,
             connections=connections,
+            containers=containers,
         )
         await service.stop()
         assert not hoststate.host_pids_with(marker), "a sandbox process outlived the service"
         assert not hoststate.mounts_under(tmp_path), "a sandbox mount outlived the service"
         assert not any(root_dir.iterdir()), "a sandbox folder outlived the service"
+        if dockerd is not None:
+            assert not sandbox_containers(dockerd), "a sandbox container outlived the service"
+            for container_id in containers.values():  # found by cgroup, whatever their name
+                assert not hoststate.cgroup_pids(container_id), "a container process survived"
     finally:
         await service.stop()
         listener.close()

@@ -64,6 +64,9 @@ PLANT_DIRS = (
 )
 """Host folders where a file named after the test's marker must never appear."""
 
+DOCKER_SANDBOX_LABEL = "megaflow.sandbox_id"
+"""The label `megaflow.env.docker` puts on every sandbox container."""
+
 X86_64 = platform.machine() == "x86_64"
 SYS_ADD_KEY, SYS_KEYCTL = 248, 250
 KEYCTL_UNLINK, KEY_SPEC_USER_KEYRING, KEY_SPEC_SESSION_KEYRING = 9, -4, -3
@@ -100,6 +103,19 @@ def host_pids_with(marker: str) -> list[int]:
         with contextlib.suppress(OSError):
             if needle in Path("/proc", name, "cmdline").read_bytes():
                 found.append(int(name))
+    return found
+
+
+def cgroup_pids(container_id: str) -> list[int]:
+    """Host pids in a cgroup named after ``container_id`` (a Docker container's processes,
+    whatever their command line)."""
+    found = []
+    needle = container_id.encode()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in Path("/proc", name, "cgroup").read_bytes():
+                    found.append(int(name))
     return found
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.security.conftest import Arena, failed
+from tests.security.conftest import DENIED, Arena, failed
 
 pytestmark = pytest.mark.integration
 
@@ -17,18 +17,23 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize("where", ["test_tmp_dir", "root_home"])
 async def test_read_secret_planted_on_host(arena: Arena, where: str) -> None:
     path = arena.secret_file if where == "test_tmp_dir" else arena.root_secret
-    r = await arena.step(f"cat {path}; ls -la {path.parent}")
+    r = await arena.step(f"cat {path}")
     assert failed(r)
-    assert "No such file or directory" in r.output
+    assert "No such file or directory" in r.output or "can't open" in r.output, r.output
     assert arena.secret.decode().strip() not in r.output
+    listing = await arena.step(f"ls -la {path.parent}")
+    assert path.name not in listing.output and arena.secret.decode() not in listing.output
+    if arena.backend == "local" or path.parent != Path("/root"):
+        assert failed(listing)  # no such folder (Docker's image has its own empty /root)
     await arena.assert_contained()
 
 
 async def test_search_whole_tree_for_secret(arena: Arena) -> None:
     token = arena.secret.decode().strip()
     r = await arena.step(
-        "find / -path /proc -prune -o \\( -name secret.txt -o -name '.megaflow-secret-*' \\) "
-        f"-print 2>/dev/null | grep . || grep -rIl -- {token} "
+        "find / \\( -path /proc -o -path /sys \\) -prune -o "
+        "\\( -name secret.txt -o -name '.megaflow-secret-*' \\) "
+        f"-print 2>/dev/null | grep . || /usr/bin/grep -rIl -- {token} "
         "/workspace /tmp /dev /.megaflow /root /work /home /var 2>/dev/null",
         timeout_s=30,
     )
@@ -71,11 +76,12 @@ async def test_read_secret_through_proc_root_links(arena: Arena) -> None:
 async def test_write_to_host_path(arena: Arena, folder: str) -> None:
     target = arena.host_dir if folder == "host_tmp_dir" else Path(folder)
     r = await arena.step(f"echo pwned > {target}/{arena.pwn}")
-    assert failed(r)
-    assert any(
-        m in r.output
-        for m in ("Read-only file system", "No such file or directory", "Permission denied")
-    ), r.output
+    if arena.backend == "docker" and not failed(r):
+        # Docker's root filesystem is the container's own copy-on-write layer.
+        await arena.assert_written_privately(f"{target}/{arena.pwn}")
+    else:
+        assert failed(r)
+        assert any(m in r.output for m in DENIED), r.output
     await arena.assert_contained()
 
 
@@ -118,7 +124,13 @@ async def test_setuid_root_shell_gains_nothing(arena: Arena) -> None:
         "./rootsh -p -c 'grep CapEff /proc/self/status; mount -t tmpfs x /tmp'"
     )
     assert failed(r)
-    assert "CapEff:\t0000000000000000" in r.output
+    if arena.backend == "local":
+        assert "CapEff:\t0000000000000000" in r.output
+    else:  # root in the container: the setuid bit adds nothing to its own capabilities
+        own = await arena.step("grep -e CapEff -e NoNewPrivs /proc/self/status")
+        cap_eff, no_new_privs = own.output.splitlines()
+        assert cap_eff in r.output.splitlines(), (cap_eff, r.output)
+        assert no_new_privs.split() == ["NoNewPrivs:", "1"], own.output
     assert "permission denied" in r.output
     await arena.assert_contained()
 
@@ -148,6 +160,12 @@ async def test_masked_shadow_reveals_no_hashes(arena: Arena) -> None:
     await arena.assert_contained()
 
 
+@pytest.mark.only_backends(
+    "local",
+    reason="the local backend binds the image read-only; a Docker container's root "
+    "filesystem is its own copy-on-write layer by design (writes to it are checked to stay "
+    "there by test_write_to_host_path and test_image_writes_stay_in_own_layer)",
+)
 async def test_image_files_are_read_only(arena: Arena) -> None:
     before = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()
     r = await arena.step(
@@ -158,4 +176,23 @@ async def test_image_files_are_read_only(arena: Arena) -> None:
     assert r.output.count("Read-only file system") >= 3, r.output
     assert hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest() == before
     assert Path("/usr/bin/env").exists()
+    await arena.assert_contained()
+
+
+@pytest.mark.only_backends("docker", reason="Docker's writable root filesystem layer")
+async def test_image_writes_stay_in_own_layer(arena: Arena) -> None:
+    before = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()
+    r = await arena.step(
+        "echo 'evil::0:0::/:/bin/sh' >> /etc/passwd && chmod 777 /etc/passwd && "
+        "touch /usr/bin/ls && rm -f /usr/bin/env"
+    )
+    assert r.exit_code == 0, r.output
+    for path in ("/etc/passwd", "/usr/bin/ls", "/usr/bin/env"):  # env: a whiteout
+        await arena.assert_written_privately(path)
+    assert hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest() == before
+    assert Path("/usr/bin/env").exists()
+    seen = await arena.step(
+        "grep -c evil /etc/passwd; test -e /usr/bin/env", env_id=arena.victim.env_id
+    )
+    assert seen.output.split()[:1] == ["0"] and seen.exit_code == 0, seen.output
     await arena.assert_contained()

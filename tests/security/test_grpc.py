@@ -27,11 +27,23 @@ async def test_grpc_read_host_secret(grpc_arena: Arena) -> None:
 async def test_grpc_write_host_files(grpc_arena: Arena) -> None:
     arena = grpc_arena
     r = await arena.write("../../etc/passwd", b"evil::0:0::/:/bin/sh\n")
-    assert not r.ok and "read-only" in r.message.lower(), r.message
+    if arena.backend == "docker":  # the container's own copy-on-write root filesystem
+        assert r.ok, r.message
+        await arena.assert_written_privately("/etc/passwd")
+    else:
+        assert not r.ok and "read-only" in r.message.lower(), r.message
     r = await arena.write(f"/root/{arena.pwn}", b"pwned")
-    assert not r.ok
+    if arena.backend == "docker":
+        assert r.ok, r.message
+        await arena.assert_written_privately(f"/root/{arena.pwn}")
+    else:
+        assert not r.ok
     step = await arena.step(f"echo pwned > /usr/bin/{arena.pwn}")
-    assert failed(step)
+    if arena.backend == "docker":
+        assert step.exit_code == 0, step.output
+        await arena.assert_written_privately(f"/usr/bin/{arena.pwn}")
+    else:
+        assert failed(step)
     await arena.assert_contained()
 
 
@@ -39,7 +51,7 @@ async def test_grpc_signal_victim_and_reach_host_listener(grpc_arena: Arena) -> 
     arena = grpc_arena
     r = await arena.step(f"kill -9 {arena.victim.daemon_pid}")
     assert failed(r)
-    r = await arena.step(f"echo pwned > /dev/tcp/127.0.0.1/{arena.listener_port}")
+    r = await arena.step(arena.bash(f"echo pwned > /dev/tcp/127.0.0.1/{arena.listener_port}"))
     assert failed(r) and "refused" in r.output.lower()
     await arena.assert_contained()
 

@@ -22,7 +22,7 @@ async def test_reach_host_loopback_listener(arena: Arena, how: str) -> None:
     port = arena.listener_port
     command = {
         "python_socket": CONNECT.format(host="127.0.0.1", port=port),
-        "bash_dev_tcp": f"echo pwned > /dev/tcp/127.0.0.1/{port}",
+        "bash_dev_tcp": arena.bash(f"echo pwned > /dev/tcp/127.0.0.1/{port}"),
         "curl": f"curl -sS -m 3 http://127.0.0.1:{port}/",
     }[how]
     r = await arena.step(command)

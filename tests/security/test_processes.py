@@ -60,9 +60,14 @@ async def test_process_listing_shows_only_own_sandbox(arena: Arena) -> None:
 
 async def test_daemon_does_not_survive_release(arena: Arena) -> None:
     tag = f"daemon-{arena.marker}"
+    # Docker's sleep is busybox, which dispatches on argv[0]: give bash the new name.
+    sleeper = "sleep 1000" if arena.backend == "local" else "bash -c 'sleep 1000; :'"
     r = await arena.step(
-        f"setsid nohup sh -c 'trap \"\" HUP TERM; sleep 1000; : {tag}' >/dev/null 2>&1 & "
-        f"(trap '' HUP TERM; exec -a {tag}-b sleep 1000) >/dev/null 2>&1 & disown -a; echo started"
+        arena.bash(
+            f"setsid nohup sh -c 'trap \"\" HUP TERM; sleep 1000; : {tag}' >/dev/null 2>&1 & "
+            f"(trap '' HUP TERM; exec -a {tag}-b {sleeper}) >/dev/null 2>&1 & disown -a; "
+            "echo started"
+        )
     )
     assert r.exit_code == 0, r.output
     started = await eventually(lambda: len(hoststate.host_pids_with(tag)) >= 2)
@@ -73,9 +78,7 @@ async def test_daemon_does_not_survive_release(arena: Arena) -> None:
     assert hoststate.host_pids_with(tag) == [], "a daemon outlived its environment"
     with pytest.raises(NotFoundError, match="no environment"):
         await arena.step("echo still here")
-    arena.attacker = (
-        await arena.service.create_environment(env_pb2.CreateEnvironmentRequest(owner="again"))
-    ).env_id
+    arena.attacker = (await arena.service.create_environment(arena.request(owner="again"))).env_id
     await arena.assert_contained()
 
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
+from megaflow.core.errors import InvalidRequestError
 from megaflow.v1 import common_pb2, env_pb2
+from tests.security.backends import sandbox_containers
 from tests.security.conftest import OUTPUT_BYTES, PIDS, Arena, failed
 
 pytestmark = pytest.mark.integration
@@ -25,7 +28,7 @@ async def _assert_recovered(arena: Arena) -> None:
     under load); each further sweep catches them."""
     counts = []
     for _ in range(3):
-        r = await arena.step("ps -e --no-headers | wc -l")
+        r = await arena.step("/usr/bin/ps -e --no-headers | wc -l")
         assert r.exit_code == 0, r.output
         counts.append(int(r.output.split()[-1]))
         if counts[-1] <= 5:  # init, shell, ps, wc (and a pipe)
@@ -35,7 +38,7 @@ async def _assert_recovered(arena: Arena) -> None:
 
 
 async def test_fork_bomb_foreground(arena: Arena) -> None:
-    r = await arena.step("bomb() { bomb | bomb; }; bomb", timeout_s=5.0)
+    r = await arena.step(arena.bash("bomb() { bomb | bomb; }; bomb"), timeout_s=5.0)
     assert failed(r)
     assert r.timed_out or "fork" in r.output or "Resource temporarily unavailable" in r.output
     await _assert_recovered(arena)
@@ -80,27 +83,52 @@ async def test_memory_bomb_is_killed(arena: Arena, command: str) -> None:
     await arena.assert_contained()
 
 
+def _host_copies(arena: Arena, path: str) -> list[Path]:
+    """Where the attacker's ``path`` lies on the host: its local workspace folder, or
+    (Docker) its container's private upper layer."""
+    if arena.dockerd is None:
+        return list(arena.service.config.root_dir.glob(f"*/workspace/{Path(path).name}"))
+    uppers = [
+        Path(c["GraphDriver"]["Data"]["UpperDir"])
+        for c in sandbox_containers(arena.dockerd)
+        if c["Id"] == arena.containers["attacker"]
+    ]
+    return [u / path.lstrip("/") for u in uppers if (u / path.lstrip("/")).exists()]
+
+
 async def test_fill_private_tmp(arena: Arena) -> None:
-    r = await arena.step("head -c 200000000 /dev/zero > /tmp/fill", timeout_s=30.0)
-    assert failed(r)  # tmpfs pages count against the memory limit: killed or ENOSPC
-    await arena.assert_contained()
+    if arena.backend == "local":
+        r = await arena.step("head -c 200000000 /dev/zero > /tmp/fill", timeout_s=30.0)
+        assert failed(r)  # tmpfs pages count against the memory limit: killed or ENOSPC
+        await arena.assert_contained()
+        return
+    # Docker: /tmp lies in the container's own layer on the host's disk, not a tmpfs:
+    # bounded like a workspace without quota (the host keeps its space, freed at release).
+    r = await arena.step(
+        "head -c 200000000 /dev/zero > /tmp/fill; stat -c %s /tmp/fill", timeout_s=30.0
+    )
+    await _assert_fill_bounded_and_freed(arena, r, "/tmp/fill")
 
 
 async def test_fill_workspace_without_quota(arena: Arena) -> None:
     # No quota requested: the write is bounded by the command; the host keeps its space
     # and the space comes back at release.
     r = await arena.step("head -c 200000000 /dev/zero > fill; stat -c %s fill", timeout_s=30.0)
+    await _assert_fill_bounded_and_freed(arena, r, "/workspace/fill")
+
+
+async def _assert_fill_bounded_and_freed(
+    arena: Arena, r: env_pb2.ExecuteStepResponse, path: str
+) -> None:
     assert r.exit_code == 0 and r.output.split()[-1] == "200000000", r.output
-    assert shutil.disk_usage(arena.service.config.root_dir).free > HOST_FREE_FLOOR
-    fills = list(arena.service.config.root_dir.glob("*/workspace/fill"))
-    assert len(fills) == 1
+    fills = _host_copies(arena, path)
+    assert len(fills) == 1, fills
+    assert shutil.disk_usage(fills[0]).free > HOST_FREE_FLOOR
     await arena.service.release_environment(
         env_pb2.ReleaseEnvironmentRequest(env_id=arena.attacker)
     )
     assert not fills[0].exists()
-    arena.attacker = (
-        await arena.service.create_environment(env_pb2.CreateEnvironmentRequest(owner="again"))
-    ).env_id
+    arena.attacker = (await arena.service.create_environment(arena.request(owner="again"))).env_id
     await arena.assert_contained()
 
 
@@ -110,10 +138,13 @@ async def test_fill_workspace_without_quota(arena: Arena) -> None:
 )
 async def test_fill_workspace_with_quota(arena: Arena) -> None:
     limits = common_pb2.EnvLimits(disk_mib=32)
+    if arena.backend == "docker":  # no quota there: the request is refused, not ignored
+        with pytest.raises(InvalidRequestError, match="disk_mib"):
+            await arena.service.create_environment(arena.request(owner="quota", limits=limits))
+        await arena.assert_contained()
+        return
     arena.attacker = (
-        await arena.service.create_environment(
-            env_pb2.CreateEnvironmentRequest(owner="quota", limits=limits)
-        )
+        await arena.service.create_environment(arena.request(owner="quota", limits=limits))
     ).env_id
     r = await arena.step("head -c 200000000 /dev/zero > fill", timeout_s=30.0)
     assert failed(r)

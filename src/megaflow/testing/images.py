@@ -25,10 +25,30 @@ from megaflow.env.images_build import _copy_with_libraries, build_busybox_rootfs
 PYTHON = Path("/usr/bin/python3.11")
 STDLIB = Path("/usr/lib/python3.11")
 SKIPPED = ("test", "idlelib", "tkinter", "ensurepip", "__pycache__", "turtledemo")
+SECURITY_TOOLS = (
+    Path("/usr/bin/nohup"),
+    Path("/usr/bin/curl"),
+    Path("/usr/bin/getent"),
+    Path("/usr/bin/strace"),
+    Path("/usr/bin/setpriv"),
+    Path("/usr/sbin/capsh"),
+    Path("/usr/bin/ps"),
+    Path("/usr/bin/mount"),
+    Path("/usr/bin/umount"),
+    Path("/usr/bin/hostname"),
+    Path("/usr/bin/domainname"),
+    Path("/usr/bin/grep"),
+)
+"""Host tools the containment battery (tests/security) runs that busybox lacks or
+implements differently; ``tools=SECURITY_TOOLS`` adds them (those the host has). Busybox
+sh runs its own applets before searching PATH, so call these by full path (or from bash)."""
 
 
-def python_rootfs(dest: Path) -> Path:
-    """Make the image's root filesystem in ``dest`` (created; must not exist)."""
+def python_rootfs(dest: Path, tools: tuple[Path, ...] = ()) -> Path:
+    """Make the image's root filesystem in ``dest`` (created; must not exist).
+
+    Each of ``tools`` the host has is copied, with its libraries, to ``/usr/bin`` (over
+    busybox's applet of that name)."""
     if not PYTHON.is_file() or not STDLIB.is_dir():
         raise RuntimeError(f"{PYTHON} or {STDLIB} is missing (Debian package python3.11)")
     root = build_busybox_rootfs(dest, with_bash=True)
@@ -39,17 +59,25 @@ def python_rootfs(dest: Path) -> Path:
     for module in sorted((STDLIB / "lib-dynload").glob("*.so")):
         # Copies the module again (harmless) and the libraries it links (libssl, libz, ...).
         _copy_with_libraries(module, root, as_name=str(module).lstrip("/"))
+    for tool in tools:
+        if tool.is_file():
+            target = root / "usr/bin" / tool.name
+            target.unlink(missing_ok=True)  # a busybox link: copying would follow it
+            _copy_with_libraries(tool, root, as_name=f"usr/bin/{tool.name}")
     for folder in ("workspace", "proc", "sys", "dev"):
         (root / folder).mkdir(exist_ok=True)
     return root
 
 
-def build_python_image(client: docker.DockerClient | docker.APIClient, tag: str) -> str:
-    """``docker import`` a busybox + python3 root filesystem as ``tag``; returns its id."""
+def build_python_image(
+    client: docker.DockerClient | docker.APIClient, tag: str, tools: tuple[Path, ...] = ()
+) -> str:
+    """``docker import`` a busybox + python3 (+ ``tools``) root filesystem as ``tag``;
+    returns its id."""
     api = client.api if isinstance(client, docker.DockerClient) else client
     repository, _, version = tag.rpartition(":") if ":" in tag else (tag, "", "latest")
     with tempfile.TemporaryDirectory(prefix="mf-python-image-") as tmp:
-        layer = tar_layer(python_rootfs(Path(tmp) / "rootfs"))
+        layer = tar_layer(python_rootfs(Path(tmp) / "rootfs", tools))
     api.import_image_from_data(
         layer,
         repository=repository,

@@ -56,7 +56,10 @@ __mf_write() (
 __mf_untar() (
   PATH=__SAFE_PATH__
   mkdir -p -- "$2" || exit 1
-  printf %s "$1" | base64 -d | tar -x -f - -C "$2"
+  printf %s "$1" | base64 -d | tar -x -f - -C "$2" || exit 1
+  # A restored archive never carries setuid/setgid bits (as on the local backend).
+  find "$2" -perm /6000 -exec chmod ug-s {} + 2>/dev/null
+  true
 )
 __mf_clear() (
   PATH=__SAFE_PATH__
