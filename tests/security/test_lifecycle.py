@@ -19,15 +19,6 @@ pytestmark = pytest.mark.integration
 PERSISTENT = common_pb2.EnvPlacement(mode="persistent")
 
 
-@pytest.mark.hole_on(
-    "docker",
-    reason="HOLE: the reset of a persistent Docker sandbox (megaflow.env.backends.reset) "
-    "starts a new shell and empties /workspace only; the rest of the container's writable "
-    "layer (/tmp, /var/tmp, /root, /etc...) is handed to the next tenant as the previous "
-    "one left it (a bubblewrap sandbox gets a fresh tmpfs /tmp). Fix: for the docker "
-    "backend, reset by replacing the container (or committing nothing and recreating it "
-    "from the image); wiping /tmp, /var/tmp, /dev/shm and /root is a partial fix only.",
-)
 async def test_persistent_sandbox_leaves_nothing_to_next_tenant(arena: Arena) -> None:
     service, tag = arena.service, f"trap-{arena.marker}"
     first = (
@@ -109,7 +100,12 @@ async def test_restore_of_hostile_workspace_snapshot(arena: Arena) -> None:
 
 
 def _containers(arena: Arena) -> set[str]:
-    """Docker: the ids of the sandbox containers (empty for the local backend)."""
+    """Docker: the sandbox ids of the sandbox containers (empty for the local backend).
+
+    A pooled Docker sandbox is reset by recreating its container from the image, so the
+    same sandbox (its id label) comes back in a new container."""
     if arena.dockerd is None:
         return set()
-    return {str(c["Id"]) for c in sandbox_containers(arena.dockerd)}
+    return {
+        str(c["Config"]["Labels"]["megaflow.sandbox_id"]) for c in sandbox_containers(arena.dockerd)
+    }

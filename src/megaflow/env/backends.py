@@ -276,6 +276,13 @@ async def reset(sandbox: Sandbox, timeout_s: float, pristine: bytes | None = Non
     Both ways cost about the same on a local sandbox (10-25 ms, mostly the new shell;
     bench/env_bench.py measures them); restoring also keeps what an image ships in its
     workdir, so it is preferred where a pristine snapshot exists."""
+    recreate = _optional(sandbox, "recreate")
+    if recreate is not None:  # docker: a new container; its writable layer goes too
+        async with asyncio.timeout(timeout_s):
+            await recreate(timeout_s)
+        if not sandbox.alive:
+            raise SandboxError(f"sandbox {sandbox.sandbox_id} died during its reset")
+        return
     async with asyncio.timeout(timeout_s):
         await sandbox.execute("exit 0", timeout_s)  # the sandbox starts a new shell
         if pristine is not None:

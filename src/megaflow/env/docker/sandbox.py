@@ -156,6 +156,19 @@ class DockerSandbox:
             raise SandboxError(f"sandbox {self.sandbox_id} was stopped while starting")
         self._state = "running"
 
+    async def recreate(self, timeout_s: float = 30.0) -> None:
+        """Replace the container by a fresh one from the image (a persistent pool's reset):
+        nothing of the previous tenant survives, outside the workdir included."""
+        if self._state != "running":
+            raise SandboxError(f"sandbox {self.sandbox_id} is not running; cannot recreate it")
+        self._state = "stopped"
+        await self._teardown()
+        self.container_name = f"megaflow-{self.sandbox_id}-{secrets.token_hex(4)}"
+        self._session = ShellSession(self._engine, self.container_name, self.sandbox_id)
+        self._suspended = False
+        self._state = "new"
+        await self.start(timeout_s)
+
     async def stop(self) -> None:
         """Remove the container (every process dies with it). Idempotent."""
         previous, self._state = self._state, "stopped"
