@@ -7,9 +7,13 @@ Environment Service holds sandboxes only through this interface.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from types import TracebackType
+from typing import Literal, Protocol, Self
+
+from megaflow.core.errors import SandboxError
 
 
 @dataclass(frozen=True)
@@ -74,3 +78,67 @@ class Sandbox(Protocol):
     async def stop(self) -> None:
         """Idempotent: kill everything, remove every trace (processes, cgroups, dirs)."""
         ...
+
+
+SandboxState = Literal["new", "starting", "running", "stopped"]
+
+
+class SandboxLifecycle:
+    """The start/stop state machine every backend shares: new → starting → running →
+    stopped. A backend implements `_boot` (runs inside the start budget) and
+    `_teardown` (idempotent: removes whatever exists); errors of `_BOOT_ERRORS` from
+    `_boot` are reported as a `SandboxError` saying the sandbox failed to start."""
+
+    _BOOT_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+
+    def __init__(self, sandbox_id: str) -> None:
+        self.sandbox_id = sandbox_id
+        self._state: SandboxState = "new"
+
+    async def _boot(self) -> None:
+        raise NotImplementedError
+
+    async def _teardown(self) -> None:
+        raise NotImplementedError
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        """Boot the sandbox; SandboxError (after a full teardown) if it cannot."""
+        if self._state != "new":
+            raise SandboxError(f"sandbox {self.sandbox_id} was already started")
+        self._state = "starting"
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._boot()
+        except BaseException as exc:
+            self._state = "stopped"
+            await self._teardown()
+            if isinstance(exc, TimeoutError):
+                raise SandboxError(
+                    f"sandbox {self.sandbox_id} did not start within {timeout_s} s"
+                ) from exc
+            if isinstance(exc, self._BOOT_ERRORS):
+                raise SandboxError(f"sandbox {self.sandbox_id} failed to start: {exc}") from exc
+            raise
+        if self._state != "starting":  # stop() came while starting
+            await self._teardown()
+            raise SandboxError(f"sandbox {self.sandbox_id} was stopped while starting")
+        self._state = "running"
+
+    async def stop(self) -> None:
+        """Tear the sandbox down (see the backend's `_teardown`). Idempotent."""
+        previous, self._state = self._state, "stopped"
+        if previous in ("new", "stopped"):
+            return
+        await self._teardown()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

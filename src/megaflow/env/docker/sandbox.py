@@ -23,8 +23,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Mapping
-from types import TracebackType
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import docker  # type: ignore[import-untyped]
 import docker.errors  # type: ignore[import-untyped]
@@ -35,7 +34,7 @@ from megaflow.env.docker.engine import DockerEngine
 from megaflow.env.docker.orphans import owner_labels
 from megaflow.env.docker.session import ShellSession
 from megaflow.env.docker.shell import SAFE_PATH, command_line, sh_quote, user_command_line
-from megaflow.env.sandbox import CommandResult, Sandbox
+from megaflow.env.sandbox import CommandResult, Sandbox, SandboxLifecycle
 
 WORKDIR = "/workspace"
 MAX_FILE_BYTES = 8 * 1024 * 1024
@@ -54,7 +53,7 @@ _SH_PREFIX = re.compile(r"^(?:sh|ash|dash|bash|/bin/sh)(?:: line \d+)?: ", re.MU
 T = TypeVar("T")
 
 
-class DockerSandbox:
+class DockerSandbox(SandboxLifecycle):
     """A Docker container with a persistent shell, memory, pids and CPU limits.
 
     Not safe to share between event loops. Calls on one sandbox are serialised;
@@ -76,6 +75,8 @@ class DockerSandbox:
     the same container: files persist, the environment and working folder start
     afresh, and the output says so.
     """
+
+    _BOOT_ERRORS = (SandboxError,)  # the daemon's failures, already wrapped
 
     WORKDIR = WORKDIR
 
@@ -103,7 +104,7 @@ class DockerSandbox:
                 f"pids={pids} (min 8), output_bytes={output_bytes} (min 256), "
                 f"cpu_shares={cpu_shares} (2..262144)"
             )
-        self.sandbox_id = sandbox_id
+        super().__init__(sandbox_id)
         self.image = image
         self.runtime = runtime
         self.container_name = f"megaflow-{sandbox_id}-{secrets.token_hex(4)}"
@@ -112,7 +113,6 @@ class DockerSandbox:
         self._pids = pids
         self._cpu_shares = cpu_shares
         self._output_bytes = output_bytes
-        self._state: Literal["new", "starting", "running", "stopped"] = "new"
         self._suspended = False
         self._session = ShellSession(engine, self.container_name, sandbox_id)
         self._lock = asyncio.Lock()
@@ -129,32 +129,11 @@ class DockerSandbox:
         """True from a successful start() until stop(), unless the sandbox broke for good."""
         return self._state == "running" and self._session.broken is None
 
-    async def start(self, timeout_s: float = 30.0) -> None:
-        """Create and start the container and its shell; SandboxError on failure."""
-        if self._state != "new":
-            raise SandboxError(f"sandbox {self.sandbox_id} was already started")
-        self._state = "starting"
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._tracked(self._engine.call("create", self._create))
-                await self._tracked(
-                    self._engine.call("start", lambda api: api.start(self.container_name))
-                )
-                await self._session.spawn()
-        except BaseException as exc:
-            self._state = "stopped"
-            await self._teardown()
-            if isinstance(exc, TimeoutError):
-                raise SandboxError(
-                    f"sandbox {self.sandbox_id} did not start within {timeout_s} s"
-                ) from exc
-            if isinstance(exc, SandboxError):
-                raise SandboxError(f"sandbox {self.sandbox_id} failed to start: {exc}") from exc
-            raise
-        if self._state != "starting":  # stop() came while starting
-            await self._teardown()
-            raise SandboxError(f"sandbox {self.sandbox_id} was stopped while starting")
-        self._state = "running"
+    async def _boot(self) -> None:
+        """Create and start the container and its shell (SandboxLifecycle.start)."""
+        await self._tracked(self._engine.call("create", self._create))
+        await self._tracked(self._engine.call("start", lambda api: api.start(self.container_name)))
+        await self._session.spawn()
 
     async def recreate(self, timeout_s: float = 30.0) -> None:
         """Replace the container by a fresh one from the image (a persistent pool's reset):
@@ -168,25 +147,6 @@ class DockerSandbox:
         self._suspended = False
         self._state = "new"
         await self.start(timeout_s)
-
-    async def stop(self) -> None:
-        """Remove the container (every process dies with it). Idempotent."""
-        previous, self._state = self._state, "stopped"
-        if previous in ("new", "stopped"):
-            return
-        await self._teardown()
-
-    async def __aenter__(self) -> DockerSandbox:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def suspend(self) -> None:
         """Freeze every process of the container (``docker pause``)."""

@@ -27,8 +27,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Literal
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env.local import procs
@@ -49,7 +47,7 @@ from megaflow.env.local.shell import (
     ready_line,
     user_command_line,
 )
-from megaflow.env.sandbox import CommandResult
+from megaflow.env.sandbox import CommandResult, SandboxLifecycle
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
 """Largest file :meth:`LocalSandbox.read_file` / :meth:`LocalSandbox.write_file` move."""
@@ -79,7 +77,7 @@ class _Exchange:
     exit_code: int | None = None  # the shell's exit status when it died
 
 
-class LocalSandbox(SandboxFeatures):
+class LocalSandbox(SandboxLifecycle, SandboxFeatures):
     """A bubblewrap sandbox with a persistent shell, memory and pids limits.
 
     Not safe to share between event loops. Calls on one sandbox are serialised;
@@ -142,7 +140,7 @@ class LocalSandbox(SandboxFeatures):
             )
         if any(":" in p or "\0" in p or not p.startswith("/") for p in extra_path):
             raise InvalidRequestError(f"extra_path entries must be absolute: {extra_path!r}")
-        self.sandbox_id = sandbox_id
+        super().__init__(sandbox_id)
         self._root_dir = Path(root_dir)
         self._dir = self._root_dir / sandbox_id
         self.host_workspace: Path = self._dir / "workspace"
@@ -156,7 +154,6 @@ class LocalSandbox(SandboxFeatures):
         self._cpu_shares = cpu_shares
         self._disk_mib = disk_mib
         self._frozen = False
-        self._state: Literal["new", "starting", "running", "stopped"] = "new"
         self._made_dir = False
         self._cgroups = SandboxCgroups(())
         self._shell: ShellProcess | None = None
@@ -166,48 +163,10 @@ class LocalSandbox(SandboxFeatures):
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def start(self, timeout_s: float = 30.0) -> None:
-        """Create the folders and cgroups and start bwrap + bash; SandboxError on failure."""
-        if self._state != "new":
-            raise SandboxError(f"sandbox {self.sandbox_id} was already started")
-        self._state = "starting"
-        try:
-            async with asyncio.timeout(timeout_s):
-                self._prepare()
-                await self._spawn()
-        except BaseException as exc:
-            self._state = "stopped"
-            await self._teardown()
-            if isinstance(exc, TimeoutError):
-                raise SandboxError(
-                    f"sandbox {self.sandbox_id} did not start within {timeout_s} s"
-                ) from exc
-            if isinstance(exc, OSError):
-                raise SandboxError(f"sandbox {self.sandbox_id} failed to start: {exc}") from exc
-            raise
-        if self._state != "starting":  # stop() came while starting
-            await self._teardown()
-            raise SandboxError(f"sandbox {self.sandbox_id} was stopped while starting")
-        self._state = "running"
-
-    async def stop(self) -> None:
-        """Kill every process of the sandbox, remove its cgroups and its folder. Idempotent."""
-        previous, self._state = self._state, "stopped"
-        if previous in ("new", "stopped"):
-            return
-        await self._teardown()
-
-    async def __aenter__(self) -> LocalSandbox:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+    async def _boot(self) -> None:
+        """Create the folders and cgroups and start bwrap + bash (SandboxLifecycle.start)."""
+        self._prepare()
+        await self._spawn()
 
     @property
     def alive(self) -> bool:
