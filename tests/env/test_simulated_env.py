@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from megaflow.deploy.embedded import EmbeddedSystem
@@ -9,6 +10,7 @@ from megaflow.deploy.run import run_batch
 from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
 from megaflow.model.simulated import SimulatedBackend, SimulatedPolicy
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.v1 import env_pb2
 
 
 async def test_embedded_run_on_the_simulated_env_gets_the_policy_rewards(tmp_path: Path) -> None:
@@ -26,3 +28,27 @@ async def test_embedded_run_on_the_simulated_env_gets_the_policy_rewards(tmp_pat
         assert record["status"] == "succeeded"
         assert record["reward"] == (1.0 if policy.solves(record["task_id"]) else 0.0)
     assert env.live == 0 and env.created == 40  # every environment released
+
+
+async def test_simulated_warm_pool_hits_misses_and_refills_after_release() -> None:
+    env = SimulatedEnvironmentService(
+        SimulatedEnvConfig(warm_pool={"py": 2}, create_latency_s=0.0, refill_latency_s=0.01)
+    )
+    created = [
+        await env.create_environment(env_pb2.CreateEnvironmentRequest(image=image))
+        for image in ("py", "py", "py", "node")
+    ]
+    assert (env.warm_hits, env.cold_creates) == (2, 2)  # the third py and node are cold
+    assert env.idle_warm("py") == 0
+    await env.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=created[0].env_id))
+    await env.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=created[2].env_id))
+    assert env.idle_warm("py") == 0  # refilled only after refill_latency_s
+    for _ in range(100):
+        if env.idle_warm("py") == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert env.idle_warm("py") == 1  # only the warm one is replaced: the pool never overfills
+    await env.create_environment(env_pb2.CreateEnvironmentRequest(image="py"))
+    assert env.warm_hits == 3
+    assert dict(env.advertised().warm_images) == {"py": 2}
+    await env.stop()

@@ -79,20 +79,48 @@ def print_summary(console: Console, summary: RunSummary, out: Path) -> None:
 
 def print_status(console: Console, status: scheduler_pb2.StatusResponse) -> None:
     table = Table(title="tasks")
-    for name in ("pending", "running", "succeeded", "failed"):
+    names = ("pending", "queued", "running", "succeeded", "failed")
+    for name in (*names, "oldest wait", "wait p50", "wait p99"):
         table.add_column(name, justify="right")
-    table.add_row(*(str(getattr(status, n)) for n in ("pending", "running", "succeeded", "failed")))
+    table.add_row(
+        *(str(getattr(status, n)) for n in names),
+        f"{status.oldest_wait_s:.1f} s",
+        f"{status.wait_p50_s:.2f} s",
+        f"{status.wait_p99_s:.2f} s",
+    )
     console.print(table)
+    for title, depths in (("queue per run", status.runs), ("queue per user", status.users)):
+        if not depths:
+            continue
+        queue = Table(title=title)
+        for name in ("run" if depths is status.runs else "user", "queued", "in flight"):
+            queue.add_column(name, justify="left" if name in ("run", "user") else "right")
+        for depth in depths:
+            queue.add_row(depth.key or "-", str(depth.queued), str(depth.in_flight))
+        console.print(queue)
+    if status.pools:
+        pools = Table(title="pools and model limits")
+        for name in ("pool", "in flight", "limit"):
+            pools.add_column(name, justify="left" if name == "pool" else "right")
+        for pool in status.pools:
+            pools.add_row(pool.name, str(pool.in_flight), str(pool.limit or "-"))
+        console.print(pools)
     services = Table(title="services")
-    for name in ("kind", "address", "in flight", "capacity", "dispatched", "last seen"):
+    columns = ("kind", "address", "in flight", "capacity", "cpu", "memory", "gpus")
+    for name in (*columns, "dispatched", "warm", "last seen"):
         services.add_column(name)
     for svc in status.services:
+        res = svc.resources
         services.add_row(
             KIND_NAMES.get(svc.kind, "?"),
             svc.address,
             str(svc.in_flight),
             str(svc.capacity),
+            f"{svc.cpu_millis_used / 1000:g}/{res.cpu_millis / 1000:g}" if res.cpu_millis else "-",
+            f"{svc.memory_mib_used}/{res.memory_mib} MiB" if res.memory_mib else "-",
+            f"{svc.gpus_used}/{res.gpus} {res.accelerator}".strip() if res.gpus else "-",
             str(svc.dispatched),
+            str(svc.warm_placements) if res.warm_images else "-",
             f"{svc.last_seen_s_ago:.1f} s ago",
         )
     console.print(services)

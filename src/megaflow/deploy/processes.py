@@ -13,11 +13,13 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from megaflow.core.errors import MegaFlowError
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.rpc.server import GrpcServer
+from megaflow.scheduler.resources import local_offer
 from megaflow.scheduler.state import KIND_AGENT, KIND_ENV, KIND_MODEL
 from megaflow.v1 import scheduler_pb2
 
@@ -26,8 +28,26 @@ log = logging.getLogger(__name__)
 KINDS = {"model": KIND_MODEL, "agent": KIND_AGENT, "env": KIND_ENV}
 
 
+def advertised_resources(impl: Any) -> scheduler_pb2.HostResources:
+    """What a service registers (at every heartbeat) as its host's resources: this
+    machine's CPU and memory, an Environment Service's warm pools (image -> size), and
+    whatever the service's own `advertised()` adds (e.g. the images it has cached)."""
+    config = getattr(impl, "config", None)
+    warm = getattr(config, "warm_pool", None)
+    offer = local_offer(warm_images=dict(warm) if isinstance(warm, dict) else None)
+    own = getattr(impl, "advertised", None)
+    if callable(own):
+        offer.MergeFrom(own())
+    return offer
+
+
 async def _register_forever(
-    scheduler: str, kind: str, address: str, capacity: int, registered: asyncio.Event
+    scheduler: str,
+    kind: str,
+    address: str,
+    capacity: int,
+    registered: asyncio.Event,
+    resources: Callable[[], scheduler_pb2.HostResources] | None = None,
 ) -> None:
     client = SchedulerServiceClient(scheduler, timeout_s=5.0)
     interval = 2.0
@@ -36,7 +56,10 @@ async def _register_forever(
             try:
                 reply = await client.register_service(
                     scheduler_pb2.RegisterServiceRequest(
-                        kind=KINDS[kind], address=address, capacity=capacity
+                        kind=KINDS[kind],
+                        address=address,
+                        capacity=capacity,
+                        resources=resources() if resources is not None else None,
                     )
                 )
                 interval = reply.heartbeat_interval_s or interval
@@ -77,7 +100,14 @@ async def serve(
         if scheduler and kind in KINDS:
             registered = asyncio.Event()
             registrar = asyncio.create_task(
-                _register_forever(scheduler, kind, address, capacity, registered)
+                _register_forever(
+                    scheduler,
+                    kind,
+                    address,
+                    capacity,
+                    registered,
+                    lambda: advertised_resources(impl),
+                )
             )
         await stop.wait()
     finally:

@@ -7,6 +7,11 @@ the simulated policy uses (`cat`, `ls`, `grep -rn`, the test runner, `echo`,
 `true`); file actions edit the in-memory files; `submit` scores them with
 `megaflow.tasks.scoring.simulated_reward`. It honours the contract: capacity cap,
 unknown ids, malformed requests, leases are not modelled.
+
+Warm pools are modelled per image (`warm_pool`): a create whose image has an idle warm
+sandbox claims it (`warm_claim_latency_s`, counted in `warm_hits`); any other create is
+cold (`create_latency_s`, counted in `cold_creates`). A claimed warm sandbox is replaced
+`refill_latency_s` after its environment is released.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from megaflow.core.errors import CapacityError, InvalidRequestError, NotFoundError
 from megaflow.tasks.scoring import simulated_reward
-from megaflow.v1 import common_pb2, env_pb2
+from megaflow.v1 import common_pb2, env_pb2, scheduler_pb2
 
 WORKDIR = "/workspace"
 
@@ -39,6 +44,15 @@ class SimulatedEnvConfig(BaseModel):
     max_environments: int = Field(
         default=1_000_000, ge=1, description="Hard cap on live environments."
     )
+    warm_pool: dict[str, int] = Field(
+        default_factory=dict, description="Image -> number of warm sandboxes kept idle for it."
+    )
+    warm_claim_latency_s: float = Field(
+        default=0.0, ge=0, description="Time to claim a warm sandbox (a warm-pool hit)."
+    )
+    refill_latency_s: float = Field(
+        default=0.0, ge=0, description="Time after a release until its warm slot is idle again."
+    )
 
 
 @dataclass
@@ -47,6 +61,7 @@ class _Env:
     hidden: dict[str, bytes]
     steps: int = 0
     last_output: str = ""
+    warm_image: str | None = None  # the warm pool it was claimed from, refilled on release
 
 
 class SimulatedEnvironmentService:
@@ -57,12 +72,26 @@ class SimulatedEnvironmentService:
         self._envs: dict[str, _Env] = {}
         self._ids = itertools.count()
         self.created = 0
+        self.warm_hits = 0
+        self.cold_creates = 0
+        self._idle_warm = dict(self.config.warm_pool)
+        self._refills: set[asyncio.TimerHandle] = set()
 
     async def start(self) -> None:
         return None
 
     async def stop(self, grace_s: float = 0.0) -> None:
+        for handle in self._refills:
+            handle.cancel()
+        self._refills.clear()
         self._envs.clear()
+
+    def advertised(self) -> scheduler_pb2.HostResources:
+        """What this host offers the scheduler: its warm pools."""
+        return scheduler_pb2.HostResources(warm_images=self.config.warm_pool)
+
+    def idle_warm(self, image: str) -> int:
+        return self._idle_warm.get(image, 0)
 
     @property
     def live(self) -> int:
@@ -84,9 +113,17 @@ class SimulatedEnvironmentService:
         if len(self._envs) >= self.config.max_environments:
             raise CapacityError(f"all {self.config.max_environments} environments are in use")
         env_id = f"sim-{next(self._ids)}"
-        self._envs[env_id] = _Env(dict(request.files), dict(request.hidden_files))
+        env = _Env(dict(request.files), dict(request.hidden_files))
+        self._envs[env_id] = env
         self.created += 1
-        await self._wait(self.config.create_latency_s)
+        if self._idle_warm.get(request.image, 0) > 0:
+            self._idle_warm[request.image] -= 1
+            env.warm_image = request.image
+            self.warm_hits += 1
+            await self._wait(self.config.warm_claim_latency_s)
+        else:
+            self.cold_creates += 1
+            await self._wait(self.config.create_latency_s)
         return env_pb2.CreateEnvironmentResponse(env_id=env_id, workdir=WORKDIR)
 
     async def execute_step(
@@ -144,9 +181,28 @@ class SimulatedEnvironmentService:
     async def release_environment(
         self, request: env_pb2.ReleaseEnvironmentRequest
     ) -> env_pb2.ReleaseEnvironmentResponse:
-        if self._envs.pop(request.env_id, None) is None:
+        env = self._envs.pop(request.env_id, None)
+        if env is None:
             raise NotFoundError(f"no environment {request.env_id!r}")
+        if env.warm_image is not None:
+            self._refill_later(env.warm_image)
         return env_pb2.ReleaseEnvironmentResponse()
+
+    def _refill(self, image: str) -> None:
+        self._idle_warm[image] += 1
+
+    def _refill_later(self, image: str) -> None:
+        if not self.config.refill_latency_s:
+            self._refill(image)
+            return
+        loop = asyncio.get_running_loop()
+
+        def done() -> None:
+            self._refills.discard(handle)
+            self._refill(image)
+
+        handle = loop.call_later(self.config.refill_latency_s, done)
+        self._refills.add(handle)
 
     async def heartbeat(self, request: env_pb2.EnvHeartbeatRequest) -> env_pb2.EnvHeartbeatResponse:
         self._get(request.env_id)

@@ -1,8 +1,10 @@
 """Turns a service address into a client of that service.
 
 The empty address means "in this process": the resolver hands out the local
-implementation itself (the in-process transport). Any `host:port` gets a gRPC client,
-cached per address, with the same methods.
+implementation itself (the in-process transport). So does an address mapped to a local
+implementation with `set_local(kind, impl, address=...)` (several in-process services
+of one kind under distinct addresses, e.g. env hosts in a benchmark). Any other
+`host:port` gets a gRPC client, cached per address, with the same methods.
 """
 
 from __future__ import annotations
@@ -29,11 +31,18 @@ class ServiceResolver:
     ) -> None:
         self._local: dict[str, object | None] = {"model": model, "env": env, "agent": agent}
         self._clients: dict[tuple[str, str], GrpcClient] = {}
+        self._local_at: dict[tuple[str, str], object] = {}
 
-    def set_local(self, kind: str, impl: object) -> None:
-        self._local[kind] = impl
+    def set_local(self, kind: str, impl: object, *, address: str = LOCAL) -> None:
+        if address == LOCAL:
+            self._local[kind] = impl
+        else:
+            self._local_at[(kind, address)] = impl
 
     def _resolve(self, kind: str, address: str, cls: type[GrpcClient]) -> object:
+        local = self._local_at.get((kind, address))
+        if local is not None:
+            return local
         if address == LOCAL:
             impl = self._local.get(kind)
             if impl is None:

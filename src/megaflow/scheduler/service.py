@@ -4,7 +4,9 @@ It records every transition in the ledger before announcing it, runs each dispat
 attempt as an asyncio task calling an Agent Service (in-process or over gRPC), feeds
 outcomes back as events, and publishes task events to watchers. Remote services
 register and then re-register every `heartbeat_interval_s`; one silent for three
-intervals is dropped from placement.
+intervals is dropped from placement. The state machine gets the monotonic clock with
+every event (queue waits, deadlines, rate limits) and asks for a `Wake` when a
+rate-limited task will have its token.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import AsyncIterator
 from megaflow.core.errors import InvalidRequestError, MegaFlowError, NotFoundError
 from megaflow.rpc.resolver import LOCAL, ServiceResolver
 from megaflow.scheduler import state as s
+from megaflow.scheduler.snapshot import percentile
 from megaflow.store.ledger import TaskLedger
 from megaflow.v1 import agent_pb2, common_pb2, scheduler_pb2
 
@@ -74,9 +77,20 @@ class SchedulerServiceImpl:
                 await self._watchdog
         await self.ledger.close()
 
-    def register_local(self, kind: s.ServiceKind, capacity: int) -> None:
-        """Register an in-process service (the embedded mode)."""
-        self._feed(s.ServiceJoined(self._stimulus("local"), kind, LOCAL, capacity))
+    def register_local(
+        self,
+        kind: s.ServiceKind,
+        capacity: int,
+        *,
+        address: str = LOCAL,
+        resources: scheduler_pb2.HostResources | None = None,
+    ) -> None:
+        """Register an in-process service (the embedded mode), without heartbeats.
+
+        `address` names it for placement (the resolver must map it to the local
+        implementation, see `ServiceResolver.set_local`); `resources` is what it offers.
+        """
+        self._feed(s.ServiceJoined(self._stimulus("local"), kind, address, capacity, resources))
 
     # -- the contract ---------------------------------------------------------------------
     async def submit_tasks(
@@ -97,6 +111,11 @@ class SchedulerServiceImpl:
                 raise InvalidRequestError(f"task id {task.task_id!r} appears twice")
             if not task.problem_statement:
                 raise InvalidRequestError(f"task {task.task_id!r} has no problem_statement")
+            if task.deadline_s < 0:
+                raise InvalidRequestError(f"task {task.task_id!r} has a negative deadline_s")
+            rejection = self.state.rejection(task)
+            if rejection is not None:
+                raise InvalidRequestError(f"task {task.task_id!r} {rejection}")
             seen.add(task.task_id)
             tasks.append(task)
         await self.ledger.add_tasks(run_id, tasks)  # durable before acknowledged
@@ -142,7 +161,11 @@ class SchedulerServiceImpl:
         self._last_seen[request.address] = time.monotonic()
         self._feed(
             s.ServiceJoined(
-                self._stimulus("register"), request.kind, request.address, request.capacity
+                self._stimulus("register"),
+                request.kind,
+                request.address,
+                request.capacity,
+                request.resources if request.HasField("resources") else None,
             )
         )
         return scheduler_pb2.RegisterServiceResponse(heartbeat_interval_s=self.heartbeat_interval_s)
@@ -150,6 +173,8 @@ class SchedulerServiceImpl:
     async def status(self, request: scheduler_pb2.StatusRequest) -> scheduler_pb2.StatusResponse:
         counts = self.state.counts()
         now = time.monotonic()
+        self.state.now = max(self.state.now, now)  # waits measured up to this moment
+        snap = self.state.snapshot()
         return scheduler_pb2.StatusResponse(
             pending=counts.get(common_pb2.TASK_STATE_PENDING, 0),
             running=counts.get(common_pb2.TASK_STATE_RUNNING, 0),
@@ -163,8 +188,30 @@ class SchedulerServiceImpl:
                     in_flight=svc.in_flight,
                     last_seen_s_ago=now - self._last_seen.get(svc.address, now),
                     dispatched=svc.dispatched,
+                    resources=svc.offer.to_proto(),
+                    cpu_millis_used=svc.cpu_millis_used,
+                    memory_mib_used=svc.memory_mib_used,
+                    gpus_used=svc.gpus_used,
+                    warm_placements=svc.warm_placements,
                 )
                 for svc in self.state.services.values()
+            ],
+            queued=snap.queued,
+            runs=[
+                scheduler_pb2.QueueDepth(key=k, queued=q, in_flight=n)
+                for k, (q, n) in snap.runs.items()
+            ],
+            users=[
+                scheduler_pb2.QueueDepth(key=k, queued=q, in_flight=n)
+                for k, (q, n) in sorted(snap.users.items())
+            ],
+            oldest_wait_s=snap.oldest_wait_s,
+            wait_p50_s=percentile(snap.waits, 50),
+            wait_p99_s=percentile(snap.waits, 99),
+            wait_samples=len(snap.waits),
+            pools=[
+                scheduler_pb2.PoolStatus(name=k, in_flight=n, limit=limit)
+                for k, (n, limit) in sorted(snap.pools.items())
             ],
         )
 
@@ -173,7 +220,7 @@ class SchedulerServiceImpl:
         return f"{what}-{next(self._stimuli)}"
 
     def _feed(self, event: s.Event) -> None:
-        for instruction in self.state.handle(event):
+        for instruction in self.state.handle(event, time.monotonic()):
             self._execute(instruction)
 
     def _spawn(self, coro: object, name: str) -> None:
@@ -191,6 +238,8 @@ class SchedulerServiceImpl:
                 self._spawn(self._finish(instruction), f"finish-{instruction.task_id}")
             case s.RunFinished():
                 pass  # announced by _finish once the last result is durable
+            case s.WakeAt():
+                self._spawn(self._wake(instruction.delay_s), "scheduler-wake")
 
     async def _attempt(self, d: s.Dispatch) -> None:
         spec = self.state.tasks[d.task_id].spec
@@ -251,6 +300,10 @@ class SchedulerServiceImpl:
         )
         await asyncio.sleep(r.delay_s)
         self._feed(s.RetryDue(self._stimulus("retry"), r.task_id))
+
+    async def _wake(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        self._feed(s.Wake(self._stimulus("wake")))
 
     async def _finish(self, f: s.Finish) -> None:
         await self.ledger.finish(f.task_id, f.result, f.trajectory)

@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18megaflow/v1/common.proto\x12\x0bmegaflow.v1\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"{\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.megaflow.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"M\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\"i\n\tEnvLimits\x12\x12\n\nmemory_mib\x18\x01 \x01(\r\x12\x0c\n\x04pids\x18\x02 \x01(\r\x12\x14\n\x0coutput_bytes\x18\x03 \x01(\x04\x12\x12\n\ncpu_shares\x18\x04 \x01(\r\x12\x10\n\x08\x64isk_mib\x18\x05 \x01(\r\">\n\x0c\x45nvPlacement\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07runtime\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\"\x98\x01\n\x0bTaskBudgets\x12\x11\n\tmax_steps\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\x04\x12\x16\n\x0estep_timeout_s\x18\x03 \x01(\x01\x12\x17\n\x0fsetup_timeout_s\x18\x04 \x01(\x01\x12\x16\n\x0etask_timeout_s\x18\x05 \x01(\x01\x12\x19\n\x11scoring_timeout_s\x18\x06 \x01(\x01\"\xe2\x03\n\x08TaskSpec\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x19\n\x11problem_statement\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\t\x12/\n\x05\x66iles\x18\x05 \x03(\x0b\x32 .megaflow.v1.TaskSpec.FilesEntry\x12<\n\x0chidden_files\x18\x06 \x03(\x0b\x32&.megaflow.v1.TaskSpec.HiddenFilesEntry\x12\x14\n\x0c\x65val_command\x18\x07 \x01(\t\x12)\n\x07\x62udgets\x18\x08 \x01(\x0b\x32\x18.megaflow.v1.TaskBudgets\x12&\n\x06limits\x18\t \x01(\x0b\x32\x16.megaflow.v1.EnvLimits\x12\x14\n\x0cmax_attempts\x18\n \x01(\r\x12\r\n\x05model\x18\x0b \x01(\t\x12,\n\tplacement\x18\x0c \x01(\x0b\x32\x19.megaflow.v1.EnvPlacement\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x32\n\x10HiddenFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x80\x03\n\x04Turn\x12\r\n\x05index\x18\x01 \x01(\r\x12.\n\x0cprompt_delta\x18\x02 \x03(\x0b\x32\x18.megaflow.v1.ChatMessage\x12*\n\x08response\x18\x03 \x01(\x0b\x32\x18.megaflow.v1.ChatMessage\x12.\n\x0cobservations\x18\x04 \x03(\x0b\x32\x18.megaflow.v1.ChatMessage\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x17\n\x0fmodel_latency_s\x18\x08 \x01(\x01\x12\x15\n\renv_latency_s\x18\t \x01(\x01\x12\x18\n\x10prompt_token_ids\x18\n \x03(\r\x12\x1c\n\x14\x63ompletion_token_ids\x18\x0b \x03(\r\x12\x1b\n\x13\x63ompletion_logprobs\x18\x0c \x03(\x02\x12\x0f\n\x07replica\x18\r \x01(\t\"\x7f\n\nTrajectory\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.megaflow.v1.ChatMessage\x12 \n\x05turns\x18\x04 \x03(\x0b\x32\x11.megaflow.v1.Turn\"\xd8\x02\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.megaflow.v1.TaskState\x12\x12\n\nhas_reward\x18\x04 \x01(\x08\x12\x0e\n\x06reward\x18\x05 \x01(\x01\x12*\n\nerror_kind\x18\x06 \x01(\x0e\x32\x16.megaflow.v1.ErrorKind\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\r\n\x05steps\x18\x08 \x01(\r\x12\x10\n\x08\x61ttempts\x18\t \x01(\r\x12\x15\n\rprompt_tokens\x18\n \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x0b \x01(\x04\x12\x12\n\nduration_s\x18\x0c \x01(\x01\x12\x13\n\x0b\x65val_output\x18\r \x01(\t\x12\x0f\n\x07setup_s\x18\x0e \x01(\x01\x12\x12\n\nteardown_s\x18\x0f \x01(\x01\"\x0f\n\rHealthRequest\",\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*\x88\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04*}\n\tErrorKind\x12\x13\n\x0f\x45RROR_KIND_NONE\x10\x00\x12\x13\n\x0f\x45RROR_KIND_TASK\x10\x01\x12\x14\n\x10\x45RROR_KIND_INFRA\x10\x02\x12\x16\n\x12\x45RROR_KIND_INVALID\x10\x03\x12\x18\n\x14\x45RROR_KIND_CANCELLED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18megaflow/v1/common.proto\x12\x0bmegaflow.v1\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"{\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.megaflow.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"M\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\"i\n\tEnvLimits\x12\x12\n\nmemory_mib\x18\x01 \x01(\r\x12\x0c\n\x04pids\x18\x02 \x01(\r\x12\x14\n\x0coutput_bytes\x18\x03 \x01(\x04\x12\x12\n\ncpu_shares\x18\x04 \x01(\r\x12\x10\n\x08\x64isk_mib\x18\x05 \x01(\r\">\n\x0c\x45nvPlacement\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07runtime\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\"\x98\x01\n\x0bTaskBudgets\x12\x11\n\tmax_steps\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\x04\x12\x16\n\x0estep_timeout_s\x18\x03 \x01(\x01\x12\x17\n\x0fsetup_timeout_s\x18\x04 \x01(\x01\x12\x16\n\x0etask_timeout_s\x18\x05 \x01(\x01\x12\x19\n\x11scoring_timeout_s\x18\x06 \x01(\x01\"\xcf\x01\n\x14ResourceRequirements\x12\x12\n\ncpu_millis\x18\x01 \x01(\r\x12\x12\n\nmemory_mib\x18\x02 \x01(\r\x12\x0c\n\x04gpus\x18\x03 \x01(\r\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x04 \x01(\t\x12=\n\x06labels\x18\x05 \x03(\x0b\x32-.megaflow.v1.ResourceRequirements.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xda\x04\n\x08TaskSpec\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x19\n\x11problem_statement\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\t\x12/\n\x05\x66iles\x18\x05 \x03(\x0b\x32 .megaflow.v1.TaskSpec.FilesEntry\x12<\n\x0chidden_files\x18\x06 \x03(\x0b\x32&.megaflow.v1.TaskSpec.HiddenFilesEntry\x12\x14\n\x0c\x65val_command\x18\x07 \x01(\t\x12)\n\x07\x62udgets\x18\x08 \x01(\x0b\x32\x18.megaflow.v1.TaskBudgets\x12&\n\x06limits\x18\t \x01(\x0b\x32\x16.megaflow.v1.EnvLimits\x12\x14\n\x0cmax_attempts\x18\n \x01(\r\x12\r\n\x05model\x18\x0b \x01(\t\x12,\n\tplacement\x18\x0c \x01(\x0b\x32\x19.megaflow.v1.EnvPlacement\x12\x34\n\tresources\x18\r \x01(\x0b\x32!.megaflow.v1.ResourceRequirements\x12\x0c\n\x04user\x18\x0e \x01(\t\x12\x10\n\x08priority\x18\x0f \x01(\x05\x12\x12\n\ndeadline_s\x18\x10 \x01(\x01\x12\x0c\n\x04pool\x18\x11 \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x32\n\x10HiddenFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x80\x03\n\x04Turn\x12\r\n\x05index\x18\x01 \x01(\r\x12.\n\x0cprompt_delta\x18\x02 \x03(\x0b\x32\x18.megaflow.v1.ChatMessage\x12*\n\x08response\x18\x03 \x01(\x0b\x32\x18.megaflow.v1.ChatMessage\x12.\n\x0cobservations\x18\x04 \x03(\x0b\x32\x18.megaflow.v1.ChatMessage\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x17\n\x0fmodel_latency_s\x18\x08 \x01(\x01\x12\x15\n\renv_latency_s\x18\t \x01(\x01\x12\x18\n\x10prompt_token_ids\x18\n \x03(\r\x12\x1c\n\x14\x63ompletion_token_ids\x18\x0b \x03(\r\x12\x1b\n\x13\x63ompletion_logprobs\x18\x0c \x03(\x02\x12\x0f\n\x07replica\x18\r \x01(\t\"\x7f\n\nTrajectory\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.megaflow.v1.ChatMessage\x12 \n\x05turns\x18\x04 \x03(\x0b\x32\x11.megaflow.v1.Turn\"\xd8\x02\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.megaflow.v1.TaskState\x12\x12\n\nhas_reward\x18\x04 \x01(\x08\x12\x0e\n\x06reward\x18\x05 \x01(\x01\x12*\n\nerror_kind\x18\x06 \x01(\x0e\x32\x16.megaflow.v1.ErrorKind\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\r\n\x05steps\x18\x08 \x01(\r\x12\x10\n\x08\x61ttempts\x18\t \x01(\r\x12\x15\n\rprompt_tokens\x18\n \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x0b \x01(\x04\x12\x12\n\nduration_s\x18\x0c \x01(\x01\x12\x13\n\x0b\x65val_output\x18\r \x01(\t\x12\x0f\n\x07setup_s\x18\x0e \x01(\x01\x12\x12\n\nteardown_s\x18\x0f \x01(\x01\"\x0f\n\rHealthRequest\",\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*\x88\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04*}\n\tErrorKind\x12\x13\n\x0f\x45RROR_KIND_NONE\x10\x00\x12\x13\n\x0f\x45RROR_KIND_TASK\x10\x01\x12\x14\n\x10\x45RROR_KIND_INFRA\x10\x02\x12\x16\n\x12\x45RROR_KIND_INVALID\x10\x03\x12\x18\n\x14\x45RROR_KIND_CANCELLED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'megaflow.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RESOURCEREQUIREMENTS_LABELSENTRY']._loaded_options = None
+  _globals['_RESOURCEREQUIREMENTS_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_TASKSPEC_FILESENTRY']._loaded_options = None
   _globals['_TASKSPEC_FILESENTRY']._serialized_options = b'8\001'
   _globals['_TASKSPEC_HIDDENFILESENTRY']._loaded_options = None
   _globals['_TASKSPEC_HIDDENFILESENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATE']._serialized_start=2045
-  _globals['_TASKSTATE']._serialized_end=2181
-  _globals['_ERRORKIND']._serialized_start=2183
-  _globals['_ERRORKIND']._serialized_end=2308
+  _globals['_TASKSTATE']._serialized_start=2375
+  _globals['_TASKSTATE']._serialized_end=2511
+  _globals['_ERRORKIND']._serialized_start=2513
+  _globals['_ERRORKIND']._serialized_end=2638
   _globals['_TOOLCALL']._serialized_start=41
   _globals['_TOOLCALL']._serialized_end=101
   _globals['_CHATMESSAGE']._serialized_start=103
@@ -51,20 +53,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENVPLACEMENT']._serialized_end=476
   _globals['_TASKBUDGETS']._serialized_start=479
   _globals['_TASKBUDGETS']._serialized_end=631
-  _globals['_TASKSPEC']._serialized_start=634
-  _globals['_TASKSPEC']._serialized_end=1116
-  _globals['_TASKSPEC_FILESENTRY']._serialized_start=1020
-  _globals['_TASKSPEC_FILESENTRY']._serialized_end=1064
-  _globals['_TASKSPEC_HIDDENFILESENTRY']._serialized_start=1066
-  _globals['_TASKSPEC_HIDDENFILESENTRY']._serialized_end=1116
-  _globals['_TURN']._serialized_start=1119
-  _globals['_TURN']._serialized_end=1503
-  _globals['_TRAJECTORY']._serialized_start=1505
-  _globals['_TRAJECTORY']._serialized_end=1632
-  _globals['_TASKRESULT']._serialized_start=1635
-  _globals['_TASKRESULT']._serialized_end=1979
-  _globals['_HEALTHREQUEST']._serialized_start=1981
-  _globals['_HEALTHREQUEST']._serialized_end=1996
-  _globals['_HEALTHRESPONSE']._serialized_start=1998
-  _globals['_HEALTHRESPONSE']._serialized_end=2042
+  _globals['_RESOURCEREQUIREMENTS']._serialized_start=634
+  _globals['_RESOURCEREQUIREMENTS']._serialized_end=841
+  _globals['_RESOURCEREQUIREMENTS_LABELSENTRY']._serialized_start=796
+  _globals['_RESOURCEREQUIREMENTS_LABELSENTRY']._serialized_end=841
+  _globals['_TASKSPEC']._serialized_start=844
+  _globals['_TASKSPEC']._serialized_end=1446
+  _globals['_TASKSPEC_FILESENTRY']._serialized_start=1350
+  _globals['_TASKSPEC_FILESENTRY']._serialized_end=1394
+  _globals['_TASKSPEC_HIDDENFILESENTRY']._serialized_start=1396
+  _globals['_TASKSPEC_HIDDENFILESENTRY']._serialized_end=1446
+  _globals['_TURN']._serialized_start=1449
+  _globals['_TURN']._serialized_end=1833
+  _globals['_TRAJECTORY']._serialized_start=1835
+  _globals['_TRAJECTORY']._serialized_end=1962
+  _globals['_TASKRESULT']._serialized_start=1965
+  _globals['_TASKRESULT']._serialized_end=2309
+  _globals['_HEALTHREQUEST']._serialized_start=2311
+  _globals['_HEALTHREQUEST']._serialized_end=2326
+  _globals['_HEALTHRESPONSE']._serialized_start=2328
+  _globals['_HEALTHRESPONSE']._serialized_end=2372
 # @@protoc_insertion_point(module_scope)

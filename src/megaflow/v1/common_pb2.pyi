@@ -265,6 +265,68 @@ class TaskBudgets(_message.Message):
 Global___TaskBudgets: _TypeAlias = TaskBudgets  # noqa: Y015
 
 @_typing.final
+class ResourceRequirements(_message.Message):
+    """What a task needs from the environment host it runs on. Zero/empty = no requirement.
+    A task with no requirements takes one unit of a host's capacity, as before.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CPU_MILLIS_FIELD_NUMBER: _builtins.int
+    MEMORY_MIB_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    ACCELERATOR_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    cpu_millis: _builtins.int
+    """CPU in millicores, held on the host while the attempt runs"""
+    memory_mib: _builtins.int
+    """memory, held likewise"""
+    gpus: _builtins.int
+    """whole GPUs, held likewise"""
+    accelerator: _builtins.str
+    """accelerator kind the host must have (e.g. "h100"); empty = any"""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """labels the host must carry, each with this exact value"""
+
+    def __init__(
+        self,
+        *,
+        cpu_millis: _builtins.int = ...,
+        memory_mib: _builtins.int = ...,
+        gpus: _builtins.int = ...,
+        accelerator: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "cpu_millis", b"cpu_millis", "gpus", b"gpus", "labels", b"labels", "memory_mib", b"memory_mib"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResourceRequirements: _TypeAlias = ResourceRequirements  # noqa: Y015
+
+@_typing.final
 class TaskSpec(_message.Message):
     """Everything needed to run one agent task."""
 
@@ -322,6 +384,11 @@ class TaskSpec(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    DEADLINE_S_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     family: _builtins.str
     """e.g. "swe-synth" """
@@ -334,6 +401,16 @@ class TaskSpec(_message.Message):
     """infrastructure retries; 0 = default"""
     model: _builtins.str
     """model name to use; empty = the deployment's default"""
+    user: _builtins.str
+    """who submitted it: the key of per-user quotas"""
+    priority: _builtins.int
+    """higher is dispatched first; 0 = default"""
+    deadline_s: _builtins.float
+    """latency SLA in seconds from submit: earliest deadline first among"""
+    pool: _builtins.str
+    """equal priority; 0 = none
+    a named resource pool of the scheduler's policy (a semaphore)
+    """
     @_builtins.property
     def files(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]:
         """the repository the agent sees, path -> content"""
@@ -348,6 +425,10 @@ class TaskSpec(_message.Message):
     def limits(self) -> Global___EnvLimits: ...
     @_builtins.property
     def placement(self) -> Global___EnvPlacement: ...
+    @_builtins.property
+    def resources(self) -> Global___ResourceRequirements:
+        """matched against the env hosts' advertised resources"""
+
     def __init__(
         self,
         *,
@@ -363,10 +444,15 @@ class TaskSpec(_message.Message):
         max_attempts: _builtins.int = ...,
         model: _builtins.str = ...,
         placement: Global___EnvPlacement | None = ...,
+        resources: Global___ResourceRequirements | None = ...,
+        user: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        deadline_s: _builtins.float = ...,
+        pool: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "limits", b"limits", "placement", b"placement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "limits", b"limits", "placement", b"placement", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "eval_command", b"eval_command", "family", b"family", "files", b"files", "hidden_files", b"hidden_files", "image", b"image", "limits", b"limits", "max_attempts", b"max_attempts", "model", b"model", "placement", b"placement", "problem_statement", b"problem_statement", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "deadline_s", b"deadline_s", "eval_command", b"eval_command", "family", b"family", "files", b"files", "hidden_files", b"hidden_files", "image", b"image", "limits", b"limits", "max_attempts", b"max_attempts", "model", b"model", "placement", b"placement", "pool", b"pool", "priority", b"priority", "problem_statement", b"problem_statement", "resources", b"resources", "task_id", b"task_id", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,17 +25,21 @@ _sym_db = _symbol_database.Default()
 from megaflow.v1 import common_pb2 as megaflow_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmegaflow/v1/scheduler.proto\x12\x0bmegaflow.v1\x1a\x18megaflow/v1/common.proto\"c\n\x12SubmitTasksRequest\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.megaflow.v1.TaskSpec\x12\x17\n\x0fmax_concurrency\x18\x02 \x01(\r\x12\x0e\n\x06run_id\x18\x03 \x01(\t\"7\n\x13SubmitTasksResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\"$\n\x12WatchEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xde\x01\n\tTaskEvent\x12$\n\x04type\x18\x01 \x01(\x0e\x32\x16.megaflow.v1.EventType\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.megaflow.v1.TaskResult\x12+\n\ntrajectory\x18\x06 \x01(\x0b\x32\x17.megaflow.v1.Trajectory\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x13\n\x0btime_unix_s\x18\x08 \x01(\x01\"c\n\x16RegisterServiceRequest\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.megaflow.v1.ServiceKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\"7\n\x17RegisterServiceResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"\x0f\n\rStatusRequest\"\x9a\x01\n\rServiceStatus\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.megaflow.v1.ServiceKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x17\n\x0flast_seen_s_ago\x18\x05 \x01(\x01\x12\x12\n\ndispatched\x18\x06 \x01(\x04\"\x83\x01\n\x0eStatusResponse\x12\x0f\n\x07pending\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x11\n\tsucceeded\x18\x03 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\r\x12,\n\x08services\x18\x05 \x03(\x0b\x32\x1a.megaflow.v1.ServiceStatus*\x9d\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45VENT_TYPE_TASK_STARTED\x10\x01\x12\x1c\n\x18\x45VENT_TYPE_TASK_RETRYING\x10\x02\x12\x1c\n\x18\x45VENT_TYPE_TASK_FINISHED\x10\x03\x12\x1b\n\x17\x45VENT_TYPE_RUN_FINISHED\x10\x04*q\n\x0bServiceKind\x12\x1c\n\x18SERVICE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12SERVICE_KIND_MODEL\x10\x01\x12\x16\n\x12SERVICE_KIND_AGENT\x10\x02\x12\x14\n\x10SERVICE_KIND_ENV\x10\x03\x32\xcf\x02\n\x10SchedulerService\x12P\n\x0bSubmitTasks\x12\x1f.megaflow.v1.SubmitTasksRequest\x1a .megaflow.v1.SubmitTasksResponse\x12H\n\x0bWatchEvents\x12\x1f.megaflow.v1.WatchEventsRequest\x1a\x16.megaflow.v1.TaskEvent0\x01\x12\\\n\x0fRegisterService\x12#.megaflow.v1.RegisterServiceRequest\x1a$.megaflow.v1.RegisterServiceResponse\x12\x41\n\x06Status\x12\x1a.megaflow.v1.StatusRequest\x1a\x1b.megaflow.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmegaflow/v1/scheduler.proto\x12\x0bmegaflow.v1\x1a\x18megaflow/v1/common.proto\"c\n\x12SubmitTasksRequest\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.megaflow.v1.TaskSpec\x12\x17\n\x0fmax_concurrency\x18\x02 \x01(\r\x12\x0e\n\x06run_id\x18\x03 \x01(\t\"7\n\x13SubmitTasksResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\"$\n\x12WatchEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xde\x01\n\tTaskEvent\x12$\n\x04type\x18\x01 \x01(\x0e\x32\x16.megaflow.v1.EventType\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.megaflow.v1.TaskResult\x12+\n\ntrajectory\x18\x06 \x01(\x0b\x32\x17.megaflow.v1.Trajectory\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x13\n\x0btime_unix_s\x18\x08 \x01(\x01\"\xcc\x02\n\rHostResources\x12\x12\n\ncpu_millis\x18\x01 \x01(\r\x12\x12\n\nmemory_mib\x18\x02 \x01(\x04\x12\x0c\n\x04gpus\x18\x03 \x01(\r\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x04 \x01(\t\x12\x36\n\x06labels\x18\x05 \x03(\x0b\x32&.megaflow.v1.HostResources.LabelsEntry\x12?\n\x0bwarm_images\x18\x06 \x03(\x0b\x32*.megaflow.v1.HostResources.WarmImagesEntry\x12\x15\n\rcached_images\x18\x07 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0fWarmImagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x92\x01\n\x16RegisterServiceRequest\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.megaflow.v1.ServiceKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12-\n\tresources\x18\x04 \x01(\x0b\x32\x1a.megaflow.v1.HostResources\"7\n\x17RegisterServiceResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"\x0f\n\rStatusRequest\"\xa7\x02\n\rServiceStatus\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.megaflow.v1.ServiceKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x17\n\x0flast_seen_s_ago\x18\x05 \x01(\x01\x12\x12\n\ndispatched\x18\x06 \x01(\x04\x12-\n\tresources\x18\x07 \x01(\x0b\x32\x1a.megaflow.v1.HostResources\x12\x17\n\x0f\x63pu_millis_used\x18\x08 \x01(\r\x12\x17\n\x0fmemory_mib_used\x18\t \x01(\x04\x12\x11\n\tgpus_used\x18\n \x01(\r\x12\x17\n\x0fwarm_placements\x18\x0b \x01(\x04\"<\n\nQueueDepth\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x11\n\tin_flight\x18\x03 \x01(\r\"<\n\nPoolStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\r\n\x05limit\x18\x03 \x01(\r\"\xdf\x02\n\x0eStatusResponse\x12\x0f\n\x07pending\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x11\n\tsucceeded\x18\x03 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\r\x12,\n\x08services\x18\x05 \x03(\x0b\x32\x1a.megaflow.v1.ServiceStatus\x12\x0e\n\x06queued\x18\x06 \x01(\r\x12%\n\x04runs\x18\x07 \x03(\x0b\x32\x17.megaflow.v1.QueueDepth\x12&\n\x05users\x18\x08 \x03(\x0b\x32\x17.megaflow.v1.QueueDepth\x12\x15\n\roldest_wait_s\x18\t \x01(\x01\x12\x12\n\nwait_p50_s\x18\n \x01(\x01\x12\x12\n\nwait_p99_s\x18\x0b \x01(\x01\x12\x14\n\x0cwait_samples\x18\x0c \x01(\r\x12&\n\x05pools\x18\r \x03(\x0b\x32\x17.megaflow.v1.PoolStatus*\x9d\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45VENT_TYPE_TASK_STARTED\x10\x01\x12\x1c\n\x18\x45VENT_TYPE_TASK_RETRYING\x10\x02\x12\x1c\n\x18\x45VENT_TYPE_TASK_FINISHED\x10\x03\x12\x1b\n\x17\x45VENT_TYPE_RUN_FINISHED\x10\x04*q\n\x0bServiceKind\x12\x1c\n\x18SERVICE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12SERVICE_KIND_MODEL\x10\x01\x12\x16\n\x12SERVICE_KIND_AGENT\x10\x02\x12\x14\n\x10SERVICE_KIND_ENV\x10\x03\x32\xcf\x02\n\x10SchedulerService\x12P\n\x0bSubmitTasks\x12\x1f.megaflow.v1.SubmitTasksRequest\x1a .megaflow.v1.SubmitTasksResponse\x12H\n\x0bWatchEvents\x12\x1f.megaflow.v1.WatchEventsRequest\x1a\x16.megaflow.v1.TaskEvent0\x01\x12\\\n\x0fRegisterService\x12#.megaflow.v1.RegisterServiceRequest\x1a$.megaflow.v1.RegisterServiceResponse\x12\x41\n\x06Status\x12\x1a.megaflow.v1.StatusRequest\x1a\x1b.megaflow.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'megaflow.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTTYPE']._serialized_start=958
-  _globals['_EVENTTYPE']._serialized_end=1115
-  _globals['_SERVICEKIND']._serialized_start=1117
-  _globals['_SERVICEKIND']._serialized_end=1230
+  _globals['_HOSTRESOURCES_LABELSENTRY']._loaded_options = None
+  _globals['_HOSTRESOURCES_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_HOSTRESOURCES_WARMIMAGESENTRY']._loaded_options = None
+  _globals['_HOSTRESOURCES_WARMIMAGESENTRY']._serialized_options = b'8\001'
+  _globals['_EVENTTYPE']._serialized_start=1826
+  _globals['_EVENTTYPE']._serialized_end=1983
+  _globals['_SERVICEKIND']._serialized_start=1985
+  _globals['_SERVICEKIND']._serialized_end=2098
   _globals['_SUBMITTASKSREQUEST']._serialized_start=70
   _globals['_SUBMITTASKSREQUEST']._serialized_end=169
   _globals['_SUBMITTASKSRESPONSE']._serialized_start=171
@@ -44,16 +48,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHEVENTSREQUEST']._serialized_end=264
   _globals['_TASKEVENT']._serialized_start=267
   _globals['_TASKEVENT']._serialized_end=489
-  _globals['_REGISTERSERVICEREQUEST']._serialized_start=491
-  _globals['_REGISTERSERVICEREQUEST']._serialized_end=590
-  _globals['_REGISTERSERVICERESPONSE']._serialized_start=592
-  _globals['_REGISTERSERVICERESPONSE']._serialized_end=647
-  _globals['_STATUSREQUEST']._serialized_start=649
-  _globals['_STATUSREQUEST']._serialized_end=664
-  _globals['_SERVICESTATUS']._serialized_start=667
-  _globals['_SERVICESTATUS']._serialized_end=821
-  _globals['_STATUSRESPONSE']._serialized_start=824
-  _globals['_STATUSRESPONSE']._serialized_end=955
-  _globals['_SCHEDULERSERVICE']._serialized_start=1233
-  _globals['_SCHEDULERSERVICE']._serialized_end=1568
+  _globals['_HOSTRESOURCES']._serialized_start=492
+  _globals['_HOSTRESOURCES']._serialized_end=824
+  _globals['_HOSTRESOURCES_LABELSENTRY']._serialized_start=728
+  _globals['_HOSTRESOURCES_LABELSENTRY']._serialized_end=773
+  _globals['_HOSTRESOURCES_WARMIMAGESENTRY']._serialized_start=775
+  _globals['_HOSTRESOURCES_WARMIMAGESENTRY']._serialized_end=824
+  _globals['_REGISTERSERVICEREQUEST']._serialized_start=827
+  _globals['_REGISTERSERVICEREQUEST']._serialized_end=973
+  _globals['_REGISTERSERVICERESPONSE']._serialized_start=975
+  _globals['_REGISTERSERVICERESPONSE']._serialized_end=1030
+  _globals['_STATUSREQUEST']._serialized_start=1032
+  _globals['_STATUSREQUEST']._serialized_end=1047
+  _globals['_SERVICESTATUS']._serialized_start=1050
+  _globals['_SERVICESTATUS']._serialized_end=1345
+  _globals['_QUEUEDEPTH']._serialized_start=1347
+  _globals['_QUEUEDEPTH']._serialized_end=1407
+  _globals['_POOLSTATUS']._serialized_start=1409
+  _globals['_POOLSTATUS']._serialized_end=1469
+  _globals['_STATUSRESPONSE']._serialized_start=1472
+  _globals['_STATUSRESPONSE']._serialized_end=1823
+  _globals['_SCHEDULERSERVICE']._serialized_start=2101
+  _globals['_SCHEDULERSERVICE']._serialized_end=2436
 # @@protoc_insertion_point(module_scope)

@@ -181,27 +181,125 @@ class TaskEvent(_message.Message):
 Global___TaskEvent: _TypeAlias = TaskEvent  # noqa: Y015
 
 @_typing.final
+class HostResources(_message.Message):
+    """What a host offers, advertised when its service registers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class WarmImagesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CPU_MILLIS_FIELD_NUMBER: _builtins.int
+    MEMORY_MIB_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    ACCELERATOR_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    WARM_IMAGES_FIELD_NUMBER: _builtins.int
+    CACHED_IMAGES_FIELD_NUMBER: _builtins.int
+    cpu_millis: _builtins.int
+    """0 = not advertised: CPU does not limit placement (capacity does)"""
+    memory_mib: _builtins.int
+    """0 = not advertised: memory does not limit placement"""
+    gpus: _builtins.int
+    """whole GPUs; 0 = none"""
+    accelerator: _builtins.str
+    """accelerator kind (e.g. "h100"); empty = none"""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels; "node" names the machine (default: the host part of the service's address),
+        used to place an agent loop beside its environment.
+        """
+
+    @_builtins.property
+    def warm_images(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """env: image -> size of its warm pool"""
+
+    @_builtins.property
+    def cached_images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """env: images already in the host's image cache"""
+
+    def __init__(
+        self,
+        *,
+        cpu_millis: _builtins.int = ...,
+        memory_mib: _builtins.int = ...,
+        gpus: _builtins.int = ...,
+        accelerator: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        warm_images: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        cached_images: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "cached_images", b"cached_images", "cpu_millis", b"cpu_millis", "gpus", b"gpus", "labels", b"labels", "memory_mib", b"memory_mib", "warm_images", b"warm_images"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostResources: _TypeAlias = HostResources  # noqa: Y015
+
+@_typing.final
 class RegisterServiceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KIND_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     kind: Global___ServiceKind.ValueType
     address: _builtins.str
     """host:port where the service listens"""
     capacity: _builtins.int
     """concurrent tasks (agent), environments (env) or requests (model)"""
+    @_builtins.property
+    def resources(self) -> Global___HostResources: ...
     def __init__(
         self,
         *,
         kind: Global___ServiceKind.ValueType = ...,
         address: _builtins.str = ...,
         capacity: _builtins.int = ...,
+        resources: Global___HostResources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "kind", b"kind", "resources", b"resources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -251,6 +349,11 @@ class ServiceStatus(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     LAST_SEEN_S_AGO_FIELD_NUMBER: _builtins.int
     DISPATCHED_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    CPU_MILLIS_USED_FIELD_NUMBER: _builtins.int
+    MEMORY_MIB_USED_FIELD_NUMBER: _builtins.int
+    GPUS_USED_FIELD_NUMBER: _builtins.int
+    WARM_PLACEMENTS_FIELD_NUMBER: _builtins.int
     kind: Global___ServiceKind.ValueType
     address: _builtins.str
     capacity: _builtins.int
@@ -258,6 +361,16 @@ class ServiceStatus(_message.Message):
     last_seen_s_ago: _builtins.float
     dispatched: _builtins.int
     """attempts placed on this service so far"""
+    cpu_millis_used: _builtins.int
+    """held by the attempts running there"""
+    memory_mib_used: _builtins.int
+    gpus_used: _builtins.int
+    warm_placements: _builtins.int
+    """attempts placed there while the image's warm pool had room"""
+    @_builtins.property
+    def resources(self) -> Global___HostResources:
+        """as advertised"""
+
     def __init__(
         self,
         *,
@@ -267,14 +380,76 @@ class ServiceStatus(_message.Message):
         in_flight: _builtins.int = ...,
         last_seen_s_ago: _builtins.float = ...,
         dispatched: _builtins.int = ...,
+        resources: Global___HostResources | None = ...,
+        cpu_millis_used: _builtins.int = ...,
+        memory_mib_used: _builtins.int = ...,
+        gpus_used: _builtins.int = ...,
+        warm_placements: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "dispatched", b"dispatched", "in_flight", b"in_flight", "kind", b"kind", "last_seen_s_ago", b"last_seen_s_ago"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "cpu_millis_used", b"cpu_millis_used", "dispatched", b"dispatched", "gpus_used", b"gpus_used", "in_flight", b"in_flight", "kind", b"kind", "last_seen_s_ago", b"last_seen_s_ago", "memory_mib_used", b"memory_mib_used", "resources", b"resources", "warm_placements", b"warm_placements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServiceStatus: _TypeAlias = ServiceStatus  # noqa: Y015
+
+@_typing.final
+class QueueDepth(_message.Message):
+    """How many tasks wait and run, per run or per user."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """run id or user name ("" = no user)"""
+    queued: _builtins.int
+    in_flight: _builtins.int
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        queued: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "key", b"key", "queued", b"queued"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueDepth: _TypeAlias = QueueDepth  # noqa: Y015
+
+@_typing.final
+class PoolStatus(_message.Message):
+    """A semaphore of the admission control: a resource pool, or a model's in-flight limit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"pool:NAME" or "model:NAME" ("model:" = the default model)"""
+    in_flight: _builtins.int
+    limit: _builtins.int
+    """0 = unlimited"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        in_flight: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "limit", b"limit", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolStatus: _TypeAlias = PoolStatus  # noqa: Y015
 
 @_typing.final
 class StatusResponse(_message.Message):
@@ -285,12 +460,34 @@ class StatusResponse(_message.Message):
     SUCCEEDED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     SERVICES_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    USERS_FIELD_NUMBER: _builtins.int
+    OLDEST_WAIT_S_FIELD_NUMBER: _builtins.int
+    WAIT_P50_S_FIELD_NUMBER: _builtins.int
+    WAIT_P99_S_FIELD_NUMBER: _builtins.int
+    WAIT_SAMPLES_FIELD_NUMBER: _builtins.int
+    POOLS_FIELD_NUMBER: _builtins.int
     pending: _builtins.int
     running: _builtins.int
     succeeded: _builtins.int
     failed: _builtins.int
+    queued: _builtins.int
+    """waiting in the queue now (pending also counts retries backing off)"""
+    oldest_wait_s: _builtins.float
+    """how long the longest-waiting queued task has waited"""
+    wait_p50_s: _builtins.float
+    """queue wait of recently dispatched attempts (bounded sample)"""
+    wait_p99_s: _builtins.float
+    wait_samples: _builtins.int
     @_builtins.property
     def services(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServiceStatus]: ...
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueDepth]: ...
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueDepth]: ...
+    @_builtins.property
+    def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___PoolStatus]: ...
     def __init__(
         self,
         *,
@@ -299,10 +496,18 @@ class StatusResponse(_message.Message):
         succeeded: _builtins.int = ...,
         failed: _builtins.int = ...,
         services: _abc.Iterable[Global___ServiceStatus] | None = ...,
+        queued: _builtins.int = ...,
+        runs: _abc.Iterable[Global___QueueDepth] | None = ...,
+        users: _abc.Iterable[Global___QueueDepth] | None = ...,
+        oldest_wait_s: _builtins.float = ...,
+        wait_p50_s: _builtins.float = ...,
+        wait_p99_s: _builtins.float = ...,
+        wait_samples: _builtins.int = ...,
+        pools: _abc.Iterable[Global___PoolStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "pending", b"pending", "running", b"running", "services", b"services", "succeeded", b"succeeded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "oldest_wait_s", b"oldest_wait_s", "pending", b"pending", "pools", b"pools", "queued", b"queued", "running", b"running", "runs", b"runs", "services", b"services", "succeeded", b"succeeded", "users", b"users", "wait_p50_s", b"wait_p50_s", "wait_p99_s", b"wait_p99_s", "wait_samples", b"wait_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
