@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -61,4 +62,47 @@ async def test_duplicate_task_ids_are_rejected_and_nothing_is_written(tmp_path: 
     with pytest.raises(InvalidRequestError, match="already submitted"):
         await ledger.add_tasks("r2", [_spec("b"), _spec("a")])
     assert await ledger.run("r2") == []
+    await ledger.close()
+
+
+async def test_concurrent_writes_coalesce_into_few_transactions(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "l.sqlite")
+    await ledger.open()
+    await ledger.add_tasks("r", [_spec(f"t{i}") for i in range(2000)])
+    before = ledger.transactions
+    await asyncio.gather(*(ledger.mark_running(f"t{i}", 1, f"t{i}#1") for i in range(2000)))
+    assert ledger.transactions - before < 100  # 2,000 calls, far fewer commits
+    rows = await ledger.run("r")
+    await ledger.close()
+    assert all(r.state == common_pb2.TASK_STATE_RUNNING and r.attempts == 1 for r in rows)
+
+
+async def test_each_caller_in_a_batch_gets_its_own_outcome(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "l.sqlite")
+    await ledger.open()
+    await ledger.add_tasks("r", [_spec("a"), _spec("b")])
+    done = common_pb2.TaskResult(state=common_pb2.TASK_STATE_SUCCEEDED)
+    outcomes = await asyncio.gather(
+        ledger.finish("a", done, None),
+        ledger.add_tasks("r2", [_spec("c"), _spec("b")]),  # fails alone: b exists
+        ledger.finish("a", done, None),
+        ledger.add_tasks("r3", [_spec("d")]),
+        ledger.finish("b", done, None),
+        return_exceptions=True,
+    )
+    assert outcomes[0] is True and outcomes[2] is False and outcomes[4] is True
+    assert isinstance(outcomes[1], InvalidRequestError) and outcomes[3] is None
+    assert [r.task_id for r in await ledger.run("r3")] == ["d"]
+    assert await ledger.run("r2") == []  # the failed call's writes were undone, no others
+    assert [r.run_id for r in await ledger.runs()] == ["r", "r3"]
+    await ledger.close()
+
+
+async def test_without_group_commit_every_call_is_its_own_transaction(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "l.sqlite", max_batch=1)
+    await ledger.open()
+    await ledger.add_tasks("r", [_spec(f"t{i}") for i in range(50)])
+    before = ledger.transactions
+    await asyncio.gather(*(ledger.mark_running(f"t{i}", 1, f"t{i}#1") for i in range(50)))
+    assert ledger.transactions - before == 50
     await ledger.close()

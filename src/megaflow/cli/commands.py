@@ -25,7 +25,7 @@ from megaflow.model.service import ModelServiceImpl
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.scheduler.service import SchedulerServiceImpl
-from megaflow.store.sqlite import SqliteLedger
+from megaflow.store.ledger import TaskLedger
 from megaflow.tasks.swe_synth import generate_tasks
 from megaflow.v1 import common_pb2, scheduler_pb2
 
@@ -159,8 +159,8 @@ async def status_command(address: str) -> scheduler_pb2.StatusResponse:
         await client.close()
 
 
-async def serve_scheduler_command(listen: str, store: Path) -> None:
-    impl = SchedulerServiceImpl(SqliteLedger(store), ServiceResolver())
+async def serve_scheduler_command(listen: str, ledger: TaskLedger) -> None:
+    impl = SchedulerServiceImpl(ledger, ServiceResolver())
     await serve("scheduler", impl, listen=listen)
 
 

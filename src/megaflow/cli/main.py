@@ -148,16 +148,25 @@ def status(scheduler: SchedulerAddr = "127.0.0.1:7070") -> None:
 @serve_app.command("scheduler")
 def serve_scheduler(
     listen: Listen = "127.0.0.1:7070",
-    store: Annotated[Path, typer.Option(help="SQLite ledger file.")] = Path(
-        "megaflow-ledger.sqlite"
-    ),
+    store: Annotated[
+        str,
+        typer.Option(
+            help="The ledger: a SQLite file path or sqlite:///ABS/PATH, "
+            "redis://HOST:PORT[/DB], or etcd://HOST:PORT."
+        ),
+    ] = "megaflow-ledger.sqlite",
     log_level: LogLevel = "info",
 ) -> None:
     """The scheduler: queue, ledger, placement."""
     from megaflow.cli.commands import serve_scheduler_command
+    from megaflow.store.factory import open_ledger
 
+    try:
+        ledger = open_ledger(store)
+    except InvalidRequestError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--store") from None
     _logging(log_level)
-    asyncio.run(serve_scheduler_command(listen, store))
+    asyncio.run(serve_scheduler_command(listen, ledger))
 
 
 @serve_app.command("model")

@@ -118,7 +118,8 @@ class SchedulerServiceImpl:
                 raise InvalidRequestError(f"task {task.task_id!r} {rejection}")
             seen.add(task.task_id)
             tasks.append(task)
-        await self.ledger.add_tasks(run_id, tasks)  # durable before acknowledged
+        # durable before acknowledged
+        await self.ledger.add_tasks(run_id, tasks, max_concurrency=request.max_concurrency)
         self._feeds[run_id] = _RunFeed(len(tasks))
         self._feed(
             s.TasksSubmitted(

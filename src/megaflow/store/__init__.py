@@ -1,10 +1,21 @@
-"""Durable state: the task ledger.
+"""Durable state: the task ledger, checkpoints and leases.
 
-`TaskLedger` is the interface; `SqliteLedger` the embedded default. Redis and etcd
-ledgers implement the same interface in later work.
+`TaskLedger` is the interface; `SqliteLedger` the embedded default, `RedisLedger`
+(``megaflow.store.redis``) and `EtcdLedger` (``megaflow.store.etcd``) the distributed
+ones; `open_ledger(url)` picks one from a URL. The Redis and etcd modules are imported
+only when used.
 """
 
-from megaflow.store.ledger import LedgerRow, TaskLedger
+from megaflow.store.factory import open_ledger
+from megaflow.store.ledger import Checkpoint, LedgerRow, RunRow, TaskLedger, TaskRow
 from megaflow.store.sqlite import SqliteLedger
 
-__all__ = ["LedgerRow", "SqliteLedger", "TaskLedger"]
+__all__ = [
+    "Checkpoint",
+    "LedgerRow",
+    "RunRow",
+    "SqliteLedger",
+    "TaskLedger",
+    "TaskRow",
+    "open_ledger",
+]

@@ -1,11 +1,42 @@
-"""The task ledger interface: every task's state, attempts and outcome."""
+"""The task ledger interface: every task's state, attempts and outcome, runs,
+checkpoints of agent state, and leases.
+
+Three backends implement it identically (one contract suite, ``tests/store``):
+:class:`~megaflow.store.sqlite.SqliteLedger` (embedded default),
+:class:`~megaflow.store.redis.RedisLedger` and :class:`~megaflow.store.etcd.EtcdLedger`.
+
+Semantics every backend keeps:
+
+- **Acknowledged = durable.** When an awaited write returns, it is on disk (SQLite
+  ``synchronous=FULL``; Redis ``appendfsync always``; etcd's fsynced raft log): a
+  kill -9 of the store's process afterwards loses nothing.
+- ``add_tasks`` rejects an id already submitted (or repeated in the call) with
+  :class:`~megaflow.core.errors.InvalidRequestError`; it also records the run: its cap
+  (``max_concurrency``, kept from an earlier call when 0) and ``total`` (summed).
+- ``mark_running`` / ``mark_retrying`` have no effect on an unknown or terminal task.
+  ``mark_retrying`` clears the current attempt id (the attempt is presumed dead).
+- ``finish`` commits a terminal state (SUCCEEDED or FAILED) exactly once: concurrent
+  racing calls see exactly one True. False for an unknown or already terminal task.
+- ``save_checkpoint`` is *fenced*: stored only while ``attempt_id`` is the task's
+  current attempt (set by ``mark_running``) and the task is not terminal, so a worker
+  presumed dead cannot overwrite its successor's checkpoint. Each stored checkpoint
+  gets the next ``seq`` of its task; ``load_checkpoint`` returns the latest.
+- Leases: ``acquire_lease`` is True when the lease was free, expired, or already held
+  by ``holder`` (which renews it for ``ttl_s`` more); ``release_lease`` only by the
+  holder. Expiry uses the store's clock (etcd rounds ``ttl_s`` up to whole seconds and
+  enforces its own minimum TTL).
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
+from megaflow.core.errors import InvalidRequestError
 from megaflow.v1 import common_pb2
+
+TERMINAL_STATES = (common_pb2.TASK_STATE_SUCCEEDED, common_pb2.TASK_STATE_FAILED)
 
 
 @dataclass(frozen=True)
@@ -20,13 +51,47 @@ class LedgerRow:
     trajectory: common_pb2.Trajectory | None
 
 
+@dataclass(frozen=True)
+class RunRow:
+    """One submitted run: its concurrency cap, task count and how many are terminal."""
+
+    run_id: str
+    max_concurrency: int
+    total: int
+    terminal: int
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """A task not yet terminal: what a restarted scheduler needs to re-queue it."""
+
+    run_id: str
+    spec: common_pb2.TaskSpec
+    state: int  # common_pb2.TaskState: PENDING or RUNNING
+    attempts: int
+    attempt_id: str  # the current attempt ('' while pending)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The latest checkpoint of a task's agent state (opaque bytes)."""
+
+    attempt_id: str
+    data: bytes
+    seq: int  # 1, 2, ... per task
+    saved_at: float  # Unix time
+
+
 class TaskLedger(Protocol):
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
-    async def add_tasks(self, run_id: str, tasks: list[common_pb2.TaskSpec]) -> None:
-        """Record submitted tasks as pending. Raises InvalidRequestError for a duplicate id."""
+    async def add_tasks(
+        self, run_id: str, tasks: list[common_pb2.TaskSpec], *, max_concurrency: int = 0
+    ) -> None:
+        """Record submitted tasks as pending, and the run. Raises InvalidRequestError for a
+        duplicate id (nothing is written)."""
         ...
 
     async def mark_running(self, task_id: str, attempt: int, attempt_id: str) -> None: ...
@@ -45,3 +110,55 @@ class TaskLedger(Protocol):
         ...
 
     async def run(self, run_id: str) -> list[LedgerRow]: ...
+
+    async def runs(self) -> list[RunRow]:
+        """Every run, in submission order."""
+        ...
+
+    async def unfinished(self) -> list[TaskRow]:
+        """Every task not yet terminal, in submission order."""
+        ...
+
+    async def save_checkpoint(self, task_id: str, attempt_id: str, data: bytes) -> bool:
+        """Store ``data`` as the task's latest checkpoint if ``attempt_id`` is its current
+        attempt and it is not terminal; False (nothing stored) otherwise."""
+        ...
+
+    async def load_checkpoint(self, task_id: str) -> Checkpoint | None: ...
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take (or renew) the lease ``name`` for ``ttl_s`` seconds; False if another holds it."""
+        ...
+
+    async def release_lease(self, name: str, holder: str) -> bool:
+        """Give the lease back; False (nothing changes) unless ``holder`` holds it."""
+        ...
+
+    async def lease_holder(self, name: str) -> str | None:
+        """Who holds the lease now (None: free or expired)."""
+        ...
+
+
+def check_new_tasks(tasks: list[common_pb2.TaskSpec]) -> list[str]:
+    """The ids of ``tasks``; InvalidRequestError for an empty or repeated id."""
+    ids = [t.task_id for t in tasks]
+    if any(not i for i in ids):
+        raise InvalidRequestError("every task needs a task_id")
+    if len(set(ids)) != len(ids):
+        twice = [i for i, n in Counter(ids).items() if n > 1]
+        raise InvalidRequestError(f"task ids already submitted (repeated): {twice[:5]}")
+    return ids
+
+
+def check_result(result: common_pb2.TaskResult) -> None:
+    if result.state not in TERMINAL_STATES:
+        raise InvalidRequestError(
+            f"finish needs a terminal state (SUCCEEDED or FAILED), got {result.state}"
+        )
+
+
+def check_lease_args(name: str, holder: str, ttl_s: float | None = None) -> None:
+    if not name or not holder:
+        raise InvalidRequestError("a lease needs a name and a holder")
+    if ttl_s is not None and not ttl_s > 0:
+        raise InvalidRequestError(f"lease ttl_s must be > 0, got {ttl_s}")

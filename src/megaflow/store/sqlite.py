@@ -1,7 +1,11 @@
-"""The embedded ledger: SQLite in WAL mode, one writer thread.
+"""The embedded ledger: SQLite in WAL mode, one writer thread, group commit.
 
 Every call runs on a single dedicated thread (sqlite3 connections are not shared
-between threads), so the event loop never blocks on disk.
+between threads), so the event loop never blocks on disk. Calls made while a
+transaction is running are queued and go together into the next transaction: one
+thread hop and one fsync per batch, each call in its own savepoint (an error, such as
+a duplicate task id, undoes that call alone) and each caller answered with its own
+result after the COMMIT. ``synchronous=FULL``: a call that returned is on disk.
 """
 
 from __future__ import annotations
@@ -12,13 +16,24 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from megaflow.core.errors import InvalidRequestError
-from megaflow.store.ledger import LedgerRow
+from megaflow.store.batching import Batcher, Failed
+from megaflow.store.ledger import (
+    TERMINAL_STATES,
+    Checkpoint,
+    LedgerRow,
+    RunRow,
+    TaskRow,
+    check_lease_args,
+    check_new_tasks,
+    check_result,
+)
 from megaflow.v1 import common_pb2
 
 T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -36,74 +51,143 @@ CREATE TABLE IF NOT EXISTS tasks (
     updated_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_run ON tasks (run_id, seq);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id          TEXT PRIMARY KEY,
+    seq             INTEGER NOT NULL,
+    max_concurrency INTEGER NOT NULL,
+    total           INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    task_id     TEXT PRIMARY KEY,
+    attempt_id  TEXT NOT NULL,
+    data        BLOB NOT NULL,
+    seq         INTEGER NOT NULL,
+    saved_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name        TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    expires_at  REAL NOT NULL
+);
 """
 
-_TERMINAL = (common_pb2.TASK_STATE_SUCCEEDED, common_pb2.TASK_STATE_FAILED)
+_NOT_TERMINAL = f"state NOT IN ({TERMINAL_STATES[0]}, {TERMINAL_STATES[1]})"
 
 
 class SqliteLedger:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, max_batch: int = 0) -> None:
+        """``max_batch``: most calls per transaction (0: no limit; 1: no group commit)."""
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ledger")
+        self._pool: ThreadPoolExecutor | None = None
+        self._batcher: Batcher[Op] = Batcher(self._flush, max_batch=max_batch)
+
+    @property
+    def transactions(self) -> int:
+        """Transactions committed so far by this object (calls coalesce into fewer)."""
+        return self._batcher.batches
+
+    # -- plumbing ---------------------------------------------------------------------
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def run() -> T:
-            assert self._db is not None, "ledger is not open"
-            with self._db:  # one transaction per call
-                return fn(self._db)
+        if self._db is None:
+            raise RuntimeError("ledger is not open")
+        result: T = await self._batcher.submit(fn)
+        return result
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+    async def _flush(self, ops: list[Op]) -> list[Any]:
+        assert self._pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._commit, ops)
+
+    def _commit(self, ops: list[Op]) -> list[Any]:
+        """One transaction for the whole batch; one savepoint per call."""
+        db = self._db
+        if db is None:
+            raise RuntimeError("ledger is not open")
+        outcomes: list[Any] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                db.execute("SAVEPOINT op")
+                try:
+                    value = op(db)
+                except Exception as error:
+                    db.execute("ROLLBACK TO op")
+                    outcomes.append(Failed(error))
+                else:
+                    outcomes.append(value)
+                db.execute("RELEASE op")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return outcomes
 
     async def open(self) -> None:
         def connect() -> None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA synchronous=FULL")  # acknowledged = on disk
             db.executescript(_SCHEMA)
-            db.isolation_level = "DEFERRED"  # transactions per `with db:`
             self._db = db
 
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ledger")
         await asyncio.get_running_loop().run_in_executor(self._pool, connect)
 
     async def close(self) -> None:
+        await self._batcher.drain()
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+
         def shut() -> None:
             if self._db is not None:
                 self._db.close()
                 self._db = None
 
-        await asyncio.get_running_loop().run_in_executor(self._pool, shut)
-        self._pool.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(pool, shut)
+        pool.shutdown(wait=True)
 
-    async def add_tasks(self, run_id: str, tasks: list[common_pb2.TaskSpec]) -> None:
-        now = time.time()
+    # -- tasks ------------------------------------------------------------------------
+
+    async def add_tasks(
+        self, run_id: str, tasks: list[common_pb2.TaskSpec], *, max_concurrency: int = 0
+    ) -> None:
+        ids = check_new_tasks(tasks)
+        specs = [t.SerializeToString() for t in tasks]
 
         def add(db: sqlite3.Connection) -> None:
-            ids = [t.task_id for t in tasks]
-            marks = ",".join("?" * len(ids))
-            taken = db.execute(
-                f"SELECT task_id FROM tasks WHERE task_id IN ({marks})", ids
-            ).fetchall()
+            now = time.time()
+            taken: list[str] = []
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                taken += [
+                    r[0]
+                    for r in db.execute(
+                        f"SELECT task_id FROM tasks WHERE task_id IN ({marks})", chunk
+                    )
+                ]
             if taken:
-                raise InvalidRequestError(
-                    f"task ids already submitted: {[r[0] for r in taken][:5]}"
-                )
+                raise InvalidRequestError(f"task ids already submitted: {taken[:5]}")
             (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM tasks").fetchone()
             db.executemany(
                 "INSERT INTO tasks (task_id, run_id, seq, spec, state, updated_at) "
                 "VALUES (?,?,?,?,?,?)",
                 [
-                    (
-                        t.task_id,
-                        run_id,
-                        seq + i + 1,
-                        t.SerializeToString(),
-                        common_pb2.TASK_STATE_PENDING,
-                        now,
-                    )
-                    for i, t in enumerate(tasks)
+                    (i, run_id, seq + n + 1, spec, common_pb2.TASK_STATE_PENDING, now)
+                    for n, (i, spec) in enumerate(zip(ids, specs, strict=True))
                 ],
+            )
+            (run_seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()
+            db.execute(
+                "INSERT INTO runs (run_id, seq, max_concurrency, total) VALUES (?,?,?,?) "
+                "ON CONFLICT(run_id) DO UPDATE SET total = total + excluded.total, "
+                "max_concurrency = CASE WHEN excluded.max_concurrency > 0 "
+                "THEN excluded.max_concurrency ELSE max_concurrency END",
+                (run_id, run_seq + 1, max_concurrency, len(ids)),
             )
 
         await self._call(add)
@@ -111,7 +195,8 @@ class SqliteLedger:
     async def mark_running(self, task_id: str, attempt: int, attempt_id: str) -> None:
         await self._call(
             lambda db: db.execute(
-                "UPDATE tasks SET state=?, attempts=?, attempt_id=?, updated_at=? WHERE task_id=?",
+                "UPDATE tasks SET state=?, attempts=?, attempt_id=?, updated_at=? "
+                f"WHERE task_id=? AND {_NOT_TERMINAL}",
                 (common_pb2.TASK_STATE_RUNNING, attempt, attempt_id, time.time(), task_id),
             )
         )
@@ -119,8 +204,8 @@ class SqliteLedger:
     async def mark_retrying(self, task_id: str, attempt: int, error: str) -> None:
         await self._call(
             lambda db: db.execute(
-                "UPDATE tasks SET state=?, attempts=?, error_kind=?, error=?, updated_at=? "
-                "WHERE task_id=?",
+                "UPDATE tasks SET state=?, attempts=?, attempt_id='', error_kind=?, error=?, "
+                f"updated_at=? WHERE task_id=? AND {_NOT_TERMINAL}",
                 (
                     common_pb2.TASK_STATE_PENDING,
                     attempt,
@@ -138,20 +223,23 @@ class SqliteLedger:
         result: common_pb2.TaskResult,
         trajectory: common_pb2.Trajectory | None,
     ) -> bool:
+        check_result(result)
+        blob = result.SerializeToString()
+        traj = trajectory.SerializeToString() if trajectory is not None else None
+
         def commit(db: sqlite3.Connection) -> bool:
             cursor = db.execute(
                 "UPDATE tasks SET state=?, attempts=?, error_kind=?, error=?, result=?, "
-                "trajectory=?, updated_at=? WHERE task_id=? AND state NOT IN (?, ?)",
+                f"trajectory=?, updated_at=? WHERE task_id=? AND {_NOT_TERMINAL}",
                 (
                     result.state,
                     result.attempts,
                     result.error_kind,
                     result.error,
-                    result.SerializeToString(),
-                    trajectory.SerializeToString() if trajectory is not None else None,
+                    blob,
+                    traj,
                     time.time(),
                     task_id,
-                    *_TERMINAL,
                 ),
             )
             return cursor.rowcount == 1
@@ -179,3 +267,103 @@ class SqliteLedger:
             )
             for r in rows
         ]
+
+    async def runs(self) -> list[RunRow]:
+        rows = await self._call(
+            lambda db: db.execute(
+                "SELECT r.run_id, r.max_concurrency, r.total, "
+                "(SELECT COUNT(*) FROM tasks t WHERE t.run_id = r.run_id "
+                f"AND t.state IN ({TERMINAL_STATES[0]}, {TERMINAL_STATES[1]})) "
+                "FROM runs r ORDER BY r.seq"
+            ).fetchall()
+        )
+        return [RunRow(run_id=r[0], max_concurrency=r[1], total=r[2], terminal=r[3]) for r in rows]
+
+    async def unfinished(self) -> list[TaskRow]:
+        rows = await self._call(
+            lambda db: db.execute(
+                "SELECT run_id, spec, state, attempts, attempt_id FROM tasks "
+                f"WHERE {_NOT_TERMINAL} ORDER BY seq"
+            ).fetchall()
+        )
+        return [
+            TaskRow(
+                run_id=r[0],
+                spec=common_pb2.TaskSpec.FromString(r[1]),
+                state=r[2],
+                attempts=r[3],
+                attempt_id=r[4],
+            )
+            for r in rows
+        ]
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    async def save_checkpoint(self, task_id: str, attempt_id: str, data: bytes) -> bool:
+        data = bytes(data)
+
+        def save(db: sqlite3.Connection) -> bool:
+            live = db.execute(
+                f"SELECT 1 FROM tasks WHERE task_id=? AND attempt_id=? AND {_NOT_TERMINAL}",
+                (task_id, attempt_id),
+            ).fetchone()
+            if live is None or not attempt_id:
+                return False
+            db.execute(
+                "INSERT INTO checkpoints (task_id, attempt_id, data, seq, saved_at) "
+                "VALUES (?,?,?,1,?) ON CONFLICT(task_id) DO UPDATE SET "
+                "attempt_id=excluded.attempt_id, data=excluded.data, seq=seq+1, "
+                "saved_at=excluded.saved_at",
+                (task_id, attempt_id, data, time.time()),
+            )
+            return True
+
+        return await self._call(save)
+
+    async def load_checkpoint(self, task_id: str) -> Checkpoint | None:
+        row = await self._call(
+            lambda db: db.execute(
+                "SELECT attempt_id, data, seq, saved_at FROM checkpoints WHERE task_id=?",
+                (task_id,),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return Checkpoint(attempt_id=row[0], data=bytes(row[1]), seq=row[2], saved_at=row[3])
+
+    # -- leases -----------------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        check_lease_args(name, holder, ttl_s)
+
+        def acquire(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            cursor = db.execute(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (?,?,?) "
+                "ON CONFLICT(name) DO UPDATE SET holder=excluded.holder, "
+                "expires_at=excluded.expires_at WHERE holder=excluded.holder OR expires_at<=?",
+                (name, holder, now + ttl_s, now),
+            )
+            return cursor.rowcount == 1
+
+        return await self._call(acquire)
+
+    async def release_lease(self, name: str, holder: str) -> bool:
+        check_lease_args(name, holder)
+        return await self._call(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM leases WHERE name=? AND holder=? AND expires_at>?",
+                    (name, holder, time.time()),
+                ).rowcount
+                == 1
+            )
+        )
+
+    async def lease_holder(self, name: str) -> str | None:
+        row = await self._call(
+            lambda db: db.execute(
+                "SELECT holder FROM leases WHERE name=? AND expires_at>?", (name, time.time())
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])

@@ -1,0 +1,455 @@
+"""The etcd ledger (``aetcd``): leases and snapshots in the seed's key-value store.
+
+etcd fsyncs its raft log before it answers, so a write this ledger returned from
+survives a kill -9 of etcd. Every change is a transaction guarded by a compare on the
+task's key (``mod_revision``): finish-once and checkpoint fencing hold under racing
+callers (the loser re-reads and sees the new state). Leases are real etcd leases
+(``ttl_s`` rounded up to whole seconds; etcd's minimum TTL applies, ~2 s here).
+
+Limits, said plainly:
+
+- etcd refuses a request over ``--max-request-bytes`` (default 1.5 MiB). A finish
+  whose result + trajectory, a checkpoint, or a task spec larger than
+  ``max_request_bytes`` (less a small margin) raises
+  :class:`~megaflow.core.errors.InvalidRequestError` before anything is sent, and so
+  does the server's own "request is too large" answer; nothing is written. Store big
+  trajectories as artifacts (a directory or fsspec URL) and finish with a reference.
+- etcd allows 128 operations per transaction, so ``add_tasks`` writes a large
+  submission in several transactions. A duplicate id found in any of them undoes the
+  ones already written; a crash of the caller in the middle can leave a prefix of an
+  unacknowledged submission recorded.
+
+Every call has a timeout (``timeout_s``); an unreachable or timed-out etcd raises
+:class:`~megaflow.core.errors.ServiceUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import aetcd  # type: ignore[import-untyped]
+import aetcd.exceptions  # type: ignore[import-untyped]
+from aetcd import rpc
+from aetcd.transactions import Delete, Get, Put  # type: ignore[import-untyped]
+
+from megaflow.core.errors import InvalidRequestError, ServiceUnavailableError
+from megaflow.store.etcd_keys import Keys, decode_checkpoint, encode_checkpoint
+from megaflow.store.ledger import (
+    Checkpoint,
+    LedgerRow,
+    RunRow,
+    TaskRow,
+    check_lease_args,
+    check_new_tasks,
+    check_result,
+)
+from megaflow.v1 import common_pb2
+
+T = TypeVar("T")
+
+DEFAULT_MAX_REQUEST_BYTES = 1_572_864  # etcd's --max-request-bytes default (1.5 MiB)
+_MARGIN = 16_384  # keys, headers and framing of one request
+_TXN_OPS = 128  # etcd's --max-txn-ops default
+_MAX_CAS = 1000  # compare-and-swap retries before giving up (heavy contention)
+
+
+class EtcdLedger:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "megaflow",
+        timeout_s: float = 30.0,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_in_flight: int = 256,
+    ) -> None:
+        """``url``: ``etcd://host:port``; ``max_request_bytes``: the server's limit."""
+        host, _, port = url.removeprefix("etcd://").rstrip("/").rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidRequestError(f"etcd url must be etcd://host:port, got {url!r}")
+        self.url = url
+        self.host, self.port = host, int(port)
+        self.keys = Keys(prefix)
+        self.timeout_s = timeout_s
+        self.max_request_bytes = max_request_bytes
+        self._gate = asyncio.Semaphore(max_in_flight)
+        self._client: Any = None
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def _rpc(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """One etcd call with a timeout and MegaFlow errors."""
+        if self._client is None:
+            raise RuntimeError("ledger is not open")
+        try:
+            async with self._gate, asyncio.timeout(self.timeout_s):
+                return await call()
+        except TimeoutError as error:
+            raise ServiceUnavailableError(
+                f"etcd {self.url}: {what} timed out after {self.timeout_s}s"
+            ) from error
+        except (aetcd.exceptions.ClientError, rpc.AioRpcError) as error:
+            text = str(error)
+            grpc_error = error if isinstance(error, rpc.AioRpcError) else error.__cause__
+            code = grpc_error.code() if isinstance(grpc_error, rpc.AioRpcError) else None
+            if "too large" in text or code == rpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise InvalidRequestError(
+                    f"etcd {self.url}: {what}: request too large for etcd ({text})"
+                ) from error
+            raise ServiceUnavailableError(f"etcd {self.url}: {what}: {text}") from error
+
+    def _fits(self, what: str, size: int) -> None:
+        if size > self.max_request_bytes - _MARGIN:
+            raise InvalidRequestError(
+                f"{what} is {size} bytes: over etcd's request limit of "
+                f"{self.max_request_bytes} bytes (--max-request-bytes); store it as an artifact"
+            )
+
+    async def _get(self, key: bytes) -> Any:
+        return await self._rpc("get", lambda: self._client.get(key))
+
+    async def _txn(self, compare: list[Any], success: list[Any], failure: list[Any]) -> Any:
+        ok, replies = await self._rpc(
+            "txn", lambda: self._client.transaction(compare, success, failure)
+        )
+        return ok, replies
+
+    async def _range(self, prefix: bytes, page: int = 500) -> list[Any]:
+        """Every key-value under ``prefix``, in key order, read in pages."""
+        end, start, out = _prefix_end(prefix), prefix, []
+        while True:
+            request: Any = rpc.RangeRequest(key=start, range_end=end, limit=page)
+            reply = await self._rpc("range", functools.partial(self._read, request))
+            out += list(reply.kvs)
+            if not reply.more or not reply.kvs:
+                return out
+            start = reply.kvs[-1].key + b"\0"
+
+    async def _read(self, request: Any) -> Any:
+        return await self._client.kvstub.Range(request, timeout=self.timeout_s)
+
+    async def _values(self, keys: list[bytes]) -> dict[bytes, bytes]:
+        """The values of ``keys`` that exist (many gets per transaction)."""
+        parts = [keys[i : i + 100] for i in range(0, len(keys), 100)]
+        replies = await asyncio.gather(*(self._txn([], [Get(k) for k in p], []) for p in parts))
+        found: dict[bytes, bytes] = {}
+        for _, ranges in replies:
+            for kvs in ranges:
+                for value, meta in kvs:
+                    found[meta.key] = value
+        return found
+
+    async def _cas(self, key: bytes, change: Callable[[Any], Awaitable[T | None]]) -> T:
+        """Read ``key``, let ``change`` decide (it returns None after a lost race)."""
+        for _ in range(_MAX_CAS):
+            outcome = await change(await self._get(key))
+            if outcome is not None:
+                return outcome
+        raise ServiceUnavailableError(f"etcd {self.url}: too much contention on {key!r}")
+
+    async def open(self) -> None:
+        options = {
+            "grpc.max_receive_message_length": 256 << 20,
+            "grpc.max_send_message_length": 256 << 20,
+        }
+        self._client = aetcd.Client(
+            host=self.host, port=self.port, timeout=self.timeout_s, options=options
+        )
+        await self._rpc("status", lambda: self._client.status())
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    # -- tasks ------------------------------------------------------------------------
+
+    async def _counter(self, key: bytes, n: int) -> int:
+        """Reserve ``n`` numbers of counter ``key``; returns the last one before them."""
+
+        async def bump(got: Any) -> int | None:
+            base = int(got.value) if got is not None else 0
+            rev = got.mod_revision if got is not None else 0
+            ok, _ = await self._txn([self._client.transactions.mod(key) == rev],
+                                    [Put(key, str(base + n).encode())], [])  # fmt: skip
+            return base if ok else None
+
+        return await self._cas(key, bump)
+
+    async def add_tasks(
+        self, run_id: str, tasks: list[common_pb2.TaskSpec], *, max_concurrency: int = 0
+    ) -> None:
+        ids = check_new_tasks(tasks)
+        specs = [t.SerializeToString() for t in tasks]
+        for i, spec in zip(ids, specs, strict=True):
+            self._fits(f"task {i!r}'s spec", len(spec))
+        base = await self._counter(self.keys.seq, len(ids))
+        chunks: list[list[int]] = [[]]
+        size = 0
+        for n, spec in enumerate(specs):
+            if len(chunks[-1]) * 4 + 4 > _TXN_OPS or size + len(spec) > self.max_request_bytes // 2:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(n)
+            size += len(spec) + 256
+        k = self.keys
+
+        def ops(n: int) -> list[Any]:  # no state key yet: pending, 0 attempts
+            seq, task_id = base + n + 1, ids[n]
+            return [
+                Put(k.task(task_id), json.dumps({"run": run_id, "seq": seq}).encode()),
+                Put(k.spec(task_id), specs[n]),
+                Put(k.unfinished(seq), task_id.encode()),
+                Put(k.run_task(run_id, seq), task_id.encode()),
+            ]
+
+        async def write(chunk: list[int]) -> bool:
+            compare = [self._client.transactions.create(k.task(ids[n])) == 0 for n in chunk]
+            ok, _ = await self._txn(compare, [op for n in chunk for op in ops(n)], [])
+            return bool(ok)
+
+        written = await asyncio.gather(*(write(c) for c in chunks), return_exceptions=True)
+        if not all(w is True for w in written):
+            undo = [op.key for c, w in zip(chunks, written, strict=True) if w is True
+                    for n in c for op in ops(n)]  # fmt: skip
+            for start in range(0, len(undo), _TXN_OPS):
+                await self._txn([], [Delete(key) for key in undo[start : start + _TXN_OPS]], [])
+            error = next((w for w in written if isinstance(w, BaseException)), None)
+            if error is not None:
+                raise error
+            done = {key for key in undo}
+            taken = [i for i in ids if k.task(i) not in done]
+            found = await self._values([k.task(i) for i in taken])
+            raise InvalidRequestError(
+                f"task ids already submitted: {[i for i in taken if k.task(i) in found][:5]}"
+            )
+        await self._record_run(run_id, len(ids), max_concurrency)
+
+    async def _record_run(self, run_id: str, count: int, max_concurrency: int) -> None:
+        key = self.keys.run(run_id)
+
+        async def record(got: Any) -> bool | None:
+            if got is None:
+                run = {"seq": await self._counter(self.keys.run_seq, 1) + 1,
+                       "cap": max_concurrency, "total": count}  # fmt: skip
+            else:
+                run = json.loads(got.value)
+                run["total"] += count
+                run["cap"] = max_concurrency or run["cap"]
+            rev = got.mod_revision if got is not None else 0
+            compare = [self._client.transactions.mod(key) == rev]
+            ok, _ = await self._txn(compare, [Put(key, json.dumps(run).encode())], [])
+            return True if ok else None
+
+        await self._cas(key, record)
+
+    def _alive(self, task_id: str) -> list[Any]:
+        """Compares: the task exists and is not terminal."""
+        tx = self._client.transactions
+        return [tx.create(self.keys.task(task_id)) > 0, tx.create(self.keys.final(task_id)) == 0]
+
+    def _state(self, task_id: str, state: int, attempts: int) -> Any:
+        value = {"state": state, "attempts": attempts, "at": time.time()}
+        return Put(self.keys.state(task_id), json.dumps(value).encode())
+
+    def _error(self, task_id: str, kind: int, error: str) -> Any:
+        return Put(self.keys.error(task_id), json.dumps({"ekind": kind, "err": error}).encode())
+
+    async def mark_running(self, task_id: str, attempt: int, attempt_id: str) -> None:
+        success = [
+            self._state(task_id, 2, attempt),
+            Put(self.keys.attempt(task_id), attempt_id.encode()),
+        ]
+        await self._txn(self._alive(task_id), success, [])
+
+    async def mark_retrying(self, task_id: str, attempt: int, error: str) -> None:
+        success = [
+            self._state(task_id, 1, attempt),
+            Put(self.keys.attempt(task_id), b""),
+            self._error(task_id, common_pb2.ERROR_KIND_INFRA, error),
+        ]
+        await self._txn(self._alive(task_id), success, [])
+
+    async def finish(
+        self,
+        task_id: str,
+        result: common_pb2.TaskResult,
+        trajectory: common_pb2.Trajectory | None,
+    ) -> bool:
+        check_result(result)
+        blob = result.SerializeToString()
+        traj = trajectory.SerializeToString() if trajectory is not None else None
+        self._fits(f"task {task_id!r}'s result and trajectory", len(blob) + len(traj or b""))
+        k = self.keys
+        got = await self._get(k.task(task_id))  # run and seq never change
+        if got is None:
+            return False
+        head = json.loads(got.value)
+        success = [
+            Put(k.final(task_id), b""),
+            self._state(task_id, int(result.state), result.attempts),
+            self._error(task_id, int(result.error_kind), result.error),
+            Put(k.result(task_id), blob),
+            Put(k.trajectory(task_id), traj) if traj is not None else Delete(k.trajectory(task_id)),
+            Delete(k.unfinished(head["seq"])),
+            Put(k.done(head["run"], task_id), b""),
+        ]
+        ok, _ = await self._txn(self._alive(task_id), success, [])  # exactly one wins
+        return bool(ok)
+
+    async def run(self, run_id: str) -> list[LedgerRow]:
+        k = self.keys
+        ids = [kv.value.decode() for kv in await self._range(k.run_tasks(run_id))]
+        wanted = [
+            key for i in ids for key in (k.state(i), k.error(i), k.result(i), k.trajectory(i))
+        ]
+        found = await self._values(wanted)
+        rows = []
+        for i in ids:
+            state = _state_of(found.get(k.state(i)))
+            error = json.loads(found.get(k.error(i), b'{"ekind": 0, "err": ""}'))
+            result, traj = found.get(k.result(i)), found.get(k.trajectory(i))
+            rows.append(
+                LedgerRow(
+                    run_id=run_id,
+                    task_id=i,
+                    state=state["state"],
+                    attempts=state["attempts"],
+                    error_kind=error["ekind"],
+                    error=error["err"],
+                    result=common_pb2.TaskResult.FromString(result) if result is not None else None,
+                    trajectory=common_pb2.Trajectory.FromString(traj) if traj is not None else None,
+                )
+            )
+        return rows
+
+    async def runs(self) -> list[RunRow]:
+        records = [(kv.key, json.loads(kv.value)) for kv in await self._range(self.keys.runs)]
+        records.sort(key=lambda r: int(r[1]["seq"]))
+        rows = []
+        for key, run in records:
+            run_id = self.keys.run_id(key)
+            done = await self._count(self.keys.done_of(run_id))
+            rows.append(RunRow(run_id, int(run["cap"]), int(run["total"]), done))
+        return rows
+
+    async def _count(self, prefix: bytes) -> int:
+        request = rpc.RangeRequest(key=prefix, range_end=_prefix_end(prefix), count_only=True)
+        reply = await self._rpc("count", lambda: self._read(request))
+        return int(reply.count)
+
+    async def unfinished(self) -> list[TaskRow]:
+        k = self.keys
+        ids = [kv.value.decode() for kv in await self._range(k.unfinished_all)]
+        found = await self._values(
+            [
+                key
+                for i in ids
+                for key in (k.task(i), k.spec(i), k.state(i), k.attempt(i), k.final(i))
+            ]
+        )
+        rows = []
+        for i in ids:
+            head, spec = found.get(k.task(i)), found.get(k.spec(i))
+            if head is None or spec is None or k.final(i) in found:
+                continue  # finished since the index was read
+            state = _state_of(found.get(k.state(i)))
+            rows.append(
+                TaskRow(
+                    run_id=json.loads(head)["run"],
+                    spec=common_pb2.TaskSpec.FromString(spec),
+                    state=state["state"],
+                    attempts=state["attempts"],
+                    attempt_id=found.get(k.attempt(i), b"").decode(),
+                )
+            )
+        return rows
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    async def save_checkpoint(self, task_id: str, attempt_id: str, data: bytes) -> bool:
+        data = bytes(data)
+        self._fits(f"task {task_id!r}'s checkpoint", len(data))
+        if not attempt_id:
+            return False
+        tx, ckey = self._client.transactions, self.keys.checkpoint(task_id)
+        for _ in range(_MAX_CAS):
+            old = await self._get(ckey)
+            rev = old.mod_revision if old is not None else 0
+            seq = decode_checkpoint(old.value).seq + 1 if old is not None else 1
+            compare = [
+                tx.value(self.keys.attempt(task_id)) == attempt_id.encode(),  # fencing
+                tx.create(self.keys.final(task_id)) == 0,
+                tx.mod(ckey) == rev,
+            ]
+            packed = encode_checkpoint(Checkpoint(attempt_id, data, seq, time.time()))
+            ok, replies = await self._txn(compare, [Put(ckey, packed)], [Get(ckey)])
+            if ok:
+                return True
+            (kvs,) = replies
+            if (kvs[0][1].mod_revision if kvs else 0) == rev:
+                return False  # fenced: stale attempt or terminal task
+        raise ServiceUnavailableError(f"etcd {self.url}: too much contention on {ckey!r}")
+
+    async def load_checkpoint(self, task_id: str) -> Checkpoint | None:
+        got = await self._get(self.keys.checkpoint(task_id))
+        return None if got is None else decode_checkpoint(got.value)
+
+    # -- leases -----------------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        check_lease_args(name, holder, ttl_s)
+        key, ttl = self.keys.lease(name), max(1, math.ceil(ttl_s))
+
+        async def acquire(got: Any) -> bool | None:
+            if got is not None and got.value != holder.encode():
+                return False
+            lease = await self._rpc("lease", lambda: self._client.lease(ttl))
+            rev = got.mod_revision if got is not None else 0
+            compare = [self._client.transactions.mod(key) == rev]
+            ok, _ = await self._txn(compare, [Put(key, holder.encode(), lease=lease.id)], [])
+            if not ok:  # lost a race: drop our lease and look again
+                await self._revoke(lease.id)
+                return None
+            if got is not None and got.lease:  # renewed: the old lease holds nothing now
+                await self._revoke(got.lease)
+            return True
+
+        return await self._cas(key, acquire)
+
+    async def release_lease(self, name: str, holder: str) -> bool:
+        check_lease_args(name, holder)
+        key = self.keys.lease(name)
+        got = await self._get(key)
+        if got is None or got.value != holder.encode():
+            return False
+        compare = [self._client.transactions.mod(key) == got.mod_revision]
+        ok, _ = await self._txn(compare, [Delete(key)], [])
+        if ok and got.lease:
+            await self._revoke(got.lease)
+        return bool(ok)
+
+    async def _revoke(self, lease_id: int) -> None:
+        """Best effort: a lease that expired meanwhile is gone already."""
+        with contextlib.suppress(ServiceUnavailableError):
+            await self._rpc("revoke", lambda: self._client.revoke_lease(lease_id))
+
+    async def lease_holder(self, name: str) -> str | None:
+        got = await self._get(self.keys.lease(name))
+        return None if got is None else bytes(got.value).decode()
+
+
+def _state_of(raw: bytes | None) -> dict[str, Any]:
+    """A task's state value; none yet means pending with no attempt."""
+    return {"state": 1, "attempts": 0} if raw is None else dict(json.loads(raw))
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    return prefix[:-1] + bytes([prefix[-1] + 1])
