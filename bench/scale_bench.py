@@ -1,13 +1,18 @@
 """Scale: how many tasks one process keeps in flight, and what orchestration costs.
 
 The embedded system with the simulated model (a GPU latency model with enough
-slots that nothing queues, and a realistic fixed time per turn) and the simulated
-Environment Service (a fixed step latency, no processes), so that only MegaFlow's
-own cost is measured. For each level N, N tasks are submitted at once with no cap.
+slots that nothing queues, a realistic time per turn that varies by +-25% from turn to
+turn) and the simulated Environment Service (a fixed step latency, no processes), so
+that only MegaFlow's own cost is measured. For each level N, N tasks are submitted
+by a client ramping up at `RAMP_PER_S` tasks a second (in waves, each its own run),
+so that the level is reached in N / RAMP_PER_S seconds and every task is in flight
+together before the first finishes.
 
-Per-step orchestration overhead = what the agent measured for a turn's model call
-and tool calls, minus what the simulated model and environment were configured to
-take for that turn. Memory per in-flight task = peak RSS growth / N.
+Per-step orchestration overhead = what the agent measured for a turn's model call and
+tool calls, minus what the simulated model and environment were set to take for that
+turn (the latency model reports each request's intended service time). It is the
+event loop's lateness plus MegaFlow's own code on the path of a step. Memory per
+in-flight task = RSS growth at the peak / tasks in flight.
 """
 
 from __future__ import annotations
@@ -21,16 +26,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.stats import ms, pct, print_table
+from megaflow.core.runtime import GcPauses
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
-from megaflow.model.latency import GpuLatencyModel, LatencyConfig
+from megaflow.model.latency import GpuLatencyModel, LatencyConfig, Served
 from megaflow.model.service import ModelServiceConfig
 from megaflow.model.simulated import SimulatedBackend
 from megaflow.tasks.swe_synth import generate_task
-from megaflow.v1 import common_pb2, scheduler_pb2
+from megaflow.v1 import scheduler_pb2
 
-TURN_S = 2.0  # fixed model time per turn (plus per-token prefill/decode below)
-STEP_S = 0.5  # every environment step and the scoring
+TURN_S = 8.0  # model time per turn (+-25%), as for a long-context agent model under load
+STEP_S = 2.0  # every environment step and the scoring
+RAMP_PER_S = 1_500  # tasks submitted per second by the client
+WAVE = 250  # tasks per submission
+
+
+class _RecordingLatency(GpuLatencyModel):
+    """The latency model, keeping each request's intended service time by task and
+    prompt size, to subtract from what the agent measured."""
+
+    def __init__(self, config: LatencyConfig) -> None:
+        super().__init__(config)
+        self.modelled: dict[tuple[str | None, int], float] = {}
+
+    async def serve(
+        self, prompt_tokens: int, completion_tokens: int, prefix_key: str | None = None
+    ) -> Served:
+        served = await super().serve(prompt_tokens, completion_tokens, prefix_key)
+        self.modelled[(prefix_key, prompt_tokens)] = served.modelled_s
+        return served
 
 
 @dataclass
@@ -41,9 +65,12 @@ class Level:
     peak_in_flight: int
     overhead_p50_s: float
     overhead_p99_s: float
+    overhead_max_s: float
     rss_per_task_kib: float
     cpu_share: float
     mean_reward: float
+    gc_max_pause_s: float
+    gc_pause_share: float
 
 
 def _rss_kib() -> int:
@@ -51,17 +78,11 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * resource.getpagesize() // 1024
 
 
-def _modelled_model_s(config: LatencyConfig, turn: common_pb2.Turn) -> float:
-    return config.time_scale * (
-        config.overhead_s
-        + config.prefill_s_per_token * turn.prompt_tokens
-        + config.decode_s_per_token * turn.completion_tokens
-    )
-
-
 async def _level(n: int, root: Path) -> Level:
-    latency = LatencyConfig(slots=max(n, 64), overhead_s=TURN_S)
-    backend = SimulatedBackend(success_rate=0.8, latency=GpuLatencyModel(latency))
+    latency = _RecordingLatency(
+        LatencyConfig(slots=max(n, 64), overhead_s=TURN_S, jitter=0.25, seed=n)
+    )
+    backend = SimulatedBackend(success_rate=0.8, latency=latency)
     env = SimulatedEnvironmentService(
         SimulatedEnvConfig(step_latency_s=STEP_S, scoring_latency_s=STEP_S)
     )
@@ -72,19 +93,18 @@ async def _level(n: int, root: Path) -> Level:
         model_config=ModelServiceConfig(replica_capacity=max(n, 64)),  # one big simulated GPU
         agent_capacity=n,
     )
-    tasks = [generate_task(0, i) for i in range(n)]
+    waves = [[generate_task(0, i) for i in range(s, min(s + WAVE, n))] for s in range(0, n, WAVE)]
     gc.collect()
     overheads: list[float] = []
     rewards: list[float] = []
     steps = 0
     peak = 0
     async with system:
+        pauses = GcPauses()
         rss0 = _rss_kib()
         peak_rss = rss0
         cpu0 = time.process_time()
         t0 = time.perf_counter()
-        reply = await system.scheduler.submit_tasks(scheduler_pb2.SubmitTasksRequest(tasks=tasks))
-        del tasks
 
         async def sample() -> None:
             nonlocal peak, peak_rss
@@ -93,20 +113,36 @@ async def _level(n: int, root: Path) -> Level:
                 peak_rss = max(peak_rss, _rss_kib())
                 await asyncio.sleep(0.25)
 
+        def record(event: scheduler_pb2.TaskEvent) -> None:
+            nonlocal steps
+            rewards.append(event.result.reward)
+            task_id = event.task_id
+            for turn in event.trajectory.turns:
+                steps += 1
+                modelled = latency.modelled.pop((task_id, turn.prompt_tokens), 0.0)
+                modelled += STEP_S * len(turn.observations)
+                overheads.append(max(turn.model_latency_s + turn.env_latency_s - modelled, 0.0))
+
+        async def watch(run_id: str) -> None:
+            request = scheduler_pb2.WatchEventsRequest(run_id=run_id)
+            async for event in system.scheduler.watch_events(request):
+                if event.type == scheduler_pb2.EVENT_TYPE_TASK_FINISHED:
+                    record(event)
+
         sampler = asyncio.create_task(sample())
-        request = scheduler_pb2.WatchEventsRequest(run_id=reply.run_id)
-        async for event in system.scheduler.watch_events(request):
-            if event.type == scheduler_pb2.EVENT_TYPE_TASK_FINISHED:
-                rewards.append(event.result.reward)
-                for turn in event.trajectory.turns:
-                    steps += 1
-                    modelled = _modelled_model_s(latency, turn) + STEP_S * len(turn.observations)
-                    overheads.append(max(turn.model_latency_s + turn.env_latency_s - modelled, 0.0))
-            elif event.type == scheduler_pb2.EVENT_TYPE_RUN_FINISHED:
-                break
+        watchers = []
+        for i, wave in enumerate(waves):
+            await asyncio.sleep(max(t0 + i * WAVE / RAMP_PER_S - time.perf_counter(), 0.0))
+            reply = await system.scheduler.submit_tasks(
+                scheduler_pb2.SubmitTasksRequest(tasks=wave)
+            )
+            watchers.append(asyncio.create_task(watch(reply.run_id)))
+        del waves
+        await asyncio.gather(*watchers)
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         sampler.cancel()
+        pauses.close()
     return Level(
         tasks=n,
         wall_s=wall,
@@ -114,21 +150,30 @@ async def _level(n: int, root: Path) -> Level:
         peak_in_flight=peak,
         overhead_p50_s=pct(overheads, 50),
         overhead_p99_s=pct(overheads, 99),
+        overhead_max_s=max(overheads),
         rss_per_task_kib=(peak_rss - rss0) / max(peak, 1),
         cpu_share=cpu / wall,
         mean_reward=sum(rewards) / len(rewards),
+        gc_max_pause_s=pauses.max_s,
+        gc_pause_share=pauses.total_s / wall,
     )
 
 
+def _check(level: Level) -> None:
+    if level.mean_reward <= 0 or not level.steps:
+        raise RuntimeError(f"level {level.tasks}: no task was scored ({level})")
+
+
 async def run(quick: bool = False, levels: tuple[int, ...] | None = None) -> dict[str, float]:
-    chosen = levels or ((500, 2_000) if quick else (1_000, 5_000, 10_000, 30_000))
+    chosen = levels or ((1_000, 5_000) if quick else (1_000, 10_000, 20_000, 30_000))
     results = []
     with tempfile.TemporaryDirectory(prefix="megaflow-scale-") as tmp:
         for n in chosen:
             results.append(await _level(n, Path(tmp)))
+            _check(results[-1])
     print_table(
-        f"scale, embedded: simulated model ({TURN_S:.0f} s/turn + tokens), "
-        f"simulated env ({STEP_S} s/step)",
+        f"scale, embedded: simulated model ({TURN_S:.0f} s/turn +-25%), "
+        f"simulated env ({STEP_S:.0f} s/step), ramp {RAMP_PER_S:,} tasks/s",
         [
             (
                 f"{r.tasks:,}",
@@ -136,8 +181,10 @@ async def run(quick: bool = False, levels: tuple[int, ...] | None = None) -> dic
                 f"{r.steps / r.wall_s:,.0f}",
                 ms(r.overhead_p50_s),
                 ms(r.overhead_p99_s),
+                ms(r.overhead_max_s),
                 f"{r.rss_per_task_kib:.0f} KiB",
                 f"{r.cpu_share:.0%}",
+                f"{r.gc_pause_share:.1%} / {r.gc_max_pause_s * 1000:.0f} ms",
                 f"{r.wall_s:.1f} s",
                 f"{r.mean_reward:.3f}",
             )
@@ -149,8 +196,10 @@ async def run(quick: bool = False, levels: tuple[int, ...] | None = None) -> dic
             "steps/s",
             "overhead p50",
             "p99",
+            "max",
             "mem/task",
             "CPU",
+            "GC time / worst",
             "wall",
             "reward",
         ),

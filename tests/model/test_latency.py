@@ -118,3 +118,23 @@ def test_decode_slows_mildly_as_the_batch_fills() -> None:
     assert full == pytest.approx(1.0 * (1 + 0.5 * 7 / 8))
     flat = GpuLatencyModel(LatencyConfig(slots=8, decode_s_per_token=0.01))
     assert flat.service_time(0, 100, batch=8) == pytest.approx(1.0)
+
+
+def test_jitter_spreads_service_times_within_bounds_deterministically() -> None:
+    def draws(seed: int) -> list[float]:
+        model = GpuLatencyModel(LatencyConfig(overhead_s=1.0, jitter=0.25, seed=seed))
+        return [model.jitter_factor() for _ in range(1000)]
+
+    first = draws(7)
+    assert all(0.75 <= f <= 1.25 for f in first)
+    assert min(first) < 0.8 and max(first) > 1.2  # spread over the whole band
+    assert draws(7) == first and draws(8) != first  # one seeded sequence per seed
+    assert GpuLatencyModel(LatencyConfig()).jitter_factor() == 1.0
+
+
+async def test_jittered_requests_take_their_drawn_time() -> None:
+    config = LatencyConfig(overhead_s=1.0, jitter=0.5, seed=3, time_scale=0.02)
+    expected = [GpuLatencyModel(config).jitter_factor()]
+    model = GpuLatencyModel(config)
+    _, service = await model.run(0, 0)
+    assert service >= 0.02 * expected[0] * 0.95

@@ -127,20 +127,19 @@ class ToolAgent:
             common_pb2.ChatMessage(role="system", content=SYSTEM_PROMPT),
             common_pb2.ChatMessage(role="user", content=self.task.problem_statement),
         ]
-        specs = tools.tool_specs()
+        # One request, grown turn by turn: the conversation is not copied on every call.
+        request = model_pb2.GenerateRequest(
+            task_id=self.task.task_id,
+            model=self.task.model,
+            tools=tools.tool_specs(),
+            max_tokens=self.max_completion_tokens,
+        )
         for index in range(self.max_steps):
             messages.extend(pending)
+            request.messages.extend(pending)
             turn = self.trajectory.turns.add(index=index, prompt_delta=pending)
             t0 = time.monotonic()
-            response = await self.model.generate(
-                model_pb2.GenerateRequest(
-                    task_id=self.task.task_id,
-                    model=self.task.model,
-                    messages=messages,
-                    tools=specs,
-                    max_tokens=self.max_completion_tokens,
-                )
-            )
+            response = await self.model.generate(request)
             turn.model_latency_s = time.monotonic() - t0
             turn.response.CopyFrom(response.message)
             turn.model_version = response.model_version
@@ -153,6 +152,7 @@ class ToolAgent:
             self.result.prompt_tokens += response.prompt_tokens
             self.result.completion_tokens += response.completion_tokens
             messages.append(response.message)
+            request.messages.append(response.message)
             t1 = time.monotonic()
             pending = []
             if not response.message.tool_calls:

@@ -7,6 +7,7 @@ submit     {}                                    done: run the hidden evaluation
 
 from __future__ import annotations
 
+import functools
 import json
 
 from megaflow.v1 import common_pb2
@@ -17,7 +18,18 @@ SUBMIT = "submit"
 
 
 def tool_specs() -> list[common_pb2.ToolSpec]:
-    """JSON-schema descriptions of the tools, as sent to the model."""
+    """JSON-schema descriptions of the tools, as sent to the model (fresh messages)."""
+    return [
+        common_pb2.ToolSpec(name=n, description=d, parameters_json_schema=j) for n, d, j in _specs()
+    ]
+
+
+@functools.cache
+def _specs() -> tuple[tuple[str, str, str], ...]:
+    return tuple((spec.name, spec.description, spec.parameters_json_schema) for spec in _build())
+
+
+def _build() -> list[common_pb2.ToolSpec]:
     return [
         common_pb2.ToolSpec(
             name=BASH,

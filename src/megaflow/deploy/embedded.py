@@ -7,6 +7,7 @@ from pathlib import Path
 
 from megaflow.agent.loop import AgentLimits
 from megaflow.agent.service import AgentServiceImpl
+from megaflow.core.runtime import GcPolicy, GcTuner
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.env.simulated import SimulatedEnvironmentService
 from megaflow.model.backend import ModelBackend
@@ -31,7 +32,9 @@ class EmbeddedSystem:
         agent_capacity: int = 10_000,
         agent_limits: AgentLimits | None = None,
         policy: SchedulerPolicy | None = None,
+        gc_policy: GcPolicy | None = None,
     ) -> None:
+        self.gc = GcTuner(gc_policy)
         self.model = ModelServiceImpl(backends, config=model_config)
         # `env` replaces the default local (bubblewrap) service, e.g. with the simulated one.
         self.env = env if env is not None else LocalEnvironmentService(env_config)
@@ -50,8 +53,10 @@ class EmbeddedSystem:
         self.scheduler.register_local(KIND_MODEL, 10_000)
         self.scheduler.register_local(KIND_ENV, self.env.config.max_environments)
         self.scheduler.register_local(KIND_AGENT, self.agent.capacity)
+        self.gc.start()
 
     async def stop(self, grace_s: float = 0.0) -> None:
+        await self.gc.stop()
         await self.scheduler.stop(grace_s)
         await self.agent.stop(grace_s)
         await self.env.stop(grace_s)

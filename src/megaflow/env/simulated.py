@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import posixpath
-import shlex
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from megaflow.core.errors import CapacityError, InvalidRequestError, NotFoundError
+from megaflow.core.shell import split_words
 from megaflow.tasks.scoring import simulated_reward
 from megaflow.v1 import common_pb2, env_pb2, scheduler_pb2
 
@@ -231,7 +231,7 @@ def _rel(path: str) -> str:
 def _run(env: _Env, command: str) -> tuple[str, int]:
     """Answer the commands the simulated policy uses; anything else succeeds silently."""
     try:
-        argv = shlex.split(command)
+        argv = split_words(command)
     except ValueError:
         return "simulated shell: cannot parse the command\n", 2
     if not argv:

@@ -26,9 +26,11 @@ nothing sleeps. Times are monotonic-clock seconds. `utilisation()` is busy slot-
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -76,6 +78,25 @@ class LatencyConfig(BaseModel):
         ge=0,
         description="Prefix-cache capacity in tokens (LRU over prefix keys); 0: no cache.",
     )
+    jitter: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "Each service time is multiplied by a uniform draw in [1 - jitter, 1 + jitter] "
+            "(a seeded, deterministic sequence): real turn times vary, so concurrent "
+            "requests do not stay in lockstep. 0: exact service times."
+        ),
+    )
+    seed: int = Field(default=0, description="Seed of the jitter sequence.")
+
+
+class Served(NamedTuple):
+    """One request's times: waited for a slot, measured service, intended service."""
+
+    queue_s: float
+    service_s: float
+    modelled_s: float
 
 
 @dataclass
@@ -107,6 +128,7 @@ class GpuLatencyModel:
         self._hits = 0
         self._keyed_prompt_tokens = 0
         self._cached_prompt_tokens = 0
+        self._rng = random.Random(self.config.seed)
 
     def service_time(
         self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, batch: int = 1
@@ -121,10 +143,23 @@ class GpuLatencyModel:
             + c.decode_s_per_token * max(completion_tokens, 0) * factor
         )
 
+    def jitter_factor(self) -> float:
+        """The next draw of the seeded jitter sequence (1.0 without jitter)."""
+        if not self.config.jitter:
+            return 1.0
+        return 1.0 + self.config.jitter * (2.0 * self._rng.random() - 1.0)
+
     async def run(
         self, prompt_tokens: int, completion_tokens: int, prefix_key: str | None = None
     ) -> tuple[float, float]:
         """Queue for a slot and KV, hold them for the service time; (queue_s, service_s)."""
+        served = await self.serve(prompt_tokens, completion_tokens, prefix_key)
+        return served.queue_s, served.service_s
+
+    async def serve(
+        self, prompt_tokens: int, completion_tokens: int, prefix_key: str | None = None
+    ) -> Served:
+        """`run`, also saying how long the service was meant to take (`modelled_s`)."""
         loop = asyncio.get_running_loop()
         arrived = time.monotonic()
         if self._first is None:
@@ -135,10 +170,11 @@ class GpuLatencyModel:
         started = time.monotonic()
         self._in_flight += 1
         self._busy_starts += started - self._epoch
+        delay = 0.0
         try:
             cached = self._lookup(prefix_key, prompt_tokens)
             service = self.service_time(prompt_tokens, completion_tokens, cached, self._in_flight)
-            delay = service * self.config.time_scale
+            delay = service * self.jitter_factor() * self.config.time_scale
             if delay > 0:
                 await asyncio.sleep(delay)
             self._remember(prefix_key, prompt_tokens + completion_tokens)
@@ -148,7 +184,7 @@ class GpuLatencyModel:
             self._busy_starts -= started - self._epoch
             self._busy_done += ended - started
             self._release(kv)
-        return started - arrived, ended - started
+        return Served(started - arrived, ended - started, delay)
 
     # -- admission ------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from megaflow.agent import tools
 from megaflow.core.errors import InvalidRequestError, ModelUnavailableError
+from megaflow.core.shell import split_words
 from megaflow.model.latency import GpuLatencyModel, LatencyConfig
 from megaflow.tasks.catalogue import locate_bug
 from megaflow.tasks.swe_synth import VISIBLE_TEST_COMMAND, parse_problem_statement
@@ -204,7 +205,7 @@ def _kind(name: str, arguments: dict[str, Any]) -> str:
 def _cat_path(action: _Action) -> str | None:
     """The file a `cat` action read."""
     try:
-        words = shlex.split(str(action.arguments.get("command", "")))
+        words = split_words(str(action.arguments.get("command", "")))
     except ValueError:
         return None
     return words[1] if len(words) == 2 else None
