@@ -7,7 +7,16 @@ import asyncio
 import json
 import logging
 
-from bench import docker_bench, e2e_bench, env_bench, gateway_bench, model_bench, scale_bench
+from bench import (
+    baseline_bench,
+    docker_bench,
+    e2e_bench,
+    env_bench,
+    gateway_bench,
+    model_bench,
+    packing_bench,
+    scale_bench,
+)
 
 BENCHES = {
     "env": env_bench.run,
@@ -16,6 +25,8 @@ BENCHES = {
     "gateway": gateway_bench.run,
     "e2e": e2e_bench.run,
     "scale": scale_bench.run,
+    "packing": packing_bench.run,
+    "baseline": baseline_bench.run,
 }
 
 
