@@ -13,32 +13,44 @@ tool calls, minus what the simulated model and environment were set to take for 
 turn (the latency model reports each request's intended service time). It is the
 event loop's lateness plus MegaFlow's own code on the path of a step. Memory per
 in-flight task = RSS growth at the peak / tasks in flight.
+
+The multi-process mode runs the same parts as four processes over gRPC (`megaflow
+serve scheduler` and `agent`, and the simulated model and environment of
+`bench.scale_services`), without jitter so that the intended model time of a turn
+follows from its token counts; CPU is summed over the four processes and memory is
+the Agent Service's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import resource
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.stats import ms, pct, print_table
+from megaflow.contract import SchedulerService
 from megaflow.core.runtime import GcPauses
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
 from megaflow.model.latency import GpuLatencyModel, LatencyConfig, Served
 from megaflow.model.service import ModelServiceConfig
 from megaflow.model.simulated import SimulatedBackend
+from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.tasks.swe_synth import generate_task
-from megaflow.v1 import scheduler_pb2
+from megaflow.testing.processes import ServiceProcess
+from megaflow.v1 import common_pb2, scheduler_pb2
 
-TURN_S = 8.0  # model time per turn (+-25%), as for a long-context agent model under load
-STEP_S = 2.0  # every environment step and the scoring
-RAMP_PER_S = 1_500  # tasks submitted per second by the client
+TURN_S = 12.0  # model time per turn (+-25%): a long-context agent model on a busy GPU
+STEP_S = 3.0  # every environment step (commands, test runs) and the scoring
+RAMP_PER_S = 1_000  # tasks submitted per second by the client
 WAVE = 250  # tasks per submission
+_SERVICES = "bench.scale_services"  # the simulated model and env as processes
 
 
 class _RecordingLatency(GpuLatencyModel):
@@ -78,7 +90,80 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * resource.getpagesize() // 1024
 
 
-async def _level(n: int, root: Path) -> Level:
+class _Driver:
+    """Ramps `n` tasks into a scheduler in waves and measures every finished turn."""
+
+    def __init__(
+        self,
+        scheduler: SchedulerService,
+        modelled: Callable[[str, common_pb2.Turn], float],
+        in_flight: Callable[[], Awaitable[int]],
+    ) -> None:
+        self.scheduler = scheduler
+        self.modelled = modelled
+        self.in_flight = in_flight
+        self.overheads: list[float] = []
+        self.rewards: list[float] = []
+        self.steps = 0
+        self.peak = 0
+
+    def _record(self, event: scheduler_pb2.TaskEvent) -> None:
+        self.rewards.append(event.result.reward)
+        for turn in event.trajectory.turns:
+            self.steps += 1
+            modelled = self.modelled(event.task_id, turn) + STEP_S * len(turn.observations)
+            self.overheads.append(max(turn.model_latency_s + turn.env_latency_s - modelled, 0.0))
+
+    async def _watch(self, run_id: str) -> None:
+        request = scheduler_pb2.WatchEventsRequest(run_id=run_id)
+        async for event in self.scheduler.watch_events(request):
+            if event.type == scheduler_pb2.EVENT_TYPE_TASK_FINISHED:
+                self._record(event)
+            elif event.type == scheduler_pb2.EVENT_TYPE_RUN_FINISHED:
+                return
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, await self.in_flight())
+            await asyncio.sleep(0.25)
+
+    async def run(self, waves: list[list[common_pb2.TaskSpec]]) -> float:
+        """Submit the waves at RAMP_PER_S; the wall time until the last result."""
+        t0 = time.perf_counter()
+        sampler = asyncio.create_task(self._sample())
+        watchers = []
+        for i, wave in enumerate(waves):
+            await asyncio.sleep(max(t0 + i * WAVE / RAMP_PER_S - time.perf_counter(), 0.0))
+            reply = await self.scheduler.submit_tasks(scheduler_pb2.SubmitTasksRequest(tasks=wave))
+            watchers.append(asyncio.create_task(self._watch(reply.run_id)))
+        waves.clear()
+        await asyncio.gather(*watchers)
+        wall = time.perf_counter() - t0
+        sampler.cancel()
+        return wall
+
+    def level(self, n: int, wall: float, cpu: float, rss_kib: float, gc: GcPauses | None) -> Level:
+        return Level(
+            tasks=n,
+            wall_s=wall,
+            steps=self.steps,
+            peak_in_flight=self.peak,
+            overhead_p50_s=pct(self.overheads, 50),
+            overhead_p99_s=pct(self.overheads, 99),
+            overhead_max_s=max(self.overheads),
+            rss_per_task_kib=rss_kib / max(self.peak, 1),
+            cpu_share=cpu / wall,
+            mean_reward=sum(self.rewards) / max(len(self.rewards), 1),
+            gc_max_pause_s=gc.max_s if gc else float("nan"),
+            gc_pause_share=gc.total_s / wall if gc else float("nan"),
+        )
+
+
+def _waves(n: int) -> list[list[common_pb2.TaskSpec]]:
+    return [[generate_task(0, i) for i in range(s, min(s + WAVE, n))] for s in range(0, n, WAVE)]
+
+
+async def _embedded(n: int, root: Path) -> Level:
     latency = _RecordingLatency(
         LatencyConfig(slots=max(n, 64), overhead_s=TURN_S, jitter=0.25, seed=n)
     )
@@ -93,70 +178,104 @@ async def _level(n: int, root: Path) -> Level:
         model_config=ModelServiceConfig(replica_capacity=max(n, 64)),  # one big simulated GPU
         agent_capacity=n,
     )
-    waves = [[generate_task(0, i) for i in range(s, min(s + WAVE, n))] for s in range(0, n, WAVE)]
+    waves = _waves(n)
     gc.collect()
-    overheads: list[float] = []
-    rewards: list[float] = []
-    steps = 0
-    peak = 0
+
+    async def in_flight() -> int:
+        return system.agent.in_flight
+
+    def modelled(task_id: str, turn: common_pb2.Turn) -> float:
+        return latency.modelled.pop((task_id, turn.prompt_tokens), 0.0)
+
     async with system:
+        driver = _Driver(system.scheduler, modelled, in_flight)
         pauses = GcPauses()
         rss0 = _rss_kib()
         peak_rss = rss0
-        cpu0 = time.process_time()
-        t0 = time.perf_counter()
 
-        async def sample() -> None:
-            nonlocal peak, peak_rss
+        async def sample_rss() -> None:
+            nonlocal peak_rss
             while True:
-                peak = max(peak, system.agent.in_flight)
                 peak_rss = max(peak_rss, _rss_kib())
                 await asyncio.sleep(0.25)
 
-        def record(event: scheduler_pb2.TaskEvent) -> None:
-            nonlocal steps
-            rewards.append(event.result.reward)
-            task_id = event.task_id
-            for turn in event.trajectory.turns:
-                steps += 1
-                modelled = latency.modelled.pop((task_id, turn.prompt_tokens), 0.0)
-                modelled += STEP_S * len(turn.observations)
-                overheads.append(max(turn.model_latency_s + turn.env_latency_s - modelled, 0.0))
-
-        async def watch(run_id: str) -> None:
-            request = scheduler_pb2.WatchEventsRequest(run_id=run_id)
-            async for event in system.scheduler.watch_events(request):
-                if event.type == scheduler_pb2.EVENT_TYPE_TASK_FINISHED:
-                    record(event)
-
-        sampler = asyncio.create_task(sample())
-        watchers = []
-        for i, wave in enumerate(waves):
-            await asyncio.sleep(max(t0 + i * WAVE / RAMP_PER_S - time.perf_counter(), 0.0))
-            reply = await system.scheduler.submit_tasks(
-                scheduler_pb2.SubmitTasksRequest(tasks=wave)
-            )
-            watchers.append(asyncio.create_task(watch(reply.run_id)))
-        del waves
-        await asyncio.gather(*watchers)
-        wall = time.perf_counter() - t0
+        sampler = asyncio.create_task(sample_rss())
+        cpu0 = time.process_time()
+        wall = await driver.run(waves)
         cpu = time.process_time() - cpu0
         sampler.cancel()
         pauses.close()
-    return Level(
-        tasks=n,
-        wall_s=wall,
-        steps=steps,
-        peak_in_flight=peak,
-        overhead_p50_s=pct(overheads, 50),
-        overhead_p99_s=pct(overheads, 99),
-        overhead_max_s=max(overheads),
-        rss_per_task_kib=(peak_rss - rss0) / max(peak, 1),
-        cpu_share=cpu / wall,
-        mean_reward=sum(rewards) / len(rewards),
-        gc_max_pause_s=pauses.max_s,
-        gc_pause_share=pauses.total_s / wall,
-    )
+    return driver.level(n, wall, cpu, peak_rss - rss0, pauses)
+
+
+def _proc_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+
+
+async def _processes(n: int, root: Path) -> Level:
+    config = LatencyConfig(slots=max(n, 64), overhead_s=TURN_S)
+    procs: list[ServiceProcess] = []
+    client: SchedulerServiceClient | None = None
+    try:
+        sched = ServiceProcess(
+            "scheduler", "--listen", "127.0.0.1:0", "--store", str(root / f"procs-{n}.sqlite")
+        ).start()
+        procs.append(sched)
+        for kind, args, module in (
+            ("model", ("--turn-s", str(TURN_S), "--slots", str(config.slots)), _SERVICES),
+            ("env", ("--step-s", str(STEP_S), "--capacity", str(n)), _SERVICES),
+            ("agent", ("--capacity", str(n)), "megaflow.cli.main"),
+        ):
+            procs.append(
+                ServiceProcess(kind, "--scheduler", sched.address, *args, module=module).start()
+            )
+        client = SchedulerServiceClient(sched.address)
+        for _ in range(100):  # until all three have registered
+            if len((await client.status(scheduler_pb2.StatusRequest())).services) >= 3:
+                break
+            await asyncio.sleep(0.1)
+        agent_pid = procs[-1].pid
+        status_client = client
+
+        async def in_flight() -> int:
+            return (await status_client.status(scheduler_pb2.StatusRequest())).running
+
+        def modelled(task_id: str, turn: common_pb2.Turn) -> float:
+            return (
+                config.overhead_s
+                + config.prefill_s_per_token * turn.prompt_tokens
+                + config.decode_s_per_token * turn.completion_tokens
+            )
+
+        driver = _Driver(client, modelled, in_flight)
+        waves = _waves(n)
+        rss0 = _proc_rss_kib(agent_pid)
+        peak_rss = rss0
+
+        async def sample_rss() -> None:
+            nonlocal peak_rss
+            while True:
+                peak_rss = max(peak_rss, _proc_rss_kib(agent_pid))
+                await asyncio.sleep(0.25)
+
+        sampler = asyncio.create_task(sample_rss())
+        cpu0 = sum(_proc_cpu_s(p.pid) for p in procs)
+        wall = await driver.run(waves)
+        cpu = sum(_proc_cpu_s(p.pid) for p in procs) - cpu0
+        sampler.cancel()
+        return driver.level(n, wall, cpu, peak_rss - rss0, None)
+    finally:
+        if client is not None:
+            await client.close()
+        for proc in reversed(procs):
+            proc.stop()
 
 
 def _check(level: Level) -> None:
@@ -164,18 +283,29 @@ def _check(level: Level) -> None:
         raise RuntimeError(f"level {level.tasks}: no task was scored ({level})")
 
 
-async def run(quick: bool = False, levels: tuple[int, ...] | None = None) -> dict[str, float]:
+async def run(
+    quick: bool = False,
+    levels: tuple[int, ...] | None = None,
+    proc_levels: tuple[int, ...] | None = None,
+) -> dict[str, float]:
     chosen = levels or ((1_000, 5_000) if quick else (1_000, 10_000, 20_000, 30_000))
-    results = []
+    chosen_procs = (
+        proc_levels if proc_levels is not None else ((1_000,) if quick else (1_000, 5_000))
+    )
+    results: list[tuple[str, Level]] = []
     with tempfile.TemporaryDirectory(prefix="megaflow-scale-") as tmp:
         for n in chosen:
-            results.append(await _level(n, Path(tmp)))
-            _check(results[-1])
+            results.append(("embedded", await _embedded(n, Path(tmp))))
+            _check(results[-1][1])
+        for n in chosen_procs:
+            results.append(("4 processes, gRPC", await _processes(n, Path(tmp))))
+            _check(results[-1][1])
     print_table(
-        f"scale, embedded: simulated model ({TURN_S:.0f} s/turn +-25%), "
+        f"scale: simulated model ({TURN_S:.0f} s/turn, +-25% embedded), "
         f"simulated env ({STEP_S:.0f} s/step), ramp {RAMP_PER_S:,} tasks/s",
         [
             (
+                mode,
                 f"{r.tasks:,}",
                 f"{r.peak_in_flight:,}",
                 f"{r.steps / r.wall_s:,.0f}",
@@ -183,14 +313,17 @@ async def run(quick: bool = False, levels: tuple[int, ...] | None = None) -> dic
                 ms(r.overhead_p99_s),
                 ms(r.overhead_max_s),
                 f"{r.rss_per_task_kib:.0f} KiB",
-                f"{r.cpu_share:.0%}",
-                f"{r.gc_pause_share:.1%} / {r.gc_max_pause_s * 1000:.0f} ms",
+                f"{r.cpu_share:.2f}",
+                "-"
+                if r.gc_max_pause_s != r.gc_max_pause_s
+                else f"{r.gc_pause_share:.1%} / {r.gc_max_pause_s * 1000:.0f} ms",
                 f"{r.wall_s:.1f} s",
                 f"{r.mean_reward:.3f}",
             )
-            for r in results
+            for mode, r in results
         ],
         (
+            "mode",
             "tasks",
             "peak in flight",
             "steps/s",
@@ -198,17 +331,18 @@ async def run(quick: bool = False, levels: tuple[int, ...] | None = None) -> dic
             "p99",
             "max",
             "mem/task",
-            "CPU",
+            "CPU (cores)",
             "GC time / worst",
             "wall",
             "reward",
         ),
     )
-    top = results[-1]
-    return {
-        "max_in_flight": float(top.peak_in_flight),
-        "steps_per_s": top.steps / top.wall_s,
-        "overhead_p50_ms": top.overhead_p50_s * 1000,
-        "overhead_p99_ms": top.overhead_p99_s * 1000,
-        "rss_per_task_kib": top.rss_per_task_kib,
-    }
+    figures: dict[str, float] = {}
+    for mode, r in results:
+        key = "embedded" if mode == "embedded" else "processes"
+        figures[f"{key}_{r.tasks}_peak_in_flight"] = float(r.peak_in_flight)
+        figures[f"{key}_{r.tasks}_steps_per_s"] = r.steps / r.wall_s
+        figures[f"{key}_{r.tasks}_overhead_p50_ms"] = r.overhead_p50_s * 1000
+        figures[f"{key}_{r.tasks}_overhead_p99_ms"] = r.overhead_p99_s * 1000
+        figures[f"{key}_{r.tasks}_rss_per_task_kib"] = r.rss_per_task_kib
+    return figures

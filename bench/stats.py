@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 
 from rich.console import Console
 from rich.table import Table
@@ -34,4 +35,5 @@ def print_table(title: str, rows: list[tuple[str, ...]], columns: tuple[str, ...
         table.add_column(column, justify="right" if column != columns[0] else "left")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    # Wide when piped (logs, CI): rich would squeeze the columns to 80 characters.
+    Console(width=None if sys.stdout.isatty() else 220).print(table)

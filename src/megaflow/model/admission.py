@@ -33,12 +33,10 @@ def validate_generate(request: model_pb2.GenerateRequest) -> None:
 
 
 def estimate_tokens(request: model_pb2.GenerateRequest) -> int:
-    """Prompt tokens (four characters a token) plus `max_tokens`: the request's KV weight."""
-    chars = sum(
-        len(m.content) + sum(len(c.name) + len(c.arguments_json) for c in m.tool_calls)
-        for m in request.messages
-    )
-    return max(1, chars // 4) + request.max_tokens
+    """The request's KV weight: its encoded size at four bytes a token (the chat, tool
+    calls and tool specs, which a chat template also puts in the prompt) plus
+    `max_tokens`. One C call: this runs for every model request."""
+    return max(1, request.ByteSize() // 4) + request.max_tokens
 
 
 def client_key(request: model_pb2.GenerateRequest) -> str:

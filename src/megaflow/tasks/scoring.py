@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from megaflow.tasks.catalogue import BY_NAME
 
 _HIDDEN = re.compile(r"^tests/test_hidden_(\w+)\.py$")
+_ANY_DEF = re.compile(r"\s*def \w+\(")
 
 
 def simulated_reward(files: Mapping[str, bytes], hidden_files: Mapping[str, bytes]) -> float:
@@ -27,6 +28,8 @@ def simulated_reward(files: Mapping[str, bytes], hidden_files: Mapping[str, byte
     for path, content in files.items():
         if not path.endswith(".py"):
             continue
+        if f"def {template.name}(".encode() not in content:
+            continue  # cheap test first: most files do not define it
         found = _function_body(content.decode(errors="replace"), template.name)
         if found is None:
             continue
@@ -40,8 +43,11 @@ def simulated_reward(files: Mapping[str, bytes], hidden_files: Mapping[str, byte
 def _function_body(text: str, function: str) -> tuple[tuple[str, ...], set[str]] | None:
     """(parameter names, stripped body lines) of `def function(...)` in `text`."""
     lines = text.splitlines()
+    header = re.compile(rf"\s*def {function}\((.*)\)\s*(?:->[^:]*)?:")
     for i, line in enumerate(lines):
-        match = re.match(rf"\s*def {function}\((.*)\)\s*(?:->[^:]*)?:", line)
+        if "def " not in line:
+            continue
+        match = header.match(line)
         if match is None:
             continue
         params = tuple(
@@ -49,7 +55,7 @@ def _function_body(text: str, function: str) -> tuple[tuple[str, ...], set[str]]
         )
         body: set[str] = set()
         for follower in lines[i + 1 :]:
-            if re.match(r"\s*def \w+\(", follower):
+            if "def " in follower and _ANY_DEF.match(follower):
                 break
             body.add(follower.strip())
         return params, body

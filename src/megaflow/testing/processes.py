@@ -21,8 +21,17 @@ _READY = re.compile(r"megaflow (\w+) ready on (\S+)")
 
 
 class ServiceProcess:
-    def __init__(self, kind: str, *args: str, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        *args: str,
+        log_path: Path | None = None,
+        module: str = "megaflow.cli.main",
+    ) -> None:
+        """`python -m MODULE serve KIND ARGS...`; `module` lets a benchmark start its own
+        variant of a service (same ready line, same registration)."""
         self.kind = kind
+        self.module = module
         self.args = args
         self.log_path = log_path
         self.address = ""
@@ -36,7 +45,7 @@ class ServiceProcess:
         return self.proc.pid
 
     def start(self, timeout_s: float = 30.0) -> ServiceProcess:
-        argv = [sys.executable, "-m", "megaflow.cli.main", "serve", self.kind, *self.args]
+        argv = [sys.executable, "-m", self.module, "serve", self.kind, *self.args]
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
