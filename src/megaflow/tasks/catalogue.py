@@ -13,6 +13,7 @@ patches and the simulated policy both use.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from string import Template
@@ -51,18 +52,24 @@ class FunctionTemplate:
     def line(self, which: str, params: tuple[str, ...]) -> str:
         """The target statement `which` ("correct" | "buggy" | "decoy"), without indentation."""
         text: str = getattr(self, which)
-        return Template(text).substitute(self.mapping(params))
+        return _substitute(text, self.placeholders, params)
 
     def source(self, params: tuple[str, ...], which: str = "correct") -> str:
         """The whole function, with the target line in version `which`."""
-        mapping = self.mapping(params)
         lines = [f"def {self.name}({', '.join(params)}):", f'    """{self.doc}"""']
         for raw in self.body:
             if raw.strip() == TARGET:
                 lines.append(self.target_indent + self.line(which, params))
             else:
-                lines.append(Template(raw).substitute(mapping))
+                lines.append(_substitute(raw, self.placeholders, params))
         return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _substitute(text: str, placeholders: tuple[str, ...], params: tuple[str, ...]) -> str:
+    """`text` with its placeholders replaced by `params` (memoised: the policy, the scorer
+    and the task generator render the same few lines over and over)."""
+    return Template(text).substitute(dict(zip(placeholders, params, strict=True)))
 
 
 def _t(
