@@ -11,14 +11,15 @@ report under a temporary directory, so the committed report is only ever a full 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import time
 from pathlib import Path
 
 from bench.baseline import markdown
-from bench.baseline.report import Outcome, headline, judge, plots
-from bench.baseline.scenario import QUICK, Scenario
+from bench.baseline.report import Outcome, headline, judge, plots, sensitivity
+from bench.baseline.scenario import QUICK, Mechanism, Scenario
 from bench.baseline.sides import Level, megaflow_level, monolith_level
 from bench.stats import print_table
 
@@ -32,43 +33,54 @@ def _load() -> str:
         return "n/a"
 
 
-async def _ramp(
-    sc: Scenario, outcome: Outcome, levels: tuple[int, ...], root: Path, *, megaflow: bool
-) -> None:
-    for n in levels:
-        if n > outcome.memory_cap:
-            break  # the node cannot hold it: not run
-        if megaflow:
-            level = await megaflow_level(sc, n, root)
-        else:
-            level = await monolith_level(sc, n)
-        outcome.levels.append(level)
-        previous = outcome.levels[-2] if len(outcome.levels) > 1 else None
-        judge(level, previous, sc, outcome.memory_cap)
-        print(
-            f"  {outcome.system:>9} N={n:>6,}: {level.steps_per_s:8,.0f} steps/s, "
-            f"step {level.mean_step_s * 1000:5.0f} ms (p99 {level.p99_step_s * 1000:5.0f}), "
-            f"GPU {level.utilisation:6.1%}, failed {level.failure_rate:5.1%}, "
-            f"CPU {level.cpu_share:4.0%}, {level.wall_s:4.0f} s"
-            + ("" if level.sustainable else f"  -- not sustainable: {level.why_not}"),
-            flush=True,
-        )
-        if level.sustainable:
-            outcome.best = level
-        else:
-            break
+def _print(outcome: Outcome, level: Level) -> None:
+    print(
+        f"  {outcome.system:>24} N={level.concurrency:>6,}: {level.steps_per_s:8,.0f} steps/s, "
+        f"step {level.mean_step_s * 1000:5.0f} ms (p99 {level.p99_step_s * 1000:5.0f}), "
+        f"GPU {level.utilisation:6.1%}, failed {level.failure_rate:5.1%}, "
+        f"CPU {level.cpu_share:4.0%}, {level.wall_s:4.0f} s"
+        + ("" if level.sustainable else f"  -- not sustainable: {level.why_not}"),
+        flush=True,
+    )
 
 
-async def compare(
-    sc: Scenario, root: Path, *, equal_concurrency: bool = True
-) -> tuple[Outcome, Outcome, Level | None]:
-    """Ramp both systems; also MegaFlow at the monolith's max concurrency."""
+def _record(outcome: Outcome, level: Level, sc: Scenario) -> bool:
+    """Judge `level`, add it to the ramp; whether the ramp goes on."""
+    outcome.levels.append(level)
+    previous = outcome.levels[-2] if len(outcome.levels) > 1 else None
+    judge(level, previous, sc, outcome.memory_cap)
+    _print(outcome, level)
+    if level.sustainable:
+        outcome.best = level
+    return level.sustainable
+
+
+async def _ramp_monoliths(sc: Scenario) -> dict[Mechanism, Outcome]:
+    """Ramp every monolith variant; a level of each variant still going runs at the same
+    time as the others' (they use a few % of a core together: see the CPU column)."""
     mono_mib = sc.worker_mib + sc.sandbox_mib
-    baseline = Outcome("monolith", [], mono_mib, sc.memory_cap(mono_mib))
-    await _ramp(sc, baseline, sc.baseline_levels, root, megaflow=False)
-    # MegaFlow's per-task memory is measured: a first level tells it (re-judged below).
+    outcomes = {
+        mech: Outcome(sc.monolith_name(mech), [], mono_mib, sc.memory_cap(mono_mib))
+        for mech in sc.variants()
+    }
+    going = set(outcomes)
+    for n in sc.baseline_levels:
+        active = [m for m in outcomes if m in going and n <= outcomes[m].memory_cap]
+        if not active:
+            break
+        levels = await asyncio.gather(*(monolith_level(sc, n, m) for m in active))
+        for mech, level in zip(active, levels, strict=True):
+            if not _record(outcomes[mech], level, sc):
+                going.discard(mech)
+    return outcomes
+
+
+async def _ramp_megaflow(sc: Scenario, root: Path) -> Outcome:
+    # MegaFlow's per-task memory is measured: a first ramp tells it, then it is re-judged.
     megaflow = Outcome("MegaFlow", [], 0.0, 1 << 62)
-    await _ramp(sc, megaflow, sc.megaflow_levels, root, megaflow=True)
+    for n in sc.megaflow_levels:
+        if not _record(megaflow, await megaflow_level(sc, n, root), sc):
+            break
     if megaflow.levels:
         top = max(megaflow.levels, key=lambda lv: lv.concurrency)
         megaflow.per_task_mib = top.rss_per_task_kib / 1024 + sc.sandbox_mib
@@ -79,11 +91,25 @@ async def compare(
             if not level.sustainable:
                 break
             megaflow.best = level
-    equal = None
-    if equal_concurrency and baseline.best is not None:
-        same = [lv for lv in megaflow.levels if lv.concurrency == baseline.best.concurrency]
-        equal = same[0] if same else await megaflow_level(sc, baseline.best.concurrency, root)
-    return baseline, megaflow, equal
+    return megaflow
+
+
+async def compare(
+    sc: Scenario, root: Path, *, equal_concurrency: bool = True
+) -> tuple[dict[Mechanism, Outcome], Outcome, dict[int, Level]]:
+    """Ramp the monolith (every variant) and MegaFlow; also MegaFlow at each monolith
+    variant's max concurrency (one level when they agree), keyed by that concurrency."""
+    monoliths = await _ramp_monoliths(sc)
+    megaflow = await _ramp_megaflow(sc, root)
+    equal: dict[int, Level] = {}
+    if equal_concurrency:
+        for out in monoliths.values():
+            if out.best is None or out.best.concurrency in equal:
+                continue
+            n = out.best.concurrency
+            same = [lv for lv in megaflow.levels if lv.concurrency == n]
+            equal[n] = same[0] if same else await megaflow_level(sc, n, root)
+    return monoliths, megaflow, equal
 
 
 async def run(
@@ -95,23 +121,28 @@ async def run(
     load_before = _load()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="megaflow-baseline-") as tmp:
-        baseline, megaflow, equal = await compare(sc, Path(tmp))
+        monoliths, megaflow, equals = await compare(sc, Path(tmp))
     wall = time.monotonic() - t0
+    baseline = monoliths[sc.monolith_exec]
+    equal = equals.get(baseline.best.concurrency) if baseline.best else None
     columns, rows = headline(baseline, megaflow)
     print_table(
-        f"MegaFlow vs monolith: {sc.gpu_slots:,} simulated GPU slots, "
-        f"faults {sc.fault_rate:.1%}/op, x{sc.time_scale:g} time",
+        f"MegaFlow vs monolith ({sc.monolith_path().name}): {sc.gpu_slots:,} simulated GPU "
+        f"slots, faults {sc.fault_rate:.1%}/op, x{sc.time_scale:g} time",
         rows,
         columns,
     )
-    images = plots([baseline, megaflow], docs_dir / "baseline", sc.sla_p99_step_s, equal)
+    columns, rows = sensitivity(sc, monoliths, megaflow, equals)
+    print_table("Sensitivity: the monolith's per-command path", rows, columns)
+    outcomes = [*monoliths.values(), megaflow]
+    images = plots(outcomes, docs_dir / "baseline", sc.sla_p99_step_s, equal)
     report = docs_dir / "baseline.md"
     markdown.write(
         report,
         sc,
-        baseline,
+        monoliths,
         megaflow,
-        equal,
+        equals,
         quick=quick,
         wall_s=wall,
         load=(load_before, _load()),
@@ -126,4 +157,8 @@ async def run(
             figures[f"{key}_mean_step_ms"] = out.best.mean_step_s * 1000
             figures[f"{key}_gpu_utilisation"] = out.best.utilisation
             figures[f"{key}_failure_rate"] = out.best.failure_rate
+    for mech, out in monoliths.items():
+        if out.best is not None and megaflow.best is not None:
+            figures[f"step_ratio_{mech}"] = megaflow.best.mean_step_s / out.best.mean_step_s
+            figures[f"concurrency_ratio_{mech}"] = megaflow.best.concurrency / out.best.concurrency
     return figures

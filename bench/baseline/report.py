@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.baseline.scenario import Scenario
+from bench.baseline.scenario import LABELS, Mechanism, Scenario
 from bench.baseline.sides import Level
 
 
@@ -87,6 +88,64 @@ def headline(baseline: Outcome, megaflow: Outcome) -> tuple[tuple[str, ...], lis
     return columns, rows
 
 
+TARGET_CONCURRENCY = 15.0
+TARGET_STEP = 0.5
+TARGET_UTILISATION = 0.87
+
+
+def sensitivity(
+    sc: Scenario,
+    monoliths: dict[Mechanism, Outcome],
+    megaflow: Outcome,
+    equals: dict[int, Level] | None = None,
+) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """One row per monolith variant: its per-command cost, its own max, and MegaFlow's
+    ratios against it (each at its own max sustainable concurrency; the mean step ratio
+    also with MegaFlow at the monolith's N, from `equals`)."""
+    columns = (
+        "monolith per-command path",
+        "cost/op (CPU share)",
+        "monolith max N",
+        "monolith mean step",
+        "concurrency ratio",
+        "mean step ratio",
+        "mean step ratio at the monolith's N",
+        "GPU util (monolith)",
+        "targets met",
+    )
+    equals = equals or {}
+    m = megaflow.best
+    rows: list[tuple[str, ...]] = []
+    for mech, out in monoliths.items():
+        path = sc.monolith_path(mech)
+        cost = f"{path.op_s * 1000:.1f} ms ({path.op_cpu:.0%})" if path.op_s else "0"
+        name = LABELS[mech] + (" (headline)" if mech == sc.monolith_exec else "")
+        b = out.best
+        if b is None or m is None:
+            rows.append((name, cost, "none", "-", "-", "-", "-", "-", "-"))
+            continue
+        conc, step = m.concurrency / b.concurrency, m.mean_step_s / b.mean_step_s
+        met = sum(
+            (conc >= TARGET_CONCURRENCY, step <= TARGET_STEP, m.utilisation >= TARGET_UTILISATION)
+        )
+        rows.append(
+            (
+                name,
+                cost,
+                f"{b.concurrency:,}",
+                f"{b.mean_step_s * 1000:.0f} ms",
+                f"{conc:.1f}x",
+                f"{step:.2f}x",
+                ratio(equals[b.concurrency].mean_step_s, b.mean_step_s)
+                if b.concurrency in equals
+                else "-",
+                f"{b.utilisation:.1%}",
+                f"{met} of 3",
+            )
+        )
+    return columns, rows
+
+
 LEVEL_COLUMNS = (
     "N",
     "tasks",
@@ -98,6 +157,8 @@ LEVEL_COLUMNS = (
     "prefix hits",
     "env busy",
     "core wait/op",
+    "path/op",
+    "loop/step",
     "failed",
     "retries",
     "CPU",
@@ -118,6 +179,8 @@ def level_row(lv: Level) -> tuple[str, ...]:
         f"{lv.prefix_hit_rate:.0%}",
         f"{lv.env_busy:,.0f}",
         f"{lv.core_wait_s * 1000:.0f} ms",
+        f"{lv.path_s_per_op * 1000:.2f} ms",
+        f"{lv.overhead_per_step_s * 1e6:.0f} µs",
         f"{lv.failed} ({lv.failure_rate:.1%})",
         f"{lv.retries}",
         f"{lv.cpu_share:.0%}",
@@ -126,9 +189,12 @@ def level_row(lv: Level) -> tuple[str, ...]:
     )
 
 
-def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def markdown_table(
+    columns: tuple[str, ...], rows: list[tuple[str, ...]], *, numeric: bool = True
+) -> str:
+    """A markdown table; `numeric`: right-align every column but the first."""
     head = "| " + " | ".join(columns) + " |"
-    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
+    rule = "|" + "|".join("---:" if i and numeric else "---" for i in range(len(columns))) + "|"
     return "\n".join([head, rule, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
@@ -146,7 +212,7 @@ def plots(
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    specs = (
+    specs: tuple[tuple[str, str, Callable[[Level], float], bool], ...] = (
         ("throughput.png", "steps/s (modelled)", lambda lv: lv.steps_per_s, False),
         (
             "step_latency.png",
@@ -156,17 +222,22 @@ def plots(
         ),
         ("gpu_utilisation.png", "GPU utilisation (%)", lambda lv: lv.utilisation * 100, False),
     )
+    colours = {"MegaFlow": "tab:blue"}
+    spare = iter(("tab:red", "tab:orange", "tab:brown", "tab:pink", "tab:grey"))
     paths = []
     for name, label, value, with_p99 in specs:
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
-        for out, colour in zip(outcomes, ("tab:red", "tab:blue"), strict=True):
+        for out in outcomes:
+            colour = colours.get(out.system) or colours.setdefault(out.system, next(spare))
             points = list(out.levels)
             if extra is not None and extra.system == out.system and extra not in points:
                 points.append(extra)
             points.sort(key=lambda lv: lv.concurrency)
             xs = [lv.concurrency for lv in points]
-            ax.plot(xs, [value(lv) for lv in points], "o-", color=colour, label=out.system)
-            if with_p99:
+            variant = out.system.startswith("monolith (")  # a sensitivity variant: lighter
+            style = "s:" if variant else "o-"
+            ax.plot(xs, [value(lv) for lv in points], style, color=colour, label=out.system)
+            if with_p99 and not variant:
                 p99 = [lv.p99_step_s * 1000 for lv in points]
                 ax.plot(xs, p99, "x--", color=colour, alpha=0.6, label=f"{out.system} p99")
             if out.best is not None:
@@ -175,8 +246,8 @@ def plots(
                     [value(out.best)],
                     "*",
                     color=colour,
-                    markersize=16,
-                    label=f"{out.system} max sustainable",
+                    markersize=11 if variant else 16,
+                    label=None if variant else f"{out.system} max sustainable",
                 )
         if with_p99 and sla_s is not None:
             ax.axhline(sla_s * 1000, color="grey", linestyle=":", label="p99 SLA")
@@ -184,7 +255,7 @@ def plots(
         ax.set_xlabel("offered concurrency (workers / in-flight tasks)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path)

@@ -14,6 +14,7 @@ import math
 import statistics
 import time
 from array import array
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +25,30 @@ from megaflow.v1 import env_pb2
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
+
+Mechanism = Literal["docker_exec", "swerex", "none"]
+"""How the monolith reaches its sandbox for each command (see `Scenario.monolith_path`)."""
+MECHANISMS: tuple[Mechanism, ...] = ("docker_exec", "swerex", "none")
+LABELS: dict[Mechanism, str] = {
+    "docker_exec": "docker exec",
+    "swerex": "SWE-ReX",
+    "none": "no exec cost",
+}
+
+
+class EnvPath(BaseModel):
+    """What one system pays, besides the command's own work, to reach its sandbox:
+    once per task (getting a sandbox) and once per environment operation (a command,
+    an edit, the evaluation). Measured figures; `*_cpu` is the share of that time that
+    holds one of the node's cores (the rest is waiting)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="What the path is, for the report.")
+    create_s: float = Field(ge=0, description="Seconds to get a sandbox, per task.")
+    create_cpu: float = Field(ge=0, le=1, description="Share of `create_s` holding a core.")
+    op_s: float = Field(ge=0, description="Seconds per environment operation (mechanism).")
+    op_cpu: float = Field(ge=0, le=1, description="Share of `op_s` holding a core.")
 
 
 class Scenario(BaseModel):
@@ -53,9 +78,14 @@ class Scenario(BaseModel):
     prefix_cache_tokens: int = Field(
         default=4_000_000, description="Prefix-cache tokens per GPU (keyed by task)."
     )
-    # -- the simulated environment (identical for both systems) ---------------------------
-    create_s: float = Field(default=0.2, description="Mean sandbox create time.")
-    step_s: float = Field(default=0.3, description="Mean `bash` step time.")
+    model_jitter: float = Field(
+        default=0.25,
+        ge=0,
+        lt=1,
+        description="The latency model's jitter (seeded per replica; both systems).",
+    )
+    # -- the simulated environment: the commands' own work (identical for both) -----------
+    step_s: float = Field(default=0.3, description="Mean `bash` step time (the command).")
     edit_s: float = Field(default=0.02, description="Mean file-edit time.")
     scoring_s: float = Field(default=0.5, description="Mean evaluation time on submit.")
     jitter_sigma: float = Field(
@@ -63,6 +93,58 @@ class Scenario(BaseModel):
     )
     fault_rate: float = Field(
         default=0.01, ge=0, le=1, description="P(SandboxError) per create and per step."
+    )
+    # -- how each system reaches its sandboxes: measured on this machine ------------------
+    monolith_exec: Mechanism = Field(
+        default="docker_exec",
+        description="The monolith's per-command path in the headline (the report runs all).",
+    )
+    monolith_variants: tuple[Mechanism, ...] = Field(
+        default=MECHANISMS,
+        description="Per-command paths the monolith ramps with (the sensitivity); run at "
+        "the same time, each level, in this process.",
+    )
+    docker_run_s: float = Field(
+        default=0.193,
+        description="Monolith's sandbox per task: `docker run --rm --network none` p50 "
+        "(docs/benchmarks.md, Docker; includes the removal).",
+    )
+    docker_run_cpu: float = Field(
+        default=0.67,
+        ge=0,
+        le=1,
+        description="Share of `docker run` holding a core (exec_cost: CPU 128 of 191 ms).",
+    )
+    docker_exec_s: float = Field(
+        default=0.0515,
+        description="`docker exec CONTAINER echo hi` p50 (docs/benchmarks.md, Docker).",
+    )
+    docker_exec_cpu: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Share of `docker exec` holding a core (exec_cost: CPU 73 ms per 53 ms, "
+        "more than one core; capped at one).",
+    )
+    swerex_step_s: float = Field(
+        default=0.1157,
+        description="SWE-ReX `LocalRuntime` `echo` p50 (docs/benchmarks.md, Environments).",
+    )
+    swerex_cpu: float = Field(
+        default=0.07,
+        ge=0,
+        le=1,
+        description="Share of a SWE-ReX step holding a core (exec_cost: CPU 8 of 111 ms).",
+    )
+    megaflow_claim_s: float = Field(
+        default=0.00139,
+        description="MegaFlow's sandbox per task: warm-pool claim over gRPC p50 "
+        "(docs/benchmarks.md, Environments).",
+    )
+    megaflow_step_s: float = Field(
+        default=0.00051,
+        description="MegaFlow's `ExecuteStep` `echo` over gRPC loopback p50 "
+        "(docs/benchmarks.md, Environments; persistent shell).",
     )
     # -- the node the monolith runs on (and its resource model) ---------------------------
     node_cores: int = Field(default=112, description="CPU cores of the GPU node.")
@@ -88,7 +170,45 @@ class Scenario(BaseModel):
         default=(512, 1536, 3072, 4608, 6144), description="MegaFlow concurrency ramp."
     )
 
-    def latency_config(self) -> LatencyConfig:
+    def variants(self) -> tuple[Mechanism, ...]:
+        """The monolith's variants to run, the headline's first."""
+        rest = [m for m in self.monolith_variants if m != self.monolith_exec]
+        return (self.monolith_exec, *rest)
+
+    def monolith_name(self, mechanism: Mechanism) -> str:
+        if mechanism == self.monolith_exec:
+            return "monolith"
+        return f"monolith ({LABELS[mechanism]})"
+
+    def monolith_path(self, mechanism: Mechanism | None = None) -> EnvPath:
+        """The monolith's path: a fresh container per task (`docker run`), then each
+        operation through `mechanism` (default: the headline's)."""
+        mech = mechanism or self.monolith_exec
+        op_s, op_cpu = {
+            "docker_exec": (self.docker_exec_s, self.docker_exec_cpu),
+            "swerex": (self.swerex_step_s, self.swerex_cpu),
+            "none": (0.0, 0.0),
+        }[mech]
+        return EnvPath(
+            name=LABELS[mech],
+            create_s=self.docker_run_s,
+            create_cpu=self.docker_run_cpu,
+            op_s=op_s,
+            op_cpu=op_cpu,
+        )
+
+    def megaflow_path(self) -> EnvPath:
+        """MegaFlow's path: a warm-pool claim per task, `ExecuteStep` over gRPC per
+        operation (on its own environment hosts: the CPU shares do not matter there)."""
+        return EnvPath(
+            name="MegaFlow ExecuteStep (gRPC)",
+            create_s=self.megaflow_claim_s,
+            create_cpu=1.0,
+            op_s=self.megaflow_step_s,
+            op_cpu=1.0,
+        )
+
+    def latency_config(self, replica: int = 0) -> LatencyConfig:
         return LatencyConfig(
             slots=self.slots_per_replica,
             prefill_s_per_token=self.prefill_s_per_token,
@@ -97,6 +217,8 @@ class Scenario(BaseModel):
             time_scale=self.time_scale,
             decode_batch_slowdown=self.decode_batch_slowdown,
             prefix_cache_tokens=self.prefix_cache_tokens,
+            jitter=self.model_jitter,
+            seed=self.seed * 1000 + replica,
         )
 
     @property
@@ -173,29 +295,40 @@ class FaultyEnv(SimulatedEnvironmentService):
     Every create and step draws its time (log-normal around the scenario's mean) and
     whether it fails with `SandboxError` from (seed, attempt id, op index): the first
     attempt of a task meets exactly the same faults in both systems; MegaFlow's retries
-    are new attempts with new draws. With `cores`, each operation holds one of that many
-    cores for `env_cpu_fraction` of its time (the monolith's co-hosted sandboxes);
-    without, operations never wait for CPU (MegaFlow's separate environment hosts).
+    are new attempts with new draws. On top of the command's own work, each operation
+    pays its system's `path` (`EnvPath`: measured, fixed costs of getting a sandbox and
+    of reaching it per operation). With `cores`, each operation holds one of that many
+    cores for its CPU-bound part (`env_cpu_fraction` of the work, `op_cpu` of the
+    path's cost: the monolith's co-hosted sandboxes); without, operations never wait
+    for a core (MegaFlow's separate environment hosts).
     """
 
-    def __init__(self, scenario: Scenario, *, cores: int | None = None) -> None:
+    def __init__(self, scenario: Scenario, path: EnvPath, *, cores: int | None = None) -> None:
         super().__init__(SimulatedEnvConfig())
         self.scenario = scenario
+        self.path = path
         self._cores = asyncio.Semaphore(cores) if cores else None
         self._owners: dict[str, tuple[str, list[int]]] = {}
-        self.ops = 0
+        self.ops = 0  # creates included
+        self.creates = 0
         self.faults = 0
         self.op_seconds = 0.0  # modelled seconds of environment work, waits excluded
+        self.path_seconds = 0.0  # of which the path's costs (creates and operations)
+        self.cpu_seconds = 0.0  # of which holding a core
         self.core_wait_s = 0.0  # modelled seconds spent waiting for a core
 
-    async def _op(self, owner: str, index: int, mean: float) -> None:
+    async def _op(self, owner: str, index: int, mean: float, cost_s: float, cpu: float) -> None:
+        """One operation: `mean` of own work (jittered) plus `cost_s` of the path."""
         sc = self.scenario
         work = lognormal(mean, sc.jitter_sigma, unit(sc.seed, "lat", owner, index))
         fails = unit(sc.seed, "fault", owner, index) < sc.fault_rate
         self.ops += 1
-        self.op_seconds += work
-        busy = work * sc.env_cpu_fraction * sc.time_scale
-        idle = work * sc.time_scale - busy
+        self.op_seconds += work + cost_s
+        self.path_seconds += cost_s
+        held = work * sc.env_cpu_fraction + cost_s * cpu
+        self.cpu_seconds += held
+        busy = held * sc.time_scale
+        idle = (work + cost_s) * sc.time_scale - busy
         if self._cores is not None and busy > 0:
             asked = time.monotonic()
             async with self._cores:
@@ -209,6 +342,11 @@ class FaultyEnv(SimulatedEnvironmentService):
             self.faults += 1
             raise SandboxError(f"injected sandbox fault ({owner}, op {index})")
 
+    def path_s_per_op(self) -> float:
+        """Mean path cost of an operation other than a create (modelled seconds)."""
+        others = self.ops - self.creates
+        return (self.path_seconds - self.creates * self.path.create_s) / others if others else 0.0
+
     def _next(self, env_id: str) -> tuple[str, int]:
         owner, counter = self._owners[env_id]
         counter[0] += 1
@@ -217,7 +355,9 @@ class FaultyEnv(SimulatedEnvironmentService):
     async def create_environment(
         self, request: env_pb2.CreateEnvironmentRequest
     ) -> env_pb2.CreateEnvironmentResponse:
-        await self._op(request.owner, 0, self.scenario.create_s)
+        path = self.path
+        self.creates += 1
+        await self._op(request.owner, 0, 0.0, path.create_s, path.create_cpu)
         reply = await super().create_environment(request)
         self._owners[reply.env_id] = (request.owner, [0])
         return reply
@@ -226,7 +366,8 @@ class FaultyEnv(SimulatedEnvironmentService):
         self, request: env_pb2.ExecuteStepRequest
     ) -> env_pb2.ExecuteStepResponse:
         if request.env_id in self._owners:
-            await self._op(*self._next(request.env_id), self.scenario.step_s)
+            owner, index = self._next(request.env_id)
+            await self._op(owner, index, self.scenario.step_s, self.path.op_s, self.path.op_cpu)
         return await super().execute_step(request)
 
     async def submit_action(
@@ -235,7 +376,8 @@ class FaultyEnv(SimulatedEnvironmentService):
         if request.env_id in self._owners:
             submit = request.WhichOneof("action") == "submit"
             mean = self.scenario.scoring_s if submit else self.scenario.edit_s
-            await self._op(*self._next(request.env_id), mean)
+            owner, index = self._next(request.env_id)
+            await self._op(owner, index, mean, self.path.op_s, self.path.op_cpu)
         return await super().submit_action(request)
 
     async def release_environment(

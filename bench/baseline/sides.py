@@ -10,7 +10,10 @@ Monolith: one process, `W` workers; each takes the next task and runs it end to 
 agent logic (`ToolAgent`), calling the inference replicas directly, round-robin per
 request (a plain OpenAI-compatible endpoint behind a load balancer: no task
 affinity), its sandboxes co-hosted on the GPU node (environment operations hold a
-core), and no retries: a task that meets an infrastructure fault is failed.
+core for their CPU part), and no retries: a task that meets an infrastructure fault
+is failed. It reaches its sandboxes through a measured path (`Scenario.monolith_path`:
+`docker run` per task, then `docker exec`, SWE-ReX or nothing per operation); MegaFlow
+through its own measured path (`Scenario.megaflow_path`).
 
 Both: the same `MeteredGpu` replicas and `FaultyEnv` draws, the same task ids. The
 measurement window is [the N/2-th finish, the ((waves-1) x N)-th finish], when every
@@ -27,10 +30,12 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
-from bench.baseline.scenario import FaultyEnv, MeteredGpu, Scenario
+from bench.baseline.scenario import FaultyEnv, Mechanism, MeteredGpu, Scenario
 from bench.stats import pct
 from megaflow.agent.loop import AgentLimits, ToolAgent
+from megaflow.contract import ModelService
 from megaflow.core.errors import InfrastructureError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.model.service import ModelServiceConfig
@@ -49,6 +54,14 @@ class TaskRecord:
     infra_failed: bool
     reward: float | None = None
     turns: list[tuple[float, float]] = field(default_factory=list)  # (model_s, env_s), wall
+    overhead_s: float = 0.0  # wall s of the attempt outside setup, teardown and turns
+
+
+def _overhead(result: common_pb2.TaskResult, turns: list[tuple[float, float]]) -> float:
+    """The part of an attempt that is neither setup, teardown, a model call nor a tool
+    call (the agent loop's own work: bench/e2e_bench.py's "overhead per step")."""
+    inside = result.setup_s + result.teardown_s + sum(m + e for m, e in turns)
+    return max(result.duration_s - inside, 0.0)
 
 
 @dataclass
@@ -72,13 +85,16 @@ class Level:
     retries: int
     faults: int
     prefix_hit_rate: float
-    env_busy: float  # mean environment operations in progress (cores if CPU-bound)
+    env_busy: float  # mean cores held by environment operations (their CPU part)
     core_wait_s: float  # mean wait for a core per environment op (monolith)
     cpu_share: float  # this process's CPU time / wall time
     rss_per_task_kib: float
     mean_reward: float
     sustainable: bool = False
     why_not: str = ""
+    path: str = ""  # how this system reached its sandboxes (`EnvPath.name`)
+    path_s_per_op: float = 0.0  # of which per environment operation (modelled s)
+    overhead_per_step_s: float = float("nan")  # agent loop's own wall s per step, unscaled
 
 
 def _rss_kib() -> int:
@@ -87,7 +103,7 @@ def _rss_kib() -> int:
 
 
 def _backends(sc: Scenario) -> tuple[list[MeteredGpu], list[SimulatedBackend]]:
-    gpus = [MeteredGpu(sc.latency_config()) for _ in range(sc.replicas)]
+    gpus = [MeteredGpu(sc.latency_config(i)) for i in range(sc.replicas)]
     backends = [
         SimulatedBackend(MODEL, success_rate=sc.success_rate, seed=sc.seed, latency=gpu)
         for gpu in gpus
@@ -164,6 +180,8 @@ def summarise(
     failed = sum(1 for r in records if r.infra_failed)
     rewards = [r.reward for r in records if r.reward is not None]
     lookups = [g.prefix_hit_rate() for g in gpus]
+    scored = [r for r in records if not r.infra_failed and r.turns]
+    turns = sum(len(r.turns) for r in scored)
     return Level(
         system=system,
         concurrency=n,
@@ -182,18 +200,21 @@ def summarise(
         retries=retries,
         faults=env.faults,
         prefix_hit_rate=sum(lookups) / len(lookups),
-        env_busy=env.op_seconds / (wall_s / k),
+        env_busy=env.cpu_seconds / (wall_s / k),
         core_wait_s=env.core_wait_s / max(env.ops, 1),
         cpu_share=cpu_s / wall_s,
         rss_per_task_kib=rss_kib / n,
         mean_reward=sum(rewards) / len(rewards) if rewards else float("nan"),
+        path=env.path.name,
+        path_s_per_op=env.path_s_per_op(),
+        overhead_per_step_s=sum(r.overhead_s for r in scored) / turns if turns else float("nan"),
     )
 
 
 async def megaflow_level(sc: Scenario, n: int, root: Path) -> Level:
     """MegaFlow's three services (embedded) at offered concurrency `n`."""
     gpus, backends = _backends(sc)
-    env = FaultyEnv(sc)
+    env = FaultyEnv(sc, sc.megaflow_path())
     system = EmbeddedSystem(
         backends=list(backends),
         ledger_path=root / f"megaflow-{n}.sqlite",
@@ -247,6 +268,7 @@ def _megaflow_record(event: scheduler_pb2.TaskEvent) -> TaskRecord:
     )
     if not infra:
         record.turns = [(t.model_latency_s, t.env_latency_s) for t in event.trajectory.turns]
+        record.overhead_s = _overhead(result, record.turns)
     return record
 
 
@@ -261,11 +283,12 @@ class RoundRobinClient:
         return await self._backends[next(self._next)].generate(request)
 
 
-async def monolith_level(sc: Scenario, workers: int) -> Level:
-    """The monolith with `workers` synchronous workers, each one task at a time."""
+async def monolith_level(sc: Scenario, workers: int, mechanism: Mechanism | None = None) -> Level:
+    """The monolith with `workers` synchronous workers, each one task at a time,
+    reaching its sandboxes through `mechanism` (default: the scenario's headline)."""
     gpus, backends = _backends(sc)
-    env = FaultyEnv(sc, cores=sc.env_cores)
-    client = RoundRobinClient(backends)
+    env = FaultyEnv(sc, sc.monolith_path(mechanism), cores=sc.env_cores)
+    model = cast(ModelService, RoundRobinClient(backends))  # the agent only calls generate
     pending = iter(range(sc.waves * workers))
     records: list[TaskRecord] = []
     limits = AgentLimits()
@@ -273,13 +296,14 @@ async def monolith_level(sc: Scenario, workers: int) -> Level:
     async def worker() -> None:
         for index in pending:
             task = generate_task(sc.seed, index)
-            agent = ToolAgent(task, f"{task.task_id}#1", env=env, model=client, limits=limits)
+            agent = ToolAgent(task, f"{task.task_id}#1", env=env, model=model, limits=limits)
             started = time.monotonic()
             try:
                 result, trajectory = await agent.run()
             except InfrastructureError:  # a naive loop: no retry, the task is lost
                 records.append(TaskRecord(time.monotonic(), started, 0.0, infra_failed=True))
                 continue
+            turns = [(t.model_latency_s, t.env_latency_s) for t in trajectory.turns]
             records.append(
                 TaskRecord(
                     finished=time.monotonic(),
@@ -287,7 +311,8 @@ async def monolith_level(sc: Scenario, workers: int) -> Level:
                     setup_s=result.setup_s,
                     infra_failed=False,
                     reward=result.reward if result.has_reward else None,
-                    turns=[(t.model_latency_s, t.env_latency_s) for t in trajectory.turns],
+                    turns=turns,
+                    overhead_s=_overhead(result, turns),
                 )
             )
 
@@ -297,6 +322,7 @@ async def monolith_level(sc: Scenario, workers: int) -> Level:
         await asyncio.gather(*(worker() for _ in range(workers)))
         wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
     rss = meter.peak - meter.rss0
+    name = sc.monolith_name(mechanism or sc.monolith_exec)
     return summarise(
-        "monolith", sc, workers, records, gpus, env, wall_s=wall, cpu_s=cpu, rss_kib=rss, retries=0
+        name, sc, workers, records, gpus, env, wall_s=wall, cpu_s=cpu, rss_kib=rss, retries=0
     )

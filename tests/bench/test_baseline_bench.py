@@ -5,12 +5,13 @@ task, so this runs in seconds (MegaFlow's retry backoff, 1 s, dominates)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
 from bench.baseline.report import judge
-from bench.baseline.scenario import FaultyEnv, Scenario
+from bench.baseline.scenario import FaultyEnv, Mechanism, Scenario
 from bench.baseline.sides import Level, megaflow_level, monolith_level
 from bench.baseline_bench import run
 from megaflow.core.errors import SandboxError
@@ -31,7 +32,7 @@ TINY = Scenario(
 
 async def _fault_pattern(sc: Scenario, attempt: int) -> list[bool]:
     """Which of 40 tasks' creates and first steps fail, at this attempt."""
-    env = FaultyEnv(sc)
+    env = FaultyEnv(sc, sc.megaflow_path())
     pattern = []
     for i in range(40):
         try:
@@ -57,14 +58,56 @@ async def test_faults_are_a_pure_function_of_seed_attempt_and_op() -> None:
 
 
 async def test_cores_bound_concurrent_environment_work() -> None:
-    sc = TINY.model_copy(update={"fault_rate": 0.0, "time_scale": 1.0, "create_s": 0.05})
-    env = FaultyEnv(sc, cores=1)
+    sc = TINY.model_copy(update={"fault_rate": 0.0, "time_scale": 1.0, "docker_run_s": 0.05})
+    env = FaultyEnv(sc, sc.monolith_path(), cores=1)
     requests = [env_pb2.CreateEnvironmentRequest(owner=f"t{i}#1") for i in range(4)]
     await asyncio.gather(*(env.create_environment(r) for r in requests))
     assert env.core_wait_s > 0  # three of four waited for the single core
-    free = FaultyEnv(sc)
+    free = FaultyEnv(sc, sc.monolith_path())
     await asyncio.gather(*(free.create_environment(r) for r in requests))
     assert free.core_wait_s == 0
+
+
+NO_WORK = {"step_s": 0.0, "edit_s": 0.0, "scoring_s": 0.0, "fault_rate": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "cost_s", "cpu"),
+    [("docker_exec", 0.0515, 1.0), ("swerex", 0.1157, 0.07), ("none", 0.0, 0.0)],
+)
+async def test_monolith_steps_pay_the_measured_per_command_cost(
+    mechanism: Mechanism, cost_s: float, cpu: float
+) -> None:
+    # The defaults are the figures of docs/benchmarks.md (docker exec 51.5 ms, SWE-ReX
+    # 115.7 ms p50) and exec_cost's CPU shares; a command with no work of its own costs
+    # exactly that, and its CPU part holds one of the node's cores.
+    sc = TINY.model_copy(update={**NO_WORK, "time_scale": 0.5})
+    env = FaultyEnv(sc, sc.monolith_path(mechanism), cores=1)
+    created = await env.create_environment(env_pb2.CreateEnvironmentRequest(owner="t#1"))
+    t0 = time.monotonic()
+    for _ in range(3):
+        await env.execute_step(env_pb2.ExecuteStepRequest(env_id=created.env_id, command="ls"))
+    took = (time.monotonic() - t0) / sc.time_scale / 3
+    assert env.path_s_per_op() == pytest.approx(cost_s)
+    assert took >= cost_s * 0.99
+    assert env.cpu_seconds == pytest.approx(sc.docker_run_s * sc.docker_run_cpu + 3 * cost_s * cpu)
+
+
+def test_megaflow_path_is_its_measured_service_path() -> None:
+    path = Scenario().megaflow_path()
+    assert path.op_s == pytest.approx(0.00051)  # ExecuteStep over gRPC, p50
+    assert path.create_s == pytest.approx(0.00139)  # warm claim over gRPC, p50
+
+
+async def test_monolith_step_latency_includes_the_exec_cost() -> None:
+    sc = TINY.model_copy(update={**NO_WORK, "time_scale": 0.2})
+    with_exec = await monolith_level(sc, 2, "docker_exec")
+    without = await monolith_level(sc, 2, "none")
+    assert with_exec.path_s_per_op == pytest.approx(sc.docker_exec_s)
+    assert without.path_s_per_op == 0.0
+    # each turn's tool calls went through `docker exec`: its cost is in the step
+    assert with_exec.mean_env_s - without.mean_env_s >= 0.5 * sc.docker_exec_s
+    assert with_exec.mean_step_s > without.mean_step_s
 
 
 async def test_monolith_loses_faulted_tasks_megaflow_retries_them(tmp_path: Path) -> None:
@@ -109,6 +152,10 @@ async def test_report_has_the_table_and_small_plots(tmp_path: Path) -> None:
     text = (tmp_path / "baseline.md").read_text()
     for needle in ("max sustainable concurrency", "| monolith |", "| MegaFlow |", "## Method"):
         assert needle in text
+    for needle in ("Sensitivity", "| docker exec (headline) |", "| SWE-ReX |", "| no exec cost |"):
+        assert needle in text
+    for mech in ("docker_exec", "swerex", "none"):
+        assert f"step_ratio_{mech}" in figures
     for name in ("throughput.png", "step_latency.png", "gpu_utilisation.png"):
         data = (tmp_path / "baseline" / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) < 100_000
