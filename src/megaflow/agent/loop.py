@@ -2,6 +2,11 @@
 
     create environment → [model turn → tool calls → observations]* → submit → release
 
+With a `CheckpointWriter` it checkpoints its state every `checkpoint_every` turns, and
+with `resume` (an earlier attempt's checkpoint) it restores the environment by
+replaying the recorded actions and continues the conversation where it stopped (see
+`megaflow.agent.checkpoint`).
+
 Outcomes the task is responsible for (step or token limit, the whole-task deadline)
 are returned as a failed result with `ERROR_KIND_TASK` and reward 0. Failures of the
 platform (sandbox, model, unreachable services) propagate as `InfrastructureError`,
@@ -12,12 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 from dataclasses import dataclass
 
 from megaflow.agent import tools
+from megaflow.agent.checkpoint import (
+    REPLAY,
+    CheckpointWriter,
+    Encoded,
+    Mark,
+    ReplayMismatch,
+    StaleAttemptError,
+    check_resumable,
+    conversation,
+    encode,
+    replay,
+)
 from megaflow.contract import EnvironmentService, ModelService
 from megaflow.core.errors import MegaFlowError
 from megaflow.v1 import common_pb2, env_pb2, model_pb2
@@ -63,6 +81,9 @@ class ToolAgent:
         env: EnvironmentService,
         model: ModelService,
         limits: AgentLimits,
+        checkpoints: CheckpointWriter | None = None,
+        checkpoint_every: int = 1,
+        resume: common_pb2.AgentCheckpoint | None = None,
     ) -> None:
         self.task = task
         self.attempt_id = attempt_id
@@ -78,9 +99,62 @@ class ToolAgent:
         self.max_completion_tokens = limits.max_completion_tokens
         self.result = common_pb2.TaskResult(task_id=task.task_id, attempt_id=attempt_id)
         self.trajectory = common_pb2.Trajectory(task_id=task.task_id, attempt_id=attempt_id)
+        self.resume = resume
+        self._writer = checkpoints if checkpoint_every > 0 else None
+        self._every = checkpoint_every
+        self._mark: Mark | None = None
+        self._encoded = Encoded()
+        self._elapsed0 = 0.0  # task time used by earlier attempts
+        self._pending: list[common_pb2.ChatMessage] = []
+        self._task: asyncio.Task[object] | None = None
+        self._looping = False
+        self._stale = False
+
+    @property
+    def task_id(self) -> str:
+        return self.task.task_id
+
+    # -- checkpoints (see megaflow.agent.checkpoint) ---------------------------------------
+    def checkpoint_bytes(self) -> bytes:
+        """The latest marked state as a serialised `AgentCheckpoint`."""
+        assert self._mark is not None
+        return encode(self.trajectory, self._mark, self._encoded)
+
+    def on_stale(self) -> None:
+        """The store refused our checkpoint: another attempt owns the task. Stop."""
+        self._stale = True
+        if self._looping and self._task is not None and not self._task.done():
+            log.warning(
+                "attempt %s is no longer current (checkpoint refused): stopping", self.attempt_id
+            )
+            self._task.cancel()
+
+    def _checkpoint(self, pending: list[common_pb2.ChatMessage], started: float) -> None:
+        assert self._writer is not None
+        turns = self.trajectory.turns
+        self._mark = Mark(
+            turns=len(turns),
+            pending=pending,
+            prompt_tokens=self.result.prompt_tokens,
+            completion_tokens=self.result.completion_tokens,
+            elapsed_s=self._elapsed0 + time.monotonic() - started,
+            model_version=turns[-1].model_version,
+        )
+        self._writer.offer(self)
 
     async def run(self) -> tuple[common_pb2.TaskResult, common_pb2.Trajectory]:
-        started = time.monotonic()
+        self._task = asyncio.current_task()
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            if self._stale and self._task is not None and self._task.uncancel() == 0:
+                raise StaleAttemptError(
+                    f"attempt {self.attempt_id} is no longer current (its checkpoint was "
+                    "refused); stopped"
+                ) from None
+            raise
+
+    async def _create(self) -> str:
         created = await self.env.create_environment(
             env_pb2.CreateEnvironmentRequest(
                 owner=self.attempt_id,
@@ -94,25 +168,99 @@ class ToolAgent:
                 placement=self.task.placement,
             )
         )
+        return created.env_id
+
+    async def _release(self, env_id: str) -> None:
+        with contextlib.suppress(MegaFlowError, OSError, asyncio.TimeoutError):
+            await self.env.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=env_id))
+
+    async def _run(self) -> tuple[common_pb2.TaskResult, common_pb2.Trajectory]:
+        started = time.monotonic()
+        env_id = await self._create()
+        if self.resume is not None:
+            try:
+                env_id = await self._resume(env_id, self.resume)
+            except BaseException:
+                await self._release(env_id)
+                raise
         self.result.setup_s = time.monotonic() - started
         try:
             try:
-                async with asyncio.timeout(self.task_timeout_s):
-                    await self._loop(created.env_id)
+                self._looping = True
+                async with asyncio.timeout(max(self.task_timeout_s - self._elapsed0, 0.0)):
+                    await self._loop(env_id)
             except TimeoutError:
                 self._fail(f"task deadline of {self.task_timeout_s:.0f}s passed")
             except _TaskOutcome as outcome:
                 self._fail(str(outcome))
+            except BaseException:
+                # An infrastructure error or a cancellation: the next attempt resumes from
+                # the latest checkpoint, so make it durable before reporting.
+                self._looping = False
+                await self._flush()
+                raise
+            finally:
+                self._looping = False
+                if self._writer is not None:
+                    self._writer.discard(self)  # the result supersedes it
         finally:
             released = time.monotonic()
-            with contextlib.suppress(MegaFlowError, OSError, asyncio.TimeoutError):
-                await self.env.release_environment(
-                    env_pb2.ReleaseEnvironmentRequest(env_id=created.env_id)
-                )
+            await self._release(env_id)
             self.result.teardown_s = time.monotonic() - released
         self.result.duration_s = time.monotonic() - started
         self.result.steps = len(self.trajectory.turns)
         return self.result, self.trajectory
+
+    async def _flush(self) -> None:
+        if self._writer is None or self._stale or self._mark is None:
+            return
+        try:
+            async with asyncio.timeout(self._writer.config.flush_timeout_s):
+                await self._writer.flush(self)
+        except TimeoutError:
+            log.warning("checkpoint of %s not flushed in time", self.attempt_id)
+
+    async def _resume(self, env_id: str, checkpoint: common_pb2.AgentCheckpoint) -> str:
+        """Restore `checkpoint` into the fresh environment `env_id`; on a mismatch, start
+        over in another fresh environment. Returns the environment to continue in."""
+        t0 = time.monotonic()
+        try:
+            check_resumable(checkpoint, self.task.task_id, self.max_steps)
+            replayed = await replay(checkpoint.trajectory, functools.partial(self._act, env_id))
+        except ReplayMismatch as mismatch:
+            log.warning(
+                "attempt %s cannot resume from %s's checkpoint (%s): starting over",
+                self.attempt_id,
+                checkpoint.attempt_id,
+                mismatch,
+            )
+            await self._release(env_id)
+            return await self._create()
+        trajectory = self.trajectory
+        trajectory.CopyFrom(checkpoint.trajectory)
+        trajectory.attempt_id = self.attempt_id
+        if not trajectory.messages:  # checkpoints leave it out: the turns hold it
+            trajectory.messages.extend(conversation(trajectory.turns))
+        trajectory.resumptions.add(
+            at_turn=len(trajectory.turns),
+            from_attempt_id=checkpoint.attempt_id,
+            attempt_id=self.attempt_id,
+            method=REPLAY,
+            replayed_actions=replayed,
+            restore_s=time.monotonic() - t0,
+        )
+        self._pending = list(checkpoint.pending)
+        self.result.prompt_tokens = checkpoint.prompt_tokens
+        self.result.completion_tokens = checkpoint.completion_tokens
+        self._elapsed0 = checkpoint.elapsed_s
+        log.info(
+            "attempt %s resumed %s at turn %d (%d actions replayed)",
+            self.attempt_id,
+            checkpoint.attempt_id,
+            len(trajectory.turns),
+            replayed,
+        )
+        return env_id
 
     def _fail(self, message: str) -> None:
         self.result.state = common_pb2.TASK_STATE_FAILED
@@ -122,19 +270,26 @@ class ToolAgent:
         self.result.reward = 0.0
 
     async def _loop(self, env_id: str) -> None:
+        started = time.monotonic()
         messages = self.trajectory.messages
-        pending = [
-            common_pb2.ChatMessage(role="system", content=SYSTEM_PROMPT),
-            common_pb2.ChatMessage(role="user", content=self.task.problem_statement),
-        ]
+        start = len(self.trajectory.turns)  # > 0 when resumed from a checkpoint
+        if start:
+            pending = self._pending
+        else:
+            pending = [
+                common_pb2.ChatMessage(role="system", content=SYSTEM_PROMPT),
+                common_pb2.ChatMessage(role="user", content=self.task.problem_statement),
+            ]
         # One request, grown turn by turn: the conversation is not copied on every call.
         request = model_pb2.GenerateRequest(
             task_id=self.task.task_id,
             model=self.task.model,
             tools=tools.tool_specs(),
             max_tokens=self.max_completion_tokens,
+            messages=messages,
         )
-        for index in range(self.max_steps):
+        writer, every = self._writer, self._every
+        for index in range(start, self.max_steps):
             messages.extend(pending)
             request.messages.extend(pending)
             turn = self.trajectory.turns.add(index=index, prompt_delta=pending)
@@ -173,6 +328,8 @@ class ToolAgent:
             if used > self.max_tokens:
                 messages.extend(pending)
                 raise _TaskOutcome(f"token limit of {self.max_tokens} reached ({used} used)")
+            if writer is not None and (index + 1) % every == 0:
+                self._checkpoint(pending, started)
         messages.extend(pending)
         raise _TaskOutcome(f"step limit of {self.max_steps} reached without submitting")
 

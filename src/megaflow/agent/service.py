@@ -1,12 +1,24 @@
-"""The Agent Service: hosts many agent loops in one process, as asyncio tasks."""
+"""The Agent Service: hosts many agent loops in one process, as asyncio tasks.
+
+With a `store` (the task ledger) its agents checkpoint as they run (`CheckpointConfig`)
+and an attempt whose `RunTaskRequest.resume` carries an earlier attempt's checkpoint
+continues from it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
+from megaflow.agent.checkpoint import CheckpointConfig, CheckpointWriter
 from megaflow.agent.loop import AgentLimits, ToolAgent
-from megaflow.core.errors import CancelledTaskError, CapacityError, InvalidRequestError
+from megaflow.core.errors import (
+    CancelledTaskError,
+    CapacityError,
+    InvalidRequestError,
+    ServiceUnavailableError,
+)
 from megaflow.rpc.resolver import ServiceResolver
+from megaflow.store.ledger import TaskLedger
 from megaflow.v1 import agent_pb2, common_pb2
 
 
@@ -24,10 +36,24 @@ class AgentServiceImpl:
         *,
         capacity: int = 10_000,
         limits: AgentLimits | None = None,
+        store: TaskLedger | None = None,
+        checkpoints: CheckpointConfig | None = None,
+        own_store: bool = False,
     ) -> None:
+        """`store`: where agents checkpoint (None: they do not); `own_store`: this service
+        opens and closes it (False when it is shared, e.g. the scheduler's ledger)."""
         self.resolver = resolver
         self.capacity = capacity
         self.limits = limits or AgentLimits()
+        self.store = store
+        self.own_store = own_store
+        self.checkpoints = checkpoints or CheckpointConfig()
+        self.writer = (
+            CheckpointWriter(store, self.checkpoints)
+            if store is not None and self.checkpoints.every_turns > 0
+            else None
+        )
+        self._stopping = False
         self._running: dict[str, asyncio.Task[agent_pb2.RunTaskResponse]] = {}
         self._runners: set[asyncio.Task[agent_pb2.RunTaskResponse]] = set()  # incl. abandoned
 
@@ -51,6 +77,9 @@ class AgentServiceImpl:
             env=self.resolver.env(request.env_address),
             model=self.resolver.model(request.model_address),
             limits=self.limits,
+            checkpoints=self.writer,
+            checkpoint_every=self.checkpoints.every_turns,
+            resume=request.resume if request.HasField("resume") else None,
         )
         runner = asyncio.create_task(self._run(agent), name=f"agent-{request.attempt_id}")
         self._running[request.attempt_id] = runner
@@ -61,6 +90,10 @@ class AgentServiceImpl:
         except asyncio.CancelledError:
             if runner.cancelled() and not _current_task_cancelling():
                 # CancelTask stopped the agent, not our caller: a typed error.
+                if self._stopping:  # not the task's fault: retried, resumed elsewhere
+                    raise ServiceUnavailableError(
+                        f"agent service stopped; attempt {request.attempt_id} interrupted"
+                    ) from None
                 raise CancelledTaskError(f"attempt {request.attempt_id} was cancelled") from None
             runner.cancel()  # our caller went away: stop the agent; stop() awaits it
             raise
@@ -83,12 +116,19 @@ class AgentServiceImpl:
         return common_pb2.HealthResponse(ok=True, detail=f"{self.in_flight}/{self.capacity} tasks")
 
     async def start(self) -> None:
-        return None
+        if self.store is not None and self.own_store:
+            await self.store.open()
 
     async def stop(self, grace_s: float = 0.0) -> None:
-        """Cancel every agent loop and wait until each has released its environment."""
+        """Cancel every agent loop and wait until each has released its environment (and
+        flushed its latest checkpoint, for the attempt that resumes it)."""
+        self._stopping = True
         runners = list(self._runners)
         for runner in runners:
             if not runner.cancelling():  # a second cancel would interrupt its cleanup
                 runner.cancel()
         await asyncio.gather(*runners, return_exceptions=True)
+        if self.writer is not None:
+            await self.writer.close()
+        if self.store is not None and self.own_store:
+            await self.store.close()

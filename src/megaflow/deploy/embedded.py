@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megaflow.agent.checkpoint import CheckpointConfig
 from megaflow.agent.loop import AgentLimits
 from megaflow.agent.service import AgentServiceImpl
 from megaflow.core.runtime import GcPolicy, GcTuner
@@ -33,17 +34,25 @@ class EmbeddedSystem:
         agent_limits: AgentLimits | None = None,
         policy: SchedulerPolicy | None = None,
         gc_policy: GcPolicy | None = None,
+        checkpoints: CheckpointConfig | None = None,
     ) -> None:
+        """`checkpoints`: how agents checkpoint to the scheduler's ledger (default: after
+        every turn; `CheckpointConfig(every_turns=0)`: off)."""
         self.gc = GcTuner(gc_policy)
         self.model = ModelServiceImpl(backends, config=model_config)
         # `env` replaces the default local (bubblewrap) service, e.g. with the simulated one.
         self.env = env if env is not None else LocalEnvironmentService(env_config)
         self.resolver = ServiceResolver(model=self.model, env=self.env)
-        self.agent = AgentServiceImpl(self.resolver, capacity=agent_capacity, limits=agent_limits)
-        self.resolver.set_local("agent", self.agent)
-        self.scheduler = SchedulerServiceImpl(
-            SqliteLedger(ledger_path), self.resolver, policy=policy
+        self.ledger = SqliteLedger(ledger_path)  # opened and closed by the scheduler
+        self.agent = AgentServiceImpl(
+            self.resolver,
+            capacity=agent_capacity,
+            limits=agent_limits,
+            store=self.ledger,
+            checkpoints=checkpoints,
         )
+        self.resolver.set_local("agent", self.agent)
+        self.scheduler = SchedulerServiceImpl(self.ledger, self.resolver, policy=policy)
 
     async def start(self) -> None:
         await self.env.start()

@@ -1,0 +1,367 @@
+"""Checkpoints of agent state, written to the store as a task runs, and what resume needs.
+
+After every `CheckpointConfig.every_turns` completed turns an agent *marks* its state
+(a few counters and a reference to its pending messages: nothing is copied on the
+hot path) and offers itself to the service's `CheckpointWriter`. The writer keeps
+only the latest offer of each agent (offers coalesce while a write is in flight or
+during the `coalesce_s` gathering window), encodes it off the agent's path and writes
+batches of them with `TaskLedger.save_checkpoint`, which the store group-commits.
+
+Encoding is incremental: a completed turn never changes, so each is serialised once
+and cached; a checkpoint is the cached turns joined (protobuf repeated fields
+concatenate on the wire) plus a small header. The conversation (`messages`) is left
+out: it is the turns' prompt deltas and responses, rebuilt on resume.
+
+A write the store refuses means the attempt is no longer the task's current one (the
+scheduler moved on): the writer tells the agent, which stops with
+`StaleAttemptError`. A write that fails (store down, timeout) is logged and skipped:
+the task keeps running, with an older checkpoint to resume from.
+
+Resume restores the environment by *replaying* the recorded actions that can change
+state (every `edit_file`, every `bash` command not known to be a pure read) into a
+fresh environment, verifying that each observation equals the recorded one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import shlex
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from megaflow.agent import tools
+from megaflow.core.errors import InfrastructureError, MegaFlowError
+from megaflow.store.ledger import TaskLedger
+from megaflow.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+REPLAY = "replay"
+
+
+class CheckpointConfig(BaseModel):
+    """How an Agent Service checkpoints its agents."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    every_turns: int = Field(
+        default=1, ge=0, description="Checkpoint after every N completed turns; 0 = off."
+    )
+    write_timeout_s: float = Field(
+        default=10.0, gt=0, description="Deadline of one batch of checkpoint writes."
+    )
+    flush_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long an agent failing with an error waits for its latest checkpoint "
+        "to be durable before it reports the error (so the next attempt resumes from it).",
+    )
+    max_batch: int = Field(
+        default=256, ge=1, description="Most checkpoints encoded and written per batch."
+    )
+    coalesce_s: float = Field(
+        default=0.1,
+        ge=0,
+        description="How long the writer gathers offers before writing a batch: fewer, larger "
+        "store transactions (an agent failing with an error flushes at once).",
+    )
+
+
+class StaleAttemptError(InfrastructureError):
+    """The store refused this attempt's checkpoint: another attempt (or the result) owns the
+    task now. Whatever this attempt would report is discarded by the scheduler."""
+
+
+class ReplayMismatch(Exception):
+    """A recorded action did not reproduce its recorded observation."""
+
+
+@dataclass(slots=True)
+class Mark:
+    """An agent's state at the end of a turn (a count into its append-only trajectory)."""
+
+    turns: int
+    pending: list[common_pb2.ChatMessage]
+    prompt_tokens: int
+    completion_tokens: int
+    elapsed_s: float
+    model_version: str
+
+
+@dataclass(slots=True)
+class Encoded:
+    """Serialised turns of a trajectory, each encoded once (a finished turn never changes)."""
+
+    turns: list[bytes] = field(default_factory=list)
+
+
+class Checkpointable(Protocol):
+    """What the writer needs of an agent."""
+
+    @property
+    def task_id(self) -> str: ...
+
+    @property
+    def attempt_id(self) -> str: ...
+
+    def checkpoint_bytes(self) -> bytes: ...
+
+    def on_stale(self) -> None: ...
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (a message or bytes) on the wire."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode(trajectory: common_pb2.Trajectory, mark: Mark, cache: Encoded) -> bytes:
+    """The `AgentCheckpoint` of `trajectory` as it was at `mark`, serialised.
+
+    `trajectory.messages` is left out: it is the turns' prompt deltas and responses in
+    order (`conversation`), rebuilt on resume, so a checkpoint is about half the size."""
+    turns = trajectory.turns
+    for i in range(len(cache.turns), mark.turns):
+        cache.turns.append(_field(4, turns[i].SerializeToString()))
+    head = common_pb2.Trajectory(task_id=trajectory.task_id, attempt_id=trajectory.attempt_id)
+    head.resumptions.extend(trajectory.resumptions)
+    body = b"".join((head.SerializeToString(), *cache.turns[: mark.turns]))
+    checkpoint = common_pb2.AgentCheckpoint(
+        format=FORMAT,
+        task_id=trajectory.task_id,
+        attempt_id=trajectory.attempt_id,
+        pending=mark.pending,
+        steps=mark.turns,
+        prompt_tokens=mark.prompt_tokens,
+        completion_tokens=mark.completion_tokens,
+        elapsed_s=mark.elapsed_s,
+        model_version=mark.model_version,
+    )
+    return checkpoint.SerializeToString() + _field(4, body)
+
+
+def conversation(turns: Sequence[common_pb2.Turn]) -> list[common_pb2.ChatMessage]:
+    """The conversation the turns make: each turn's prompt delta, then its response."""
+    messages: list[common_pb2.ChatMessage] = []
+    for turn in turns:
+        messages.extend(turn.prompt_delta)
+        messages.append(turn.response)
+    return messages
+
+
+_READS = frozenset({"cat", "ls", "grep", "head", "tail", "wc", "pwd", "stat", "diff", "true"})
+
+
+def is_pure_read(command: str) -> bool:
+    """True for a plain read (`cat a b`, `grep -rn x .`): no operators, redirections,
+    substitutions or assignments, and a program that changes nothing. Replay skips
+    these: they cannot change the environment."""
+    if "`" in command or "$(" in command or "\n" in command:
+        return False
+    try:
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
+    except ValueError:
+        return False
+    if not words or words[0] not in _READS:
+        return False
+    return not any(w and set(w) <= set("();<>|&") for w in words)
+
+
+def _pure_read(call: common_pb2.ToolCall) -> bool:
+    if call.name != tools.BASH:
+        return False
+    try:
+        args = json.loads(call.arguments_json or "{}")
+    except ValueError:
+        return False
+    command = args.get("command") if isinstance(args, dict) else None
+    return isinstance(command, str) and is_pure_read(command)
+
+
+Act = Callable[[common_pb2.ToolCall], Awaitable[tuple[str, bool]]]
+
+
+async def replay(trajectory: common_pb2.Trajectory, act: Act) -> int:
+    """Re-apply, in order, the recorded actions of `trajectory` that can change state,
+    through `act` (the agent's own tool dispatch); ReplayMismatch when one does not
+    reproduce its recorded observation exactly. Returns how many were replayed."""
+    replayed = 0
+    for turn in trajectory.turns:
+        calls = turn.response.tool_calls
+        if len(calls) != len(turn.observations):
+            raise ReplayMismatch(f"turn {turn.index} is incomplete")
+        for call, recorded in zip(calls, turn.observations, strict=True):
+            if call.name == tools.SUBMIT:
+                raise ReplayMismatch(f"turn {turn.index} submitted")
+            if _pure_read(call):
+                continue
+            text, _ = await act(call)
+            replayed += 1
+            if text != recorded.content:
+                raise ReplayMismatch(
+                    f"turn {turn.index} {call.name}: the observation differs from the "
+                    f"recorded one ({len(text)} vs {len(recorded.content)} characters)"
+                )
+    return replayed
+
+
+def check_resumable(checkpoint: common_pb2.AgentCheckpoint, task_id: str, max_steps: int) -> None:
+    """ReplayMismatch when `checkpoint` cannot continue `task_id` at all."""
+    if checkpoint.format != FORMAT:
+        raise ReplayMismatch(f"checkpoint format {checkpoint.format} (expected {FORMAT})")
+    if checkpoint.task_id != task_id or checkpoint.trajectory.task_id != task_id:
+        raise ReplayMismatch(f"checkpoint is of task {checkpoint.task_id!r}, not {task_id!r}")
+    turns = checkpoint.trajectory.turns
+    if checkpoint.steps != len(turns) or not turns or len(turns) >= max_steps:
+        raise ReplayMismatch(f"checkpoint has {len(turns)} turns (steps={checkpoint.steps})")
+    if checkpoint.env_snapshot_uri:
+        raise ReplayMismatch("checkpoint needs an environment snapshot; only replay is supported")
+
+
+class CheckpointWriter:
+    """Writes the latest checkpoint of each agent that offers one, in the background.
+
+    Batches of up to `max_batch` agents: encoded a few at a time (yielding to the event
+    loop between chunks, so that agents' steps are not held up), then written together
+    (the store group-commits them). An agent offered again while its write is in flight
+    goes into the next batch, so its writes stay in order.
+    """
+
+    ENCODE_CHUNK = 16  # checkpoints encoded per event-loop iteration
+
+    def __init__(self, store: TaskLedger, config: CheckpointConfig) -> None:
+        self.store = store
+        self.config = config
+        self._dirty: dict[Checkpointable, None] = {}
+        self._inflight: dict[Checkpointable, asyncio.Future[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+        self.refused = 0
+        self.failed = 0
+        self.batches = 0
+
+    def offer(self, agent: Checkpointable) -> None:
+        """`agent` has a newer state: write it soon (replacing any unwritten older one)."""
+        self._dirty[agent] = None
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._drain(), name="checkpoint-writer"
+            )
+
+    def discard(self, agent: Checkpointable) -> None:
+        """Forget an unwritten checkpoint of `agent` (its result supersedes it)."""
+        self._dirty.pop(agent, None)
+
+    async def flush(self, agent: Checkpointable) -> None:
+        """Wait until `agent`'s latest offered checkpoint is written (or failed)."""
+        inflight = self._inflight.get(agent)
+        if inflight is not None:
+            await asyncio.shield(inflight)
+        if agent in self._dirty:
+            del self._dirty[agent]
+            done = self._begin(agent)
+            async with asyncio.timeout(self.config.write_timeout_s):
+                await self._save(agent, self._encode(agent, done), done, final=True)
+
+    async def close(self) -> None:
+        self._dirty.clear()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _begin(self, agent: Checkpointable) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[agent] = done
+        return done
+
+    def _end(self, agent: Checkpointable, done: asyncio.Future[None]) -> None:
+        if self._inflight.get(agent) is done:
+            del self._inflight[agent]
+        if not done.done():
+            done.set_result(None)
+
+    def _encode(self, agent: Checkpointable, done: asyncio.Future[None]) -> bytes | None:
+        try:
+            return agent.checkpoint_bytes()
+        except Exception:  # a bug must not stop the other agents' checkpoints
+            self.failed += 1
+            log.exception("checkpoint of %s not encoded", agent.attempt_id)
+            self._end(agent, done)
+            return None
+
+    async def _drain(self) -> None:
+        if self.config.coalesce_s:
+            await asyncio.sleep(self.config.coalesce_s)
+        while self._dirty:
+            batch = list(itertools.islice(self._dirty, self.config.max_batch))
+            writes: list[tuple[Checkpointable, bytes, asyncio.Future[None]]] = []
+            try:
+                for i, agent in enumerate(batch):
+                    if i and i % self.ENCODE_CHUNK == 0:
+                        await asyncio.sleep(0)
+                    if agent not in self._dirty:  # flushed or discarded meanwhile
+                        continue
+                    del self._dirty[agent]
+                    done = self._begin(agent)
+                    data = self._encode(agent, done)
+                    if data is not None:
+                        writes.append((agent, data, done))
+            except asyncio.CancelledError:
+                for agent, _, done in writes:
+                    self._end(agent, done)
+                raise
+            self.batches += 1
+            try:  # one deadline for the batch: the store commits it together
+                async with asyncio.timeout(self.config.write_timeout_s):
+                    await asyncio.gather(*(self._save(a, data, done) for a, data, done in writes))
+            except TimeoutError:
+                self.failed += len(writes)
+                log.warning("%d checkpoints not written in time", len(writes))
+
+    async def _save(
+        self,
+        agent: Checkpointable,
+        data: bytes | None,
+        done: asyncio.Future[None],
+        *,
+        final: bool = False,
+    ) -> None:
+        if data is None:
+            return
+        try:
+            stored = await self.store.save_checkpoint(agent.task_id, agent.attempt_id, data)
+        except (MegaFlowError, OSError, TimeoutError, RuntimeError) as error:  # RuntimeError:
+            # the store is closed (shutting down)
+            self.failed += 1
+            log.warning("checkpoint of %s not written: %s", agent.attempt_id, error)
+            return
+        except Exception:  # a bug must not stop the other agents' checkpoints
+            self.failed += 1
+            log.exception("checkpoint of %s not written", agent.attempt_id)
+            return
+        finally:
+            self._end(agent, done)
+        if stored:
+            self.written += 1
+            return
+        self.refused += 1  # also a write still in flight when the result was committed
+        log.debug("checkpoint of %s refused: the attempt is not current", agent.attempt_id)
+        if not final:
+            agent.on_stale()
