@@ -110,6 +110,9 @@ class Model:
                         assert not instruction.result.has_reward
                 case s.ScheduleRetry():
                     self.retries.add(instruction.task_id)
+                case s.CancelAttempt():  # its host was lost: the attempt failed already
+                    r = self.running.pop(instruction.task_id)
+                    self.stale.append((instruction.task_id, r.attempt_id))
         self.check(dispatched)
 
     # -- the test's own accounting ------------------------------------------------------

@@ -7,7 +7,9 @@ failures (retryable or not, current or stale) must keep the invariants:
 - per-run caps and per-service capacities are never exceeded;
 - every submitted task reaches exactly one terminal state;
 - no capacity is leaked: with nothing running, every service's in-flight is 0;
-- an infrastructure failure never yields a reward.
+- an infrastructure failure never yields a reward;
+- a lost agent or env service fails (and cancels) every attempt running on it, and a
+  quarantined task is FAILED with ERROR_KIND_INFRA after `quarantine_after` losses.
 """
 
 from __future__ import annotations
@@ -45,8 +47,17 @@ class Model:
                     r = instruction.result
                     if r.error_kind == INFRA:
                         assert not r.has_reward, "infrastructure failure scored"
+                    if r.error.startswith("quarantined:"):
+                        assert r.error_kind == INFRA and r.state == common_pb2.TASK_STATE_FAILED
+                        assert r.error.count("#") >= self.state.policy.quarantine_after
                 case s.ScheduleRetry():
                     self.retries.add(instruction.task_id)
+                case s.CancelAttempt():
+                    attempt_id = self.running.pop(instruction.task_id)
+                    assert attempt_id == instruction.attempt_id
+                    self.stale.append((instruction.task_id, attempt_id))
+                case s.LateResult():
+                    assert instruction.attempt_id != instruction.current_attempt_id
         self.check_caps(before)
 
     def check_caps(self, before: dict[tuple[int, str], int]) -> None:
@@ -71,6 +82,7 @@ ops = st.lists(
         st.tuples(st.just("lose"), st.sampled_from(["a:2", "e:2"]), st.just(0)),
         st.tuples(st.just("complete"), st.integers(0, 50), st.just(0)),
         st.tuples(st.just("fail"), st.integers(0, 50), st.booleans()),
+        st.tuples(st.just("unavailable"), st.integers(0, 50), st.integers(0, 2)),
         st.tuples(st.just("retry_due"), st.integers(0, 50), st.just(0)),
         st.tuples(st.just("stale"), st.integers(0, 50), st.just(0)),
     ),
@@ -83,8 +95,8 @@ ops = st.lists(
 def test_invariants_hold_under_any_interleaving(script: list[tuple[str, object, object]]) -> None:
     m = Model()
     m.apply(s.ServiceJoined("m", s.KIND_MODEL, "m:1", 100))
-    m.apply(s.ServiceJoined("a", s.KIND_AGENT, "a:1", 3))
-    m.apply(s.ServiceJoined("e", s.KIND_ENV, "e:1", 3))
+    m.apply(s.ServiceJoined("a", s.KIND_AGENT, "a:1", 3, heartbeats=True))
+    m.apply(s.ServiceJoined("e", s.KIND_ENV, "e:1", 3, heartbeats=True))
     for i, (op, x, y) in enumerate(script):
         sid = f"op{i}"
         if op == "submit":
@@ -98,10 +110,10 @@ def test_invariants_hold_under_any_interleaving(script: list[tuple[str, object, 
         elif op == "join":
             kind = s.KIND_AGENT if str(x).startswith("a") else s.KIND_ENV
             assert isinstance(y, int)
-            m.apply(s.ServiceJoined(sid, kind, str(x), y))
+            m.apply(s.ServiceJoined(sid, kind, str(x), y, heartbeats=True))
         elif op == "lose":
             m.apply(s.ServiceLost(sid, str(x)))
-        elif op in ("complete", "fail", "stale") and m.running:
+        elif op in ("complete", "fail", "stale", "unavailable") and m.running:
             assert isinstance(x, int)
             task_id = sorted(m.running)[x % len(m.running)]
             attempt_id = m.running[task_id]
@@ -126,6 +138,10 @@ def test_invariants_hold_under_any_interleaving(script: list[tuple[str, object, 
                 m.apply(
                     s.AttemptCompleted(sid, task_id, attempt_id, result, common_pb2.Trajectory())
                 )
+            elif op == "unavailable":  # its worker died: set aside until it heartbeats
+                worker = ("a:1", "a:2", "e:1")[int(y) % 3]  # type: ignore[call-overload]
+                message = f"ServiceUnavailableError: {worker} unreachable: gone"
+                m.apply(s.AttemptFailed(sid, task_id, attempt_id, message, True, INFRA))
             else:
                 m.apply(s.AttemptFailed(sid, task_id, attempt_id, "boom", bool(y), INFRA))
         elif op == "retry_due" and m.retries:
@@ -133,6 +149,9 @@ def test_invariants_hold_under_any_interleaving(script: list[tuple[str, object, 
             task_id = sorted(m.retries)[x % len(m.retries)]
             m.retries.discard(task_id)
             m.apply(s.RetryDue(sid, task_id))
+    # Every service set aside heartbeats again (alive after all).
+    for (kind, address), svc in list(m.state.suspect.items()):
+        m.apply(s.ServiceJoined("back", kind, address, svc.capacity, heartbeats=True))
     # Drain: complete every running attempt and fire every pending retry until quiet.
     for _ in range(1000):
         if m.running:

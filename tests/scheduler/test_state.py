@@ -85,17 +85,24 @@ def test_non_retryable_failure_is_final() -> None:
     assert out[0].result.error_kind == common_pb2.ERROR_KIND_INVALID
 
 
-def test_late_result_of_a_superseded_attempt_is_ignored() -> None:
+def test_late_result_of_a_superseded_attempt_is_discarded_and_reported() -> None:
     st = _state()
     st.handle(s.TasksSubmitted("sub", "r", _tasks(1)))
     st.handle(s.AttemptFailed("f", "t0", "t0#1", "x", True, common_pb2.ERROR_KIND_INFRA))
     st.handle(s.RetryDue("due", "t0"))
     traj = common_pb2.Trajectory()
-    assert st.handle(s.AttemptCompleted("late", "t0", "t0#1", _result("t0", "t0#1"), traj)) == []
+    late = st.handle(s.AttemptCompleted("late", "t0", "t0#1", _result("t0", "t0#1"), traj))
+    assert late == [s.LateResult("t0", "t0#1", "t0#2", "result")]
+    assert st.late_results == 1
     out = st.handle(s.AttemptCompleted("ok", "t0", "t0#2", _result("t0", "t0#2"), traj))
     assert isinstance(out[0], s.Finish) and out[0].result.attempts == 2
-    # and a duplicate of the current one is ignored too: exactly one terminal state
-    assert st.handle(s.AttemptCompleted("dup", "t0", "t0#2", _result("t0", "t0#2"), traj)) == []
+    # and a duplicate of the current one is discarded too: exactly one terminal state
+    dup = st.handle(s.AttemptCompleted("dup", "t0", "t0#2", _result("t0", "t0#2"), traj))
+    assert dup == [s.LateResult("t0", "t0#2", "", "result")]
+    failed = st.handle(s.AttemptFailed("f2", "t0", "t0#1", "x", True, common_pb2.ERROR_KIND_INFRA))
+    assert failed == [s.LateResult("t0", "t0#1", "", "failure")]
+    assert st.late_results == 3
+    assert st.counts() == {common_pb2.TASK_STATE_SUCCEEDED: 1}
 
 
 def test_capacity_is_returned_after_each_attempt() -> None:

@@ -61,3 +61,17 @@ def test_services_advertise_their_machine_and_warm_pools() -> None:
     assert offer.cpu_millis >= 1000 and offer.memory_mib > 0
     assert dict(offer.warm_images) == {"py": 3}
     assert advertised_resources(object()).warm_images == {}
+
+
+def test_status_prints_failure_counters_from_the_scheduler() -> None:
+    status = scheduler_pb2.StatusResponse(
+        counters={"late_results": 2, "services_lost": 1, "quarantined": 0}
+    )
+    console = Console(record=True, width=160)
+    print_status(console, status)
+    text = console.export_text()
+    assert "failure handling" in text
+    assert "late results" in text and "services lost" in text
+    quiet = Console(record=True, width=160)
+    print_status(quiet, scheduler_pb2.StatusResponse())
+    assert "failure handling" not in quiet.export_text()

@@ -193,9 +193,12 @@ async def serve_model_command(
         await serve("model", service, listen=listen, scheduler=scheduler, capacity=capacity)
 
 
-async def serve_agent_command(listen: str, scheduler: str, capacity: int) -> None:
+async def serve_agent_command(
+    listen: str, scheduler: str, capacity: int, store: TaskLedger | None = None
+) -> None:
+    """`store`: where the agents checkpoint (opened and closed by the service)."""
     resolver = ServiceResolver()
-    impl = AgentServiceImpl(resolver, capacity=capacity)
+    impl = AgentServiceImpl(resolver, capacity=capacity, store=store, own_store=True)
     try:
         await serve("agent", impl, listen=listen, scheduler=scheduler, capacity=capacity)
     finally:

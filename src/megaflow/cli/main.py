@@ -152,7 +152,7 @@ def serve_scheduler(
         str,
         typer.Option(
             help="The ledger: a SQLite file path or sqlite:///ABS/PATH, "
-            "redis://HOST:PORT[/DB], or etcd://HOST:PORT."
+            "redis://HOST:PORT/DB (DB optional), or etcd://HOST:PORT."
         ),
     ] = "megaflow-ledger.sqlite",
     log_level: LogLevel = "info",
@@ -198,13 +198,26 @@ def serve_agent(
     scheduler: SchedulerAddr,
     listen: Listen = "127.0.0.1:0",
     capacity: Annotated[int, typer.Option(min=1, help="Concurrent agent loops.")] = 10_000,
+    store: Annotated[
+        str,
+        typer.Option(
+            help="Where agents checkpoint, to resume a task on another worker: the "
+            "scheduler's store (a SQLite path or sqlite:///ABS/PATH, redis://HOST:PORT/DB, "
+            "etcd://HOST:PORT). Empty: no checkpoints."
+        ),
+    ] = "",
     log_level: LogLevel = "info",
 ) -> None:
     """An Agent Service."""
     from megaflow.cli.commands import serve_agent_command
+    from megaflow.store.factory import open_ledger
 
+    try:
+        ledger = open_ledger(store) if store else None
+    except InvalidRequestError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--store") from None
     _logging(log_level)
-    asyncio.run(serve_agent_command(listen, scheduler, capacity))
+    asyncio.run(serve_agent_command(listen, scheduler, capacity, ledger))
 
 
 @serve_app.command("env")

@@ -105,6 +105,13 @@ def print_status(console: Console, status: scheduler_pb2.StatusResponse) -> None
         for pool in status.pools:
             pools.add_row(pool.name, str(pool.in_flight), str(pool.limit or "-"))
         console.print(pools)
+    if status.counters:
+        failures = Table(title="failure handling")
+        for name in ("counter", "count"):
+            failures.add_column(name, justify="left" if name == "counter" else "right")
+        for name, count in sorted(status.counters.items()):
+            failures.add_row(name.replace("_", " "), str(count))
+        console.print(failures)
     services = Table(title="services")
     columns = ("kind", "address", "in flight", "capacity", "cpu", "memory", "gpus")
     for name in (*columns, "dispatched", "warm", "last seen"):

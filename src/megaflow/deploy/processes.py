@@ -2,8 +2,11 @@
 
 `serve(kind, ...)` hosts one service, prints a `ready` line with its address, and —
 for model, agent and env services — registers with the scheduler and re-registers
-every heartbeat interval so the scheduler knows it is alive. SIGTERM or SIGINT stops
-it gracefully: the server drains, then the service releases what it holds.
+every heartbeat interval so the scheduler knows it is alive. The heartbeat outlives the
+scheduler: while it is down (or restarting) each call times out within an interval and
+is retried with bounded backoff on a fresh channel, so the service re-registers as soon
+as a scheduler answers at that address again. SIGTERM or SIGINT stops it gracefully:
+the server drains, then the service releases what it holds.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from megaflow.core.errors import MegaFlowError
+from megaflow.core.runtime import GcTuner
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.rpc.server import GrpcServer
 from megaflow.scheduler.resources import local_offer
@@ -41,6 +46,9 @@ def advertised_resources(impl: Any) -> scheduler_pb2.HostResources:
     return offer
 
 
+RETRY_MIN_S = 0.25  # first retry after a failed heartbeat; doubles up to the interval
+
+
 async def _register_forever(
     scheduler: str,
     kind: str,
@@ -48,11 +56,20 @@ async def _register_forever(
     capacity: int,
     registered: asyncio.Event,
     resources: Callable[[], scheduler_pb2.HostResources] | None = None,
+    interval: float = 2.0,
 ) -> None:
+    """Register every `interval` (the scheduler's reply sets it), at a fixed rate.
+
+    A failed call (scheduler down, restarting, overloaded) is retried after a backoff
+    from `RETRY_MIN_S` doubling up to one interval, on a new channel (a channel that
+    failed for a while would otherwise wait out gRPC's reconnect backoff); each call
+    times out within one interval (at most 5 s), so the loop can never hang."""
     client = SchedulerServiceClient(scheduler, timeout_s=5.0)
-    interval = 2.0
+    backoff = RETRY_MIN_S
+    failing = False
     try:
         while True:
+            started = time.monotonic()
             try:
                 reply = await client.register_service(
                     scheduler_pb2.RegisterServiceRequest(
@@ -60,16 +77,25 @@ async def _register_forever(
                         address=address,
                         capacity=capacity,
                         resources=resources() if resources is not None else None,
-                    )
+                    ),
+                    timeout_s=min(interval, 5.0),
                 )
-                interval = reply.heartbeat_interval_s or interval
-                if not registered.is_set():
-                    log.info("%s at %s registered with scheduler %s", kind, address, scheduler)
-                    registered.set()
-            except MegaFlowError as error:
-                log.warning("cannot register with scheduler %s: %s", scheduler, error)
-                interval = 1.0
-            await asyncio.sleep(interval)
+            except Exception as error:  # the heartbeat must outlive anything
+                if not failing:
+                    log.warning("cannot register with scheduler %s: %s", scheduler, error)
+                failing = True
+                await client.close()
+                client = SchedulerServiceClient(scheduler, timeout_s=5.0)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, interval)
+                continue
+            interval = reply.heartbeat_interval_s or interval
+            backoff = RETRY_MIN_S
+            if failing or not registered.is_set():
+                log.info("%s at %s registered with scheduler %s", kind, address, scheduler)
+                failing = False
+                registered.set()
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
     finally:
         await client.close()
 
@@ -90,11 +116,17 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    await impl.start()
+    try:
+        await impl.start()
+    except MegaFlowError as error:
+        print(f"megaflow {kind}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     server = GrpcServer(listen, {kind: impl})
     registrar: asyncio.Task[None] | None = None
+    collector = GcTuner()  # thousands of loops per process: no full-heap GC pauses
     try:
         await server.start()
+        collector.start()
         address = advertise or server.address
         print(f"megaflow {kind} ready on {address}", file=sys.stdout, flush=True)
         if scheduler and kind in KINDS:
@@ -115,5 +147,6 @@ async def serve(
             registrar.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await registrar
+        await collector.stop()
         await server.stop(grace_s=2.0)
         await impl.stop()

@@ -2,7 +2,9 @@
 
 Works against any `SchedulerService`: the embedded one or a gRPC client. Each result
 and trajectory is appended to `results.jsonl` / `trajectories.jsonl` (flushed) the
-moment its task finishes, so an interrupted run keeps everything it finished.
+moment its task finishes, so an interrupted run keeps everything it finished. The gRPC
+client's watch reconnects when the scheduler restarts (and the scheduler replays the
+finished tasks from its ledger): each task is written once, however often it is seen.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ async def run_batch(
         scheduler_pb2.SubmitTasksRequest(tasks=tasks, max_concurrency=max_concurrency)
     )
     summary = RunSummary(run_id=reply.run_id, total=len(reply.task_ids))
+    written: set[str] = set()
     with (
         (out_dir / "results.jsonl").open("w") as results,
         (out_dir / "trajectories.jsonl").open("w") as trajectories,
@@ -108,6 +111,9 @@ async def run_batch(
             if event.type == scheduler_pb2.EVENT_TYPE_TASK_RETRYING:
                 summary.retries += 1
             elif event.type == scheduler_pb2.EVENT_TYPE_TASK_FINISHED:
+                if event.task_id in written:
+                    continue  # replayed after a reconnection: written already
+                written.add(event.task_id)
                 record = result_record(event.result)
                 summary.records.append(record)
                 results.write(json.dumps(record) + "\n")

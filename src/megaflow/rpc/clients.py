@@ -8,18 +8,27 @@ status code maps to (`megaflow.rpc.status`).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from megaflow.core.errors import DeadlineExceededError, MegaFlowError, ServiceUnavailableError
+from megaflow.core.errors import (
+    CancelledTaskError,
+    DeadlineExceededError,
+    MegaFlowError,
+    ServiceUnavailableError,
+)
 from megaflow.rpc.server import CHANNEL_OPTIONS, SERVICES
 from megaflow.rpc.status import ERROR_METADATA_KEY, error_from_rpc
 from megaflow.v1 import agent_pb2, common_pb2, env_pb2, model_pb2, scheduler_pb2
 
 R = TypeVar("R", bound=Message)
+log = logging.getLogger(__name__)
 
 # Slack added to a call's deadline beyond the budget the request itself carries.
 DEADLINE_SLACK_S = 10.0
@@ -80,6 +89,15 @@ class GrpcClient:
 
     async def health(self, request: common_pb2.HealthRequest) -> common_pb2.HealthResponse:
         return await self._unary("Health", request, common_pb2.HealthResponse, 5.0)
+
+    async def reconnect(self) -> None:
+        """A fresh channel: a channel that failed for a while waits out gRPC's reconnect
+        backoff (which grows to minutes) before it tries the address again."""
+        old, self._channel = (
+            self._channel,
+            grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS),
+        )
+        await old.close()
 
     async def close(self) -> None:
         await self._channel.close()
@@ -198,10 +216,57 @@ class SchedulerServiceClient(GrpcClient):
         )
 
     def watch_events(
-        self, request: scheduler_pb2.WatchEventsRequest, timeout_s: float | None = None
+        self,
+        request: scheduler_pb2.WatchEventsRequest,
+        timeout_s: float | None = None,
+        *,
+        reconnect_for_s: float = 300.0,
     ) -> AsyncIterator[scheduler_pb2.TaskEvent]:
-        """Stream the run's events; `timeout_s` None means until the run finishes."""
-        return self._stream("WatchEvents", request, scheduler_pb2.TaskEvent, timeout_s)
+        """Stream the run's events; `timeout_s` None means until the run finishes.
+
+        When the stream breaks (the scheduler died, or restarts), the watch reconnects
+        with backoff (0.25 s doubling to 5 s, on a fresh channel) for up to
+        `reconnect_for_s` seconds of outage (0: raise at once). The scheduler replays
+        the run's finished tasks from its ledger on every (re)connection; a task's
+        TASK_FINISHED already yielded here is not yielded again."""
+        return self._watch(request, timeout_s, reconnect_for_s)
+
+    async def _watch(
+        self,
+        request: scheduler_pb2.WatchEventsRequest,
+        timeout_s: float | None,
+        reconnect_for_s: float,
+    ) -> AsyncIterator[scheduler_pb2.TaskEvent]:
+        finished: set[str] = set()
+        backoff, down_since = 0.25, 0.0
+        while True:
+            try:
+                async for event in self._stream(
+                    "WatchEvents", request, scheduler_pb2.TaskEvent, timeout_s
+                ):
+                    backoff, down_since = 0.25, 0.0
+                    if event.type == scheduler_pb2.EVENT_TYPE_TASK_FINISHED:
+                        if event.task_id in finished:
+                            continue
+                        finished.add(event.task_id)
+                    yield event
+                    if event.type == scheduler_pb2.EVENT_TYPE_RUN_FINISHED:
+                        return
+                error: MegaFlowError = ServiceUnavailableError(
+                    f"{self.address} ended the event stream before the run finished"
+                )
+            except MegaFlowError as raised:
+                if not (raised.retryable or isinstance(raised, CancelledTaskError)):
+                    raise
+                error = raised
+            now = time.monotonic()
+            down_since = down_since or now
+            if not reconnect_for_s or now - down_since > reconnect_for_s:
+                raise error
+            log.warning("event stream of run %s broke (%s); reconnecting", request.run_id, error)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            await self.reconnect()
 
     async def register_service(
         self, request: scheduler_pb2.RegisterServiceRequest, timeout_s: float | None = None

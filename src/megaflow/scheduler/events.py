@@ -17,6 +17,9 @@ class TasksSubmitted:
     run_id: str
     tasks: tuple[common_pb2.TaskSpec, ...]
     max_concurrency: int = 0
+    # Attempts each task already used (a restarted scheduler re-queues unfinished tasks
+    # from the ledger); empty = none. The next attempt of task i is `attempts[i] + 1`.
+    attempts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,19 @@ class ServiceJoined:
     address: str
     capacity: int
     resources: scheduler_pb2.HostResources | None = None
+    # Registered over the network with heartbeats (False: an in-process service). Only
+    # such a service is set aside ("suspect") after an attempt lost contact with it.
+    heartbeats: bool = False
 
 
 @dataclass(frozen=True)
 class ServiceLost:
+    """A service stopped heartbeating: it leaves placement, and the attempts running on it
+    (agent or env) fail as infrastructure failures that count towards quarantine."""
+
     stimulus_id: str
     address: str
+    reason: str = "no heartbeat"
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,9 @@ class AttemptFailed:
     message: str
     retryable: bool
     error_kind: common_pb2.ErrorKind.ValueType
+    # The attempt ended with the loss of its worker (agent or env service unreachable).
+    # A `ServiceUnavailableError` message counts as such a loss too (see the state).
+    worker_lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,4 +137,23 @@ class WakeAt:
     delay_s: float
 
 
-Instruction = Dispatch | ScheduleRetry | Finish | RunFinished | WakeAt
+@dataclass(frozen=True)
+class CancelAttempt:
+    """Stop the pending RunTask call of an attempt the scheduler has already failed (its
+    agent or env service was lost): the caller going away stops the agent loop."""
+
+    task_id: str
+    attempt_id: str
+
+
+@dataclass(frozen=True)
+class LateResult:
+    """An outcome from an attempt that is no longer current was discarded: log it."""
+
+    task_id: str
+    attempt_id: str
+    current_attempt_id: str  # '' when the task is terminal or pending
+    what: str  # "result" or "failure"
+
+
+Instruction = Dispatch | ScheduleRetry | Finish | RunFinished | WakeAt | CancelAttempt | LateResult

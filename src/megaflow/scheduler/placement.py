@@ -42,6 +42,7 @@ class Service:
     warm_placements: int = 0
     image_in_flight: dict[str, int] = field(default_factory=dict)
     node: str = ""  # the machine it runs on (see `resources.node_of`)
+    heartbeats: bool = False  # registered over the network (see `ServiceJoined.heartbeats`)
 
     def __post_init__(self) -> None:
         self.node = node_of(self.address, self.offer)

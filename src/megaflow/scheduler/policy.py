@@ -22,6 +22,13 @@ class SchedulerPolicy(BaseModel):
         default=1.0, ge=0, description="Backoff before the first retry; doubles per attempt."
     )
     retry_max_s: float = Field(default=30.0, ge=0, description="Longest backoff between attempts.")
+    quarantine_after: int = Field(
+        default=3,
+        ge=0,
+        description="Quarantine a task (FAILED, ERROR_KIND_INFRA, no reward) once this many of "
+        "its attempts ended with the loss of their worker (agent or env service died or went "
+        "silent); 0 = never. One poison task then cannot take the fleet down forever.",
+    )
     pools: dict[str, int] = Field(
         default_factory=dict,
         description="Named resource pools (semaphores): name -> max concurrent attempts. "

@@ -3,10 +3,16 @@
 It records every transition in the ledger before announcing it, runs each dispatched
 attempt as an asyncio task calling an Agent Service (in-process or over gRPC), feeds
 outcomes back as events, and publishes task events to watchers. Remote services
-register and then re-register every `heartbeat_interval_s`; one silent for three
-intervals is dropped from placement. The state machine gets the monotonic clock with
+register and then re-register every `heartbeat_interval_s`; one silent for two
+intervals is dropped from placement and the attempts running on it are failed (their
+RunTask calls cancelled) and retried. The state machine gets the monotonic clock with
 every event (queue waits, deadlines, rate limits) and asks for a `Wake` when a
 rate-limited task will have its token.
+
+The ledger is the source of truth (`megaflow.scheduler.recovery`): one scheduler per
+store (a lease), a restarted scheduler re-queues the unfinished tasks it finds there,
+and a watcher gets the finished tasks replayed from the ledger, then live events (no
+event history is kept in memory).
 """
 
 from __future__ import annotations
@@ -15,29 +21,32 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from megaflow.core.errors import InvalidRequestError, MegaFlowError, NotFoundError
 from megaflow.rpc.resolver import LOCAL, ServiceResolver
+from megaflow.scheduler import recovery
 from megaflow.scheduler import state as s
-from megaflow.scheduler.snapshot import percentile
-from megaflow.store.ledger import TaskLedger
+from megaflow.scheduler.snapshot import status_response
+from megaflow.store.ledger import TERMINAL_STATES, TaskLedger
 from megaflow.v1 import agent_pb2, common_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
 
 _TERMINAL_EVENTS = (scheduler_pb2.EVENT_TYPE_RUN_FINISHED,)
+MISSED_HEARTBEATS = 2  # a service silent for this many intervals is lost
 
 
 class _RunFeed:
-    """A run's event history and its live subscribers."""
+    """A run's progress and its live subscribers (its history is in the ledger)."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, done: int = 0) -> None:
         self.total = total
-        self.done = 0
-        self.history: list[scheduler_pb2.TaskEvent] = []
+        self.done = done
         self.subscribers: set[asyncio.Queue[scheduler_pb2.TaskEvent]] = set()
         self.finished = False
 
@@ -50,7 +59,13 @@ class SchedulerServiceImpl:
         *,
         policy: s.SchedulerPolicy | None = None,
         heartbeat_interval_s: float = 2.0,
+        recover: bool = True,
+        lease_ttl_s: float = 10.0,
+        lease_wait_s: float = 30.0,
     ) -> None:
+        """`recover`: re-queue the unfinished tasks found in the ledger at start.
+        `lease_ttl_s`: the scheduler lease's TTL (0: take no lease); a restart after a
+        crash waits up to that long; `lease_wait_s`: how long to wait for it at most."""
         self.ledger = ledger
         self.resolver = resolver
         self.state = s.SchedulerState(policy)
@@ -60,13 +75,68 @@ class SchedulerServiceImpl:
         self._last_seen: dict[str, float] = {}
         self._stimuli = itertools.count()
         self._watchdog: asyncio.Task[None] | None = None
+        self._running: dict[str, asyncio.Task[None]] = {}  # attempt id -> its RunTask call
+        self._recover = recover
+        self._lease_ttl_s = lease_ttl_s
+        self._lease_wait_s = lease_wait_s
+        self._holder = recovery.new_holder()
+        self._lease: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         await self.ledger.open()
-        self._watchdog = asyncio.create_task(self._expire_services(), name="scheduler-watchdog")
+        if self._lease_ttl_s > 0:
+            try:
+                await recovery.hold_lease(
+                    self.ledger, self._holder, self._lease_ttl_s, self._lease_wait_s
+                )
+            except BaseException:
+                await self.ledger.close()
+                raise
+            self._lease = asyncio.create_task(
+                recovery.keep_lease(self.ledger, self._holder, self._lease_ttl_s, self._lost_lease),
+                name="scheduler-lease",
+            )
+        if self._recover:
+            await self._recover_from_ledger()
+        self._watchdog = asyncio.create_task(
+            self._expire_services(time.monotonic()), name="scheduler-watchdog"
+        )
+
+    async def _recover_from_ledger(self) -> None:
+        for found in await recovery.recover(self.ledger):
+            run = found.run
+            self._feeds[run.run_id] = _RunFeed(run.total, run.total - len(found.tasks))
+            for row in found.tasks:
+                if row.attempt_id:
+                    self._publish(
+                        run.run_id,
+                        scheduler_pb2.TaskEvent(
+                            type=scheduler_pb2.EVENT_TYPE_TASK_RETRYING,
+                            task_id=row.spec.task_id,
+                            attempt=row.attempts,
+                            detail=f"scheduler restarted: attempt {row.attempt_id} abandoned",
+                        ),
+                    )
+            self._feed(
+                s.TasksSubmitted(
+                    self._stimulus("recovered"),
+                    run.run_id,
+                    tuple(row.spec for row in found.tasks),
+                    run.max_concurrency,
+                    tuple(row.attempts for row in found.tasks),
+                )
+            )
+
+    def _lost_lease(self, why: str) -> None:
+        log.critical("%s: this scheduler stops (another one now owns the store)", why)
+        for task in list(self._attempts):
+            task.cancel()
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def stop(self, grace_s: float = 0.0) -> None:
+        if self._lease is not None:
+            self._lease.cancel()
         if self._watchdog is not None:
             self._watchdog.cancel()
         for task in list(self._attempts):
@@ -75,6 +145,11 @@ class SchedulerServiceImpl:
         if self._watchdog is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
+        if self._lease is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease
+            with contextlib.suppress(MegaFlowError, OSError):
+                await self.ledger.release_lease(recovery.LEASE, self._holder)
         await self.ledger.close()
 
     def register_local(
@@ -131,24 +206,42 @@ class SchedulerServiceImpl:
     async def watch_events(
         self, request: scheduler_pb2.WatchEventsRequest
     ) -> AsyncIterator[scheduler_pb2.TaskEvent]:
-        feed = self._feeds.get(request.run_id)
-        if feed is None:
-            raise NotFoundError(f"no run {request.run_id!r}")
+        """Every finished task of the run, replayed from the ledger, then live events
+        (each task's TASK_FINISHED once) until RUN_FINISHED."""
+        run_id = request.run_id
+        feed = self._feeds.get(run_id)
         queue: asyncio.Queue[scheduler_pb2.TaskEvent] = asyncio.Queue()
-        history = list(feed.history)
-        feed.subscribers.add(queue)
+        finished = feed is None or feed.finished
+        if feed is not None:
+            feed.subscribers.add(queue)  # before reading the ledger: nothing falls between
         try:
-            for event in history:
-                yield event
-            if feed.finished:
+            rows = await self.ledger.run(run_id)
+            if feed is None and not rows:
+                raise NotFoundError(f"no run {run_id!r}")
+            sent: set[str] = set()
+            for row in rows:
+                if row.state in TERMINAL_STATES:
+                    sent.add(row.task_id)
+                    yield recovery.finished_event(run_id, row)
+            if finished:
+                if len(sent) < len(rows):
+                    raise NotFoundError(f"run {run_id!r} is unfinished but not scheduled here")
+                end = scheduler_pb2.TaskEvent(type=scheduler_pb2.EVENT_TYPE_RUN_FINISHED)
+                end.run_id, end.time_unix_s = run_id, time.time()
+                yield end
                 return
             while True:
                 event = await queue.get()
+                if event.type == scheduler_pb2.EVENT_TYPE_TASK_FINISHED:
+                    if event.task_id in sent:
+                        continue  # replayed from the ledger already
+                    sent.add(event.task_id)
                 yield event
                 if event.type in _TERMINAL_EVENTS:
                     return
         finally:
-            feed.subscribers.discard(queue)
+            if feed is not None:
+                feed.subscribers.discard(queue)
 
     async def register_service(
         self, request: scheduler_pb2.RegisterServiceRequest
@@ -167,54 +260,24 @@ class SchedulerServiceImpl:
                 request.address,
                 request.capacity,
                 request.resources if request.HasField("resources") else None,
+                heartbeats=True,
             )
         )
         return scheduler_pb2.RegisterServiceResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 
+    def counters(self) -> dict[str, int]:
+        """Failure-handling counters (shown by `megaflow status`)."""
+        st = self.state
+        return {
+            "late_results": st.late_results,
+            "services_lost": st.services_lost,
+            "quarantined": st.quarantined,
+        }
+
     async def status(self, request: scheduler_pb2.StatusRequest) -> scheduler_pb2.StatusResponse:
-        counts = self.state.counts()
         now = time.monotonic()
         self.state.now = max(self.state.now, now)  # waits measured up to this moment
-        snap = self.state.snapshot()
-        return scheduler_pb2.StatusResponse(
-            pending=counts.get(common_pb2.TASK_STATE_PENDING, 0),
-            running=counts.get(common_pb2.TASK_STATE_RUNNING, 0),
-            succeeded=counts.get(common_pb2.TASK_STATE_SUCCEEDED, 0),
-            failed=counts.get(common_pb2.TASK_STATE_FAILED, 0),
-            services=[
-                scheduler_pb2.ServiceStatus(
-                    kind=svc.kind,
-                    address=svc.address or "in-process",
-                    capacity=svc.capacity,
-                    in_flight=svc.in_flight,
-                    last_seen_s_ago=now - self._last_seen.get(svc.address, now),
-                    dispatched=svc.dispatched,
-                    resources=svc.offer.to_proto(),
-                    cpu_millis_used=svc.cpu_millis_used,
-                    memory_mib_used=svc.memory_mib_used,
-                    gpus_used=svc.gpus_used,
-                    warm_placements=svc.warm_placements,
-                )
-                for svc in self.state.services.values()
-            ],
-            queued=snap.queued,
-            runs=[
-                scheduler_pb2.QueueDepth(key=k, queued=q, in_flight=n)
-                for k, (q, n) in snap.runs.items()
-            ],
-            users=[
-                scheduler_pb2.QueueDepth(key=k, queued=q, in_flight=n)
-                for k, (q, n) in sorted(snap.users.items())
-            ],
-            oldest_wait_s=snap.oldest_wait_s,
-            wait_p50_s=percentile(snap.waits, 50),
-            wait_p99_s=percentile(snap.waits, 99),
-            wait_samples=len(snap.waits),
-            pools=[
-                scheduler_pb2.PoolStatus(name=k, in_flight=n, limit=limit)
-                for k, (n, limit) in sorted(snap.pools.items())
-            ],
-        )
+        return status_response(self.state, self._last_seen, now, self.counters())
 
     # -- the shell ------------------------------------------------------------------------
     def _stimulus(self, what: str) -> str:
@@ -224,15 +287,19 @@ class SchedulerServiceImpl:
         for instruction in self.state.handle(event, time.monotonic()):
             self._execute(instruction)
 
-    def _spawn(self, coro: object, name: str) -> None:
+    def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
         self._attempts.add(task)
         task.add_done_callback(self._attempts.discard)
+        return task
 
     def _execute(self, instruction: s.Instruction) -> None:
         match instruction:
             case s.Dispatch():
-                self._spawn(self._attempt(instruction), f"attempt-{instruction.attempt_id}")
+                attempt_id = instruction.attempt_id
+                call = self._spawn(self._attempt(instruction), f"attempt-{attempt_id}")
+                self._running[attempt_id] = call
+                call.add_done_callback(self._untrack)
             case s.ScheduleRetry():
                 self._spawn(self._retry(instruction), f"retry-{instruction.task_id}")
             case s.Finish():
@@ -241,6 +308,24 @@ class SchedulerServiceImpl:
                 pass  # announced by _finish once the last result is durable
             case s.WakeAt():
                 self._spawn(self._wake(instruction.delay_s), "scheduler-wake")
+            case s.CancelAttempt():  # its worker is lost: the caller going away stops it
+                pending = self._running.pop(instruction.attempt_id, None)
+                if pending is not None:
+                    pending.cancel()
+            case s.LateResult():
+                log.warning(
+                    "discarded the late %s of attempt %s of task %s (current attempt: %s)",
+                    instruction.what,
+                    instruction.attempt_id,
+                    instruction.task_id,
+                    instruction.current_attempt_id or "none, the task is not running",
+                    extra={
+                        "task_id": instruction.task_id,
+                        "late_attempt_id": instruction.attempt_id,
+                        "current_attempt_id": instruction.current_attempt_id,
+                        "late_results": self.state.late_results,
+                    },
+                )
 
     async def _attempt(self, d: s.Dispatch) -> None:
         spec = self.state.tasks[d.task_id].spec
@@ -251,13 +336,21 @@ class SchedulerServiceImpl:
                 type=scheduler_pb2.EVENT_TYPE_TASK_STARTED, task_id=d.task_id, attempt=d.attempt
             ),
         )
+        request = agent_pb2.RunTaskRequest(
+            task=spec, attempt_id=d.attempt_id, env_address=d.env, model_address=d.model
+        )
+        if d.attempt > 1:  # an earlier attempt may have left a checkpoint: resume from it
+            try:
+                checkpoint = await self.ledger.load_checkpoint(d.task_id)
+                if checkpoint is not None:
+                    request.resume.ParseFromString(checkpoint.data)
+                    log.info("attempt %s resumes %s", d.attempt_id, checkpoint.attempt_id)
+            except Exception as error:  # no checkpoint is only slower: start over
+                log.warning("checkpoint of %s not loaded (%s): starting over", d.task_id, error)
+                request.ClearField("resume")
         try:
             agent = self.resolver.agent(d.agent)
-            response = await agent.run_task(
-                agent_pb2.RunTaskRequest(
-                    task=spec, attempt_id=d.attempt_id, env_address=d.env, model_address=d.model
-                )
-            )
+            response = await agent.run_task(request)
         except MegaFlowError as error:
             log.info("attempt %s failed: %s", d.attempt_id, error)
             event: s.Event = s.AttemptFailed(
@@ -287,6 +380,11 @@ class SchedulerServiceImpl:
                 response.trajectory,
             )
         self._feed(event)
+
+    def _untrack(self, call: asyncio.Task[None]) -> None:
+        attempt_id = call.get_name().removeprefix("attempt-")
+        if self._running.get(attempt_id) is call:
+            del self._running[attempt_id]
 
     async def _retry(self, r: s.ScheduleRetry) -> None:
         await self.ledger.mark_retrying(r.task_id, r.attempt, r.message)
@@ -329,16 +427,43 @@ class SchedulerServiceImpl:
         event.run_id = run_id
         event.time_unix_s = time.time()
         feed = self._feeds[run_id]
-        feed.history.append(event)
         for queue in feed.subscribers:
             queue.put_nowait(event)
 
-    async def _expire_services(self) -> None:
+    async def _expire_services(self, tick: float) -> None:
+        """Drop a service silent for `MISSED_HEARTBEATS` intervals (checked 4x an
+        interval, so it is lost within 2.25 intervals of its last heartbeat). A stall
+        of this process's own event loop is not counted as the services' silence: their
+        heartbeats may be waiting, unread, in our sockets."""
+        limit = MISSED_HEARTBEATS * self.heartbeat_interval_s
+        period = self.heartbeat_interval_s / 4
         while True:
-            await asyncio.sleep(self.heartbeat_interval_s)
-            cutoff = time.monotonic() - 3 * self.heartbeat_interval_s
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            stall, tick = now - tick - period, now
+            if stall > period:
+                log.warning("the scheduler's event loop stalled for %.2f s", stall)
+                for address, seen in self._last_seen.items():
+                    self._last_seen[address] = min(seen + stall, now)
             for address, seen in list(self._last_seen.items()):
-                if seen < cutoff:
-                    log.warning("service %s missed its heartbeats; dropping it", address)
+                if seen < now - limit:
                     del self._last_seen[address]
-                    self._feed(s.ServiceLost(self._stimulus("lost"), address))
+                    running = sum(
+                        1
+                        for t in self.state.tasks.values()
+                        if any(
+                            svc.address == address and svc.kind != s.KIND_MODEL
+                            for svc in t.placement
+                        )
+                    )
+                    log.warning(
+                        "service %s lost: no heartbeat for %.2f s (%d intervals); "
+                        "failing its %d attempts in flight",
+                        address,
+                        now - seen,
+                        MISSED_HEARTBEATS,
+                        running,
+                        extra={"address": address, "silent_s": now - seen},
+                    )
+                    reason = f"no heartbeat for {now - seen:.1f} s"
+                    self._feed(s.ServiceLost(self._stimulus("lost"), address, reason))

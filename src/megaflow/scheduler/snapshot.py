@@ -1,9 +1,12 @@
-"""Queue figures of the scheduler for `megaflow status`: depth, waits, pool usage."""
+"""Queue figures of the scheduler for `megaflow status`: depth, waits, pool usage, and
+the `StatusResponse` built from them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from megaflow.v1 import common_pb2, scheduler_pb2
 
 if TYPE_CHECKING:
     from megaflow.scheduler.state import SchedulerState
@@ -47,3 +50,53 @@ def take_snapshot(state: SchedulerState) -> Snapshot:
         waits=state.recent_waits(),
         pools=pools,
     )
+
+
+def status_response(
+    state: SchedulerState, last_seen: dict[str, float], now: float, counters: dict[str, int]
+) -> scheduler_pb2.StatusResponse:
+    """`megaflow status`: task counts, services (`last_seen`: address -> monotonic time of
+    its last heartbeat), queues, waits, pools and the failure-handling `counters`."""
+    counts = state.counts()
+    snap = take_snapshot(state)
+    response = scheduler_pb2.StatusResponse(
+        pending=counts.get(common_pb2.TASK_STATE_PENDING, 0),
+        running=counts.get(common_pb2.TASK_STATE_RUNNING, 0),
+        succeeded=counts.get(common_pb2.TASK_STATE_SUCCEEDED, 0),
+        failed=counts.get(common_pb2.TASK_STATE_FAILED, 0),
+        services=[
+            scheduler_pb2.ServiceStatus(
+                kind=svc.kind,
+                address=svc.address or "in-process",
+                capacity=svc.capacity,
+                in_flight=svc.in_flight,
+                last_seen_s_ago=now - last_seen.get(svc.address, now),
+                dispatched=svc.dispatched,
+                resources=svc.offer.to_proto(),
+                cpu_millis_used=svc.cpu_millis_used,
+                memory_mib_used=svc.memory_mib_used,
+                gpus_used=svc.gpus_used,
+                warm_placements=svc.warm_placements,
+            )
+            for svc in state.services.values()
+        ],
+        queued=snap.queued,
+        runs=[
+            scheduler_pb2.QueueDepth(key=k, queued=q, in_flight=n)
+            for k, (q, n) in snap.runs.items()
+        ],
+        users=[
+            scheduler_pb2.QueueDepth(key=k, queued=q, in_flight=n)
+            for k, (q, n) in sorted(snap.users.items())
+        ],
+        oldest_wait_s=snap.oldest_wait_s,
+        wait_p50_s=percentile(snap.waits, 50),
+        wait_p99_s=percentile(snap.waits, 99),
+        wait_samples=len(snap.waits),
+        pools=[
+            scheduler_pb2.PoolStatus(name=k, in_flight=n, limit=limit)
+            for k, (n, limit) in sorted(snap.pools.items())
+        ],
+    )
+    response.counters.update(counters)
+    return response

@@ -16,7 +16,14 @@ CPU, memory and GPUs (`megaflow.scheduler.placement`, which also does level-1 pa
 
 Retries: an attempt that fails for an infrastructure reason is retried with exponential
 backoff up to the task's `max_attempts`; then the task fails with `ERROR_KIND_INFRA`
-and no reward. A result from an attempt that is no longer current is ignored.
+and no reward. An outcome from an attempt that is no longer current is discarded and
+reported (`LateResult`, counted in `late_results`).
+
+Failures of workers (`megaflow.scheduler.failures`): a lost agent or env service fails
+the attempts running on it at once (`CancelAttempt` + retry); an attempt that lost
+contact with its worker sets that worker aside until its next heartbeat; a task whose
+attempts ended with the loss of their worker `quarantine_after` times is quarantined.
+Terminal tasks leave `tasks` (memory stays bounded; `counts()` keeps their number).
 """
 
 from __future__ import annotations
@@ -26,13 +33,16 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from megaflow.scheduler import failures
 from megaflow.scheduler.events import (
     AttemptCompleted,
     AttemptFailed,
+    CancelAttempt,
     Dispatch,
     Event,
     Finish,
     Instruction,
+    LateResult,
     RetryDue,
     RunFinished,
     ScheduleRetry,
@@ -64,10 +74,12 @@ __all__ = [
     "KIND_MODEL",
     "AttemptCompleted",
     "AttemptFailed",
+    "CancelAttempt",
     "Dispatch",
     "Event",
     "Finish",
     "Instruction",
+    "LateResult",
     "RetryDue",
     "RunFinished",
     "ScheduleRetry",
@@ -100,6 +112,7 @@ class _Task:
     placement: tuple[Service, ...] = ()
     ready_at: float = 0.0
     class_key: Hashable = None
+    losses: tuple[str, ...] = ()  # causes of the attempts that ended with their worker lost
 
 
 @dataclass
@@ -140,10 +153,16 @@ class SchedulerState:
         self._rate_ready_at: dict[str, float] = {}  # rate-blocked model -> next token
         self._wake_pending = INF
         self._rng = random.Random(self.policy.seed)
+        # Services an attempt lost contact with, out of placement until they heartbeat.
+        self.suspect: dict[tuple[ServiceKind, str], Service] = {}
+        self.terminal: dict[int, int] = {}  # state -> tasks finished (gone from `tasks`)
+        self.late_results = 0  # outcomes of attempts no longer current, discarded
+        self.services_lost = 0
+        self.quarantined = 0
 
     # -- queries used by the shell and by tests -------------------------------------------
     def counts(self) -> dict[int, int]:
-        out: dict[int, int] = {}
+        out = dict(self.terminal)
         for task in self.tasks.values():
             out[task.state] = out.get(task.state, 0) + 1
         return out
@@ -206,9 +225,7 @@ class SchedulerState:
             case ServiceJoined():
                 self._join(event)
             case ServiceLost():
-                for kind in self._kinds:
-                    if self._kinds[kind].pop(event.address, None) is not None:
-                        del self.services[(kind, event.address)]
+                out += failures.lose_service(self, event)
             case AttemptCompleted():
                 if self.is_current(event.task_id, event.attempt_id):
                     task = self.tasks[event.task_id]
@@ -217,9 +234,13 @@ class SchedulerState:
                     result.attempts = task.attempt
                     self._release(task)
                     out += self._finish(task, result, event.trajectory)
+                else:
+                    out.append(self._late(event.task_id, event.attempt_id, "result"))
             case AttemptFailed():
                 if self.is_current(event.task_id, event.attempt_id):
                     out += self._failed(event)
+                else:
+                    out.append(self._late(event.task_id, event.attempt_id, "failure"))
             case RetryDue():
                 due = self.tasks.get(event.task_id)
                 if due is not None and due.state == common_pb2.TASK_STATE_PENDING:
@@ -233,9 +254,18 @@ class SchedulerState:
             out.append(WakeAt(max(wake - self.now, 0.0)))
         return out
 
+    def _late(self, task_id: str, attempt_id: str, what: str) -> LateResult:
+        self.late_results += 1
+        task = self.tasks.get(task_id)
+        current = ""
+        if task is not None and task.state == common_pb2.TASK_STATE_RUNNING:
+            current = task.attempt_id
+        return LateResult(task_id, attempt_id, current, what)
+
     def _submit(self, event: TasksSubmitted) -> None:
         run = self.runs.setdefault(event.run_id, _Run(event.max_concurrency))
-        for spec in event.tasks:
+        attempts = event.attempts
+        for i, spec in enumerate(event.tasks):
             self._seq += 1
             deadline = self.now + spec.deadline_s if spec.deadline_s > 0 else INF
             task = _Task(
@@ -244,6 +274,7 @@ class SchedulerState:
                 max_attempts=spec.max_attempts or self.policy.default_max_attempts,
                 need=Need.of(spec),
                 order=(-spec.priority, deadline, self._seq),
+                attempt=attempts[i] if attempts else 0,
             )
             task.class_key = (event.run_id, spec.user, spec.pool, spec.model, task.need, spec.image)
             self.tasks[spec.task_id] = task
@@ -252,18 +283,30 @@ class SchedulerState:
 
     def _join(self, event: ServiceJoined) -> None:
         existing = self._kinds[event.kind].get(event.address)
+        if existing is None and self.suspect:  # alive after all: back into placement
+            existing = self.suspect.pop((event.kind, event.address), None)
+            if existing is not None:
+                self._kinds[event.kind][event.address] = existing
         if existing is not None:
             existing.update(
                 event.capacity, None if event.resources is None else Offer.of(event.resources)
             )
         else:
             svc = Service(event.kind, event.address, event.capacity, Offer.of(event.resources))
+            svc.heartbeats = event.heartbeats
             self._kinds[event.kind][event.address] = svc
             self.services[(event.kind, event.address)] = svc
         self.queue.unblock(HOSTS)
 
     def _failed(self, event: AttemptFailed) -> list[Instruction]:
         task = self.tasks[event.task_id]
+        if event.worker_lost or failures.unreachable_worker(self, task.placement, event.message):
+            task.losses += (f"{event.attempt_id}: {event.message[:300]}",)
+            limit = self.policy.quarantine_after
+            if limit and len(task.losses) >= limit:
+                self._release(task)
+                self.quarantined += 1
+                return self._finish(task, failures.quarantine_result(task, event), None)
         self._release(task)
         if event.retryable and task.attempt < task.max_attempts:
             task.state = common_pb2.TASK_STATE_PENDING
@@ -322,6 +365,8 @@ class SchedulerState:
         self, task: _Task, result: common_pb2.TaskResult, trajectory: common_pb2.Trajectory | None
     ) -> list[Instruction]:
         task.state = result.state
+        del self.tasks[task.spec.task_id]  # memory stays bounded; the ledger keeps it
+        self.terminal[result.state] = self.terminal.get(result.state, 0) + 1
         run = self.runs[task.run_id]
         run.remaining -= 1
         out: list[Instruction] = [Finish(task.run_id, task.spec.task_id, result, trajectory)]

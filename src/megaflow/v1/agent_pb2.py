@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from megaflow.v1 import common_pb2 as megaflow_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17megaflow/v1/agent.proto\x12\x0bmegaflow.v1\x1a\x18megaflow/v1/common.proto\"u\n\x0eRunTaskRequest\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.megaflow.v1.TaskSpec\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65nv_address\x18\x03 \x01(\t\x12\x15\n\rmodel_address\x18\x04 \x01(\t\"g\n\x0fRunTaskResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.megaflow.v1.TaskResult\x12+\n\ntrajectory\x18\x02 \x01(\x0b\x32\x17.megaflow.v1.Trajectory\"\'\n\x11\x43\x61ncelTaskRequest\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"#\n\x12\x43\x61ncelTaskResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe6\x01\n\x0c\x41gentService\x12\x44\n\x07RunTask\x12\x1b.megaflow.v1.RunTaskRequest\x1a\x1c.megaflow.v1.RunTaskResponse\x12M\n\nCancelTask\x12\x1e.megaflow.v1.CancelTaskRequest\x1a\x1f.megaflow.v1.CancelTaskResponse\x12\x41\n\x06Health\x12\x1a.megaflow.v1.HealthRequest\x1a\x1b.megaflow.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17megaflow/v1/agent.proto\x12\x0bmegaflow.v1\x1a\x18megaflow/v1/common.proto\"\xa3\x01\n\x0eRunTaskRequest\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.megaflow.v1.TaskSpec\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65nv_address\x18\x03 \x01(\t\x12\x15\n\rmodel_address\x18\x04 \x01(\t\x12,\n\x06resume\x18\x05 \x01(\x0b\x32\x1c.megaflow.v1.AgentCheckpoint\"g\n\x0fRunTaskResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.megaflow.v1.TaskResult\x12+\n\ntrajectory\x18\x02 \x01(\x0b\x32\x17.megaflow.v1.Trajectory\"\'\n\x11\x43\x61ncelTaskRequest\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"#\n\x12\x43\x61ncelTaskResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe6\x01\n\x0c\x41gentService\x12\x44\n\x07RunTask\x12\x1b.megaflow.v1.RunTaskRequest\x1a\x1c.megaflow.v1.RunTaskResponse\x12M\n\nCancelTask\x12\x1e.megaflow.v1.CancelTaskRequest\x1a\x1f.megaflow.v1.CancelTaskResponse\x12\x41\n\x06Health\x12\x1a.megaflow.v1.HealthRequest\x1a\x1b.megaflow.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'megaflow.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNTASKREQUEST']._serialized_start=66
-  _globals['_RUNTASKREQUEST']._serialized_end=183
-  _globals['_RUNTASKRESPONSE']._serialized_start=185
-  _globals['_RUNTASKRESPONSE']._serialized_end=288
-  _globals['_CANCELTASKREQUEST']._serialized_start=290
-  _globals['_CANCELTASKREQUEST']._serialized_end=329
-  _globals['_CANCELTASKRESPONSE']._serialized_start=331
-  _globals['_CANCELTASKRESPONSE']._serialized_end=366
-  _globals['_AGENTSERVICE']._serialized_start=369
-  _globals['_AGENTSERVICE']._serialized_end=599
+  _globals['_RUNTASKREQUEST']._serialized_start=67
+  _globals['_RUNTASKREQUEST']._serialized_end=230
+  _globals['_RUNTASKRESPONSE']._serialized_start=232
+  _globals['_RUNTASKRESPONSE']._serialized_end=335
+  _globals['_CANCELTASKREQUEST']._serialized_start=337
+  _globals['_CANCELTASKREQUEST']._serialized_end=376
+  _globals['_CANCELTASKRESPONSE']._serialized_start=378
+  _globals['_CANCELTASKRESPONSE']._serialized_end=413
+  _globals['_AGENTSERVICE']._serialized_start=416
+  _globals['_AGENTSERVICE']._serialized_end=646
 # @@protoc_insertion_point(module_scope)

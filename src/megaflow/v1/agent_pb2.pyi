@@ -25,6 +25,7 @@ class RunTaskRequest(_message.Message):
     ATTEMPT_ID_FIELD_NUMBER: _builtins.int
     ENV_ADDRESS_FIELD_NUMBER: _builtins.int
     MODEL_ADDRESS_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
     env_address: _builtins.str
     """where to create the environment ("" = in-process)"""
@@ -32,6 +33,10 @@ class RunTaskRequest(_message.Message):
     """where to call the model ("" = in-process)"""
     @_builtins.property
     def task(self) -> _common_pb2.TaskSpec: ...
+    @_builtins.property
+    def resume(self) -> _common_pb2.AgentCheckpoint:
+        """Continue from this checkpoint (of an earlier attempt) instead of starting over."""
+
     def __init__(
         self,
         *,
@@ -39,10 +44,11 @@ class RunTaskRequest(_message.Message):
         attempt_id: _builtins.str = ...,
         env_address: _builtins.str = ...,
         model_address: _builtins.str = ...,
+        resume: _common_pb2.AgentCheckpoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resume", b"resume", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "env_address", b"env_address", "model_address", b"model_address", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "env_address", b"env_address", "model_address", b"model_address", "resume", b"resume", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

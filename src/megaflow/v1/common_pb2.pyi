@@ -531,6 +531,50 @@ class Turn(_message.Message):
 Global___Turn: _TypeAlias = Turn  # noqa: Y015
 
 @_typing.final
+class Resumption(_message.Message):
+    """A resumption: from this turn on, the trajectory was continued by another attempt,
+    from the checkpoint an earlier attempt left.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_TURN_FIELD_NUMBER: _builtins.int
+    FROM_ATTEMPT_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    REPLAYED_ACTIONS_FIELD_NUMBER: _builtins.int
+    RESTORE_S_FIELD_NUMBER: _builtins.int
+    at_turn: _builtins.int
+    """index of the first turn made by `attempt_id`"""
+    from_attempt_id: _builtins.str
+    """the attempt that wrote the checkpoint (turns before at_turn)"""
+    attempt_id: _builtins.str
+    """the attempt that resumed"""
+    method: _builtins.str
+    """how the environment was restored: "replay" """
+    replayed_actions: _builtins.int
+    """recorded actions re-applied (each observation verified)"""
+    restore_s: _builtins.float
+    """time to restore the environment"""
+    def __init__(
+        self,
+        *,
+        at_turn: _builtins.int = ...,
+        from_attempt_id: _builtins.str = ...,
+        attempt_id: _builtins.str = ...,
+        method: _builtins.str = ...,
+        replayed_actions: _builtins.int = ...,
+        restore_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_turn", b"at_turn", "attempt_id", b"attempt_id", "from_attempt_id", b"from_attempt_id", "method", b"method", "replayed_actions", b"replayed_actions", "restore_s", b"restore_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resumption: _TypeAlias = Resumption  # noqa: Y015
+
+@_typing.final
 class Trajectory(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -538,14 +582,22 @@ class Trajectory(_message.Message):
     ATTEMPT_ID_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     TURNS_FIELD_NUMBER: _builtins.int
+    RESUMPTIONS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     attempt_id: _builtins.str
+    """the attempt that finished it (see resumptions)"""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """the whole conversation, in order"""
 
     @_builtins.property
     def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Turn]: ...
+    @_builtins.property
+    def resumptions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Resumption]:
+        """One entry per resumption from a checkpoint, in order: turns [0, resumptions[0].at_turn)
+        were made by resumptions[0].from_attempt_id, and so on; empty = one attempt throughout.
+        """
+
     def __init__(
         self,
         *,
@@ -553,14 +605,83 @@ class Trajectory(_message.Message):
         attempt_id: _builtins.str = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         turns: _abc.Iterable[Global___Turn] | None = ...,
+        resumptions: _abc.Iterable[Global___Resumption] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "messages", b"messages", "task_id", b"task_id", "turns", b"turns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "messages", b"messages", "resumptions", b"resumptions", "task_id", b"task_id", "turns", b"turns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Trajectory: _TypeAlias = Trajectory  # noqa: Y015
+
+@_typing.final
+class AgentCheckpoint(_message.Message):
+    """An agent's state after a completed turn, written to the store as the task runs
+    (TaskLedger.save_checkpoint) so that another attempt can continue from it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_ID_FIELD_NUMBER: _builtins.int
+    TRAJECTORY_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    ELAPSED_S_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ENV_SNAPSHOT_URI_FIELD_NUMBER: _builtins.int
+    format: _builtins.int
+    """checkpoint format version (1)"""
+    task_id: _builtins.str
+    attempt_id: _builtins.str
+    """the attempt that wrote it"""
+    steps: _builtins.int
+    """turns completed (= trajectory.turns size)"""
+    prompt_tokens: _builtins.int
+    """token budget used so far"""
+    completion_tokens: _builtins.int
+    elapsed_s: _builtins.float
+    """task time used so far (the agent loop, all attempts)"""
+    model_version: _builtins.str
+    """of the last turn"""
+    env_snapshot_uri: _builtins.str
+    """a snapshot of the environment; "" = replay the actions"""
+    @_builtins.property
+    def trajectory(self) -> Global___Trajectory:
+        """conversation and turns so far: the recorded actions"""
+
+    @_builtins.property
+    def pending(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """(tool calls) and their observations are its turns
+        messages to send before the next model call
+        """
+
+    def __init__(
+        self,
+        *,
+        format: _builtins.int = ...,
+        task_id: _builtins.str = ...,
+        attempt_id: _builtins.str = ...,
+        trajectory: Global___Trajectory | None = ...,
+        pending: _abc.Iterable[Global___ChatMessage] | None = ...,
+        steps: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        elapsed_s: _builtins.float = ...,
+        model_version: _builtins.str = ...,
+        env_snapshot_uri: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trajectory", b"trajectory"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "completion_tokens", b"completion_tokens", "elapsed_s", b"elapsed_s", "env_snapshot_uri", b"env_snapshot_uri", "format", b"format", "model_version", b"model_version", "pending", b"pending", "prompt_tokens", b"prompt_tokens", "steps", b"steps", "task_id", b"task_id", "trajectory", b"trajectory"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentCheckpoint: _TypeAlias = AgentCheckpoint  # noqa: Y015
 
 @_typing.final
 class TaskResult(_message.Message):

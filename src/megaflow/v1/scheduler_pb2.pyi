@@ -455,6 +455,26 @@ Global___PoolStatus: _TypeAlias = PoolStatus  # noqa: Y015
 class StatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class CountersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PENDING_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
     SUCCEEDED_FIELD_NUMBER: _builtins.int
@@ -468,6 +488,7 @@ class StatusResponse(_message.Message):
     WAIT_P99_S_FIELD_NUMBER: _builtins.int
     WAIT_SAMPLES_FIELD_NUMBER: _builtins.int
     POOLS_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
     pending: _builtins.int
     running: _builtins.int
     succeeded: _builtins.int
@@ -488,6 +509,12 @@ class StatusResponse(_message.Message):
     def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueDepth]: ...
     @_builtins.property
     def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___PoolStatus]: ...
+    @_builtins.property
+    def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Failure handling since this scheduler started: late_results (results of attempts
+        that were no longer current, discarded), services_lost, quarantined.
+        """
+
     def __init__(
         self,
         *,
@@ -504,10 +531,11 @@ class StatusResponse(_message.Message):
         wait_p99_s: _builtins.float = ...,
         wait_samples: _builtins.int = ...,
         pools: _abc.Iterable[Global___PoolStatus] | None = ...,
+        counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "oldest_wait_s", b"oldest_wait_s", "pending", b"pending", "pools", b"pools", "queued", b"queued", "running", b"running", "runs", b"runs", "services", b"services", "succeeded", b"succeeded", "users", b"users", "wait_p50_s", b"wait_p50_s", "wait_p99_s", b"wait_p99_s", "wait_samples", b"wait_samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "failed", b"failed", "oldest_wait_s", b"oldest_wait_s", "pending", b"pending", "pools", b"pools", "queued", b"queued", "running", b"running", "runs", b"runs", "services", b"services", "succeeded", b"succeeded", "users", b"users", "wait_p50_s", b"wait_p50_s", "wait_p99_s", b"wait_p99_s", "wait_samples", b"wait_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,139 @@
+"""What the scheduler's shell reads from and keeps in the store to survive a restart.
+
+- **The scheduler lease** (`hold_lease`, `keep_lease`): one scheduler per store. A new
+  scheduler waits for the lease (a killed one's lease expires after its TTL) and gives
+  up with a clear error if another scheduler keeps it.
+- **Recovery** (`recover`): the runs that still have unfinished tasks, with those tasks
+  in submission order. A task the ledger has RUNNING belonged to an attempt whose
+  RunTask call died with the old scheduler: it is marked retrying first, which clears
+  its current attempt id, so the old attempt (should its agent loop still run) can no
+  longer store a checkpoint, and only the new scheduler's attempt can be finished.
+- **Replay** (`finished_event`): the TASK_FINISHED event of a terminal ledger row, so a
+  watcher (re)connecting gets every result from the ledger, not from memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from megaflow.core.errors import InvalidRequestError, MegaFlowError
+from megaflow.store.ledger import LedgerRow, RunRow, TaskLedger, TaskRow
+from megaflow.v1 import common_pb2, scheduler_pb2
+
+log = logging.getLogger(__name__)
+
+LEASE = "scheduler"
+_FENCE_CHUNK = 1000
+
+
+def new_holder() -> str:
+    """This scheduler's name on the lease: host, process and a random part."""
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+async def hold_lease(ledger: TaskLedger, holder: str, ttl_s: float, wait_s: float) -> None:
+    """Take the scheduler lease, waiting up to `wait_s` for a holder to go (or its lease
+    to expire); InvalidRequestError, naming the holder, when it does not."""
+    deadline = time.monotonic() + wait_s
+    announced = False
+    while not await ledger.acquire_lease(LEASE, holder, ttl_s):
+        other = await ledger.lease_holder(LEASE)
+        if time.monotonic() >= deadline:
+            raise InvalidRequestError(
+                f"another scheduler ({other}) holds the scheduler lease on this store; "
+                f"only one scheduler may use a store (waited {wait_s:.0f} s for its lease "
+                "to expire)"
+            )
+        if not announced:
+            log.warning(
+                "the scheduler lease is held by %s; waiting up to %.1f s for it to expire",
+                other,
+                wait_s,
+            )
+            announced = True
+        await asyncio.sleep(min(0.5, ttl_s / 4))
+    log.info("holding the scheduler lease as %s (ttl %.1f s)", holder, ttl_s)
+
+
+async def keep_lease(
+    ledger: TaskLedger, holder: str, ttl_s: float, on_lost: Callable[[str], None]
+) -> None:
+    """Renew the lease every `ttl_s / 4`; call `on_lost` once if another holder has it.
+    A store that cannot be reached is retried (the lease may still be ours)."""
+    while True:
+        await asyncio.sleep(ttl_s / 4)
+        try:
+            renewed = await asyncio.wait_for(
+                ledger.acquire_lease(LEASE, holder, ttl_s), timeout=ttl_s / 2
+            )
+        except (MegaFlowError, TimeoutError, OSError) as error:
+            log.warning("cannot renew the scheduler lease: %s", error)
+            continue
+        if not renewed:
+            other = await ledger.lease_holder(LEASE)
+            on_lost(f"the scheduler lease was taken by {other}")
+            return
+
+
+@dataclass(frozen=True)
+class RecoveredRun:
+    run: RunRow
+    tasks: list[TaskRow]
+
+
+async def recover(ledger: TaskLedger) -> list[RecoveredRun]:
+    """The runs with unfinished tasks (submission order), their RUNNING tasks fenced."""
+    runs = await ledger.runs()
+    by_run: dict[str, list[TaskRow]] = {}
+    for row in await ledger.unfinished():
+        by_run.setdefault(row.run_id, []).append(row)
+    running = [row for rows in by_run.values() for row in rows if row.attempt_id]
+    for i in range(0, len(running), _FENCE_CHUNK):
+        await asyncio.gather(
+            *(
+                ledger.mark_retrying(
+                    row.spec.task_id,
+                    row.attempts,
+                    f"scheduler restarted: attempt {row.attempt_id} abandoned",
+                )
+                for row in running[i : i + _FENCE_CHUNK]
+            )
+        )
+    out = [RecoveredRun(run, by_run[run.run_id]) for run in runs if run.run_id in by_run]
+    if out:
+        log.warning(
+            "recovered %d unfinished tasks of %d runs from the store (%d were running)",
+            sum(len(r.tasks) for r in out),
+            len(out),
+            len(running),
+        )
+    return out
+
+
+def finished_event(run_id: str, row: LedgerRow) -> scheduler_pb2.TaskEvent:
+    """The TASK_FINISHED event of a terminal ledger row."""
+    result = row.result or common_pb2.TaskResult(
+        task_id=row.task_id,
+        state=row.state,  # type: ignore[arg-type]
+        error_kind=row.error_kind,  # type: ignore[arg-type]
+        error=row.error,
+        attempts=row.attempts,
+    )
+    event = scheduler_pb2.TaskEvent(
+        type=scheduler_pb2.EVENT_TYPE_TASK_FINISHED,
+        run_id=run_id,
+        task_id=row.task_id,
+        attempt=result.attempts,
+        result=result,
+        time_unix_s=time.time(),
+    )
+    if row.trajectory is not None:
+        event.trajectory.CopyFrom(row.trajectory)
+    return event
