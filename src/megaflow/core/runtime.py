@@ -1,17 +1,22 @@
 """Process-level tuning for services that hold tens of thousands of tasks.
 
-CPython's cyclic garbage collector walks every tracked object of the oldest
-generation on a full collection: with 30,000 agent loops in flight (each ~90 tracked
-objects: coroutines, contexts, futures, timer handles) that is a pause of hundreds of
-milliseconds, every few seconds while the heap grows, and every step in flight waits
-for it. `GcPolicy` trades those for one full collection on a fixed period:
+CPython's cyclic garbage collector pauses the event loop, and every step in flight
+waits for the pause. With 30,000 agent loops (each ~90 tracked objects: coroutines,
+contexts, futures, timer handles) two things go wrong with the defaults:
 
-- `gc.freeze()` once the service has started, so that modules, protobuf descriptors
-  and other objects that live as long as the process are never walked again;
-- the young generations keep collecting as usual (short pauses: they hold only what
-  was allocated since the last collection);
-- automatic full collections are off; a timer runs one every `full_every_s` seconds
-  (reference cycles among old objects are reclaimed then, not lost).
+- a full collection walks every object (~3 million): pauses of a second;
+- young collections are triggered by *net* allocations (allocations minus
+  deallocations), and in a steady state old objects die as fast as new ones are
+  made, so the young generation grows to hundreds of thousands of objects before a
+  collection is due: pauses of 0.1-0.8 s (measured by `bench/scale_bench.py`).
+
+`GcPolicy` replaces the allocation triggers with a clock: automatic collection is
+off; a timer collects the youngest generation every `young_every_s` (what was
+allocated in that time: pauses of about a millisecond), the middle one every
+`middle_every` young collections, and everything every `full_every_s` seconds, so
+reference cycles among old objects are still reclaimed. `gc.freeze()` at start
+keeps modules, protobuf descriptors and other objects that live as long as the
+process out of every collection.
 
 `GcPauses` measures what the collector costs (count, total and longest pause).
 """
@@ -29,8 +34,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
-_NEVER = 1 << 30  # a gen-2 threshold that automatic collection never reaches
-
 
 class GcPolicy(BaseModel):
     """How a long-running service drives the garbage collector."""
@@ -40,15 +43,14 @@ class GcPolicy(BaseModel):
     enabled: bool = Field(
         default=True, description="Apply this policy; False leaves CPython's defaults."
     )
-    young_threshold: int = Field(
-        default=10_000,
-        ge=100,
-        description="Net allocations that trigger a young (gen 0) collection.",
+    young_every_s: float = Field(
+        default=0.02, gt=0, description="Seconds between collections of the youngest generation."
+    )
+    middle_every: int = Field(
+        default=5, ge=1, description="Collect the middle generation every N young collections."
     )
     full_every_s: float = Field(
-        default=300.0,
-        gt=0,
-        description="Seconds between full collections (automatic ones are turned off).",
+        default=600.0, gt=0, description="Seconds between full collections."
     )
 
 
@@ -57,26 +59,38 @@ class GcTuner:
 
     def __init__(self, policy: GcPolicy | None = None) -> None:
         self.policy = policy or GcPolicy()
-        self._saved: tuple[int, int, int] | None = None
+        self._was_enabled: bool | None = None
         self._timer: asyncio.Task[None] | None = None
-        self.full_collections = 0
+        self.collections = [0, 0, 0]  # per generation, by this tuner
 
     def start(self) -> None:
-        if not self.policy.enabled or self._saved is not None:
+        if not self.policy.enabled or self._was_enabled is not None:
             return
-        self._saved = gc.get_threshold()
+        self._was_enabled = gc.isenabled()
         gc.collect()
         gc.freeze()
-        gc.set_threshold(self.policy.young_threshold, 10, _NEVER)
-        self._timer = asyncio.get_running_loop().create_task(self._collect_periodically())
+        gc.disable()
+        self._timer = asyncio.get_running_loop().create_task(self._collect(), name="gc-tuner")
 
-    async def _collect_periodically(self) -> None:
+    async def _collect(self) -> None:
+        policy = self.policy
+        next_full = time.monotonic() + policy.full_every_s
+        young = 0
         while True:
-            await asyncio.sleep(self.policy.full_every_s)
+            await asyncio.sleep(policy.young_every_s)
+            young += 1
+            if time.monotonic() >= next_full:
+                generation = 2
+                next_full = time.monotonic() + policy.full_every_s
+            elif young % policy.middle_every == 0:
+                generation = 1
+            else:
+                generation = 0
             started = time.perf_counter()
-            freed = gc.collect()
-            self.full_collections += 1
-            log.debug("full collection: %d freed in %.3fs", freed, time.perf_counter() - started)
+            freed = gc.collect(generation)
+            self.collections[generation] += 1
+            if generation == 2:
+                log.info("full collection: %d freed in %.3fs", freed, time.perf_counter() - started)
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -84,10 +98,11 @@ class GcTuner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer
             self._timer = None
-        if self._saved is not None:
-            gc.set_threshold(*self._saved)
+        if self._was_enabled is not None:
+            if self._was_enabled:
+                gc.enable()
             gc.unfreeze()
-            self._saved = None
+            self._was_enabled = None
 
 
 class GcPauses:
