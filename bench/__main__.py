@@ -1,4 +1,4 @@
-"""Run the benchmarks and print their figures: `python -m bench [--quick] [env] [e2e]`."""
+"""Run the benchmarks and print their figures: `python -m bench [--quick] [NAME ...]`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from bench import (
     model_bench,
     packing_bench,
     scale_bench,
+    store_bench,
 )
 
 BENCHES = {
@@ -27,6 +28,7 @@ BENCHES = {
     "scale": scale_bench.run,
     "packing": packing_bench.run,
     "baseline": baseline_bench.run,
+    "store": store_bench.run,
 }
 
 

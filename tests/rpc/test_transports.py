@@ -164,3 +164,12 @@ def test_status_table_round_trips_each_error_class(error: e.MegaFlowError) -> No
 def test_unknown_errors_are_internal_and_retryable_on_the_client() -> None:
     assert status_for(RuntimeError("bug")) is grpc.StatusCode.INTERNAL
     assert error_from_rpc(grpc.StatusCode.INTERNAL, "boom", None).retryable
+
+
+def test_a_call_the_server_cancelled_is_retryable_but_a_cancelled_task_is_final() -> None:
+    # A server shutting down cancels its calls: that is the platform, retry elsewhere.
+    shutdown = error_from_rpc(grpc.StatusCode.CANCELLED, "Cancelled on the server side", None)
+    assert isinstance(shutdown, e.ServiceUnavailableError) and shutdown.retryable
+    # CancelTask on purpose names its class: final.
+    cancelled = error_from_rpc(grpc.StatusCode.CANCELLED, "x", "CancelledTaskError")
+    assert isinstance(cancelled, e.CancelledTaskError) and not cancelled.retryable

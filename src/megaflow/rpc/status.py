@@ -46,7 +46,10 @@ _BY_STATUS: dict[grpc.StatusCode, type[e.MegaFlowError]] = {
     grpc.StatusCode.NOT_FOUND: e.NotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: e.CapacityError,
     grpc.StatusCode.DEADLINE_EXCEEDED: e.DeadlineExceededError,
-    grpc.StatusCode.CANCELLED: e.CancelledTaskError,
+    # A bare CANCELLED (no `megaflow-error` class) is the server cancelling the call,
+    # e.g. while shutting down: the platform failed, a retry elsewhere helps. A task
+    # cancelled on purpose arrives as CancelledTaskError by name.
+    grpc.StatusCode.CANCELLED: e.ServiceUnavailableError,
     grpc.StatusCode.UNAVAILABLE: e.ServiceUnavailableError,
     grpc.StatusCode.FAILED_PRECONDITION: e.MegaFlowError,
 }
