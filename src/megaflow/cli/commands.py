@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
 from megaflow.agent.service import AgentServiceImpl
@@ -24,6 +24,7 @@ from megaflow.model.latency import LatencyConfig
 from megaflow.model.service import ModelServiceImpl
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.rpc.resolver import ServiceResolver
+from megaflow.scheduler.policy import SchedulerPolicy
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.store.ledger import TaskLedger
 from megaflow.tasks.swe_synth import generate_tasks
@@ -159,8 +160,27 @@ async def status_command(address: str) -> scheduler_pb2.StatusResponse:
         await client.close()
 
 
-async def serve_scheduler_command(listen: str, ledger: TaskLedger) -> None:
-    impl = SchedulerServiceImpl(ledger, ServiceResolver())
+def load_policy(path: Path) -> SchedulerPolicy:
+    """The SchedulerPolicy in a JSON file; ValueError says what is wrong with it."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        return SchedulerPolicy.model_validate_json(text)
+    except ValidationError as error:
+        raise ValueError(f"{path} is not a valid scheduler policy: {error}") from None
+
+
+async def serve_scheduler_command(
+    listen: str,
+    ledger: TaskLedger,
+    policy: SchedulerPolicy | None = None,
+    heartbeat_interval_s: float = 2.0,
+) -> None:
+    impl = SchedulerServiceImpl(
+        ledger, ServiceResolver(), policy=policy, heartbeat_interval_s=heartbeat_interval_s
+    )
     await serve("scheduler", impl, listen=listen)
 
 

@@ -155,18 +155,35 @@ def serve_scheduler(
             "redis://HOST:PORT/DB (DB optional), or etcd://HOST:PORT."
         ),
     ] = "megaflow-ledger.sqlite",
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="A JSON file of SchedulerPolicy settings: quotas, pools, model rate "
+            "limits, placement, retries (see megaflow.scheduler.policy)."
+        ),
+    ] = None,
+    heartbeat_interval: Annotated[
+        float,
+        typer.Option(
+            min=0.1, help="Seconds between service heartbeats; a service is lost after two."
+        ),
+    ] = 2.0,
     log_level: LogLevel = "info",
 ) -> None:
     """The scheduler: queue, ledger, placement."""
-    from megaflow.cli.commands import serve_scheduler_command
+    from megaflow.cli.commands import load_policy, serve_scheduler_command
     from megaflow.store.factory import open_ledger
 
+    try:
+        settings = load_policy(policy) if policy is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--policy") from None
     try:
         ledger = open_ledger(store)
     except InvalidRequestError as exc:
         raise typer.BadParameter(str(exc), param_hint="--store") from None
     _logging(log_level)
-    asyncio.run(serve_scheduler_command(listen, ledger))
+    asyncio.run(serve_scheduler_command(listen, ledger, settings, heartbeat_interval))
 
 
 @serve_app.command("model")
