@@ -299,3 +299,13 @@ async def test_service_environment_is_not_visible(tmp_path: Path) -> None:
         assert secret not in result.output and "PATH=" in result.output
     finally:
         await sb.stop()
+
+
+def test_an_unowned_folder_of_a_dead_creator_is_reclaimed_at_once(tmp_path: Path) -> None:
+    # Killed between making the folder and writing owner.json: the name holds the pid.
+    dead = tmp_path / f"sb-{2**22 + 12345}-abc123-0"
+    (dead / "workspace").mkdir(parents=True)
+    mine = tmp_path / f"sb-{os.getpid()}-abc123-1"  # a live creator: maybe still starting
+    (mine / "workspace").mkdir(parents=True)
+    assert reclaim_orphans(tmp_path) == 1
+    assert not dead.exists() and mine.exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -77,6 +78,26 @@ def kill_cgroup_members(dirs: tuple[Path, ...], *, timeout_s: float = 2.0) -> No
         time.sleep(0.005)
 
 
+_CREATOR = re.compile(r"^sb-(\d+)-")
+
+
+def _creator_dead(folder: Path) -> bool:
+    """True if the folder's name (`sb-<pid>-...`) names a process that no longer exists."""
+    match = _CREATOR.match(folder.name)
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def reclaim_orphans(root_dir: Path) -> int:
     """Remove sandbox folders and cgroups whose owning process is dead.
 
@@ -93,8 +114,11 @@ def reclaim_orphans(root_dir: Path) -> int:
             continue
         owner = Owner.read(folder)
         if owner is None:
+            # Killed between making the folder and writing its owner file: the creator's
+            # pid is in the name; wait out the grace period only if it may still be alive.
             with contextlib.suppress(OSError):
-                if time.time() - folder.stat().st_mtime < UNOWNED_GRACE_S:
+                young = time.time() - folder.stat().st_mtime < UNOWNED_GRACE_S
+                if young and not _creator_dead(folder):
                     continue
             cgroups: tuple[Path, ...] = ()
         elif owner.is_alive():
