@@ -9,6 +9,7 @@ import logging
 
 from bench import (
     baseline_bench,
+    chaos_bench,
     docker_bench,
     e2e_bench,
     env_bench,
@@ -29,6 +30,7 @@ BENCHES = {
     "packing": packing_bench.run,
     "baseline": baseline_bench.run,
     "store": store_bench.run,
+    "chaos": chaos_bench.run,
 }
 
 
