@@ -15,7 +15,12 @@ import pytest
 from megaflow.core.errors import CapacityError, InvalidRequestError
 from megaflow.env.docker.orphans import LABEL_OWNER_PID
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
-from megaflow.testing.dockerd import Dockerd, build_busybox_image, dockerd_available
+from megaflow.testing.dockerd import (
+    Dockerd,
+    build_busybox_image,
+    dockerd_available,
+    prepared_dockerd,
+)
 from megaflow.v1 import common_pb2, env_pb2
 
 pytestmark = pytest.mark.integration
@@ -221,14 +226,8 @@ def dockerd() -> Iterator[Dockerd]:
     reason = dockerd_available()
     if reason is not None:
         pytest.skip(f"dockerd cannot run here: {reason}")
-    daemon = Dockerd().start()
-    try:
-        client = daemon.client()
-        build_busybox_image(client, DOCKER_IMAGE)
-        client.close()
+    with prepared_dockerd(lambda client: build_busybox_image(client, DOCKER_IMAGE)) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 async def test_docker_backend_pools_through_the_service(dockerd: Dockerd, tmp_path: Path) -> None:

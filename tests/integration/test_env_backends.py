@@ -18,7 +18,7 @@ import pytest
 
 from megaflow.env.docker.orphans import LABEL_SANDBOX_ID
 from megaflow.model.simulated import SimulatedPolicy
-from megaflow.testing.dockerd import RUNSC, Dockerd, dockerd_available
+from megaflow.testing.dockerd import RUNSC, Dockerd, dockerd_available, prepared_dockerd
 from megaflow.testing.images import build_python_image
 
 pytestmark = pytest.mark.integration
@@ -33,16 +33,8 @@ def dockerd() -> Iterator[Dockerd]:
     reason = dockerd_available()
     if reason is not None:
         pytest.skip(f"dockerd cannot run here: {reason}")
-    daemon = Dockerd().start()
-    try:
-        client = daemon.client()
-        try:
-            build_python_image(client, IMAGE)
-        finally:
-            client.close()
+    with prepared_dockerd(lambda client: build_python_image(client, IMAGE)) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 def megaflow_run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -10,18 +10,16 @@ import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from megaflow.model.simulated import SimulatedPolicy
 from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.server import free_port, wait_for
 from megaflow.v1 import common_pb2
 
 pytestmark = pytest.mark.integration
@@ -29,22 +27,6 @@ pytestmark = pytest.mark.integration
 TASKS = 60
 CAPACITY = 50
 SUCCESS_RATE = 0.8
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for(
-    what: str, check: Callable[[], bool], timeout_s: float, detail: Callable[[], str] = str
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {detail()}")
-        time.sleep(0.1)
 
 
 def _sandboxes(root: Path) -> set[str]:
@@ -112,7 +94,7 @@ def _env(sched: str, port: int, root: Path, log: Path) -> ServiceProcess:
 def test_env_kill9_restart_reclaims_orphans_and_retries(tmp_path: Path) -> None:
     root = tmp_path / "sandboxes"
     out = tmp_path / "out"
-    port = _free_port()
+    port = free_port()
     procs: dict[str, ServiceProcess] = {}
     run: subprocess.Popen[str] | None = None
     run_log = tmp_path / "run.log"
@@ -156,7 +138,7 @@ def test_env_kill9_restart_reclaims_orphans_and_retries(tmp_path: Path) -> None:
                 stderr=subprocess.STDOUT,
                 text=True,
             )
-        _wait_for(
+        wait_for(
             f"{CAPACITY} live sandboxes",
             lambda: len(_sandboxes(root)) >= CAPACITY - 2,
             timeout_s=60,
@@ -176,7 +158,7 @@ def test_env_kill9_restart_reclaims_orphans_and_retries(tmp_path: Path) -> None:
         env_pids = [procs["env"].pid]
         os.kill(env_pids[0], signal.SIGKILL)
         procs["env"].proc.wait(10)  # type: ignore[union-attr]
-        _wait_for(
+        wait_for(
             "the orphaned sandbox processes to die with their parent",
             lambda: not any(Path(f"/proc/{p}").exists() for p in old_pids),
             timeout_s=10,

@@ -16,11 +16,10 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,28 +27,13 @@ import pytest
 from megaflow.model.simulated import SimulatedPolicy
 from megaflow.testing.processes import ServiceProcess
 from megaflow.testing.redis_server import RedisServer, redis_available
+from megaflow.testing.server import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
 TASKS = 48
 CONCURRENCY = 16
 SUCCESS_RATE = 0.8
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for(
-    what: str, check: Callable[[], bool], timeout_s: float, detail: Callable[[], str] = str
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {detail()}")
-        time.sleep(0.1)
 
 
 def _sandboxes(root: Path) -> int:
@@ -82,7 +66,7 @@ def test_scheduler_kill9_restart_the_run_continues_exactly_once(
     tmp_path: Path, store_kind: str
 ) -> None:
     out = tmp_path / "out"
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     procs: dict[str, ServiceProcess] = {}
     run: subprocess.Popen[str] | None = None
     run_log = tmp_path / "run.log"
@@ -122,7 +106,7 @@ def test_scheduler_kill9_restart_the_run_continues_exactly_once(
                     text=True,
                 )  # fmt: skip
             results = out / "results.jsonl"
-            _wait_for("a quarter of the results", lambda: _lines(results) >= TASKS // 4, 120,
+            wait_for("a quarter of the results", lambda: _lines(results) >= TASKS // 4, 120,
                       detail)  # fmt: skip
             written_before = _lines(results)
             os.kill(procs["scheduler"].pid, signal.SIGKILL)
@@ -135,14 +119,14 @@ def test_scheduler_kill9_restart_the_run_continues_exactly_once(
             # lease reaper (the agent never learnt its id): allow two such.
             live = _sandboxes(tmp_path / "sandboxes")
             assert live >= 4, "too few attempts in flight at the crash"
-            _wait_for(f"the orphaned attempts to release their sandboxes (of {live})",
+            wait_for(f"the orphaned attempts to release their sandboxes (of {live})",
                       lambda: _sandboxes(tmp_path / "sandboxes") <= 2, 30,
                       lambda: f"{_sandboxes(tmp_path / 'sandboxes')} left; {detail()}")  # fmt: skip
 
             procs["scheduler"] = scheduler(store, 2).start(timeout_s=60)
             restarted_s = time.monotonic() - killed_at
             log2 = procs["scheduler"].output
-            _wait_for("the restarted scheduler to recover", lambda: "recovered" in log2(), 30,
+            wait_for("the restarted scheduler to recover", lambda: "recovered" in log2(), 30,
                       detail)  # fmt: skip
             assert run.wait(timeout=180) == 0, detail()
             print(

@@ -6,6 +6,7 @@ every task ends exactly once with its true reward."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -13,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,10 @@ import pytest
 from megaflow.model.simulated import SimulatedPolicy
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.server import wait_for
 from megaflow.v1 import scheduler_pb2
+
+_wait = functools.partial(wait_for, poll_s=0.05)
 
 pytestmark = pytest.mark.integration
 
@@ -51,16 +54,6 @@ def _agents(address: str) -> dict[str, int]:
     }
 
 
-def _wait_for(
-    what: str, check: Callable[[], bool], timeout_s: float, detail: Callable[[], str] = str
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {detail()}")
-        time.sleep(0.05)
-
-
 @pytest.mark.timeout(240)
 def test_a_hung_agent_is_lost_within_two_intervals_and_its_tasks_move(tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -88,7 +81,7 @@ def test_a_hung_agent_is_lost_within_two_intervals_and_its_tasks_move(tmp_path: 
         procs["agent1"] = ServiceProcess("agent", "--scheduler", sched).start()
         procs["agent2"] = ServiceProcess("agent", "--scheduler", sched).start()
         hung, other = procs["agent1"].address, procs["agent2"].address
-        _wait_for("both agents to register", lambda: len(_agents(sched)) == 2, 30, detail)
+        _wait("both agents to register", lambda: len(_agents(sched)) == 2, 30, detail)
         with run_log.open("w") as sink:
             run = subprocess.Popen(
                 [
@@ -103,16 +96,16 @@ def test_a_hung_agent_is_lost_within_two_intervals_and_its_tasks_move(tmp_path: 
                 stderr=subprocess.STDOUT,
                 text=True,
             )  # fmt: skip
-        _wait_for("attempts running on both agents",
+        _wait("attempts running on both agents",
                   lambda: min(_agents(sched).values(), default=0) >= 3, 60, detail)  # fmt: skip
         on_hung = _agents(sched)[hung]
         stopped = procs["agent1"].pid
         os.kill(stopped, signal.SIGSTOP)  # it hangs: no heartbeat, no answer, no death
         stopped_at = time.monotonic()
-        _wait_for("the hung agent to be dropped", lambda: hung not in _agents(sched), 30, detail)
+        _wait("the hung agent to be dropped", lambda: hung not in _agents(sched), 30, detail)
         detected_s = time.monotonic() - stopped_at
         # its attempts were failed at once and went to the other agent
-        _wait_for("attempts running on the other agent",
+        _wait("attempts running on the other agent",
                   lambda: _agents(sched).get(other, 0) >= 1, 30, detail)  # fmt: skip
         assert run.wait(timeout=150) == 0, detail()
         finished_s = time.monotonic() - stopped_at

@@ -33,7 +33,7 @@ import pytest
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
-from megaflow.testing.dockerd import Dockerd, dockerd_available
+from megaflow.testing.dockerd import Dockerd, dockerd_available, prepared_dockerd
 from megaflow.testing.images import SECURITY_TOOLS, build_python_image
 from megaflow.v1 import env_pb2
 from tests.security import hoststate
@@ -252,16 +252,10 @@ def security_dockerd() -> Iterator[Dockerd]:
     reason = dockerd_available()
     if reason is not None:
         pytest.skip(f"dockerd cannot run here: {reason}")
-    daemon = Dockerd().start()
-    try:
-        client = daemon.client()
-        try:
-            build_python_image(client, DOCKER_IMAGE, tools=SECURITY_TOOLS)
-        finally:
-            client.close()
+    with prepared_dockerd(
+        lambda client: build_python_image(client, DOCKER_IMAGE, tools=SECURITY_TOOLS)
+    ) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 async def _wait_for_host_pid(marker: str) -> int:

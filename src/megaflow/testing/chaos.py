@@ -18,7 +18,6 @@ import os
 import random
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from megaflow.model.simulated import SimulatedPolicy
 from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.server import free_port
 
 KINDS = ("scheduler", "agent", "env", "model")
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) (.*)$", re.M)
@@ -78,12 +78,6 @@ def schedule(config: ChaosConfig) -> list[Kill]:
     return sorted(kills, key=lambda k: k.at_fraction)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _finished(store: str) -> int:
     """Tasks in a terminal state in the ledger: the run's progress, whether or not the
     client's watch is connected (after a scheduler restart it catches up in a burst)."""
@@ -112,7 +106,7 @@ class Deployment:
         self.workdir = workdir
         self.config = config
         self.store = str(workdir / "ledger.sqlite")
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.address = f"127.0.0.1:{free_port()}"
         self.procs: dict[str, ServiceProcess] = {}
         self.pgids: list[int] = []
         self.env_pids: list[int] = []

@@ -26,6 +26,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -325,3 +326,19 @@ def build_busybox_image(client: docker.DockerClient | docker.APIClient, tag: str
         changes=['CMD ["/bin/sh"]', "ENV PATH=/usr/local/bin:/usr/bin:/bin:/sbin"],
     )
     return str(api.inspect_image(tag)["Id"])
+
+
+@contextlib.contextmanager
+def prepared_dockerd(prepare: Callable[[docker.DockerClient], object]) -> Iterator[Dockerd]:
+    """A started private dockerd on which `prepare(client)` has run (e.g. building the
+    tests' image); stopped, its containers removed, on exit."""
+    daemon = Dockerd().start()
+    try:
+        client = daemon.client()
+        try:
+            prepare(client)
+        finally:
+            client.close()
+        yield daemon
+    finally:
+        daemon.stop()

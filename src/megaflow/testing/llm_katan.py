@@ -41,7 +41,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from megaflow.testing.server import free_port
+
 __all__ = ["LlmKatanError", "LlmKatanServer", "find_llm_katan", "free_port"]
 
 DEFAULT_MODEL = "katan-echo"
@@ -64,13 +65,6 @@ _live: weakref.WeakSet[LlmKatanServer] = weakref.WeakSet()
 
 class LlmKatanError(RuntimeError):
     """The llm-katan server could not be found, started, or did not become ready."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def find_llm_katan() -> list[str]:

@@ -17,7 +17,6 @@ import hashlib
 import io
 import os
 import signal
-import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Literal
 import aiohttp
 
 from megaflow.env.images_build import build_oci_image, tar_layer
+from megaflow.testing.server import free_port
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 HTTP_TIMEOUT_S = 30.0
@@ -42,13 +42,6 @@ storage:
 http:
   addr: 127.0.0.1:{port}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class LocalRegistry:
@@ -89,7 +82,7 @@ class LocalRegistry:
         if not os.access(REGISTRY_BINARY, os.X_OK):
             raise RuntimeError(f"{REGISTRY_BINARY} missing: install Debian's docker-registry")
         self.storage.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         config = self.work_dir / "config.yml"
         config.write_text(_CONFIG.format(root=self.storage, port=self.port))
         with self._log.open("ab") as log:

@@ -16,15 +16,33 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS's choice)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], bool],
+    timeout_s: float,
+    detail: Callable[[], str] = str,
+    poll_s: float = 0.1,
+) -> None:
+    """Poll `check` until it is true; AssertionError naming `what` (and `detail()`) after
+    `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {detail()}")
+        time.sleep(poll_s)
 
 
 class LocalServer:

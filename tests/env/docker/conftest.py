@@ -9,7 +9,12 @@ from typing import Any
 import pytest
 
 from megaflow.env.docker import DockerEngine, DockerSandbox
-from megaflow.testing.dockerd import Dockerd, build_busybox_image, dockerd_available
+from megaflow.testing.dockerd import (
+    Dockerd,
+    build_busybox_image,
+    dockerd_available,
+    prepared_dockerd,
+)
 
 IMAGE = "megaflow-busybox:test"
 
@@ -19,14 +24,8 @@ def dockerd() -> Iterator[Dockerd]:
     reason = dockerd_available()
     if reason is not None:
         pytest.skip(f"dockerd cannot run here: {reason}")
-    daemon = Dockerd().start()
-    try:
-        client = daemon.client()
-        build_busybox_image(client, IMAGE)
-        client.close()
+    with prepared_dockerd(lambda client: build_busybox_image(client, IMAGE)) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.fixture
