@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from megaflow.core.errors import NotFoundError, SandboxError
+from megaflow.env.local.freezer import request_freeze
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
@@ -61,6 +62,24 @@ async def test_sandbox_killed_from_outside_raises_sandbox_error_and_is_released(
             await service.submit_action(env_pb2.SubmitActionRequest(env_id=env_id, read_file=read))
     assert SandboxError.retryable  # the scheduler retries the task elsewhere
     assert not workspace.exists()  # released and removed, not pooled
+    with pytest.raises(NotFoundError):
+        await service.execute_step(env_pb2.ExecuteStepRequest(env_id=env_id, command="true"))
+
+
+async def test_a_hung_sandbox_fails_its_step_as_infrastructure_and_is_released(
+    service: LocalEnvironmentService,
+) -> None:
+    env_id = (await service.create_environment(env_pb2.CreateEnvironmentRequest())).env_id
+    sandbox = service._envs[env_id].sandbox
+    control = sandbox._cgroups.freezer_file  # type: ignore[attr-defined]
+    if control is None:
+        pytest.skip("this machine has no cgroup freezer")
+    request_freeze(control, True)  # the sandbox hangs (as under `docker pause`)
+    step = env_pb2.ExecuteStepRequest(env_id=env_id, command="echo hi", timeout_s=0.3)
+    with pytest.raises(SandboxError, match="hung") as caught:
+        await service.execute_step(step)
+    assert caught.value.retryable  # retried elsewhere, never scored
+    assert not sandbox.host_workspace.exists()  # type: ignore[attr-defined]
     with pytest.raises(NotFoundError):
         await service.execute_step(env_pb2.ExecuteStepRequest(env_id=env_id, command="true"))
 

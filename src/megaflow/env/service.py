@@ -318,6 +318,8 @@ class LocalEnvironmentService:
         result = await self._guard(env, env.sandbox.execute(command, timeout_s))
         if backends.shell_died_between_calls(result.output) or not env.sandbox.alive:
             await self._destroy(env.env_id, broken=True)
+            sandbox_id = env.sandbox.sandbox_id
+            log.warning("sandbox %s of %s died between calls; released it", sandbox_id, env.env_id)
             raise SandboxError(f"the sandbox of {env.env_id} died between calls; its state is lost")
         return result
 
@@ -325,8 +327,8 @@ class LocalEnvironmentService:
         """Await a sandbox call; a SandboxError means the sandbox is gone: release it."""
         try:
             return await call
-        except SandboxError:
-            log.warning("sandbox of %s failed; releasing it", env.env_id)
+        except SandboxError as exc:
+            log.warning("sandbox of %s failed (%s); releasing it", env.env_id, exc)
             await self._destroy(env.env_id, broken=True)
             raise
 

@@ -59,6 +59,20 @@ def set_frozen(control: Path, frozen: bool, *, timeout_s: float) -> None:
         time.sleep(0.0005)
 
 
+def frozen_now(dirs: Iterable[Path]) -> bool:
+    """Whether the sandbox's freezer is frozen or freezing, by whoever asked (one read;
+    False where there is no freezer or it cannot be read)."""
+    found = freeze_file(dirs)
+    if found is None:
+        return False
+    try:
+        if found.name == "freezer.state":
+            return found.read_text().strip() != "THAWED"
+        return found.read_text().strip() == "1"
+    except OSError:
+        return False
+
+
 def thaw_if_frozen(dirs: Iterable[Path]) -> None:
     """Best effort: thaw the freezer among ``dirs`` (frozen processes cannot die)."""
     found = freeze_file(dirs)

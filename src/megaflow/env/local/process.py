@@ -78,6 +78,14 @@ class ShellProcess:
         """The exit status once reaped (128+N for signal N), else None."""
         return self._exited.result() if self._exited.done() else None
 
+    @property
+    def killed_by(self) -> int | None:
+        """The signal that ended bwrap itself, once reaped (None: it exited; bwrap
+        reports a signal that ended the shell inside as the status 128+N instead)."""
+        if not self._exited.done() or self._popen.returncode is None:
+            return None
+        return -self._popen.returncode if self._popen.returncode < 0 else None
+
     async def wait(self) -> int:
         """Wait for the process to exit and return its status."""
         return await asyncio.shield(self._exited)

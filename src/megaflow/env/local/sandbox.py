@@ -33,7 +33,7 @@ from megaflow.env.local import procs
 from megaflow.env.local.bwrap import INBOX, WORKDIR, bwrap_argv, image_has_bash, launcher_argv
 from megaflow.env.local.cgroups import CPU_SHARES_DEFAULT, SandboxCgroups, cgroup_layout
 from megaflow.env.local.features import SandboxFeatures
-from megaflow.env.local.freezer import thaw_if_frozen
+from megaflow.env.local.freezer import frozen_now, thaw_if_frozen
 from megaflow.env.local.owner import Owner
 from megaflow.env.local.process import ShellProcess
 from megaflow.env.local.quota import mount_workspace, unmount_workspace
@@ -57,6 +57,8 @@ FILE_OP_TIMEOUT_S = 60.0
 INTERRUPT_GRACE_S = 2.0
 """How long a timed-out command's shell gets to come back before it is replaced."""
 RESTART_TIMEOUT_S = 10.0
+HANG_CHECK_S = 1.0
+"""While a command runs, how often the sandbox checks it was not frozen from outside."""
 
 SHELL_RESTARTED = "[megaflow: the shell exited; a new shell was started]"
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -109,6 +111,13 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures):
     If the shell dies (``exit``, killed for memory), the next call starts a new one in
     the same sandbox: ``/workspace`` and the cgroups persist, while ``/tmp``, the
     environment and the working folder start afresh; the output says so.
+
+    What the task cannot cause is the platform's failure, and breaks the sandbox for
+    good (SandboxError, retryable, on that call and every later one): bwrap itself
+    killed by a signal this class did not send (``docker kill``, a node's OOM killer),
+    or a sandbox found *hung*: frozen by someone else (``docker pause``, a stuck
+    freezer; checked every :data:`HANG_CHECK_S` while a command runs), or, at a
+    command's timeout, bwrap outliving SIGKILL.
     """
 
     WORKDIR = WORKDIR
@@ -160,6 +169,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures):
         self._lock = asyncio.Lock()
         self._stale: bytes | None = None  # sentinel of a command abandoned by cancellation
         self._broken: str | None = None
+        self._killed_bwrap = False  # this object SIGKILLed bwrap (not the outside world)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -323,6 +333,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures):
             if seccomp_fd is not None:
                 os.close(seccomp_fd)
         self._shell = shell
+        self._killed_bwrap = False
         nonce = new_nonce()
         shell.write(ready_line(nonce))
         sink = OutputCollector(16384)
@@ -350,6 +361,10 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures):
         self._stale = None
         if shell is not None and shell.returncode is None and not shell.reader.eof:
             return ""
+        if shell is not None and (why := self._killed_from_outside(shell)):
+            await self._kill_processes()
+            self._broken = why
+            raise SandboxError(f"sandbox {self.sandbox_id} died: {why}")
         await self._restart()
         return SHELL_RESTARTED
 
@@ -377,13 +392,21 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures):
         started = time.perf_counter()
         shell.write(line(nonce))
         timed_out = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         try:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    status = await shell.reader.read_until(sentinel, sink)
-            except TimeoutError:
-                timed_out = True
-                status = await self._interrupt(sentinel, sink)
+            while True:
+                try:
+                    async with asyncio.timeout_at(min(deadline, loop.time() + HANG_CHECK_S)):
+                        status = await shell.reader.read_until(sentinel, sink)
+                    break
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        timed_out = True
+                        status = await self._interrupt(sentinel, sink)
+                        break
+                    if not self._frozen and frozen_now(self._cgroups.dirs):
+                        await self._fail_hung()  # frozen from outside: do not wait it out
         except BaseException:  # cancelled: stop the command now, resync on the next call
             self._stale = sentinel
             self._kill_workload(signal_shell=True)
@@ -401,6 +424,9 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures):
         ex.exit_code = shell.returncode
         if self._state != "running":
             raise SandboxError(f"sandbox {self.sandbox_id} was stopped while the command ran")
+        if why := self._killed_from_outside(shell):
+            self._broken = why
+            raise SandboxError(f"sandbox {self.sandbox_id} died under its command: {why}")
         try:
             await self._restart()
         except SandboxError as exc:
@@ -412,6 +438,8 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures):
         """Kill the running command; return its status, or None if the shell was replaced."""
         shell = self._shell
         assert shell is not None
+        if not self._frozen and frozen_now(self._cgroups.dirs):  # nothing in it can run
+            await self._fail_hung()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + INTERRUPT_GRACE_S
         wait_s = 0.01
@@ -426,13 +454,20 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures):
             if status is not None:
                 await self._absorb_job_reports()
             return status
-        # The shell does not come back (it ignores the trap, or exec'd something else).
-        await self._kill_processes()
+        # The shell does not come back (it ignores the trap, or exec'd something else),
+        # or the sandbox hangs: then it is the platform's failure, not the task's.
+        await self._fail_hung()
         try:
             async with asyncio.timeout(1.0):
                 return await shell.reader.read_until(sentinel, sink)
         except TimeoutError:
             return None
+
+    async def _fail_hung(self) -> None:
+        """Kill everything; if the sandbox proved hung, it is broken: SandboxError."""
+        if hung := await self._kill_processes():
+            self._broken = f"hung: {hung}"
+            raise SandboxError(f"sandbox {self.sandbox_id} {self._broken}")
 
     async def _absorb_job_reports(self) -> None:
         """Reap the killed background jobs now, so bash's "Killed" reports about them
@@ -465,9 +500,23 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures):
             shell_pids = [m.host_pid for m in members if m.ns_pid == procs.SHELL_NS_PID]
             procs.kill(shell_pids, signal.SIGUSR1)
 
-    async def _kill_processes(self) -> None:
-        """Kill everything in the sandbox and reap bwrap; the cgroups stay."""
-        if self._frozen:  # frozen processes cannot die
+    def _killed_from_outside(self, shell: ShellProcess) -> str | None:
+        """Why bwrap is dead when a signal this object did not send killed it (``exit``,
+        or the kernel killing the shell for memory, end bwrap with a status instead)."""
+        if shell.killed_by is None or self._killed_bwrap:
+            return None
+        return f"bwrap was killed from outside (signal {shell.killed_by})"
+
+    async def _kill_processes(self) -> str | None:
+        """Kill everything in the sandbox and reap bwrap; the cgroups stay.
+
+        Returns why the sandbox proved *hung*, if it did: frozen by someone else (frozen
+        processes cannot die, so it is thawed first), or bwrap outliving SIGKILL.
+        """
+        hung = None
+        if self._frozen or await asyncio.to_thread(frozen_now, self._cgroups.dirs):
+            if not self._frozen:
+                hung = "frozen from outside: its processes could not run"
             self._frozen = False
             await asyncio.to_thread(thaw_if_frozen, self._cgroups.dirs)
         shell = self._shell
@@ -479,18 +528,23 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures):
                     async with asyncio.timeout(1.0):
                         await shell.wait()
                 except TimeoutError:
+                    self._killed_bwrap = True
                     procs.kill([shell.pid])
                     try:
                         async with asyncio.timeout(5.0):
                             await shell.wait()
                     except TimeoutError as exc:
+                        self._broken = "hung: bwrap outlives SIGKILL"
                         raise SandboxError(f"sandbox {self.sandbox_id}: bwrap survives") from exc
             shell.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5.0
         while (left := self._cgroups.pids()) and loop.time() < deadline:
+            if frozen_now(self._cgroups.dirs):  # frozen meanwhile (by a racing freeze)
+                await asyncio.to_thread(thaw_if_frozen, self._cgroups.dirs)
             procs.kill(left)
             await asyncio.sleep(0.002)
+        return hung
 
     async def _teardown(self) -> None:
         """Kill, then remove cgroups and the sandbox folder (blocking parts in a thread)."""
