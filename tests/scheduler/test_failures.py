@@ -8,7 +8,6 @@ from megaflow.v1 import common_pb2
 INFRA = common_pb2.ERROR_KIND_INFRA
 AGENT_GONE = "ServiceUnavailableError: a:1 unreachable: connection refused"
 ENV_GONE = "ServiceUnavailableError: e:1 unreachable: Socket closed"
-MODEL_GONE = "ServiceUnavailableError: m:1 unreachable: connection refused"
 
 
 def _tasks(*ids: str) -> tuple[common_pb2.TaskSpec, ...]:
@@ -83,12 +82,20 @@ def test_an_unreachable_worker_is_set_aside_until_it_heartbeats_again() -> None:
     assert (s.KIND_AGENT, "a:1") not in st.services and (s.KIND_AGENT, "a:1") not in st.suspect
 
 
-def test_an_unreachable_model_is_not_the_tasks_worker() -> None:
+def test_an_unreachable_model_is_set_aside_but_is_not_the_tasks_worker() -> None:
     st = _state(quarantine_after=1)
-    st.handle(s.TasksSubmitted("sub", "r", _tasks("t0")))
-    out = st.handle(s.AttemptFailed("f", "t0", "t0#1", MODEL_GONE, True, INFRA))
-    assert _kinds(out) == [s.ScheduleRetry]  # not quarantined, nothing set aside
-    assert not st.suspect and st.tasks["t0"].losses == ()
+    st.handle(s.ServiceJoined("m2", s.KIND_MODEL, "m:2", 100, heartbeats=True))
+    out = st.handle(s.TasksSubmitted("sub", "r", _tasks("t0")))
+    (d,) = [i for i in out if isinstance(i, s.Dispatch)]
+    gone = f"ServiceUnavailableError: {d.model} unreachable: connection refused"
+    other = "m:2" if d.model == "m:1" else "m:1"
+    out = st.handle(s.AttemptFailed("f", "t0", "t0#1", gone, True, INFRA))
+    assert _kinds(out) == [s.ScheduleRetry]  # not quarantined: not its worker
+    assert st.tasks["t0"].losses == ()
+    assert set(st.suspect) == {(s.KIND_MODEL, d.model)}
+    # the retry goes to the other replica, not back to the (maybe dead) one
+    (again,) = [i for i in st.handle(s.RetryDue("due", "t0")) if isinstance(i, s.Dispatch)]
+    assert again.model == other
 
 
 def test_in_process_services_are_never_set_aside() -> None:

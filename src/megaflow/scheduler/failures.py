@@ -5,11 +5,14 @@
   infrastructure failure (retryable), and the shell is told to cancel its pending
   RunTask call (`CancelAttempt`). A lost model service only leaves placement: its
   attempts' model calls fail (and are retried) inside the agent.
-- An attempt that failed because its agent or env service was unreachable (a
+- An attempt that failed because one of its services was unreachable (a
   `ServiceUnavailableError` whose message names that service's address: the agent's
-  RunTask call, or the agent's calls to its env) sets that service aside ("suspect")
-  until its next heartbeat, so a retry does not go straight back to a dead process. An
-  unreachable model service is not the task's worker: it neither counts nor is set aside.
+  RunTask call, or the agent's calls to its env or its model replica) sets that service
+  aside ("suspect") until its next heartbeat, so a retry does not go straight back to a
+  dead process: the watchdog would drop it only two heartbeat intervals later, and
+  every attempt placed on it meanwhile would fail at once. An unreachable model
+  replica is not the task's worker: it is set aside but does not count towards
+  quarantine.
 - Each attempt of a task that ended with the loss of its worker counts towards
   quarantine: after `SchedulerPolicy.quarantine_after` such losses the task is finished
   as FAILED with `ERROR_KIND_INFRA`, no reward, and the causes.
@@ -70,18 +73,16 @@ def lose_service(state: SchedulerState, event: ServiceLost) -> list[Instruction]
 
 
 def unreachable_worker(state: SchedulerState, placement: tuple[Service, ...], message: str) -> bool:
-    """Whether `message` says the attempt's agent or env service was unreachable; if so,
-    that (heartbeating) service leaves placement until it registers again (a dead
-    process never does; the watchdog then drops it)."""
+    """Whether `message` says the attempt's agent or env service was unreachable. Any of
+    the attempt's services it names as unreachable (model replicas too) leaves placement
+    until it heartbeats again (a dead process never does; the watchdog then drops it)."""
     if not message.startswith(UNAVAILABLE):
         return False
     found = False
     for svc in placement:
-        if svc.kind not in _KIND_NAMES or not svc.address:
+        if not svc.address or f"{svc.address} unreachable" not in message:
             continue
-        if f"{svc.address} unreachable" not in message:
-            continue
-        found = True
+        found = found or svc.kind in _KIND_NAMES
         placed = state._kinds[svc.kind]
         if svc.heartbeats and placed.get(svc.address) is svc:
             del placed[svc.address]
