@@ -1,8 +1,10 @@
 """The chaos suite, CI-sized: 60 tasks on a live deployment (scheduler, 2 agents, 2 envs
 with real local sandboxes, 2 simulated models, `megaflow run --scheduler`) while one
-kill -9 each of the scheduler, an agent, an env and a model replica lands at seeded
-points of the run. Every task ends once with its true reward, nothing is written twice
-or lost, and nothing (sandbox, process, mount) is left behind."""
+kill -9 each of the scheduler, an agent, an env and a model replica, one sandbox
+killed from outside and one sandbox frozen from outside (a hang) land at seeded points
+of the run. Every task ends once with its true reward, nothing is written twice or
+lost, and nothing (sandbox, cgroup, process, mount) is left behind. On the SQLite store
+(the embedded default) and on a private redis-server (the distributed default)."""
 
 from __future__ import annotations
 
@@ -10,25 +12,42 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.testing.chaos import KINDS, ChaosConfig, check_all, format_report, report, run_chaos
+from megaflow.testing.chaos import KINDS, ChaosConfig, format_report, report, run_chaos
+from megaflow.testing.redis_server import redis_available
 
 pytestmark = pytest.mark.integration
+needs_redis = pytest.mark.skipif(bool(redis_available()), reason=str(redis_available()))
 
 
-@pytest.mark.timeout(300)
-def test_one_kill9_of_each_service_kind_every_task_once_with_its_true_reward(
-    tmp_path: Path,
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize(
+    "store",
+    [
+        "sqlite",
+        pytest.param("redis", marks=needs_redis),
+    ],
+)
+def test_one_fault_of_each_kind_every_task_once_with_its_true_reward(
+    tmp_path: Path, store: str
 ) -> None:
     config = ChaosConfig(
-        tasks=60, concurrency=10, seed=7, kills_per_kind=1, window=(0.1, 0.5), run_timeout_s=240
+        tasks=60,
+        concurrency=10,
+        seed=7,
+        kills_per_kind=1,
+        sandbox_faults=1,
+        step_timeout_s=8.0,
+        window=(0.1, 0.6),
+        run_timeout_s=300,
+        store=store,  # type: ignore[arg-type]
     )
     figures = run_chaos(tmp_path / "chaos", config)
     print("\n" + format_report(figures))
-    assert check_all(figures) == [], figures["run_log_tail"]
+    assert figures["problems"] == [], figures["run_log_tail"]
     figures_of = report(figures)
-    # every scheduled kill landed while the run was going
-    assert figures_of["kills"] == dict.fromkeys(KINDS, 1), figures["events"]
-    assert figures_of["kills_skipped"] == 0
-    # the kills cost attempts: the tasks in flight on the killed agent/env/scheduler went again
+    # every scheduled fault landed while the run was going, on a sandbox in use
+    assert figures_of["faults"] == dict.fromkeys(KINDS, 1), figures["events"]
+    assert figures_of["faults_skipped"] == 0
+    # the faults cost attempts: the tasks on the killed agent/env/scheduler went again
     assert figures_of["retried_tasks"] >= 1
     assert figures_of["tasks"] == config.tasks

@@ -102,6 +102,18 @@ def resolve_placement(
     )
 
 
+def run_specs(
+    tasks: int, seed: int, placement: RunPlacement, step_timeout_s: float | None = None
+) -> list[common_pb2.TaskSpec]:
+    """The synthetic tasks of `megaflow run`, placed, with the command budget if given."""
+    specs = generate_tasks(tasks, seed=seed)
+    for spec in specs:
+        placement.apply(spec)
+        if step_timeout_s is not None:
+            spec.budgets.step_timeout_s = step_timeout_s
+    return specs
+
+
 async def run_command(
     *,
     tasks: int,
@@ -115,11 +127,10 @@ async def run_command(
     sandbox_dir: Path,
     console: Console,
     placement: RunPlacement | None = None,
+    step_timeout_s: float | None = None,
 ) -> RunSummary:
     placement = placement or RunPlacement()
-    specs = generate_tasks(tasks, seed=seed)
-    for spec in specs:
-        placement.apply(spec)
+    specs = run_specs(tasks, seed, placement, step_timeout_s)
     with RunProgress(console, len(specs)) as progress:
         if scheduler:
             client = SchedulerServiceClient(scheduler)

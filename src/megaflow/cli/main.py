@@ -89,6 +89,15 @@ def run(
             "default: $DOCKER_HOST, else unix:///var/run/docker.sock."
         ),
     ] = None,
+    step_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Budget of each command in seconds (a command past it is killed and the "
+            "agent told so; a sandbox found hung then fails the attempt, which is retried). "
+            "Default: the agent's (60 s).",
+        ),
+    ] = None,
     log_level: LogLevel = "warning",
 ) -> None:
     """Run N synthetic software-engineering tasks and write trajectories and rewards.
@@ -123,6 +132,7 @@ def run(
                 sandbox_dir=sandbox_dir,
                 console=console,
                 placement=placement,
+                step_timeout_s=step_timeout,
             )
         )
     except KeyboardInterrupt:

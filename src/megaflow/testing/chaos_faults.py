@@ -1,0 +1,168 @@
+"""Faults the chaos driver makes in sandboxes, and its view of the run's ledger.
+
+A sandbox *kill* SIGKILLs a live sandbox's bwrap from outside (what ``docker kill`` or a
+node's OOM killer does); a *hang* freezes a running sandbox's freezer cgroup from
+outside (what ``docker pause`` or a stuck kernel does: its commands never answer).
+Both pick, where there is one, a sandbox a task is using: for a kill, one suspended by
+its env service (its agent waits for the model) or running a command; for a hang, one
+running a command now. The env services must turn either into a retryable
+infrastructure failure of that attempt (see `LocalSandbox`), never a scored outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megaflow.env.local.freezer import freeze_file, request_freeze
+
+_BUSY = 4  # outer bwrap, the sandbox's init, the shell, and a command
+
+
+@dataclass(frozen=True)
+class SandboxRef:
+    """A live sandbox of an env service, as seen from outside."""
+
+    env: str
+    sandbox_id: str
+    freezer: Path | None  # its freezer.state / cgroup.freeze
+    pids: tuple[int, ...]
+    bwrap: int | None  # the outer bwrap: the member whose parent is the env service
+
+    @property
+    def frozen(self) -> bool:
+        if self.freezer is None:
+            return False
+        with contextlib.suppress(OSError):
+            text = self.freezer.read_text().strip()
+            return text != "THAWED" if self.freezer.name == "freezer.state" else text == "1"
+        return False
+
+    @property
+    def busy(self) -> bool:
+        return len(self.pids) >= _BUSY
+
+
+def _parent(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return None
+
+
+def live_sandboxes(sandbox_dirs: dict[str, Path], env_pids: dict[str, int]) -> list[SandboxRef]:
+    """The sandboxes of each env service (by name: its sandbox folder and its pid)."""
+    found = []
+    for env, root in sandbox_dirs.items():
+        if not root.is_dir():
+            continue
+        for folder in sorted(root.iterdir()):
+            try:
+                record = json.loads((folder / "owner.json").read_text())
+                cgroups = [Path(p) for p in record["cgroups"]]
+            except (OSError, ValueError, KeyError):
+                continue  # being made or being removed
+            freezer = freeze_file(cgroups)
+            pids: tuple[int, ...] = ()
+            with contextlib.suppress(OSError, ValueError):
+                procs = (freezer.parent if freezer else cgroups[0]) / "cgroup.procs"
+                pids = tuple(int(line) for line in procs.read_text().split())
+            bwrap = next((p for p in pids if _parent(p) == env_pids.get(env)), None)
+            if pids:
+                found.append(SandboxRef(env, folder.name, freezer, pids, bwrap))
+    return found
+
+
+def _pick(
+    rng: random.Random, sandboxes: list[SandboxRef], preferred: list[SandboxRef]
+) -> tuple[SandboxRef | None, bool]:
+    if preferred:
+        return rng.choice(preferred), True
+    return (rng.choice(sandboxes), False) if sandboxes else (None, False)
+
+
+def kill_sandbox(
+    rng: random.Random, sandbox_dirs: dict[str, Path], env_pids: dict[str, int]
+) -> dict[str, Any]:
+    """SIGKILL the bwrap of a live sandbox (one in use where there is one)."""
+    sandboxes = [s for s in live_sandboxes(sandbox_dirs, env_pids) if s.bwrap is not None]
+    target, in_use = _pick(rng, sandboxes, [s for s in sandboxes if s.frozen or s.busy])
+    if target is None or target.bwrap is None:
+        return {"skipped": "no live sandbox"}
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(target.bwrap, signal.SIGKILL)
+    return {"sandbox": target.sandbox_id, "env_name": target.env, "in_use": in_use}
+
+
+def hang_sandbox(
+    rng: random.Random,
+    sandbox_dirs: dict[str, Path],
+    env_pids: dict[str, int],
+    *,
+    look_s: float = 10.0,
+) -> dict[str, Any]:
+    """Freeze a running sandbox from outside: one running a command, looked for during
+    ``look_s``, else any running one (a pooled one: its next claim probes it)."""
+    deadline = time.monotonic() + look_s
+    while True:
+        running = [
+            s
+            for s in live_sandboxes(sandbox_dirs, env_pids)
+            if s.freezer is not None and not s.frozen
+        ]
+        busy = [s for s in running if s.busy]
+        if busy or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+    target, in_use = _pick(rng, running, busy)
+    if target is None or target.freezer is None:
+        return {"skipped": "no running sandbox with a freezer"}
+    with contextlib.suppress(Exception):  # it may be gone by now: then nothing hangs
+        request_freeze(target.freezer, True)
+    return {"sandbox": target.sandbox_id, "env_name": target.env, "in_use": in_use}
+
+
+class LedgerView:
+    """The run's ledger as the driver reads it (sync; its own event loop): progress
+    while the run goes, every row at the end. Any backend `open_ledger` takes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._loop = asyncio.new_event_loop()
+
+    def _rows_and_runs(self, rows: bool) -> tuple[list[Any], list[Any]]:
+        from megaflow.store.factory import open_ledger
+
+        async def read() -> tuple[list[Any], list[Any]]:
+            ledger = open_ledger(self.url)
+            await ledger.open()
+            try:
+                runs = await ledger.runs()
+                every = [r for run in runs for r in await ledger.run(run.run_id)] if rows else []
+                return every, runs
+            finally:
+                await ledger.close()
+
+        return self._loop.run_until_complete(asyncio.wait_for(read(), 30.0))
+
+    def finished(self) -> int:
+        """Tasks in a terminal state, whether or not the client's watch is connected
+        (after a scheduler restart it catches up in a burst); 0 when unreadable."""
+        try:
+            return sum(run.terminal for run in self._rows_and_runs(rows=False)[1])
+        except Exception:  # not created yet, or busy: no progress seen this time
+            return 0
+
+    def rows(self) -> list[Any]:
+        """Every task row (`LedgerRow`) of every run."""
+        return self._rows_and_runs(rows=True)[0]
+
+    def close(self) -> None:
+        self._loop.close()
