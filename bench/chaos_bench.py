@@ -35,11 +35,11 @@ async def run(quick: bool = False) -> dict[str, Any]:
     for store in stores:
         config = ChaosConfig(
             tasks=120 if quick else 500,
-            concurrency=32,
+            concurrency=16,
             seed=1,
             kills_per_kind=1 if quick else 3,
             sandbox_faults=1 if quick else 3,
-            window=(0.05, 0.55),
+            window=(0.05, 0.5),
             min_gap=1,
             run_timeout_s=900,
             store=store,  # type: ignore[arg-type]
