@@ -2,9 +2,10 @@
 with real local sandboxes, 2 simulated models, `megaflow run --scheduler`) while one
 kill -9 each of the scheduler, an agent, an env and a model replica, one sandbox
 killed from outside and one sandbox frozen from outside (a hang) land at seeded points
-of the run. Every task ends once with its true reward, nothing is written twice or
-lost, and nothing (sandbox, cgroup, process, mount) is left behind. On the SQLite store
-(the embedded default) and on a private redis-server (the distributed default)."""
+of the run. Every task ends once with its true reward (as in an undisturbed run of the
+same tasks and seed), nothing is written twice or lost, and nothing (sandbox, cgroup,
+process, mount) is left behind. On the SQLite store (the embedded default) and on a
+private redis-server (the distributed default)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def test_one_fault_of_each_kind_every_task_once_with_its_true_reward(
     )
     figures = run_chaos(tmp_path / "chaos", config)
     print("\n" + format_report(figures))
+    # exactly once, true rewards, each outcome that of the undisturbed run, nothing left
+    assert figures["undisturbed_exit"] == 0
     assert figures["problems"] == [], figures["run_log_tail"]
     figures_of = report(figures)
     # every scheduled fault landed while the run was going, on a sandbox in use

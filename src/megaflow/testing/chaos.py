@@ -74,6 +74,9 @@ class ChaosConfig(BaseModel):
         3, ge=0, description="Tasks finished between one restart and the next kill, at least."
     )
     run_timeout_s: float = Field(600.0, gt=0, description="Bound on the whole run.")
+    compare_undisturbed: bool = Field(
+        True, description="Also run the same tasks undisturbed (embedded) and compare."
+    )
 
 
 class Kill(BaseModel):
@@ -234,6 +237,26 @@ def _client(dep: Deployment, out: Path, sink: Any) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+def _undisturbed(workdir: Path, config: ChaosConfig) -> int:
+    """The same tasks, seed and policy in one embedded process with no fault: the
+    outcomes the chaos run must reproduce. Returns its exit status."""
+    argv = [
+        sys.executable, "-m", "megaflow.cli.main", "run",
+        "--tasks", str(config.tasks),
+        "--concurrency", str(config.concurrency),
+        "--success-rate", str(config.success_rate),
+        "--time-scale", str(config.time_scale),
+        "--step-timeout", str(config.step_timeout_s),
+        "--sandbox-dir", str(workdir / "sandboxes-undisturbed"),
+        "--out", str(workdir / "undisturbed"),
+    ]  # fmt: skip
+    with (workdir / "undisturbed.log").open("w") as sink:
+        done = subprocess.run(
+            argv, stdout=sink, stderr=subprocess.STDOUT, timeout=config.run_timeout_s
+        )
+    return done.returncode
+
+
 def run_chaos(workdir: Path, config: ChaosConfig) -> dict[str, Any]:
     """Run the deployment under the fault schedule; return the raw figures (see report)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +266,9 @@ def run_chaos(workdir: Path, config: ChaosConfig) -> dict[str, Any]:
         else:
             url = str(workdir / "ledger.sqlite")
         figures = _run(workdir, config, url)
+        if config.compare_undisturbed:
+            figures["undisturbed_exit"] = _undisturbed(workdir, config)
+            figures["sandbox_dirs"].append(str(workdir / "sandboxes-undisturbed"))
         figures["problems"] = check_all(figures)  # while the store still runs
     return figures
 

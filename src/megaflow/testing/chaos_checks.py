@@ -2,7 +2,8 @@
 
 `check_all` returns what went wrong ([] when nothing did): every task once in the
 ledger, in a terminal state; results and trajectories hold each task exactly once; no
-infrastructure failure carries a reward; every reward is the deterministic policy's;
+infrastructure failure carries a reward; every reward is the deterministic policy's,
+and each task's outcome that of an undisturbed run of the same tasks and seed;
 nothing (sandbox, cgroup, mount, process) is left. `report` and `format_report` give
 the faults, their detection, retries and resumptions.
 """
@@ -71,6 +72,23 @@ def check_outputs(out: Path, tasks: int, success_rate: float) -> list[str]:
     return problems
 
 
+def check_against_undisturbed(out: Path, undisturbed: Path) -> list[str]:
+    """Every task ended as in an undisturbed run of the same tasks and seed: the same
+    status and the same reward."""
+    want = {r["task_id"]: r for r in _records(undisturbed / "results.jsonl")}
+    problems = []
+    for r in _records(out / "results.jsonl"):
+        ref = want.get(r["task_id"])
+        if ref is None:
+            problems.append(f"{r['task_id']}: not in the undisturbed run")
+        elif (r["status"], r.get("reward")) != (ref["status"], ref.get("reward")):
+            problems.append(
+                f"{r['task_id']}: {r['status']} reward {r.get('reward')} under chaos, "
+                f"{ref['status']} reward {ref.get('reward')} undisturbed"
+            )
+    return problems
+
+
 def _ancestors() -> set[int]:
     pids, pid = set(), os.getpid()
     while pid > 1:
@@ -136,6 +154,10 @@ def check_all(figures: dict[str, Any]) -> list[str]:
     finally:
         view.close()
     problems += check_outputs(workdir / "out", config.tasks, config.success_rate)
+    if figures.get("undisturbed_exit") is not None:
+        if figures["undisturbed_exit"] != 0:
+            problems.append(f"the undisturbed run exited {figures['undisturbed_exit']}")
+        problems += check_against_undisturbed(workdir / "out", workdir / "undisturbed")
     return problems + check_nothing_left(figures)
 
 
