@@ -22,6 +22,9 @@ from tests.env.test_local_sandbox import owner_cgroups, sandbox_pids
 
 pytestmark = pytest.mark.integration
 
+needs_memory = pytest.mark.skipif(
+    not cgroup_support().memory, reason=f"no memory cgroup: {cgroup_support().detail}"
+)
 needs_freezer = pytest.mark.skipif(
     not cgroup_support().freezer, reason=f"no freezer: {cgroup_support().detail}"
 )
@@ -74,6 +77,25 @@ async def test_bwrap_killed_from_outside_between_calls_breaks_the_sandbox(
         await sandbox.execute("echo hi", 10)
     assert not sandbox.alive
     await _assert_stops_leaving_nothing(sandbox)
+
+
+@needs_memory
+async def test_bwrap_killed_by_the_sandboxs_own_memory_limit_is_the_tasks_doing(
+    tmp_path: Path,
+) -> None:
+    sb = LocalSandbox("oom", root_dir=tmp_path / "sandboxes", memory_mib=64)
+    await sb.start()
+    try:
+        # bwrap first in line for the OOM killer: filling the private /tmp (a tmpfs,
+        # charged to the sandbox, freed by no kill) gets bwrap itself killed.
+        Path(f"/proc/{_bwrap_pid(sb)}/oom_score_adj").write_text("1000")
+        result = await sb.execute("head -c 200000000 /dev/zero > /tmp/fill", 30)
+        assert sb._cgroups.oom_kills() > 0
+        assert result.exit_code != 0 and "a new shell was started" in result.output
+        assert sb.alive  # not broken: the task filled its own memory
+        assert (await sb.execute("echo after", 10)).output == "after\n"
+    finally:
+        await sb.stop()
 
 
 async def test_the_task_killing_its_own_shell_mid_command_is_not_a_platform_failure(

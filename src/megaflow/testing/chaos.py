@@ -1,7 +1,7 @@
 """A chaos driver: a live multi-process deployment, a seeded schedule of faults, checks.
 
 `run_chaos` starts a scheduler (fixed address; its store a SQLite file, or a private
-redis-server that the driver keeps up), two agent services (checkpointing to the
+redis-server or etcd that the driver keeps up), two agent services (checkpointing to the
 store), two env services (real local sandboxes), two simulated model services and
 `megaflow run --scheduler` as a client. While the run goes it makes, at seeded points
 of the run's progress:
@@ -41,6 +41,7 @@ from megaflow.testing.chaos_checks import (
     report,
 )
 from megaflow.testing.chaos_faults import LedgerView, hang_sandbox, kill_sandbox
+from megaflow.testing.etcd_server import EtcdServer
 from megaflow.testing.processes import ServiceProcess
 from megaflow.testing.redis_server import RedisServer
 from megaflow.testing.server import free_port
@@ -64,8 +65,9 @@ class ChaosConfig(BaseModel):
     step_timeout_s: float = Field(
         10.0, gt=0, description="Command budget of the tasks: how long a hang goes unnoticed."
     )
-    store: Literal["sqlite", "redis"] = Field(
-        "sqlite", description="The scheduler's and agents' store: a SQLite file or redis-server."
+    store: Literal["sqlite", "redis", "etcd"] = Field(
+        "sqlite",
+        description="The scheduler's and agents' store: a SQLite file, redis-server or etcd.",
     )
     window: tuple[float, float] = Field(
         (0.1, 0.75), description="Kills happen at these fractions of tasks finished."
@@ -263,6 +265,8 @@ def run_chaos(workdir: Path, config: ChaosConfig) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         if config.store == "redis":
             url = stack.enter_context(RedisServer(workdir)).url
+        elif config.store == "etcd":
+            url = stack.enter_context(EtcdServer(workdir)).url
         else:
             url = str(workdir / "ledger.sqlite")
         figures = _run(workdir, config, url)

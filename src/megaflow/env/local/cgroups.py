@@ -319,6 +319,19 @@ class SandboxCgroups:
         """The sandbox's freezer control file (v1 ``freezer.state``, v2 ``cgroup.freeze``)."""
         return freeze_file(self.dirs)
 
+    def oom_kills(self) -> int:
+        """Processes the sandbox's own memory limit has killed so far (v1
+        ``memory.oom_control``, v2 ``memory.events``: ``oom_kill N``); 0 where unknown."""
+        kills = 0
+        for folder in self.dirs:
+            for name in ("memory.oom_control", "memory.events"):
+                with contextlib.suppress(OSError, ValueError):
+                    for line in (folder / name).read_text().splitlines():
+                        key, _, value = line.partition(" ")
+                        if key == "oom_kill":
+                            kills += int(value)
+        return kills
+
     def remove(self, timeout_s: float = 2.0) -> None:
         """Remove the (emptied) cgroup folders, retrying while the kernel still holds them."""
         remove_cgroup_dirs(self.dirs, timeout_s=timeout_s)

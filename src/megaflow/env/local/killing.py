@@ -35,6 +35,7 @@ class SandboxKilling:
     _shell: ShellProcess | None
     _broken: str | None
     _killed_bwrap: bool
+    _oom_kills_at_spawn: int
 
     async def _fail_hung(self) -> None:
         """Kill everything; if the sandbox proved hung, it is broken: SandboxError."""
@@ -59,9 +60,13 @@ class SandboxKilling:
             procs.kill(shell_pids, signal.SIGUSR1)
 
     def _killed_from_outside(self, shell: ShellProcess) -> str | None:
-        """Why bwrap is dead when a signal this object did not send killed it (``exit``,
-        or the kernel killing the shell for memory, end bwrap with a status instead)."""
+        """Why bwrap is dead when a signal neither this object nor the sandbox's own
+        memory limit sent killed it (``exit``, or the shell killed, end bwrap with a
+        status instead; a task filling its memory, e.g. a tmpfs, may get bwrap itself
+        chosen by the OOM killer of its cgroup: the task's doing)."""
         if shell.killed_by is None or self._killed_bwrap:
+            return None
+        if self._cgroups.oom_kills() > self._oom_kills_at_spawn:
             return None
         return f"bwrap was killed from outside (signal {shell.killed_by})"
 

@@ -168,6 +168,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling):
         self._stale: bytes | None = None  # sentinel of a command abandoned by cancellation
         self._broken: str | None = None
         self._killed_bwrap = False  # this object SIGKILLed bwrap (not the outside world)
+        self._oom_kills_at_spawn = 0  # the memory limit's kills before this shell
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -332,6 +333,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling):
                 os.close(seccomp_fd)
         self._shell = shell
         self._killed_bwrap = False
+        self._oom_kills_at_spawn = self._cgroups.oom_kills()
         nonce = new_nonce()
         shell.write(ready_line(nonce))
         sink = OutputCollector(16384)
