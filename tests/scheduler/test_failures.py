@@ -165,3 +165,41 @@ def test_terminal_tasks_leave_memory_but_stay_counted() -> None:
     st.handle(s.AttemptCompleted("c", "t0", "t0#1", ok, common_pb2.Trajectory()))
     assert "t0" not in st.tasks
     assert st.counts() == {common_pb2.TASK_STATE_SUCCEEDED: 1, common_pb2.TASK_STATE_RUNNING: 1}
+
+
+def _lose_worker_of(st: s.SchedulerState, task_id: str, seq: int | None) -> list[s.Instruction]:
+    """The current attempt of `task_id` resumes from checkpoint `seq` (None: it started
+    afresh), then its agent dies; the agent comes back and the retry falls due."""
+    task = st.tasks[task_id]
+    if seq is not None:
+        st.handle(s.AttemptResumed("r", task_id, task.attempt_id, seq))
+    out = st.handle(s.ServiceLost("l", "a:1", "no heartbeat for 4.0 s"))
+    st.handle(s.ServiceJoined("back", s.KIND_AGENT, "a:1", 10, heartbeats=True))
+    return out + st.handle(s.RetryDue("due", task_id))
+
+
+def test_losses_between_which_the_task_got_further_do_not_quarantine_it() -> None:
+    st = _state(quarantine_after=3, default_max_attempts=10)
+    st.handle(s.TasksSubmitted("sub", "r", _tasks("unlucky")))
+    # five attempts in a row lose their agent, but each retry resumes further on
+    for seq in (None, 2, 4, 7, 9):
+        out = _lose_worker_of(st, "unlucky", seq)
+        assert not [i for i in out if isinstance(i, s.Finish)], seq
+    assert st.quarantined == 0 and st.tasks["unlucky"].attempt == 6
+    assert len(st.tasks["unlucky"].losses) == 2  # the latest loss, and the one since
+
+
+def test_a_task_that_crashes_its_worker_at_the_same_point_is_quarantined_all_the_same() -> None:
+    st = _state(quarantine_after=3, default_max_attempts=10)
+    st.handle(s.TasksSubmitted("sub", "r", _tasks("poison")))
+    # the first attempt gets to checkpoint 3 and crashes there; every retry resumes
+    # there and crashes again: three losses without progress between them
+    finishes = []
+    for seq in (None, 3, 3):
+        out = _lose_worker_of(st, "poison", seq)
+        finishes += [i for i in out if isinstance(i, s.Finish)]
+    (finish,) = finishes
+    assert finish.result.error.startswith("quarantined")
+    assert finish.result.attempts == 3
+    # a resumption of a stale attempt says nothing
+    assert st.handle(s.AttemptResumed("r", "poison", "poison#1", 99)) == []

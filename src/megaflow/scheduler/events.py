@@ -73,6 +73,17 @@ class AttemptFailed:
 
 
 @dataclass(frozen=True)
+class AttemptResumed:
+    """The attempt starts from its task's checkpoint number `seq` (the shell read it
+    from the store before sending the attempt): how far the task had got."""
+
+    stimulus_id: str
+    task_id: str
+    attempt_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
 class RetryDue:
     stimulus_id: str
     task_id: str
@@ -91,6 +102,7 @@ Event = (
     | ServiceLost
     | AttemptCompleted
     | AttemptFailed
+    | AttemptResumed
     | RetryDue
     | Wake
 )

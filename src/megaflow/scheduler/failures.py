@@ -14,8 +14,14 @@
   replica is not the task's worker: it is set aside but does not count towards
   quarantine.
 - Each attempt of a task that ended with the loss of its worker counts towards
-  quarantine: after `SchedulerPolicy.quarantine_after` such losses the task is finished
-  as FAILED with `ERROR_KIND_INFRA`, no reward, and the causes.
+  quarantine: after `SchedulerPolicy.quarantine_after` such losses *in a row without
+  progress* the task is finished as FAILED with `ERROR_KIND_INFRA`, no reward, and the
+  causes. Progress: a retry resumes from a later checkpoint than the one before it
+  (`AttemptResumed`), so the attempt that ended in the last loss got further; the
+  losses before it are forgiven. A task that crashes its worker does so at the same
+  point every time and never gets further; one that merely stood near workers that
+  died (a node lost, a process killed under a thousand loops) moves on between
+  losses, and a dense run of such losses must not fail it.
 
 Pure functions over `SchedulerState`; no I/O.
 """
@@ -88,6 +94,15 @@ def unreachable_worker(state: SchedulerState, placement: tuple[Service, ...], me
             del placed[svc.address]
             state.suspect[(svc.kind, svc.address)] = svc
     return found
+
+
+def resumed(task: _Task, seq: int) -> None:
+    """An attempt of `task` resumes from checkpoint `seq`: if the task got further than
+    the last resumption, only the latest loss (the attempt that got further and then
+    lost its worker) still counts towards quarantine."""
+    if seq > task.progress:
+        task.progress = seq
+        task.losses = task.losses[-1:]
 
 
 def quarantine_result(task: _Task, event: AttemptFailed) -> common_pb2.TaskResult:

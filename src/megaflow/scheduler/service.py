@@ -345,6 +345,8 @@ class SchedulerServiceImpl:
                 if checkpoint is not None:
                     request.resume.ParseFromString(checkpoint.data)
                     log.info("attempt %s resumes %s", d.attempt_id, checkpoint.attempt_id)
+                    stimulus = self._stimulus("resumed")
+                    self._feed(s.AttemptResumed(stimulus, d.task_id, d.attempt_id, checkpoint.seq))
             except Exception as error:  # no checkpoint is only slower: start over
                 log.warning("checkpoint of %s not loaded (%s): starting over", d.task_id, error)
                 request.ClearField("resume")

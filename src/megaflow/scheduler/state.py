@@ -37,6 +37,7 @@ from megaflow.scheduler import failures
 from megaflow.scheduler.events import (
     AttemptCompleted,
     AttemptFailed,
+    AttemptResumed,
     CancelAttempt,
     Dispatch,
     Event,
@@ -74,6 +75,7 @@ __all__ = [
     "KIND_MODEL",
     "AttemptCompleted",
     "AttemptFailed",
+    "AttemptResumed",
     "CancelAttempt",
     "Dispatch",
     "Event",
@@ -113,6 +115,7 @@ class _Task:
     ready_at: float = 0.0
     class_key: Hashable = None
     losses: tuple[str, ...] = ()  # causes of the attempts that ended with their worker lost
+    progress: int = 0  # the latest checkpoint number an attempt resumed from
 
 
 @dataclass
@@ -241,6 +244,9 @@ class SchedulerState:
                     out += self._failed(event)
                 else:
                     out.append(self._late(event.task_id, event.attempt_id, "failure"))
+            case AttemptResumed():
+                if self.is_current(event.task_id, event.attempt_id):
+                    failures.resumed(self.tasks[event.task_id], event.seq)
             case RetryDue():
                 due = self.tasks.get(event.task_id)
                 if due is not None and due.state == common_pb2.TASK_STATE_PENDING:
