@@ -4,8 +4,8 @@ kill -9 each of the scheduler, an agent, an env and a model replica, one sandbox
 killed from outside and one sandbox frozen from outside (a hang) land at seeded points
 of the run. Every task ends once with its true reward (as in an undisturbed run of the
 same tasks and seed), nothing is written twice or lost, and nothing (sandbox, cgroup,
-process, mount) is left behind. On the SQLite store (the embedded default) and on a
-private redis-server (the distributed default)."""
+process, mount) is left behind. On the SQLite store (the embedded default), on a
+private redis-server (the distributed default) and on a private etcd."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from megaflow.testing.chaos import KINDS, ChaosConfig, format_report, report, run_chaos
+from megaflow.testing.etcd_server import etcd_available
 from megaflow.testing.redis_server import redis_available
 
 pytestmark = pytest.mark.integration
 needs_redis = pytest.mark.skipif(bool(redis_available()), reason=str(redis_available()))
+needs_etcd = pytest.mark.skipif(bool(etcd_available()), reason=str(etcd_available()))
 
 
 @pytest.mark.timeout(420)
@@ -26,6 +28,7 @@ needs_redis = pytest.mark.skipif(bool(redis_available()), reason=str(redis_avail
     [
         "sqlite",
         pytest.param("redis", marks=needs_redis),
+        pytest.param("etcd", marks=needs_etcd),
     ],
 )
 def test_one_fault_of_each_kind_every_task_once_with_its_true_reward(

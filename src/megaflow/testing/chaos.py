@@ -38,6 +38,7 @@ from megaflow.testing.chaos_checks import (
     SERVICE_KINDS,
     check_all,
     format_report,
+    read_ledger,
     report,
 )
 from megaflow.testing.chaos_faults import LedgerView, hang_sandbox, kill_sandbox
@@ -273,7 +274,8 @@ def run_chaos(workdir: Path, config: ChaosConfig) -> dict[str, Any]:
         if config.compare_undisturbed:
             figures["undisturbed_exit"] = _undisturbed(workdir, config)
             figures["sandbox_dirs"].append(str(workdir / "sandboxes-undisturbed"))
-        figures["problems"] = check_all(figures)  # while the store still runs
+        rows = read_ledger(figures)  # while the store still runs
+    figures["problems"] = check_all(figures, rows)  # once it has stopped too
     return figures
 
 

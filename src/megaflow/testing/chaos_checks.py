@@ -141,18 +141,25 @@ def check_nothing_left(figures: dict[str, Any]) -> list[str]:
     return problems
 
 
-def check_all(figures: dict[str, Any]) -> list[str]:
-    """Every check of a finished chaos run; [] when all pass (the store must still run)."""
+def read_ledger(figures: dict[str, Any]) -> list[Any]:
+    """Every task row of the run's ledger (its store must still run)."""
+    view = LedgerView(figures["store_url"])
+    try:
+        return view.rows()
+    finally:
+        view.close()
+
+
+def check_all(figures: dict[str, Any], ledger_rows: list[Any]) -> list[str]:
+    """Every check of a finished chaos run; [] when all pass. ``ledger_rows``: from
+    :func:`read_ledger`, read before the driver stopped its store server (which would
+    otherwise count as a process left behind)."""
     from megaflow.testing.chaos import ChaosConfig
 
     config = ChaosConfig.model_validate(figures["config"])
     workdir = Path(figures["workdir"])
     problems = [] if figures["run_exit"] == 0 else [f"run exited {figures['run_exit']}"]
-    view = LedgerView(figures["store_url"])
-    try:
-        problems += check_ledger(view.rows(), config.tasks)
-    finally:
-        view.close()
+    problems += check_ledger(ledger_rows, config.tasks)
     problems += check_outputs(workdir / "out", config.tasks, config.success_rate)
     if figures.get("undisturbed_exit") is not None:
         if figures["undisturbed_exit"] != 0:
