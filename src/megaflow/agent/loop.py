@@ -38,7 +38,8 @@ from megaflow.agent.checkpoint import (
 )
 from megaflow.contract import EnvironmentService, ModelService
 from megaflow.core.errors import MegaFlowError
-from megaflow.v1 import common_pb2, env_pb2, model_pb2
+from megaflow.core.runtime import coarse_timeout
+from megaflow.v1 import agent_pb2, common_pb2, env_pb2, model_pb2
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,12 @@ class ToolAgent:
         self.task_timeout_s = b.task_timeout_s or limits.task_timeout_s
         self.scoring_timeout_s = b.scoring_timeout_s or limits.scoring_timeout_s
         self.max_completion_tokens = limits.max_completion_tokens
-        self.result = common_pb2.TaskResult(task_id=task.task_id, attempt_id=attempt_id)
-        self.trajectory = common_pb2.Trajectory(task_id=task.task_id, attempt_id=attempt_id)
+        # Built in place inside the response the Agent Service returns: no copy at the end.
+        self.response = agent_pb2.RunTaskResponse()
+        self.result = self.response.result
+        self.result.task_id, self.result.attempt_id = task.task_id, attempt_id
+        self.trajectory = self.response.trajectory
+        self.trajectory.task_id, self.trajectory.attempt_id = task.task_id, attempt_id
         self.resume = resume
         self._writer = checkpoints if checkpoint_every > 0 else None
         self._every = checkpoint_every
@@ -187,7 +192,8 @@ class ToolAgent:
         try:
             try:
                 self._looping = True
-                async with asyncio.timeout(max(self.task_timeout_s - self._elapsed0, 0.0)):
+                # coarse: tens of thousands of far deadlines share a few timer handles
+                async with coarse_timeout(max(self.task_timeout_s - self._elapsed0, 0.0)):
                     await self._loop(env_id)
             except TimeoutError:
                 self._fail(f"task deadline of {self.task_timeout_s:.0f}s passed")

@@ -101,8 +101,8 @@ class AgentServiceImpl:
             self._running.pop(request.attempt_id, None)
 
     async def _run(self, agent: ToolAgent) -> agent_pb2.RunTaskResponse:
-        result, trajectory = await agent.run()
-        return agent_pb2.RunTaskResponse(result=result, trajectory=trajectory)
+        await agent.run()
+        return agent.response  # holds the result and trajectory (built in place)
 
     async def cancel_task(
         self, request: agent_pb2.CancelTaskRequest

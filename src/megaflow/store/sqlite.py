@@ -3,9 +3,12 @@
 Every call runs on a single dedicated thread (sqlite3 connections are not shared
 between threads), so the event loop never blocks on disk. Calls made while a
 transaction is running are queued and go together into the next transaction: one
-thread hop and one fsync per batch, each call in its own savepoint (an error, such as
-a duplicate task id, undoes that call alone) and each caller answered with its own
-result after the COMMIT. ``synchronous=FULL``: a call that returned is on disk.
+thread hop and one fsync per batch, an error (such as a duplicate task id) undoing
+that call alone, and each caller answered with its own result after the COMMIT.
+``synchronous=FULL``: a call that returned is on disk. A call of one SQL statement
+needs no savepoint (SQLite undoes a failed statement by itself); only calls of several
+take one. The writer thread runs Python between statements and needs the GIL for it,
+which the event loop holds most of the time: fewer statements a call, fewer waits.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from megaflow.store.ledger import (
 from megaflow.v1 import common_pb2
 
 T = TypeVar("T")
-Op = Callable[[sqlite3.Connection], Any]
+Fn = Callable[[sqlite3.Connection], Any]
+Op = tuple[Fn, bool]  # (the call, whether it needs a savepoint: several statements)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -89,10 +93,12 @@ class SqliteLedger:
 
     # -- plumbing ---------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, several: bool = False) -> T:
+        """Run `fn` in the next transaction; `several`: it runs more than one statement
+        (a savepoint undoes all of them if it fails)."""
         if self._db is None:
             raise RuntimeError("ledger is not open")
-        result: T = await self._batcher.submit(fn)
+        result: T = await self._batcher.submit((fn, several))
         return result
 
     async def _flush(self, ops: list[Op]) -> list[Any]:
@@ -100,17 +106,24 @@ class SqliteLedger:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._commit, ops)
 
     def _commit(self, ops: list[Op]) -> list[Any]:
-        """One transaction for the whole batch; one savepoint per call."""
+        """One transaction for the whole batch; a savepoint for each call of several
+        statements."""
         db = self._db
         if db is None:
             raise RuntimeError("ledger is not open")
         outcomes: list[Any] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            for op in ops:
+            for fn, several in ops:
+                if not several:
+                    try:
+                        outcomes.append(fn(db))
+                    except Exception as error:  # SQLite undid the failed statement
+                        outcomes.append(Failed(error))
+                    continue
                 db.execute("SAVEPOINT op")
                 try:
-                    value = op(db)
+                    value = fn(db)
                 except Exception as error:
                     db.execute("ROLLBACK TO op")
                     outcomes.append(Failed(error))
@@ -190,7 +203,7 @@ class SqliteLedger:
                 (run_id, run_seq + 1, max_concurrency, len(ids)),
             )
 
-        await self._call(add)
+        await self._call(add, several=True)
 
     async def mark_running(self, task_id: str, attempt: int, attempt_id: str) -> None:
         await self._call(
@@ -303,20 +316,17 @@ class SqliteLedger:
         data = bytes(data)
 
         def save(db: sqlite3.Connection) -> bool:
-            live = db.execute(
-                f"SELECT 1 FROM tasks WHERE task_id=? AND attempt_id=? AND {_NOT_TERMINAL}",
-                (task_id, attempt_id),
-            ).fetchone()
-            if live is None or not attempt_id:
+            if not attempt_id:
                 return False
-            db.execute(
+            cursor = db.execute(  # one statement: stored only while the attempt is current
                 "INSERT INTO checkpoints (task_id, attempt_id, data, seq, saved_at) "
-                "VALUES (?,?,?,1,?) ON CONFLICT(task_id) DO UPDATE SET "
+                "SELECT ?,?,?,1,? WHERE EXISTS (SELECT 1 FROM tasks WHERE task_id=? AND "
+                f"attempt_id=? AND {_NOT_TERMINAL}) ON CONFLICT(task_id) DO UPDATE SET "
                 "attempt_id=excluded.attempt_id, data=excluded.data, seq=seq+1, "
                 "saved_at=excluded.saved_at",
-                (task_id, attempt_id, data, time.time()),
+                (task_id, attempt_id, data, time.time(), task_id, attempt_id),
             )
-            return True
+            return cursor.rowcount == 1
 
         return await self._call(save)
 
