@@ -36,6 +36,7 @@ from megaflow.core.errors import (
     ModelUnavailableError,
     NotFoundError,
 )
+from megaflow.core.runtime import coarse_timeout_at
 from megaflow.model.admission import (
     ModelServiceConfig,
     client_key,
@@ -166,7 +167,8 @@ class ModelServiceImpl:
                 continue
             replica.begin(tokens)
             try:
-                async with asyncio.timeout_at(_loop_time(deadline)) as scope:
+                # coarse: one shared timer handle, not one per request (core.runtime)
+                async with coarse_timeout_at(_loop_time(deadline)) as scope:
                     response = await replica.backend.generate(request)
             except MegaFlowError as error:
                 if not error.retryable:

@@ -8,11 +8,18 @@ each caller's future is resolved with its own outcome once the whole batch is do
 (committed), so "the call returned" still means "the write is durable". An outcome
 that is an exception is raised to that caller alone; an exception from ``flush``
 itself (a failed commit) is raised to every caller of the batch.
+
+Callers are answered at most `resolve_chunk` per event-loop iteration. Each answer
+wakes its caller in the loop's next iteration, so answering a batch of hundreds at
+once would make one iteration run hundreds of continuations: many milliseconds in
+which no timer fires and no other task progresses. In chunks, timers and other work
+interleave with them; the next batch is flushed meanwhile, not after.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -31,12 +38,16 @@ class Failed:
 
 
 class Batcher(Generic[I]):
-    def __init__(self, flush: Flush[I], max_batch: int = 0) -> None:
-        """``max_batch``: most items per batch (0: no limit; 1: no coalescing)."""
+    def __init__(self, flush: Flush[I], max_batch: int = 0, resolve_chunk: int = 32) -> None:
+        """``max_batch``: most items per batch (0: no limit; 1: no coalescing);
+        ``resolve_chunk``: most callers answered per event-loop iteration (0: no limit)."""
         self._flush = flush
         self._max_batch = max_batch
+        self._resolve_chunk = resolve_chunk
         self._pending: list[tuple[I, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._answers: deque[tuple[asyncio.Future[Any], Any]] = deque()
+        self._answering = False
         self.batches = 0
         """Batches flushed so far (a coalescing figure for benchmarks)."""
 
@@ -49,9 +60,10 @@ class Batcher(Generic[I]):
         return await future
 
     async def drain(self) -> None:
-        """Wait until every queued item has been flushed."""
+        """Wait until every queued item has been flushed and its caller answered."""
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
+        self._answer(len(self._answers))  # the rest at once
 
     async def _drain(self) -> None:
         while self._pending:
@@ -75,10 +87,24 @@ class Batcher(Generic[I]):
                     if not fut.done():
                         fut.set_exception(error)
                 continue
-            for (_, fut), outcome in zip(batch, outcomes, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(outcome, Failed):
-                    fut.set_exception(outcome.error)
-                else:
-                    fut.set_result(outcome)
+            self._answers.extend(zip((fut for _, fut in batch), outcomes, strict=True))
+            if not self._answering:
+                self._answer_some()
+
+    def _answer_some(self) -> None:
+        """Answer the next chunk of callers; the rest in the loop's next iteration."""
+        self._answer(self._resolve_chunk or len(self._answers))
+        self._answering = bool(self._answers)
+        if self._answering:
+            asyncio.get_running_loop().call_soon(self._answer_some)
+
+    def _answer(self, limit: int) -> None:
+        answers = self._answers
+        for _ in range(min(limit, len(answers))):
+            fut, outcome = answers.popleft()
+            if fut.done():
+                continue
+            if isinstance(outcome, Failed):
+                fut.set_exception(outcome.error)
+            else:
+                fut.set_result(outcome)
