@@ -191,16 +191,24 @@ class Dockerd:
             api.close()
 
     def cgroup_dirs(self) -> list[Path]:
-        """This daemon's parent cgroup in every mounted hierarchy (v1 or v2)."""
+        """This daemon's parent cgroup in every mounted hierarchy (v1 or v2): at the
+        hierarchy's root, or below this process's own cgroup there (where dockerd puts
+        a relative parent in a hierarchy this process is not at the root of)."""
         found = []
         with contextlib.suppress(OSError):
+            own = {
+                line.split(":", 2)[2].strip("/")
+                for line in Path("/proc/self/cgroup").read_text().splitlines()
+                if line.count(":") >= 2
+            }
             for line in Path("/proc/self/mountinfo").read_text().splitlines():
                 fields = line.split(" ")
                 fstype = fields[fields.index("-") + 1]
                 if fstype in ("cgroup", "cgroup2"):
-                    folder = Path(fields[4]) / self.cgroup_parent
-                    if folder.is_dir():
-                        found.append(folder)
+                    for base in {Path(fields[4]), *(Path(fields[4]) / p for p in own if p)}:
+                        folder = base / self.cgroup_parent
+                        if folder.is_dir() and folder not in found:
+                            found.append(folder)
         return found
 
     @staticmethod
