@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from megaflow.model.simulated import SimulatedPolicy
-from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.processes import ServiceProcess, start_run
 from megaflow.testing.redis_server import RedisServer, redis_available
 from megaflow.testing.server import free_port, wait_for
 
@@ -91,20 +90,14 @@ def test_scheduler_kill9_restart_the_run_continues_exactly_once(
                 "--capacity", "64",
             ).start()  # fmt: skip
             procs["agent"] = ServiceProcess("agent", "--scheduler", address).start()
-            with run_log.open("w") as sink:
-                run = subprocess.Popen(
-                    [
-                        sys.executable, "-m", "megaflow.cli.main", "run",
-                        "--scheduler", address,
-                        "--tasks", str(TASKS),
-                        "--concurrency", str(CONCURRENCY),
-                        "--success-rate", str(SUCCESS_RATE),
-                        "--out", str(out),
-                    ],
-                    stdout=sink,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )  # fmt: skip
+            run = start_run(
+                run_log,
+                "--scheduler", address,
+                "--tasks", str(TASKS),
+                "--concurrency", str(CONCURRENCY),
+                "--success-rate", str(SUCCESS_RATE),
+                "--out", str(out),
+            )  # fmt: skip
             results = out / "results.jsonl"
             wait_for("a quarter of the results", lambda: _lines(results) >= TASKS // 4, 120,
                       detail)  # fmt: skip

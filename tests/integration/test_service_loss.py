@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 
 from megaflow.model.simulated import SimulatedPolicy
 from megaflow.rpc.clients import SchedulerServiceClient
-from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.processes import ServiceProcess, start_run
 from megaflow.testing.server import wait_for
 from megaflow.v1 import scheduler_pb2
 
@@ -82,20 +81,14 @@ def test_a_hung_agent_is_lost_within_two_intervals_and_its_tasks_move(tmp_path: 
         procs["agent2"] = ServiceProcess("agent", "--scheduler", sched).start()
         hung, other = procs["agent1"].address, procs["agent2"].address
         _wait("both agents to register", lambda: len(_agents(sched)) == 2, 30, detail)
-        with run_log.open("w") as sink:
-            run = subprocess.Popen(
-                [
-                    sys.executable, "-m", "megaflow.cli.main", "run",
-                    "--scheduler", sched,
-                    "--tasks", str(TASKS),
-                    "--concurrency", str(CONCURRENCY),
-                    "--success-rate", str(SUCCESS_RATE),
-                    "--out", str(out),
-                ],
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )  # fmt: skip
+        run = start_run(
+            run_log,
+            "--scheduler", sched,
+            "--tasks", str(TASKS),
+            "--concurrency", str(CONCURRENCY),
+            "--success-rate", str(SUCCESS_RATE),
+            "--out", str(out),
+        )  # fmt: skip
         _wait("attempts running on both agents",
                   lambda: min(_agents(sched).values(), default=0) >= 3, 60, detail)  # fmt: skip
         on_hung = _agents(sched)[hung]

@@ -24,7 +24,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +42,7 @@ from megaflow.testing.chaos_checks import (
 )
 from megaflow.testing.chaos_faults import LedgerView, hang_sandbox, kill_sandbox
 from megaflow.testing.etcd_server import EtcdServer
-from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.processes import ServiceProcess, start_run
 from megaflow.testing.redis_server import RedisServer
 from megaflow.testing.server import free_port
 
@@ -221,30 +220,25 @@ def _inject(kind: str, dep: Deployment, rng: random.Random) -> dict[str, Any]:
     return hang_sandbox(rng, dirs, pids)
 
 
-def _client(dep: Deployment, out: Path, sink: Any) -> subprocess.Popen[str]:
+def _client(dep: Deployment, out: Path, log: Path) -> subprocess.Popen[str]:
     config = dep.config
-    return subprocess.Popen(
-        [
-            sys.executable, "-m", "megaflow.cli.main", "run",
-            "--scheduler", dep.address,
-            "--tasks", str(config.tasks),
-            "--concurrency", str(config.concurrency),
-            "--success-rate", str(config.success_rate),
-            "--step-timeout", str(config.step_timeout_s),
-            "--out", str(out),
-        ],
-        stdout=sink,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    return start_run(
+        log,
+        "--scheduler", dep.address,
+        "--tasks", str(config.tasks),
+        "--concurrency", str(config.concurrency),
+        "--success-rate", str(config.success_rate),
+        "--step-timeout", str(config.step_timeout_s),
+        "--out", str(out),
+        new_session=True,
     )  # fmt: skip
 
 
 def _undisturbed(workdir: Path, config: ChaosConfig) -> int:
     """The same tasks, seed and policy in one embedded process with no fault: the
     outcomes the chaos run must reproduce. Returns its exit status."""
-    argv = [
-        sys.executable, "-m", "megaflow.cli.main", "run",
+    run = start_run(
+        workdir / "undisturbed.log",
         "--tasks", str(config.tasks),
         "--concurrency", str(config.concurrency),
         "--success-rate", str(config.success_rate),
@@ -252,12 +246,13 @@ def _undisturbed(workdir: Path, config: ChaosConfig) -> int:
         "--step-timeout", str(config.step_timeout_s),
         "--sandbox-dir", str(workdir / "sandboxes-undisturbed"),
         "--out", str(workdir / "undisturbed"),
-    ]  # fmt: skip
-    with (workdir / "undisturbed.log").open("w") as sink:
-        done = subprocess.run(
-            argv, stdout=sink, stderr=subprocess.STDOUT, timeout=config.run_timeout_s
-        )
-    return done.returncode
+    )  # fmt: skip
+    try:
+        return run.wait(timeout=config.run_timeout_s)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
 
 
 def run_chaos(workdir: Path, config: ChaosConfig) -> dict[str, Any]:
@@ -293,8 +288,7 @@ def _run(workdir: Path, config: ChaosConfig, store: str) -> dict[str, Any]:
         dep.start("scheduler")
         for name in ("model1", "model2", "env1", "env2", "agent1", "agent2"):
             dep.start(name)
-        with run_log.open("w") as sink:
-            run = _client(dep, out, sink)
+        run = _client(dep, out, run_log)
         dep.pgids.append(run.pid)
         deadline = started + config.run_timeout_s
         floor = 0  # so that a kill never lands before the last restart has taken work

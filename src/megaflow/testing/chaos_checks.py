@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from megaflow.env.local import procs
 from megaflow.model.simulated import SimulatedPolicy
 from megaflow.testing.chaos_faults import LedgerView
 
@@ -90,13 +91,11 @@ def check_against_undisturbed(out: Path, undisturbed: Path) -> list[str]:
 
 
 def _ancestors() -> set[int]:
-    pids, pid = set(), os.getpid()
-    while pid > 1:
+    pids: set[int] = set()
+    pid: int | None = os.getpid()
+    while pid is not None and pid > 1:
         pids.add(pid)
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            continue
-        break
+        pid = procs.parent_of(pid)
     return pids
 
 

@@ -18,12 +18,16 @@ import os
 import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from megaflow.env.local.freezer import freeze_file, request_freeze
+from megaflow.env.local import procs
+from megaflow.env.local.freezer import freeze_file, frozen_now, request_freeze
+from megaflow.store.ledger import LedgerRow, TaskLedger
 
+T = TypeVar("T")
 _BUSY = 4  # outer bwrap, the sandbox's init, the shell, and a command
 
 
@@ -39,22 +43,11 @@ class SandboxRef:
 
     @property
     def frozen(self) -> bool:
-        if self.freezer is None:
-            return False
-        with contextlib.suppress(OSError):
-            text = self.freezer.read_text().strip()
-            return text != "THAWED" if self.freezer.name == "freezer.state" else text == "1"
-        return False
+        return self.freezer is not None and frozen_now([self.freezer.parent])
 
     @property
     def busy(self) -> bool:
         return len(self.pids) >= _BUSY
-
-
-def _parent(pid: int) -> int | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    return None
 
 
 def live_sandboxes(sandbox_dirs: dict[str, Path], env_pids: dict[str, int]) -> list[SandboxRef]:
@@ -72,9 +65,9 @@ def live_sandboxes(sandbox_dirs: dict[str, Path], env_pids: dict[str, int]) -> l
             freezer = freeze_file(cgroups)
             pids: tuple[int, ...] = ()
             with contextlib.suppress(OSError, ValueError):
-                procs = (freezer.parent if freezer else cgroups[0]) / "cgroup.procs"
-                pids = tuple(int(line) for line in procs.read_text().split())
-            bwrap = next((p for p in pids if _parent(p) == env_pids.get(env)), None)
+                members = (freezer.parent if freezer else cgroups[0]) / "cgroup.procs"
+                pids = tuple(int(line) for line in members.read_text().split())
+            bwrap = next((p for p in pids if procs.parent_of(p) == env_pids.get(env)), None)
             if pids:
                 found.append(SandboxRef(env, folder.name, freezer, pids, bwrap))
     return found
@@ -137,16 +130,14 @@ class LedgerView:
         self.url = url
         self._loop = asyncio.new_event_loop()
 
-    def _rows_and_runs(self, rows: bool) -> tuple[list[Any], list[Any]]:
+    def _read(self, fn: Callable[[TaskLedger], Awaitable[T]]) -> T:
         from megaflow.store.factory import open_ledger
 
-        async def read() -> tuple[list[Any], list[Any]]:
+        async def read() -> T:
             ledger = open_ledger(self.url)
             await ledger.open()
             try:
-                runs = await ledger.runs()
-                every = [r for run in runs for r in await ledger.run(run.run_id)] if rows else []
-                return every, runs
+                return await fn(ledger)
             finally:
                 await ledger.close()
 
@@ -156,13 +147,17 @@ class LedgerView:
         """Tasks in a terminal state, whether or not the client's watch is connected
         (after a scheduler restart it catches up in a burst); 0 when unreadable."""
         try:
-            return sum(run.terminal for run in self._rows_and_runs(rows=False)[1])
+            return sum(run.terminal for run in self._read(lambda ledger: ledger.runs()))
         except Exception:  # not created yet, or busy: no progress seen this time
             return 0
 
-    def rows(self) -> list[Any]:
-        """Every task row (`LedgerRow`) of every run."""
-        return self._rows_and_runs(rows=True)[0]
+    def rows(self) -> list[LedgerRow]:
+        """Every task row of every run."""
+
+        async def every(ledger: TaskLedger) -> list[LedgerRow]:
+            return [r for run in await ledger.runs() for r in await ledger.run(run.run_id)]
+
+        return self._read(every)
 
     def close(self) -> None:
         self._loop.close()

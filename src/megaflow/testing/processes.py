@@ -1,8 +1,10 @@
-"""Start `megaflow serve ...` as real processes, for tests and benchmarks.
+"""Start `megaflow serve ...` (and the `megaflow run` client) as real processes, for
+tests and benchmarks.
 
-Each process prints `megaflow KIND ready on HOST:PORT` once it listens; `start`
+Each service prints `megaflow KIND ready on HOST:PORT` once it listens; `start`
 waits for that line (bounded) and keeps the address. `stop` sends SIGTERM, waits,
-then SIGKILLs the process group, so nothing survives its test.
+then SIGKILLs the process group, so nothing survives its test. `start_run` starts
+`megaflow run ARGS...` with its output in a file.
 """
 
 from __future__ import annotations
@@ -18,6 +20,19 @@ import time
 from pathlib import Path
 
 _READY = re.compile(r"megaflow (\w+) ready on (\S+)")
+
+
+def start_run(log_path: Path, *args: str, new_session: bool = False) -> subprocess.Popen[str]:
+    """`megaflow run ARGS...` as a process, stdout and stderr to ``log_path``
+    (``new_session``: in its own session, so that its group can be killed)."""
+    with log_path.open("w") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "megaflow.cli.main", "run", *args],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=new_session,
+        )
 
 
 class ServiceProcess:

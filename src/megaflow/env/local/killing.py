@@ -77,7 +77,7 @@ class SandboxKilling:
         processes cannot die, so it is thawed first), or bwrap outliving SIGKILL.
         """
         hung = None
-        if self._frozen or await asyncio.to_thread(frozen_now, self._cgroups.dirs):
+        if self._frozen or frozen_now(self._cgroups.dirs):
             if not self._frozen:
                 hung = "frozen from outside: its processes could not run"
             self._frozen = False
