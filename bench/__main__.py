@@ -4,37 +4,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 
-from bench import (
-    baseline_bench,
-    chaos_bench,
-    docker_bench,
-    e2e_bench,
-    env_bench,
-    gateway_bench,
-    model_bench,
-    packing_bench,
-    scale_bench,
-    store_bench,
-)
+from megaflow.core.allocator import current, preload
 
+# name -> module of bench/ whose `run(quick=...)` coroutine prints and returns figures
 BENCHES = {
-    "env": env_bench.run,
-    "docker": docker_bench.run,
-    "model": model_bench.run,
-    "gateway": gateway_bench.run,
-    "e2e": e2e_bench.run,
-    "scale": scale_bench.run,
-    "packing": packing_bench.run,
-    "baseline": baseline_bench.run,
-    "store": store_bench.run,
-    "chaos": chaos_bench.run,
+    "env": "env_bench",
+    "docker": "docker_bench",
+    "model": "model_bench",
+    "gateway": "gateway_bench",
+    "e2e": "e2e_bench",
+    "scale": "scale_bench",
+    "packing": "packing_bench",
+    "baseline": "baseline_bench",
+    "store": "store_bench",
+    "chaos": "chaos_bench",
 }
 
 
 def main() -> None:
+    preload()  # the allocator MegaFlow's own processes run on (may re-execute this one)
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument(
         "names", nargs="*", help=f"which benchmarks: {sorted(BENCHES)} (default: all)"
@@ -46,9 +38,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHES)}")
     logging.basicConfig(level=logging.WARNING)
+    print(f"allocator: {current()}", flush=True)
     figures = {}
     for name in args.names or list(BENCHES):
-        figures[name] = asyncio.run(BENCHES[name](quick=args.quick))
+        module = importlib.import_module(f"bench.{BENCHES[name]}")
+        figures[name] = asyncio.run(module.run(quick=args.quick))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

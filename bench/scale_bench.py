@@ -19,14 +19,23 @@ serve scheduler` and `agent`, and the simulated model and environment of
 `bench.scale_services`), without jitter so that the intended model time of a turn
 follows from its token counts; CPU is summed over the four processes and memory is
 the Agent Service's.
+
+Every level runs on the allocator MegaFlow's processes use (`python -m bench`
+preloads jemalloc like `megaflow` does, `megaflow.core.allocator`); the largest
+embedded level is run once more in a fresh process on glibc's malloc
+(`MEGAFLOW_MALLOC=system`), to show what the allocator is worth.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+import json
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +45,9 @@ from pathlib import Path
 from bench.stats import ms, pct, print_table
 from megaflow.agent.checkpoint import CheckpointConfig
 from megaflow.contract import SchedulerService
+from megaflow.core.allocator import ENV as ALLOCATOR_ENV
+from megaflow.core.allocator import current as current_allocator
+from megaflow.core.allocator import preload
 from megaflow.core.runtime import GcPauses
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
@@ -235,7 +247,7 @@ async def _processes(n: int, root: Path) -> Level:
         for kind, args, module in (
             ("model", ("--turn-s", str(TURN_S), "--slots", str(config.slots)), _SERVICES),
             ("env", ("--step-s", str(STEP_S), "--capacity", str(n)), _SERVICES),
-            ("agent", ("--capacity", str(n)), "megaflow.cli.main"),
+            ("agent", ("--capacity", str(n)), "megaflow.cli"),
         ):
             procs.append(
                 ServiceProcess(kind, "--scheduler", sched.address, *args, module=module).start()
@@ -282,6 +294,20 @@ async def _processes(n: int, root: Path) -> Level:
             proc.stop()
 
 
+def _embedded_elsewhere(n: int, allocator: str) -> Level:
+    """`_embedded(n)` in a fresh process on the chosen allocator (`MEGAFLOW_MALLOC`)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.scale_bench", str(n)],
+        env={**os.environ, ALLOCATOR_ENV: allocator},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"level {n} on {allocator} failed: {proc.stderr[-2000:]}")
+    return Level(**json.loads(proc.stdout.splitlines()[-1]))
+
+
 def _check(level: Level) -> None:
     if level.mean_reward <= 0 or not level.steps:
         raise RuntimeError(f"level {level.tasks}: no task was scored ({level})")
@@ -291,25 +317,33 @@ async def run(
     quick: bool = False,
     levels: tuple[int, ...] | None = None,
     proc_levels: tuple[int, ...] | None = None,
+    glibc_levels: tuple[int, ...] | None = None,
 ) -> dict[str, float]:
     chosen = levels or ((1_000, 5_000) if quick else (1_000, 10_000, 30_000))
     chosen_procs = (
         proc_levels if proc_levels is not None else ((1_000,) if quick else (1_000, 5_000))
     )
-    results: list[tuple[str, Level]] = []
+    allocator = current_allocator()
+    results: list[tuple[str, str, Level]] = []
     with tempfile.TemporaryDirectory(prefix="megaflow-scale-") as tmp:
         for n in chosen:
-            results.append(("embedded", await _embedded(n, Path(tmp))))
-            _check(results[-1][1])
+            results.append(("embedded", allocator, await _embedded(n, Path(tmp))))
+            _check(results[-1][2])
+        if glibc_levels is None:
+            glibc_levels = () if quick or allocator != "jemalloc" else (max(chosen),)
+        for n in glibc_levels:  # the same level on glibc's allocator, for comparison
+            results.append(("embedded", "glibc malloc", _embedded_elsewhere(n, "system")))
+            _check(results[-1][2])
         for n in chosen_procs:
-            results.append(("4 processes, gRPC", await _processes(n, Path(tmp))))
-            _check(results[-1][1])
+            results.append(("4 processes, gRPC", allocator, await _processes(n, Path(tmp))))
+            _check(results[-1][2])
     print_table(
         f"scale: simulated model ({TURN_S:.0f} s/turn, +-25% embedded), "
         f"simulated env ({STEP_S:.0f} s/step), ramp {RAMP_PER_S:,} tasks/s",
         [
             (
                 mode,
+                alloc,
                 f"{r.tasks:,}",
                 f"{r.peak_in_flight:,}",
                 f"{r.steps / r.wall_s:,.0f}",
@@ -324,10 +358,11 @@ async def run(
                 f"{r.wall_s:.1f} s",
                 f"{r.mean_reward:.3f}",
             )
-            for mode, r in results
+            for mode, alloc, r in results
         ],
         (
             "mode",
+            "allocator",
             "tasks",
             "peak in flight",
             "steps/s",
@@ -342,11 +377,20 @@ async def run(
         ),
     )
     figures: dict[str, float] = {}
-    for mode, r in results:
+    for mode, alloc, r in results:
         key = "embedded" if mode == "embedded" else "processes"
+        if alloc != allocator:
+            key += "_glibc"
         figures[f"{key}_{r.tasks}_peak_in_flight"] = float(r.peak_in_flight)
         figures[f"{key}_{r.tasks}_steps_per_s"] = r.steps / r.wall_s
         figures[f"{key}_{r.tasks}_overhead_p50_ms"] = r.overhead_p50_s * 1000
         figures[f"{key}_{r.tasks}_overhead_p99_ms"] = r.overhead_p99_s * 1000
         figures[f"{key}_{r.tasks}_rss_per_task_kib"] = r.rss_per_task_kib
     return figures
+
+
+if __name__ == "__main__":  # one embedded level, its figures as JSON (_embedded_elsewhere)
+    preload()
+    with tempfile.TemporaryDirectory(prefix="megaflow-scale-") as _tmp:
+        _level = asyncio.run(_embedded(int(sys.argv[1]), Path(_tmp)))
+    print(json.dumps(dataclasses.asdict(_level)))

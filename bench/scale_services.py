@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from megaflow.core.allocator import preload
 from megaflow.deploy.processes import serve
 from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
 from megaflow.model.latency import GpuLatencyModel, LatencyConfig
@@ -41,6 +42,7 @@ async def _env(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    preload()  # like `megaflow serve`: the same allocator as MegaFlow's own services
     parser = argparse.ArgumentParser(prog="python -m bench.scale_services")
     sub = parser.add_subparsers(dest="command", required=True)
     serve_parser = sub.add_parser("serve")

@@ -22,7 +22,7 @@ def test_run_32_tasks_writes_results_and_trajectories(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "megaflow.cli.main",
+            "megaflow.cli",
             "run",
             "--tasks",
             "32",
@@ -71,7 +71,7 @@ def test_zero_success_rate_gets_zero_reward_from_the_hidden_tests(tmp_path: Path
         [
             sys.executable,
             "-m",
-            "megaflow.cli.main",
+            "megaflow.cli",
             "run",
             "--tasks",
             "4",

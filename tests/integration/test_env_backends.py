@@ -39,7 +39,7 @@ def dockerd() -> Iterator[Dockerd]:
 
 def megaflow_run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     argv = [
-        sys.executable, "-m", "megaflow.cli.main", "run",
+        sys.executable, "-m", "megaflow.cli", "run",
         "--tasks", str(TASKS),
         "--success-rate", str(SUCCESS_RATE),
         "--time-scale", "0",

@@ -70,7 +70,7 @@ def _sandbox_pids(root: Path) -> set[int]:
             continue
         with contextlib.suppress(OSError):
             cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            if str(root) in cmdline and "megaflow.cli.main" not in cmdline:
+            if str(root) in cmdline and "megaflow.cli" not in cmdline:
                 pids.add(int(entry.name))
     return pids
 
@@ -121,7 +121,7 @@ def test_env_kill9_restart_reclaims_orphans_and_retries(tmp_path: Path) -> None:
                 [
                     sys.executable,
                     "-m",
-                    "megaflow.cli.main",
+                    "megaflow.cli",
                     "run",
                     "--scheduler",
                     sched,

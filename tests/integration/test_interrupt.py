@@ -32,7 +32,7 @@ def test_sigint_releases_every_sandbox_and_keeps_finished_results(tmp_path: Path
         [
             sys.executable,
             "-m",
-            "megaflow.cli.main",
+            "megaflow.cli",
             "run",
             "--tasks",
             "400",

@@ -28,7 +28,7 @@ def test_run_with_an_openai_compatible_upstream(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "megaflow.cli.main",
+                "megaflow.cli",
                 "run",
                 "--model",
                 f"openai:{server.base_url}",

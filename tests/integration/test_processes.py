@@ -62,7 +62,7 @@ def _run(
         [
             sys.executable,
             "-m",
-            "megaflow.cli.main",
+            "megaflow.cli",
             "run",
             "--scheduler",
             scheduler,
@@ -96,7 +96,7 @@ def test_eight_tasks_through_four_processes(
         [
             sys.executable,
             "-m",
-            "megaflow.cli.main",
+            "megaflow.cli",
             "run",
             "--scheduler",
             cluster["scheduler"].address,
@@ -126,7 +126,7 @@ def test_eight_tasks_through_four_processes(
         [
             sys.executable,
             "-m",
-            "megaflow.cli.main",
+            "megaflow.cli",
             "status",
             "--scheduler",
             cluster["scheduler"].address,
@@ -146,7 +146,7 @@ def test_stopping_the_env_process_leaves_no_sandbox(
         [
             sys.executable,
             "-m",
-            "megaflow.cli.main",
+            "megaflow.cli",
             "run",
             "--scheduler",
             cluster["scheduler"].address,

@@ -59,7 +59,7 @@ async def test_the_scheduler_records_a_submission_in_the_store(
 
 def test_a_bad_store_url_is_refused_with_the_accepted_forms() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "megaflow.cli.main", "serve", "scheduler", "--store", "s3://x/y"],
+        [sys.executable, "-m", "megaflow.cli", "serve", "scheduler", "--store", "s3://x/y"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -292,5 +292,7 @@ def env_gc(
     console.print(f"reclaimed {count} sandbox(es) under {sandbox_dir}")
 
 
-if __name__ == "__main__":
-    app()
+if __name__ == "__main__":  # `python -m megaflow.cli` is the lighter way in
+    from megaflow.cli.entry import main
+
+    main()

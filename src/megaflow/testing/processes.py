@@ -27,7 +27,7 @@ def start_run(log_path: Path, *args: str, new_session: bool = False) -> subproce
     (``new_session``: in its own session, so that its group can be killed)."""
     with log_path.open("w") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "megaflow.cli.main", "run", *args],
+            [sys.executable, "-m", "megaflow.cli", "run", *args],
             stdout=sink,
             stderr=subprocess.STDOUT,
             text=True,
@@ -41,7 +41,7 @@ class ServiceProcess:
         kind: str,
         *args: str,
         log_path: Path | None = None,
-        module: str = "megaflow.cli.main",
+        module: str = "megaflow.cli",
     ) -> None:
         """`python -m MODULE serve KIND ARGS...`; `module` lets a benchmark start its own
         variant of a service (same ready line, same registration)."""
