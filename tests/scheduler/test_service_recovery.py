@@ -149,3 +149,34 @@ async def test_a_stall_of_the_schedulers_own_loop_is_not_the_services_silence(
         assert scheduler.counters()["services_lost"] == 1
     finally:
         await scheduler.stop()
+
+
+class _GatedLeaseLedger:
+    """Renewals wait on a gate the test opens; only what keep_lease calls."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        self.entered.set()
+        return await self.gate
+
+    async def lease_holder(self, name: str) -> str:
+        return "nobody"
+
+
+async def test_stopping_the_lease_keeper_as_a_renewal_completes_stops_it() -> None:
+    # A cancellation landing just as a renewal completes used to be swallowed
+    # (asyncio.wait_for on 3.11): the keeper slept on and Ctrl-C hung in stop().
+    from megaflow.scheduler import recovery
+
+    ledger = _GatedLeaseLedger()
+    keeper = asyncio.create_task(
+        recovery.keep_lease(ledger, "me", 0.04, lambda why: None)  # type: ignore[arg-type]
+    )
+    await asyncio.wait_for(ledger.entered.wait(), 5)
+    ledger.gate.set_result(True)  # the renewal completes...
+    keeper.cancel()  # ...in the same loop iteration as the stop
+    done, _ = await asyncio.wait([keeper], timeout=2)
+    assert keeper in done and keeper.cancelled()

@@ -274,8 +274,9 @@ class TransformersBackend:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                try:  # asyncio.timeout: 3.11's wait_for can swallow a cancellation
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self._queue.get())
                 except TimeoutError:
                     break
             batch = [p for p in batch if not p.future.done()]

@@ -70,9 +70,10 @@ async def keep_lease(
     while True:
         await asyncio.sleep(ttl_s / 4)
         try:
-            renewed = await asyncio.wait_for(
-                ledger.acquire_lease(LEASE, holder, ttl_s), timeout=ttl_s / 2
-            )
+            # not asyncio.wait_for: on 3.11 it returns the result when the task is
+            # cancelled just as the call completes, and `stop()` then waits forever
+            async with asyncio.timeout(ttl_s / 2):
+                renewed = await ledger.acquire_lease(LEASE, holder, ttl_s)
         except (MegaFlowError, TimeoutError, OSError) as error:
             log.warning("cannot renew the scheduler lease: %s", error)
             continue
