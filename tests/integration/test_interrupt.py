@@ -26,9 +26,8 @@ def _sandbox_processes(marker: Path) -> list[int]:
     return found
 
 
-def test_sigint_releases_every_sandbox_and_keeps_finished_results(tmp_path: Path) -> None:
-    out, sandboxes = tmp_path / "out", tmp_path / "sandboxes"
-    proc = subprocess.Popen(
+def _start(out: Path, sandboxes: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -47,6 +46,17 @@ def test_sigint_releases_every_sandbox_and_keeps_finished_results(tmp_path: Path
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_sigint_releases_every_sandbox_and_keeps_finished_results(tmp_path: Path) -> None:
+    out, sandboxes = tmp_path / "out", tmp_path / "sandboxes"
+    # a caught SIGINT is reset to the default in the child; an ignored one (pytest
+    # started by `nohup` or `cmd &` in a script) would stay ignored and fail the test
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = _start(out, sandboxes)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     results = out / "results.jsonl"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # wait until tasks are finishing and others are live
