@@ -25,8 +25,10 @@ from megaflow.model.service import ModelServiceImpl
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.scheduler.policy import SchedulerPolicy
+from megaflow.scheduler.recovery import LEASE
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.store.ledger import TaskLedger
+from megaflow.store.sqlite import SqliteLedger
 from megaflow.tasks.swe_synth import generate_tasks
 from megaflow.v1 import common_pb2, scheduler_pb2
 
@@ -148,7 +150,7 @@ async def run_command(
         )
         system = EmbeddedSystem(
             backends=[backend],
-            ledger_path=out / "ledger.sqlite",
+            ledger_path=await fresh_ledger(out, console),
             env_config=EnvServiceConfig(
                 root_dir=sandbox_dir,
                 max_environments=max(concurrency, 1),
@@ -161,6 +163,29 @@ async def run_command(
             )
             summary.model_utilisation = backend.stats().utilisation
             return summary
+
+
+async def fresh_ledger(out: Path, console: Console) -> Path:
+    """The embedded run's ledger in `out`, without a previous run's: `out` holds the
+    latest run's outputs (its results.jsonl and trajectories.jsonl are rewritten too).
+    A run still going in `out` (its scheduler lease is live) is an error, not replaced."""
+    path = out / "ledger.sqlite"
+    if not path.exists():
+        return path
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    try:
+        holder = await ledger.lease_holder(LEASE)
+    finally:
+        await ledger.close()
+    if holder is not None:
+        raise InvalidRequestError(
+            f"a run is still going in {out} (scheduler {holder}); wait for it, or use another --out"
+        )
+    console.print(f"replacing the previous run's outputs in {out}")
+    for stale in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        stale.unlink(missing_ok=True)
+    return path
 
 
 async def status_command(address: str) -> scheduler_pb2.StatusResponse:

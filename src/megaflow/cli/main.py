@@ -135,6 +135,9 @@ def run(
                 step_timeout_s=step_timeout,
             )
         )
+    except InvalidRequestError as exc:  # e.g. another run still going in --out
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         # asyncio.run cancelled the run; every sandbox was released on the way out.
         done = output.count_lines(out / "results.jsonl")
