@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from megaflow.core.allocator import library
 from megaflow.testing.processes import ServiceProcess
 
@@ -100,7 +102,10 @@ def test_a_bad_choice_is_a_clear_error() -> None:
     assert "MEGAFLOW_MALLOC='tcmalloc' is not one of jemalloc, system" in proc.stderr
 
 
-def test_a_service_process_runs_on_jemalloc(tmp_path: Path) -> None:
+def test_a_service_process_runs_on_jemalloc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MEGAFLOW_MALLOC", raising=False)
     proc = ServiceProcess(
         "scheduler", "--listen", "127.0.0.1:0", "--store", str(tmp_path / "s.sqlite")
     ).start()
@@ -109,3 +114,36 @@ def test_a_service_process_runs_on_jemalloc(tmp_path: Path) -> None:
         assert "libjemalloc" in maps
     finally:
         proc.stop()
+
+
+def test_a_program_on_stdin_is_not_reexecuted() -> None:
+    # re-executing would read stdin again, at its end: the program would silently not run
+    proc = subprocess.run(
+        [sys.executable, "-"],
+        input="from megaflow.core.allocator import preload, current\npreload()\nprint(current())\n",
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "glibc malloc"
+
+
+def test_a_closed_stdout_does_not_stop_the_reexecution(tmp_path: Path) -> None:
+    # `megaflow serve ... >&-`: sys.stdout is None, there is nothing to flush
+    marker = tmp_path / "ran"
+    script = (
+        "from megaflow.core.allocator import preload, current\n"
+        "preload()\n"
+        f"open({str(marker)!r}, 'w').write(current())\n"
+    )
+    proc = subprocess.run(
+        ["bash", "-c", 'exec "$0" -c "$1" >&-', sys.executable, script],
+        env=_clean_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert marker.read_text() == "jemalloc"

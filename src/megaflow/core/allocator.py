@@ -8,17 +8,20 @@ back in. With tens of thousands of tasks in flight the heap is GiBs and a trim
 blocks the event loop for 10-50 ms, several times a second: at 30,000 tasks in
 flight, 436 trims took 5.2 s of one run (worst 48 ms) and made the per-step p99
 overhead 38-45 ms. Under jemalloc the same frees go to jemalloc, the trim finds
-glibc's heap empty, and the p99 is ~4 ms (`docs/benchmarks.md`, Scale).
+glibc's heap empty, and the p99 is ~5 ms (`docs/benchmarks.md`, Scale).
 
 `preload()` re-executes the process (same PID, same arguments) with jemalloc in
 `LD_PRELOAD`, before anything heavy is imported, and then takes `LD_PRELOAD` back
 out of the environment, so that nothing the process starts (sandboxes, docker,
 dockerd) inherits it. `MEGAFLOW_MALLOC=system` keeps glibc's allocator; without the
-library (Debian: `libjemalloc2`) the process goes on with glibc's.
+library (Debian: `libjemalloc2`) the process warns and goes on with glibc's. A
+process whose command line would not do the same again (a program on stdin, an
+interactive session, pytest) is not re-executed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import logging
 import os
@@ -74,14 +77,27 @@ def preload() -> None:
         if not loaded():
             log.warning("jemalloc could not be preloaded; going on with glibc malloc")
         return
-    if wanted == "system" or loaded():
+    if wanted == "system" or loaded() or not _restartable():
         return
     lib = library()
     if lib is None:
-        log.debug("no jemalloc on this machine: glibc malloc (install libjemalloc2)")
+        log.warning("no jemalloc on this machine: glibc malloc (install libjemalloc2)")
         return
     before = os.environ.get("LD_PRELOAD", "")
     env = {**os.environ, _PRELOADED: before, "LD_PRELOAD": ":".join(filter(None, (lib, before)))}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    for stream in (sys.stdout, sys.stderr):  # None when the descriptor is closed
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            stream.flush()  # type: ignore[union-attr]
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError as error:
+        log.warning("could not re-execute onto jemalloc (%s); going on with glibc malloc", error)
+
+
+def _restartable() -> bool:
+    """Whether executing this process again from its command line does the same thing:
+    not a program read from stdin or typed in, not inside a test runner."""
+    args = sys.orig_argv[1:]
+    if not args or args[-1] == "-" or sys.flags.interactive or "pytest" in sys.modules:
+        return False
+    return True
