@@ -16,14 +16,17 @@ import argparse
 import asyncio
 
 from megaflow.core.allocator import preload
-from megaflow.deploy.processes import serve
-from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
-from megaflow.model.latency import GpuLatencyModel, LatencyConfig
-from megaflow.model.service import ModelServiceConfig, ModelServiceImpl
-from megaflow.model.simulated import SimulatedBackend
+
+# The services' modules are imported inside the functions, after `preload()` (which
+# re-executes the process): imported before it, they would be imported twice.
 
 
 async def _model(args: argparse.Namespace) -> None:
+    from megaflow.deploy.processes import serve
+    from megaflow.model.latency import GpuLatencyModel, LatencyConfig
+    from megaflow.model.service import ModelServiceConfig, ModelServiceImpl
+    from megaflow.model.simulated import SimulatedBackend
+
     latency = GpuLatencyModel(LatencyConfig(slots=args.slots, overhead_s=args.turn_s))
     backend = SimulatedBackend(success_rate=0.8, latency=latency)
     service = ModelServiceImpl([backend], config=ModelServiceConfig(replica_capacity=args.slots))
@@ -31,6 +34,9 @@ async def _model(args: argparse.Namespace) -> None:
 
 
 async def _env(args: argparse.Namespace) -> None:
+    from megaflow.deploy.processes import serve
+    from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
+
     env = SimulatedEnvironmentService(
         SimulatedEnvConfig(
             step_latency_s=args.step_s,

@@ -98,6 +98,9 @@ def _restartable() -> bool:
     """Whether executing this process again from its command line does the same thing:
     not a program read from stdin or typed in, not inside a test runner."""
     args = sys.orig_argv[1:]
-    if not args or args[-1] == "-" or sys.flags.interactive or "pytest" in sys.modules:
-        return False
-    return True
+    return (
+        bool(args)
+        and args[-1] != "-"
+        and not sys.flags.interactive
+        and ("pytest" not in sys.modules)
+    )

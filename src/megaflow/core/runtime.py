@@ -178,7 +178,7 @@ _wheels: dict[asyncio.AbstractEventLoop, _Wheel] = {}
 def _wheel(loop: asyncio.AbstractEventLoop) -> _Wheel:
     wheel = _wheels.get(loop)
     if wheel is None or wheel.loop.is_closed():
-        for old in [w for w, v in _wheels.items() if w.is_closed()]:
+        for old in [closed for closed in _wheels if closed.is_closed()]:
             del _wheels[old]
         wheel = _wheels[loop] = _Wheel(loop)
     return wheel
