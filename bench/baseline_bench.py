@@ -18,8 +18,17 @@ import time
 from pathlib import Path
 
 from bench.baseline import markdown
-from bench.baseline.report import Outcome, headline, judge, plots, sensitivity
-from bench.baseline.scenario import QUICK, Mechanism, Scenario
+from bench.baseline.report import (
+    FrontierPoint,
+    Outcome,
+    frontier_plot,
+    frontier_table,
+    headline,
+    judge,
+    plots,
+    sensitivity,
+)
+from bench.baseline.scenario import QUICK, QUICK_FRONTIER, Frontier, Mechanism, Scenario
 from bench.baseline.sides import Level, megaflow_level, monolith_level
 from bench.stats import print_table
 
@@ -112,16 +121,35 @@ async def compare(
     return monoliths, megaflow, equal
 
 
+async def frontier(sc: Scenario, fr: Frontier, root: Path) -> list[FrontierPoint]:
+    """The comparison again at each of `fr`'s context scales (on `1/fr.fraction` of the
+    hardware, the headline's monolith only): how the two ratios move together."""
+    points = []
+    for scale in fr.context_scales:
+        sub = fr.scenario(sc, scale)
+        print(f"workload frontier: context x{scale:g}", flush=True)
+        ledgers = root / f"frontier-x{scale:g}"  # a fresh ledger per level and scale
+        ledgers.mkdir()
+        monoliths, megaflow, _ = await compare(sub, ledgers, equal_concurrency=False)
+        points.append(FrontierPoint(scale, monoliths[sub.monolith_exec], megaflow))
+    return points
+
+
 async def run(
-    quick: bool = False, scenario: Scenario | None = None, docs_dir: Path | None = None
+    quick: bool = False,
+    scenario: Scenario | None = None,
+    docs_dir: Path | None = None,
+    frontier_config: Frontier | None = None,
 ) -> dict[str, float]:
     sc = scenario or (QUICK if quick else Scenario())
+    fr = frontier_config or (QUICK_FRONTIER if quick else Frontier())
     if docs_dir is None:
         docs_dir = Path(tempfile.mkdtemp(prefix="megaflow-baseline-")) if quick else DOCS
     load_before = _load()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="megaflow-baseline-") as tmp:
         monoliths, megaflow, equals = await compare(sc, Path(tmp))
+        points = await frontier(sc, fr, Path(tmp))
     wall = time.monotonic() - t0
     baseline = monoliths[sc.monolith_exec]
     equal = equals.get(baseline.best.concurrency) if baseline.best else None
@@ -134,8 +162,17 @@ async def run(
     )
     columns, rows = sensitivity(sc, monoliths, megaflow, equals)
     print_table("Sensitivity: the monolith's per-command path", rows, columns)
+    columns, rows = frontier_table(points)
+    print_table(
+        f"Workload frontier: context length (1/{fr.fraction} of the hardware)", rows, columns
+    )
     outcomes = [*monoliths.values(), megaflow]
     images = plots(outcomes, docs_dir / "baseline", sc.sla_p99_step_s, equal)
+    ratios = None
+    if baseline.best is not None and megaflow.best is not None:
+        b, m = baseline.best, megaflow.best
+        ratios = (m.concurrency / b.concurrency, m.mean_step_s / b.mean_step_s)
+    images.append(frontier_plot(points, ratios, docs_dir / "baseline", fr.fraction))
     report = docs_dir / "baseline.md"
     markdown.write(
         report,
@@ -143,6 +180,8 @@ async def run(
         monoliths,
         megaflow,
         equals,
+        points,
+        fr,
         quick=quick,
         wall_s=wall,
         load=(load_before, _load()),
@@ -161,4 +200,9 @@ async def run(
         if out.best is not None and megaflow.best is not None:
             figures[f"step_ratio_{mech}"] = megaflow.best.mean_step_s / out.best.mean_step_s
             figures[f"concurrency_ratio_{mech}"] = megaflow.best.concurrency / out.best.concurrency
+    for point in points:
+        if point.ratios is not None:
+            conc, step = point.ratios
+            figures[f"frontier_x{point.context_scale:g}_concurrency_ratio"] = conc
+            figures[f"frontier_x{point.context_scale:g}_step_ratio"] = step
     return figures

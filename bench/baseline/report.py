@@ -146,6 +146,117 @@ def sensitivity(
     return columns, rows
 
 
+@dataclass
+class FrontierPoint:
+    """The comparison at one context scale (the workload frontier)."""
+
+    context_scale: float
+    monolith: Outcome
+    megaflow: Outcome
+
+    @property
+    def ratios(self) -> tuple[float, float] | None:
+        """(concurrency ratio, mean step ratio), each system at its own max."""
+        b, m = self.monolith.best, self.megaflow.best
+        if b is None or m is None:
+            return None
+        return m.concurrency / b.concurrency, m.mean_step_s / b.mean_step_s
+
+    def met(self) -> int:
+        """How many of the three targets this point meets."""
+        r, m = self.ratios, self.megaflow.best
+        if r is None or m is None:
+            return 0
+        return sum(
+            (r[0] >= TARGET_CONCURRENCY, r[1] <= TARGET_STEP, m.utilisation >= TARGET_UTILISATION)
+        )
+
+
+def frontier_table(points: list[FrontierPoint]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    columns = (
+        "context scale",
+        "prompt tokens/call",
+        "monolith max N",
+        "MegaFlow max N",
+        "concurrency ratio",
+        "monolith step",
+        "MegaFlow step",
+        "mean step ratio",
+        "GPU util (monolith / MegaFlow)",
+        "targets met",
+    )
+    rows: list[tuple[str, ...]] = []
+    for p in points:
+        b, m = p.monolith.best, p.megaflow.best
+        seen = m or b
+        tokens = seen.mean_prompt_tokens if seen is not None else float("nan")
+        if b is None or m is None or p.ratios is None:
+            why = "; ".join(
+                f"{o.system}: {o.levels[0].why_not if o.levels else 'no level'}"
+                for o in (p.monolith, p.megaflow)
+                if o.best is None
+            )
+            rows.append((f"{p.context_scale:g}x", f"{tokens:,.0f}", "none", why, *("-",) * 6))
+            continue
+        conc, step = p.ratios
+        rows.append(
+            (
+                f"{p.context_scale:g}x",
+                f"{tokens:,.0f}",
+                f"{b.concurrency:,}",
+                f"{m.concurrency:,}",
+                f"{conc:.1f}x",
+                f"{b.mean_step_s * 1000:.0f} ms",
+                f"{m.mean_step_s * 1000:.0f} ms",
+                f"{step:.2f}x",
+                f"{b.utilisation:.1%} / {m.utilisation:.1%}",
+                f"{p.met()} of 3",
+            )
+        )
+    return columns, rows
+
+
+def frontier_plot(
+    points: list[FrontierPoint],
+    headline_ratios: tuple[float, float] | None,
+    out_dir: Path,
+    fraction: int,
+) -> Path:
+    """Concurrency ratio against mean step ratio, one point per context scale, with the
+    region where both targets hold shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
+    placed = [(p.context_scale, p.ratios) for p in points if p.ratios is not None]
+    xs = [r[0] for _, r in placed]
+    ys = [r[1] for _, r in placed]
+    top = max([TARGET_CONCURRENCY * 1.6, *xs, headline_ratios[0] if headline_ratios else 0])
+    ax.fill_between(
+        [TARGET_CONCURRENCY, top * 1.2], 0, TARGET_STEP, color="tab:green", alpha=0.15,
+        label="both targets met",
+    )  # fmt: skip
+    ax.plot(xs, ys, "o-", color="tab:blue", label=f"1/{fraction} of the hardware, by context scale")
+    for scale, (x, y) in placed:
+        ax.annotate(f"{scale:g}x", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if headline_ratios is not None:
+        ax.plot(*headline_ratios, "*", color="tab:red", markersize=14, label="headline run")
+    ax.set_xlim(0, top * 1.2)
+    ax.set_ylim(0, max([1.3, *ys, headline_ratios[1] if headline_ratios else 0]) * 1.1)
+    ax.set_xlabel("max sustainable concurrency: MegaFlow / monolith")
+    ax.set_ylabel("mean step latency: MegaFlow / monolith")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "frontier.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 LEVEL_COLUMNS = (
     "N",
     "tasks",

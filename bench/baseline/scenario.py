@@ -78,6 +78,13 @@ class Scenario(BaseModel):
     prefix_cache_tokens: int = Field(
         default=4_000_000, description="Prefix-cache tokens per GPU (keyed by task)."
     )
+    context_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="The GPU sees each prompt as this many times its tokens (the synthetic "
+        "tasks' contexts are a few hundred tokens; real agents' are longer): the workload "
+        "frontier varies it, the headline keeps 1.",
+    )
     model_jitter: float = Field(
         default=0.25,
         ge=0,
@@ -230,10 +237,59 @@ class Scenario(BaseModel):
         """Cores left on the GPU node for the monolith's environment operations."""
         return max(self.node_cores - self.inference_cores, 1)
 
+    def shrunk(self, k: int) -> Scenario:
+        """The same scenario on 1/k of the hardware: as many replicas (so round-robin
+        misses as often), 1/k of the slots, of the node's cores and of its memory."""
+        if k < 1:
+            raise ValueError(f"shrink factor must be >= 1, got {k}")
+        inference = max(1, self.inference_cores // k)
+        return self.model_copy(
+            update={
+                "slots_per_replica": max(1, self.slots_per_replica // k),
+                "inference_cores": inference,
+                "node_cores": inference + max(1, self.env_cores // k),
+                "node_memory_gib": self.node_memory_gib / k,
+            }
+        )
+
     def memory_cap(self, per_task_mib: float) -> int:
         """How many tasks of `per_task_mib` the node's usable memory holds."""
         usable = self.node_memory_gib * 1024 * (1 - self.reserved_memory_fraction)
         return int(usable // per_task_mib)
+
+
+class Frontier(BaseModel):
+    """The workload frontier: the comparison again, on `1/fraction` of the hardware
+    (`Scenario.shrunk`), for each context scale; only the headline's monolith."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fraction: int = Field(default=8, ge=1, description="Run on 1/fraction of the hardware.")
+    context_scales: tuple[float, ...] = Field(
+        default=(1.0, 3.0, 10.0), min_length=1, description="Context scales to run."
+    )
+    time_scale: float = Field(
+        default=1.0, gt=0, description="Wall s per modelled s (fewer tasks: less stretch)."
+    )
+    baseline_levels: tuple[int, ...] = Field(
+        default=(8, 12, 18, 27, 40, 60, 90, 135, 203), description="Monolith workers ramp."
+    )
+    megaflow_levels: tuple[int, ...] = Field(
+        default=(48, 72, 108, 162, 243, 364, 546, 819, 1229),
+        description="MegaFlow concurrency ramp (steps of 1.5x, like the monolith's).",
+    )
+
+    def scenario(self, sc: Scenario, context_scale: float) -> Scenario:
+        """`sc` shrunk, at `context_scale`, with this frontier's ramps and time scale."""
+        return sc.shrunk(self.fraction).model_copy(
+            update={
+                "context_scale": context_scale,
+                "time_scale": self.time_scale,
+                "baseline_levels": self.baseline_levels,
+                "megaflow_levels": self.megaflow_levels,
+                "monolith_variants": (sc.monolith_exec,),
+            }
+        )
 
 
 QUICK = Scenario(
@@ -244,6 +300,13 @@ QUICK = Scenario(
     inference_cores=2,
     baseline_levels=(4, 8, 16, 32),
     megaflow_levels=(16, 64, 96),
+)
+QUICK_FRONTIER = Frontier(
+    fraction=1,
+    context_scales=(1.0, 10.0),
+    time_scale=QUICK.time_scale,
+    baseline_levels=QUICK.baseline_levels,
+    megaflow_levels=QUICK.megaflow_levels,
 )
 
 
@@ -263,16 +326,24 @@ def lognormal(mean: float, sigma: float, u: float) -> float:
 
 class MeteredGpu(GpuLatencyModel):
     """A `GpuLatencyModel` that also keeps each request's service interval, so that
-    throughput and busy slot-time can be read over any window, not only since start."""
+    throughput and busy slot-time can be read over any window, not only since start.
+    It sees every prompt as `context_scale` times its tokens (completions as they are):
+    a turn of the synthetic tasks stands for a turn of an agent with a longer context."""
 
-    def __init__(self, config: LatencyConfig) -> None:
+    def __init__(self, config: LatencyConfig, context_scale: float = 1.0) -> None:
         super().__init__(config)
+        self.context_scale = context_scale
         self.starts = array("d")
         self.ends = array("d")
+        self.prompt_tokens = 0  # as seen (scaled), all requests
+        self.calls = 0
 
     async def serve(
         self, prompt_tokens: int, completion_tokens: int, prefix_key: str | None = None
     ) -> Served:  # `run` calls it too
+        prompt_tokens = round(prompt_tokens * self.context_scale)
+        self.prompt_tokens += prompt_tokens
+        self.calls += 1
         served = await super().serve(prompt_tokens, completion_tokens, prefix_key)
         end = time.monotonic()
         self.starts.append(end - served.service_s)

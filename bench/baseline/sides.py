@@ -95,6 +95,7 @@ class Level:
     path: str = ""  # how this system reached its sandboxes (`EnvPath.name`)
     path_s_per_op: float = 0.0  # of which per environment operation (modelled s)
     overhead_per_step_s: float = float("nan")  # agent loop's own wall s per step, unscaled
+    mean_prompt_tokens: float = float("nan")  # per model call, as the GPU saw it
 
 
 def _rss_kib() -> int:
@@ -103,7 +104,7 @@ def _rss_kib() -> int:
 
 
 def _backends(sc: Scenario) -> tuple[list[MeteredGpu], list[SimulatedBackend]]:
-    gpus = [MeteredGpu(sc.latency_config(i)) for i in range(sc.replicas)]
+    gpus = [MeteredGpu(sc.latency_config(i), sc.context_scale) for i in range(sc.replicas)]
     backends = [
         SimulatedBackend(MODEL, success_rate=sc.success_rate, seed=sc.seed, latency=gpu)
         for gpu in gpus
@@ -182,6 +183,7 @@ def summarise(
     lookups = [g.prefix_hit_rate() for g in gpus]
     scored = [r for r in records if not r.infra_failed and r.turns]
     turns = sum(len(r.turns) for r in scored)
+    calls = sum(g.calls for g in gpus)
     return Level(
         system=system,
         concurrency=n,
@@ -208,6 +210,7 @@ def summarise(
         path=env.path.name,
         path_s_per_op=env.path_s_per_op(),
         overhead_per_step_s=sum(r.overhead_s for r in scored) / turns if turns else float("nan"),
+        mean_prompt_tokens=sum(g.prompt_tokens for g in gpus) / calls if calls else float("nan"),
     )
 
 

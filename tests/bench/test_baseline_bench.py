@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.baseline.report import judge
-from bench.baseline.scenario import FaultyEnv, Mechanism, Scenario
+from bench.baseline.report import FrontierPoint, Outcome, judge
+from bench.baseline.scenario import FaultyEnv, Frontier, Mechanism, MeteredGpu, Scenario
 from bench.baseline.sides import Level, megaflow_level, monolith_level
 from bench.baseline_bench import run
 from megaflow.core.errors import SandboxError
@@ -147,8 +147,21 @@ def test_judge(level: Level, cap: int, why: str) -> None:
     assert why in level.why_not
 
 
+TINY_FRONTIER = Frontier(
+    fraction=1,
+    context_scales=(1.0, 4.0),
+    time_scale=TINY.time_scale,
+    baseline_levels=TINY.baseline_levels,
+    megaflow_levels=TINY.megaflow_levels,
+)
+
+
 async def test_report_has_the_table_and_small_plots(tmp_path: Path) -> None:
-    figures = await run(scenario=TINY.model_copy(update={"fault_rate": 0.0}), docs_dir=tmp_path)
+    figures = await run(
+        scenario=TINY.model_copy(update={"fault_rate": 0.0}),
+        docs_dir=tmp_path,
+        frontier_config=TINY_FRONTIER,
+    )
     text = (tmp_path / "baseline.md").read_text()
     for needle in ("max sustainable concurrency", "| monolith |", "| MegaFlow |", "## Method"):
         assert needle in text
@@ -156,9 +169,56 @@ async def test_report_has_the_table_and_small_plots(tmp_path: Path) -> None:
         assert needle in text
     for mech in ("docker_exec", "swerex", "none"):
         assert f"step_ratio_{mech}" in figures
-    for name in ("throughput.png", "step_latency.png", "gpu_utilisation.png"):
+    assert "## Workload frontier" in text and "| 4x |" in text
+    for scale in ("x1", "x4"):  # the comparison ran again at each context scale
+        assert f"frontier_{scale}_concurrency_ratio" in figures
+        assert f"frontier_{scale}_step_ratio" in figures
+    for name in ("throughput.png", "step_latency.png", "gpu_utilisation.png", "frontier.png"):
         data = (tmp_path / "baseline" / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) < 100_000
         assert f"baseline/{name}" in text
     assert figures["monolith_max_concurrency"] >= 2
     assert figures["megaflow_max_concurrency"] >= 4
+
+
+async def test_gpu_sees_prompts_at_the_context_scale() -> None:
+    # A prompt of 100 tokens at context x10 is prefilled as 1,000 tokens; the next turn
+    # of the same task (sticky: a prefix hit) pays only its scaled new suffix.
+    sc = TINY.model_copy(
+        update={
+            "time_scale": 0.01,
+            "model_overhead_s": 0.0,
+            "decode_s_per_token": 0.0,
+            "prefill_s_per_token": 0.001,
+            "model_jitter": 0.0,
+        }
+    )
+    plain, scaled = MeteredGpu(sc.latency_config()), MeteredGpu(sc.latency_config(), 10.0)
+    assert (await plain.serve(100, 5, "t")).modelled_s == pytest.approx(0.1 * 0.01)
+    assert (await scaled.serve(100, 5, "t")).modelled_s == pytest.approx(1.0 * 0.01)
+    assert (await scaled.serve(150, 5, "t")).modelled_s == pytest.approx(0.495 * 0.01)
+    assert scaled.prompt_tokens == 2500 and scaled.calls == 2
+
+
+def test_shrunk_scenario_keeps_the_ratios() -> None:
+    full = Scenario()
+    small = full.shrunk(8)
+    assert small.replicas == full.replicas  # round-robin misses as often
+    assert small.gpu_slots * 8 == full.gpu_slots
+    assert small.env_cores * 8 == full.env_cores
+    assert small.node_memory_gib * 8 == full.node_memory_gib
+    assert full.shrunk(1) == full
+    with pytest.raises(ValueError, match="shrink factor"):
+        full.shrunk(0)
+
+
+def test_frontier_point_counts_the_targets_it_meets() -> None:
+    def outcome(n: int, step_s: float, util: float) -> Outcome:
+        level = _level(n, 100.0, 1.0)
+        level.mean_step_s, level.utilisation = step_s, util
+        return Outcome("x", [level], 1.0, 1 << 30, best=level)
+
+    assert FrontierPoint(1.0, outcome(10, 1.0, 0.1), outcome(150, 0.5, 0.9)).met() == 3
+    point = FrontierPoint(1.0, outcome(10, 1.0, 0.1), outcome(149, 0.51, 0.86))
+    assert point.ratios == pytest.approx((14.9, 0.51)) and point.met() == 0
+    assert FrontierPoint(1.0, Outcome("x", [], 1.0, 1), outcome(150, 0.5, 0.9)).met() == 0
