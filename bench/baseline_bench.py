@@ -131,7 +131,7 @@ async def frontier(sc: Scenario, fr: Frontier, root: Path) -> list[FrontierPoint
         ledgers = root / f"frontier-x{scale:g}"  # a fresh ledger per level and scale
         ledgers.mkdir()
         monoliths, megaflow, _ = await compare(sub, ledgers, equal_concurrency=False)
-        points.append(FrontierPoint(scale, monoliths[sub.monolith_exec], megaflow, sub.gpu_slots))
+        points.append(FrontierPoint(scale, monoliths[sub.monolith_exec], megaflow))
     return points
 
 

@@ -18,7 +18,6 @@ from bench.baseline.report import (
     headline,
     level_row,
     markdown_table,
-    trade_constant,
 )
 from bench.baseline.scenario import Frontier, Mechanism, Scenario
 from bench.baseline.sides import Level
@@ -361,35 +360,38 @@ def analysis(sc: Scenario, baseline: Outcome, megaflow: Outcome) -> list[str]:
 
 
 def why_together(sc: Scenario, b: Level, m: Level) -> list[str]:
-    """The Little's-law decomposition of the concurrency ratio (see `trade_constant`)."""
-    k = trade_constant(b, m, sc.gpu_slots)
+    """The concurrency ratio by Little's law: throughput ratio x time-per-step ratio,
+    and the throughput ratio as (busy units / cost per step) of each side's binding
+    resource. Window figures: steps/s and utilisation; per-step costs: whole level."""
     conc, step = m.concurrency / b.concurrency, m.mean_step_s / b.mean_step_s
+    through = m.steps_per_s / b.steps_per_s
     need = TARGET_CONCURRENCY / TARGET_STEP
     full = sc.gpu_slots / sc.env_cores
     busy_slots = m.utilisation * sc.gpu_slots
-    workload = b.cpu_s_per_call / m.slot_s_per_call
-    first = busy_slots / b.env_busy
+    slot_s = busy_slots / m.steps_per_s  # MegaFlow's slot time per model call
+    busy_cores = b.steps_per_s * b.cpu_s_per_call  # the monolith's, in the window
+    workload = b.cpu_s_per_call / slot_s
     return [
-        "- **Why the two ratios move together.** By Little's law, in a steady state tasks "
-        "in flight = steps/s x wall time per step, busy GPU slots = model calls/s x slot "
-        "time per call, busy sandbox cores = steps/s x core time per step (one model call "
-        "per step). So the concurrency ratio = (MegaFlow's busy slots / the monolith's busy "
-        "cores) x (the monolith's core time per step / MegaFlow's slot time per call) x "
-        "(MegaFlow's wall time per step / the monolith's). Here the first two factors are "
-        f"({busy_slots:,.0f} / {b.env_busy:,.0f}) x ({b.cpu_s_per_call * 1000:.0f} ms / "
-        f"{m.slot_s_per_call * 1000:.0f} ms) = {k:.1f}; with the measured {conc:.1f}x the "
-        f"third is {conc / k:.2f} (the step ratio is {step:.2f}x; they differ by the "
-        "sandbox's set-up per task, the agent loop and the windows the figures are averaged "
-        f"over). So concurrency >= {TARGET_CONCURRENCY:g}x at a step ratio <= "
-        f"{TARGET_STEP:g}x needs the first two factors to reach about {need:g}. The first "
-        f"is the hardware's ratio ({sc.gpu_slots:,} slots / {sc.env_cores} cores = "
-        f"{full:.1f} with both full; {first:.1f} here, the monolith's cores not all busy on "
-        "average at its max); the second is the workload's: with the first as here, a "
-        "monolith step would have to hold a sandbox core about "
-        f"{need / first:.1f}x as long as a MegaFlow model call holds a GPU slot, against "
-        f"{workload:.2f}x here. No change to the orchestrator moves either factor. Longer "
-        "contexts lower the step ratio but lengthen MegaFlow's calls too, so they lower the "
-        "second factor (the frontier above, its *trade constant* column).",
+        "- **Why the two ratios move together.** By Little's law (in flight = rate x "
+        "time), the concurrency ratio = the throughput ratio x (MegaFlow's wall time per "
+        f"step / the monolith's): here {through:.1f}x x {conc / through:.2f} = {conc:.1f}x "
+        f"(the step ratio is {step:.2f}x; wall time per step also counts the sandbox's "
+        "set-up and the agent loop). Each side's throughput is its binding resource's busy "
+        "units over what a step costs of it: MegaFlow "
+        f"{busy_slots:,.0f} GPU slots / {slot_s * 1000:.0f} ms of slot time per model call, "
+        f"the monolith {busy_cores:,.0f} sandbox cores / {b.cpu_s_per_call * 1000:.0f} ms "
+        "of core time per step. So the throughput ratio = a hardware ratio "
+        f"({busy_slots:,.0f} / {busy_cores:,.0f} = {busy_slots / busy_cores:.1f}; "
+        f"{sc.gpu_slots:,} slots / {sc.env_cores} cores = {full:.1f} with both full) x a "
+        f"workload ratio ({b.cpu_s_per_call * 1000:.0f} / {slot_s * 1000:.0f} ms = "
+        f"{workload:.2f}). Concurrency >= {TARGET_CONCURRENCY:g}x at a step ratio <= "
+        f"{TARGET_STEP:g}x needs a throughput ratio of about {need:g} or more: with both "
+        "resources full, a monolith step would have to cost about "
+        f"{need / full:.1f}x in core time what a MegaFlow model call costs in slot time, "
+        f"against {workload:.2f}x here. These are the hardware's and the workload's "
+        "figures; no change to the orchestrator moves them. Longer contexts lower the step "
+        "ratio but lengthen MegaFlow's calls, lowering the workload ratio (the frontier "
+        "above, its *throughput ratio* column).",
     ]
 
 

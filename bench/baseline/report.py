@@ -146,22 +146,6 @@ def sensitivity(
     return columns, rows
 
 
-def trade_constant(monolith: Level, megaflow: Level, gpu_slots: int) -> float:
-    """(MegaFlow's busy GPU slots / the monolith's busy sandbox cores) x (the monolith's
-    core-seconds per step / MegaFlow's slot-seconds per model call).
-
-    By Little's law (in flight = rate x time each), the concurrency ratio is exactly this
-    times MegaFlow's wall time per step over the monolith's, which is about the step
-    ratio: so concurrency ratio / step ratio is about this constant, which depends on the
-    hardware and the per-step costs, not on the orchestrator. Both targets together need
-    it >= TARGET_CONCURRENCY / TARGET_STEP.
-    """
-    busy_slots = megaflow.utilisation * gpu_slots
-    if not monolith.env_busy or not megaflow.slot_s_per_call:
-        return float("nan")
-    return (busy_slots / monolith.env_busy) * (monolith.cpu_s_per_call / megaflow.slot_s_per_call)
-
-
 @dataclass
 class FrontierPoint:
     """The comparison at one context scale (the workload frontier)."""
@@ -169,7 +153,6 @@ class FrontierPoint:
     context_scale: float
     monolith: Outcome
     megaflow: Outcome
-    gpu_slots: int
 
     @property
     def ratios(self) -> tuple[float, float] | None:
@@ -200,7 +183,7 @@ def frontier_table(points: list[FrontierPoint]) -> tuple[tuple[str, ...], list[t
         "MegaFlow step",
         "mean step ratio",
         "GPU util (monolith / MegaFlow)",
-        "trade constant",
+        "throughput ratio",
         "targets met",
     )
     rows: list[tuple[str, ...]] = []
@@ -228,7 +211,7 @@ def frontier_table(points: list[FrontierPoint]) -> tuple[tuple[str, ...], list[t
                 f"{m.mean_step_s * 1000:.0f} ms",
                 f"{step:.2f}x",
                 f"{b.utilisation:.1%} / {m.utilisation:.1%}",
-                f"{trade_constant(b, m, p.gpu_slots):.1f}",
+                ratio(m.steps_per_s, b.steps_per_s),
                 f"{p.met()} of 3",
             )
         )

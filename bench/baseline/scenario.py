@@ -353,10 +353,6 @@ class MeteredGpu(GpuLatencyModel):
     def completed_between(self, t0: float, t1: float) -> int:
         return sum(1 for e in self.ends if t0 <= e < t1)
 
-    def busy_total(self) -> float:
-        """Slot-seconds of service of every finished request (wall clock)."""
-        return sum(self.ends) - sum(self.starts)
-
     def busy_between(self, t0: float, t1: float) -> float:
         """Slot-seconds of service inside [t0, t1) (requests still running excluded)."""
         return sum(

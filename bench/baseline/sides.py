@@ -96,7 +96,6 @@ class Level:
     path_s_per_op: float = 0.0  # of which per environment operation (modelled s)
     overhead_per_step_s: float = float("nan")  # agent loop's own wall s per step, unscaled
     mean_prompt_tokens: float = float("nan")  # per model call, as the GPU saw it
-    slot_s_per_call: float = float("nan")  # GPU slot-seconds per model call (modelled)
     cpu_s_per_call: float = float("nan")  # environment core-seconds per model call (modelled)
 
 
@@ -213,7 +212,6 @@ def summarise(
         path_s_per_op=env.path_s_per_op(),
         overhead_per_step_s=sum(r.overhead_s for r in scored) / turns if turns else float("nan"),
         mean_prompt_tokens=sum(g.prompt_tokens for g in gpus) / calls if calls else float("nan"),
-        slot_s_per_call=sum(g.busy_total() for g in gpus) / k / calls if calls else float("nan"),
         cpu_s_per_call=env.cpu_seconds / calls if calls else float("nan"),
     )
 

@@ -169,7 +169,8 @@ async def test_report_has_the_table_and_small_plots(tmp_path: Path) -> None:
         assert needle in text
     for mech in ("docker_exec", "swerex", "none"):
         assert f"step_ratio_{mech}" in figures
-    assert "## Workload frontier" in text and "| 4x |" in text and "trade constant" in text
+    assert "## Workload frontier" in text and "| 4x |" in text and "throughput ratio" in text
+    assert "Why the two ratios move together" in text
     for scale in ("x1", "x4"):  # the comparison ran again at each context scale
         assert f"frontier_{scale}_concurrency_ratio" in figures
         assert f"frontier_{scale}_step_ratio" in figures
@@ -218,7 +219,7 @@ def test_frontier_point_counts_the_targets_it_meets() -> None:
         level.mean_step_s, level.utilisation = step_s, util
         return Outcome("x", [level], 1.0, 1 << 30, best=level)
 
-    assert FrontierPoint(1.0, outcome(10, 1.0, 0.1), outcome(150, 0.5, 0.9), 8).met() == 3
-    point = FrontierPoint(1.0, outcome(10, 1.0, 0.1), outcome(149, 0.51, 0.86), 8)
+    assert FrontierPoint(1.0, outcome(10, 1.0, 0.1), outcome(150, 0.5, 0.9)).met() == 3
+    point = FrontierPoint(1.0, outcome(10, 1.0, 0.1), outcome(149, 0.51, 0.86))
     assert point.ratios == pytest.approx((14.9, 0.51)) and point.met() == 0
-    assert FrontierPoint(1.0, Outcome("x", [], 1.0, 1), outcome(150, 0.5, 0.9), 8).met() == 0
+    assert FrontierPoint(1.0, Outcome("x", [], 1.0, 1), outcome(150, 0.5, 0.9)).met() == 0
