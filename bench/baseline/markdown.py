@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 from pathlib import Path
@@ -220,19 +221,45 @@ def frontier_section(
             lines[-1] += (
                 f" From context x{p0.context_scale:g} to x{p1.context_scale:g} the "
                 f"concurrency ratio went {c0:.1f}x -> {c1:.1f}x and the step ratio "
-                f"{s0:.2f}x -> {s1:.2f}x."
-            )
-            if c1 < c0 and s1 < s0:
-                lines[-1] += (
-                    " The two ratios trade against each other along this axis. In the "
-                    "model, longer prompts cost the monolith more per call (round-robin "
-                    "misses re-read the whole context, sticky hits do not), which lowers "
-                    "the step ratio; but its longer steps also leave each worker's sandbox "
-                    "core idle a larger share of the time, so more workers fit before the "
-                    "node's cores fill, and MegaFlow's calls, longer too, hold GPU slots "
-                    "longer, so its GPU fills at fewer tasks: both lower the concurrency "
-                    "ratio."
+                f"{s0:.2f}x -> {s1:.2f}x"
+                + (
+                    ": the two trade against each other along this axis."
+                    if c1 < c0 and s1 < s0
+                    else "."
                 )
+            )
+            why = []
+            if s1 < s0:
+                why.append(
+                    "longer prompts cost the monolith more per call than MegaFlow (its "
+                    "round-robin misses re-read the whole context, sticky hits do not), "
+                    "which lowers the step ratio"
+                )
+            n = [(o.monolith.best, o.megaflow.best) for o, _ in (placed[0], placed[-1])]
+            (b0, m0), (b1, m1) = n
+            if b0 and b1 and m0 and m1 and b1.concurrency > b0.concurrency:
+                why.append(
+                    f"the monolith's longer steps leave each worker's sandbox core idle "
+                    f"more of the time, so more workers fit (N {b0.concurrency} -> "
+                    f"{b1.concurrency})"
+                )
+            if b0 and b1 and m0 and m1 and m1.concurrency < m0.concurrency:
+                why.append(
+                    "MegaFlow's calls, longer too, hold GPU slots longer, so its GPU fills "
+                    f"at fewer tasks (N {m0.concurrency:,} -> {m1.concurrency:,})"
+                )
+            if why:
+                lines[-1] += " In this run: " + "; ".join(why) + "."
+        lines[-1] += (
+            " Each max N is the knee of a ramp in steps of about 1.5x, so each ratio is "
+            "known only to within such a step; the x1 row's ratios can differ from the "
+            "headline's (other levels, on the whole hardware) by up to that much."
+        )
+        cpu = max((lv.cpu_share for o in points for lv in o.megaflow.levels), default=0.0)
+        lines[-1] += (
+            f" This process used at most {cpu:.0%} of a core at any level of the frontier "
+            f"(time x{fr.time_scale:g} against the headline's x{sc.time_scale:g})."
+        )
         lines.append("")
     lines.append("![frontier.png](baseline/frontier.png)")
     return lines
@@ -360,38 +387,47 @@ def analysis(sc: Scenario, baseline: Outcome, megaflow: Outcome) -> list[str]:
 
 
 def why_together(sc: Scenario, b: Level, m: Level) -> list[str]:
-    """The concurrency ratio by Little's law: throughput ratio x time-per-step ratio,
-    and the throughput ratio as (busy units / cost per step) of each side's binding
-    resource. Window figures: steps/s and utilisation; per-step costs: whole level."""
+    """The concurrency ratio decomposed by Little's law (in flight = rate x time):
+    throughput ratio x ratio of time in flight per step, and the throughput ratio as each
+    side's binding resource (busy units / cost per step). Steady-window figures."""
+    figures = (
+        b.steps_per_s, m.steps_per_s, b.cores_busy, b.core_s_per_call, m.slot_s_per_call,
+    )  # fmt: skip
+    if not all(x > 0 and math.isfinite(x) for x in figures):
+        return []
     conc, step = m.concurrency / b.concurrency, m.mean_step_s / b.mean_step_s
     through = m.steps_per_s / b.steps_per_s
+    per_step = (m.concurrency / m.steps_per_s) / (b.concurrency / b.steps_per_s)
     need = TARGET_CONCURRENCY / TARGET_STEP
     full = sc.gpu_slots / sc.env_cores
     busy_slots = m.utilisation * sc.gpu_slots
-    slot_s = busy_slots / m.steps_per_s  # MegaFlow's slot time per model call
-    busy_cores = b.steps_per_s * b.cpu_s_per_call  # the monolith's, in the window
-    workload = b.cpu_s_per_call / slot_s
+    hardware = busy_slots / b.cores_busy
+    workload = b.core_s_per_call / m.slot_s_per_call
     return [
         "- **Why the two ratios move together.** By Little's law (in flight = rate x "
-        "time), the concurrency ratio = the throughput ratio x (MegaFlow's wall time per "
-        f"step / the monolith's): here {through:.1f}x x {conc / through:.2f} = {conc:.1f}x "
-        f"(the step ratio is {step:.2f}x; wall time per step also counts the sandbox's "
-        "set-up and the agent loop). Each side's throughput is its binding resource's busy "
-        "units over what a step costs of it: MegaFlow "
-        f"{busy_slots:,.0f} GPU slots / {slot_s * 1000:.0f} ms of slot time per model call, "
-        f"the monolith {busy_cores:,.0f} sandbox cores / {b.cpu_s_per_call * 1000:.0f} ms "
-        "of core time per step. So the throughput ratio = a hardware ratio "
-        f"({busy_slots:,.0f} / {busy_cores:,.0f} = {busy_slots / busy_cores:.1f}; "
-        f"{sc.gpu_slots:,} slots / {sc.env_cores} cores = {full:.1f} with both full) x a "
-        f"workload ratio ({b.cpu_s_per_call * 1000:.0f} / {slot_s * 1000:.0f} ms = "
-        f"{workload:.2f}). Concurrency >= {TARGET_CONCURRENCY:g}x at a step ratio <= "
-        f"{TARGET_STEP:g}x needs a throughput ratio of about {need:g} or more: with both "
-        "resources full, a monolith step would have to cost about "
-        f"{need / full:.1f}x in core time what a MegaFlow model call costs in slot time, "
-        f"against {workload:.2f}x here. These are the hardware's and the workload's "
-        "figures; no change to the orchestrator moves them. Longer contexts lower the step "
-        "ratio but lengthen MegaFlow's calls, lowering the workload ratio (the frontier "
-        "above, its *throughput ratio* column).",
+        "time), the concurrency ratio = the throughput ratio x the ratio of time in flight "
+        "per step (MegaFlow's / the monolith's, modelled): here "
+        f"{through:.1f}x x {per_step:.2f} = {conc:.1f}x (the step ratio is {step:.2f}x; time "
+        "in flight also counts the sandbox's set-up and the agent loop). In the steady "
+        "window each side's throughput is its binding resource's busy units over what a step "
+        f"costs of it: MegaFlow {busy_slots:,.0f} busy GPU slots / "
+        f"{m.slot_s_per_call * 1000:.0f} ms of slot time per model call, the monolith "
+        f"{b.cores_busy:,.0f} busy sandbox cores / {b.core_s_per_call * 1000:.0f} ms of core "
+        f"time per step. So the throughput ratio = ({busy_slots:,.0f} / "
+        f"{b.cores_busy:,.0f}) x ({b.core_s_per_call * 1000:.0f} / "
+        f"{m.slot_s_per_call * 1000:.0f} ms) = {hardware:.1f} x {workload:.2f}: busy "
+        f"resources (at most {sc.gpu_slots:,} slots / {sc.env_cores} cores = {full:.1f} "
+        "when both are full) times what a step costs of each. Concurrency >= "
+        f"{TARGET_CONCURRENCY:g}x at a step ratio <= {TARGET_STEP:g}x needs a throughput "
+        f"ratio of about {need:g} (more while the time-in-flight ratio is below the step "
+        f"ratio): at {hardware:.1f} busy slots per busy core, a monolith step would have to "
+        f"cost about {need / hardware:.1f}x in core time what a MegaFlow model call costs "
+        f"in slot time, against {workload:.2f}x here. Only the {full:.1f} is fixed by the "
+        "hardware; the rest is measured in this run. MegaFlow's slot time per call is the "
+        "one figure its orchestration moves (prefix hits, batch fullness); the monolith's "
+        "core time per step is its commands' work plus its sandbox path (the sensitivity "
+        "table varies the path). Longer contexts lower the step ratio but lengthen "
+        "MegaFlow's calls, lowering the throughput ratio (the frontier above).",
     ]
 
 

@@ -172,6 +172,13 @@ class FrontierPoint:
         )
 
 
+def _max_n(out: Outcome) -> str:
+    """A side's max sustainable N, or why its first level was not sustainable."""
+    if out.best is not None:
+        return f"{out.best.concurrency:,}"
+    return f"none ({out.levels[0].why_not})" if out.levels else "none (no level)"
+
+
 def frontier_table(points: list[FrontierPoint]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     columns = (
         "context scale",
@@ -184,34 +191,29 @@ def frontier_table(points: list[FrontierPoint]) -> tuple[tuple[str, ...], list[t
         "mean step ratio",
         "GPU util (monolith / MegaFlow)",
         "throughput ratio",
+        "core-s per step / slot-s per call",
         "targets met",
     )
     rows: list[tuple[str, ...]] = []
     for p in points:
         b, m = p.monolith.best, p.megaflow.best
-        seen = m or b
-        tokens = seen.mean_prompt_tokens if seen is not None else float("nan")
+        seen = [*p.monolith.levels, *p.megaflow.levels]
+        tokens = seen[0].mean_prompt_tokens if seen else float("nan")
+        head = (f"{p.context_scale:g}x", f"{tokens:,.0f}", _max_n(p.monolith), _max_n(p.megaflow))
         if b is None or m is None or p.ratios is None:
-            why = "; ".join(
-                f"{o.system}: {o.levels[0].why_not if o.levels else 'no level'}"
-                for o in (p.monolith, p.megaflow)
-                if o.best is None
-            )
-            rows.append((f"{p.context_scale:g}x", f"{tokens:,.0f}", "none", why, *("-",) * 7))
+            rows.append((*head, *("-",) * 8))
             continue
         conc, step = p.ratios
         rows.append(
             (
-                f"{p.context_scale:g}x",
-                f"{tokens:,.0f}",
-                f"{b.concurrency:,}",
-                f"{m.concurrency:,}",
+                *head,
                 f"{conc:.1f}x",
                 f"{b.mean_step_s * 1000:.0f} ms",
                 f"{m.mean_step_s * 1000:.0f} ms",
                 f"{step:.2f}x",
                 f"{b.utilisation:.1%} / {m.utilisation:.1%}",
                 ratio(m.steps_per_s, b.steps_per_s),
+                ratio(b.core_s_per_call, m.slot_s_per_call),
                 f"{p.met()} of 3",
             )
         )

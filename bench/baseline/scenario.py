@@ -16,7 +16,7 @@ import time
 from array import array
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from megaflow.core.errors import SandboxError
 from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
@@ -240,14 +240,17 @@ class Scenario(BaseModel):
     def shrunk(self, k: int) -> Scenario:
         """The same scenario on 1/k of the hardware: as many replicas (so round-robin
         misses as often), 1/k of the slots, of the node's cores and of its memory."""
-        if k < 1:
-            raise ValueError(f"shrink factor must be >= 1, got {k}")
+        if k < 1 or self.slots_per_replica % k or self.env_cores % k:
+            raise ValueError(
+                f"shrink factor must be >= 1 and divide the slots per replica "
+                f"({self.slots_per_replica}) and the sandbox cores ({self.env_cores}), got {k}"
+            )
         inference = max(1, self.inference_cores // k)
         return self.model_copy(
             update={
-                "slots_per_replica": max(1, self.slots_per_replica // k),
+                "slots_per_replica": self.slots_per_replica // k,
                 "inference_cores": inference,
-                "node_cores": inference + max(1, self.env_cores // k),
+                "node_cores": inference + self.env_cores // k,
                 "node_memory_gib": self.node_memory_gib / k,
             }
         )
@@ -278,6 +281,13 @@ class Frontier(BaseModel):
         default=(48, 72, 108, 162, 243, 364, 546, 819, 1229),
         description="MegaFlow concurrency ramp (steps of 1.5x, like the monolith's).",
     )
+
+    @field_validator("context_scales")
+    @classmethod
+    def _distinct(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        if any(x <= 0 for x in scales) or len({f"{x:g}" for x in scales}) != len(scales):
+            raise ValueError(f"context scales must be positive and distinct, got {scales}")
+        return scales
 
     def scenario(self, sc: Scenario, context_scale: float) -> Scenario:
         """`sc` shrunk, at `context_scale`, with this frontier's ramps and time scale."""
@@ -337,6 +347,13 @@ class MeteredGpu(GpuLatencyModel):
         self.ends = array("d")
         self.prompt_tokens = 0  # as seen (scaled), all requests
         self.calls = 0
+        self._completion_extra: dict[str, int] = {}  # per prefix key, for `_remember`
+
+    def _remember(self, key: str | None, tokens: int) -> None:
+        """Cache the prefix as the next prompt will see it: the scaled prompt and the
+        scaled completion (decoding costs the completion's own tokens)."""
+        extra = self._completion_extra.pop(key, 0) if key is not None else 0
+        super()._remember(key, tokens + extra)
 
     async def serve(
         self, prompt_tokens: int, completion_tokens: int, prefix_key: str | None = None
@@ -344,6 +361,9 @@ class MeteredGpu(GpuLatencyModel):
         prompt_tokens = round(prompt_tokens * self.context_scale)
         self.prompt_tokens += prompt_tokens
         self.calls += 1
+        if prefix_key is not None:  # the completion joins the next prompt, scaled
+            scaled = round(completion_tokens * self.context_scale)
+            self._completion_extra[prefix_key] = scaled - completion_tokens
         served = await super().serve(prompt_tokens, completion_tokens, prefix_key)
         end = time.monotonic()
         self.starts.append(end - served.service_s)
@@ -387,6 +407,8 @@ class FaultyEnv(SimulatedEnvironmentService):
         self.path_seconds = 0.0  # of which the path's costs (creates and operations)
         self.cpu_seconds = 0.0  # of which holding a core
         self.core_wait_s = 0.0  # modelled seconds spent waiting for a core
+        self.held_starts = array("d")  # wall-clock intervals holding a core (CPU part)
+        self.held_ends = array("d")
 
     async def _op(self, owner: str, index: int, mean: float, cost_s: float, cpu: float) -> None:
         """One operation: `mean` of own work (jittered) plus `cost_s` of the path."""
@@ -404,14 +426,29 @@ class FaultyEnv(SimulatedEnvironmentService):
             asked = time.monotonic()
             async with self._cores:
                 self.core_wait_s += (time.monotonic() - asked) / sc.time_scale
-                await asyncio.sleep(busy)
+                await self._hold(busy)
         elif busy > 0:
-            await asyncio.sleep(busy)
+            await self._hold(busy)
         if idle > 0:
             await asyncio.sleep(idle)
         if fails:
             self.faults += 1
             raise SandboxError(f"injected sandbox fault ({owner}, op {index})")
+
+    async def _hold(self, seconds: float) -> None:
+        start = time.monotonic()
+        try:
+            await asyncio.sleep(seconds)
+        finally:  # both ends together, so the arrays stay paired
+            self.held_starts.append(start)
+            self.held_ends.append(time.monotonic())
+
+    def held_between(self, t0: float, t1: float) -> float:
+        """Core-seconds (wall) held inside [t0, t1) (holds still going excluded)."""
+        return sum(
+            max(0.0, min(e, t1) - max(s, t0))
+            for s, e in zip(self.held_starts, self.held_ends, strict=True)
+        )
 
     def path_s_per_op(self) -> float:
         """Mean path cost of an operation other than a create (modelled seconds)."""

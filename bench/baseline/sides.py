@@ -96,7 +96,11 @@ class Level:
     path_s_per_op: float = 0.0  # of which per environment operation (modelled s)
     overhead_per_step_s: float = float("nan")  # agent loop's own wall s per step, unscaled
     mean_prompt_tokens: float = float("nan")  # per model call, as the GPU saw it
-    cpu_s_per_call: float = float("nan")  # environment core-seconds per model call (modelled)
+    # steady window: mean cores held by environment work, and per model call (= step)
+    # GPU slot-seconds and environment core-seconds (modelled s)
+    cores_busy: float = float("nan")
+    slot_s_per_call: float = float("nan")
+    core_s_per_call: float = float("nan")
 
 
 def _rss_kib() -> int:
@@ -179,6 +183,7 @@ def summarise(
     window = w1 - w0
     completed = sum(g.completed_between(w0, w1) for g in gpus)
     busy = sum(g.busy_between(w0, w1) for g in gpus)
+    held = env.held_between(w0, w1)
     failed = sum(1 for r in records if r.infra_failed)
     rewards = [r.reward for r in records if r.reward is not None]
     lookups = [g.prefix_hit_rate() for g in gpus]
@@ -212,7 +217,9 @@ def summarise(
         path_s_per_op=env.path_s_per_op(),
         overhead_per_step_s=sum(r.overhead_s for r in scored) / turns if turns else float("nan"),
         mean_prompt_tokens=sum(g.prompt_tokens for g in gpus) / calls if calls else float("nan"),
-        cpu_s_per_call=env.cpu_seconds / calls if calls else float("nan"),
+        cores_busy=held / window if window > 0 else float("nan"),
+        slot_s_per_call=busy / k / completed if completed else float("nan"),
+        core_s_per_call=held / k / completed if completed else float("nan"),
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.baseline.report import FrontierPoint, Outcome, judge
+from bench.baseline.report import FrontierPoint, Outcome, frontier_table, judge
 from bench.baseline.scenario import FaultyEnv, Frontier, Mechanism, MeteredGpu, Scenario
 from bench.baseline.sides import Level, megaflow_level, monolith_level
 from bench.baseline_bench import run
@@ -171,6 +171,9 @@ async def test_report_has_the_table_and_small_plots(tmp_path: Path) -> None:
         assert f"step_ratio_{mech}" in figures
     assert "## Workload frontier" in text and "| 4x |" in text and "throughput ratio" in text
     assert "Why the two ratios move together" in text
+    rows = {ln.split(" | ")[0]: ln.split(" | ") for ln in text.splitlines() if ln.startswith("| ")}
+    tokens = {x: float(rows[f"| {x}x"][1].replace(",", "")) for x in ("1", "4")}
+    assert tokens["4"] == pytest.approx(4 * tokens["1"], rel=0.02)  # the GPU saw 4x prompts
     for scale in ("x1", "x4"):  # the comparison ran again at each context scale
         assert f"frontier_{scale}_concurrency_ratio" in figures
         assert f"frontier_{scale}_step_ratio" in figures
@@ -184,7 +187,8 @@ async def test_report_has_the_table_and_small_plots(tmp_path: Path) -> None:
 
 async def test_gpu_sees_prompts_at_the_context_scale() -> None:
     # A prompt of 100 tokens at context x10 is prefilled as 1,000 tokens; the next turn
-    # of the same task (sticky: a prefix hit) pays only its scaled new suffix.
+    # of the same task (sticky: a prefix hit) pays only its scaled new suffix, the
+    # previous completion (part of the next prompt) included.
     sc = TINY.model_copy(
         update={
             "time_scale": 0.01,
@@ -197,7 +201,8 @@ async def test_gpu_sees_prompts_at_the_context_scale() -> None:
     plain, scaled = MeteredGpu(sc.latency_config()), MeteredGpu(sc.latency_config(), 10.0)
     assert (await plain.serve(100, 5, "t")).modelled_s == pytest.approx(0.1 * 0.01)
     assert (await scaled.serve(100, 5, "t")).modelled_s == pytest.approx(1.0 * 0.01)
-    assert (await scaled.serve(150, 5, "t")).modelled_s == pytest.approx(0.495 * 0.01)
+    # cached: the scaled prompt and the scaled completion (1,000 + 50): 450 new tokens
+    assert (await scaled.serve(150, 5, "t")).modelled_s == pytest.approx(0.45 * 0.01)
     assert scaled.prompt_tokens == 2500 and scaled.calls == 2
 
 
@@ -209,8 +214,19 @@ def test_shrunk_scenario_keeps_the_ratios() -> None:
     assert small.env_cores * 8 == full.env_cores
     assert small.node_memory_gib * 8 == full.node_memory_gib
     assert full.shrunk(1) == full
-    with pytest.raises(ValueError, match="shrink factor"):
-        full.shrunk(0)
+    for bad in (0, 3, 16):  # 16 divides the slots but not the 104 sandbox cores
+        with pytest.raises(ValueError, match="shrink factor"):
+            full.shrunk(bad)
+
+
+def test_frontier_scenarios() -> None:
+    sub = Frontier().scenario(Scenario(), 3.0)
+    assert sub.context_scale == 3.0 and sub.gpu_slots == Scenario().gpu_slots // 8
+    assert sub.monolith_variants == (Scenario().monolith_exec,)
+    assert sub.baseline_levels == Frontier().baseline_levels
+    for scales in ((1.0, 1.0), (1.0, 0.0)):
+        with pytest.raises(ValueError, match="distinct"):
+            Frontier(context_scales=scales)
 
 
 def test_frontier_point_counts_the_targets_it_meets() -> None:
@@ -222,4 +238,9 @@ def test_frontier_point_counts_the_targets_it_meets() -> None:
     assert FrontierPoint(1.0, outcome(10, 1.0, 0.1), outcome(150, 0.5, 0.9)).met() == 3
     point = FrontierPoint(1.0, outcome(10, 1.0, 0.1), outcome(149, 0.51, 0.86))
     assert point.ratios == pytest.approx((14.9, 0.51)) and point.met() == 0
-    assert FrontierPoint(1.0, Outcome("x", [], 1.0, 1), outcome(150, 0.5, 0.9)).met() == 0
+    failed = Outcome("x", [outcome(10, 1.0, 0.1).levels[0]], 1.0, 1)
+    failed.levels[0].why_not = "p99 step 3000 ms > SLA"
+    point = FrontierPoint(1.0, failed, outcome(150, 0.5, 0.9))
+    assert point.met() == 0
+    _, rows = frontier_table([point])
+    assert rows[0][2] == "none (p99 step 3000 ms > SLA)" and rows[0][3] == "150"
