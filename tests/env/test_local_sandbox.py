@@ -59,6 +59,15 @@ def sandbox_pids(sandbox_id: str) -> set[int]:
     return found
 
 
+def _state(pid: int) -> str:
+    """``state command`` of a process from /proc (for assertion messages)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return f"{stat[stat.rfind(')') + 2 :].split()[0]} {stat[stat.find('(') + 1 : stat.rfind(')')]}"
+
+
 def owner_cgroups(sb: LocalSandbox) -> list[Path]:
     record = json.loads((sb.host_workspace.parent / "owner.json").read_text())
     return [Path(p) for p in record["cgroups"]]
@@ -401,7 +410,10 @@ async def test_stop_leaves_nothing(tmp_path: Path) -> None:
     assert cgroups == [] or all(p.is_dir() for p in cgroups)
     await sb.stop()
     assert not sb.alive
-    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    # Not even a zombie: every process was reaped (init dies first, so the outer bwrap
+    # reaps it instead of leaving it to the host's init).
+    left = {pid: state for pid in pids if (state := _state(pid)) != "gone"}
+    assert left == {}
     assert not any(p.exists() for p in cgroups)
     assert not (tmp_path / "gone").exists()
     assert Path("/proc/self/mounts").read_text() == mounts

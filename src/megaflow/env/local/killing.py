@@ -85,8 +85,13 @@ class SandboxKilling:
         shell = self._shell
         if shell is not None:
             if shell.returncode is None:
-                # Killing the namespace's init makes the kernel kill every process inside.
-                procs.kill(m.host_pid for m in self._members() if m.ns_pid != 0)
+                # Killing the namespace's init makes the kernel kill every process inside;
+                # init goes first: if the shell died before it, init would report that
+                # to the outer bwrap, which then exits without reaping init (a zombie
+                # left to the host's init).
+                members = self._members()
+                procs.kill(m.host_pid for m in members if m.ns_pid == procs.INIT_NS_PID)
+                procs.kill(m.host_pid for m in members if m.ns_pid > procs.INIT_NS_PID)
                 try:
                     async with asyncio.timeout(1.0):
                         await shell.wait()
