@@ -7,6 +7,10 @@ import asyncio
 import importlib
 import json
 import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from megaflow.core.allocator import current, preload
 
@@ -23,6 +27,15 @@ BENCHES = {
     "store": "store_bench",
     "chaos": "chaos_bench",
 }
+
+
+async def _stoppable(bench: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``bench``; SIGTERM cancels it as Ctrl-C does, so that it stops what it
+    started (services, sandboxes, servers) before the process goes."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await bench
 
 
 def main() -> None:
@@ -42,7 +55,10 @@ def main() -> None:
     figures = {}
     for name in args.names or list(BENCHES):
         module = importlib.import_module(f"bench.{BENCHES[name]}")
-        figures[name] = asyncio.run(module.run(quick=args.quick))
+        try:
+            figures[name] = asyncio.run(_stoppable(module.run(quick=args.quick)))
+        except asyncio.CancelledError:
+            sys.exit(128 + signal.SIGTERM)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

@@ -6,17 +6,28 @@ Prints the schedule, the checks and the figures (see megaflow.testing.chaos)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
-from megaflow.testing.chaos import ChaosConfig, format_report, report, run_chaos
+from megaflow.testing.chaos import ChaosConfig, ChaosStopped, format_report, report, run_chaos
 from megaflow.testing.redis_server import redis_available
 
 
 async def _one(config: ChaosConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="megaflow-chaos-") as tmp:
-        figures = await asyncio.to_thread(run_chaos, Path(tmp) / "chaos", config)
+        stop = threading.Event()
+        job = asyncio.ensure_future(asyncio.to_thread(run_chaos, Path(tmp) / "chaos", config, stop))
+        try:
+            figures = await asyncio.shield(job)
+        except asyncio.CancelledError:  # Ctrl-C, SIGTERM: stop the deployment, then go
+            print("chaos: stopping the deployment...", flush=True)
+            stop.set()
+            with contextlib.suppress(ChaosStopped):
+                await job
+            raise
         figures_of = report(figures)  # reads the run's files: before they go
         print(
             f"\n== chaos on {config.store}: {config.tasks} tasks, {config.kills_per_kind} "

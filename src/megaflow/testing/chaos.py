@@ -24,6 +24,7 @@ import random
 import re
 import signal
 import subprocess
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -46,7 +47,15 @@ from megaflow.testing.processes import ServiceProcess, start_run
 from megaflow.testing.redis_server import RedisServer
 from megaflow.testing.server import free_port
 
-__all__ = ["KINDS", "ChaosConfig", "check_all", "format_report", "report", "run_chaos"]
+__all__ = [
+    "KINDS",
+    "ChaosConfig",
+    "ChaosStopped",
+    "check_all",
+    "format_report",
+    "report",
+    "run_chaos",
+]
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) (.*)$", re.M)
 
 
@@ -108,6 +117,28 @@ def schedule(config: ChaosConfig) -> list[Kill]:
         for _ in range(config.sandbox_faults)
     ]
     return sorted(kills, key=lambda k: k.at_fraction)
+
+
+class ChaosStopped(RuntimeError):
+    """The run was asked to stop; its processes were stopped first."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise ChaosStopped("the chaos run was asked to stop")
+
+
+def _wait(proc: subprocess.Popen[str], timeout_s: float, stop: threading.Event | None) -> int:
+    """``proc``'s exit status; ChaosStopped as soon as ``stop`` is set, TimeoutError
+    after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _check(stop)
+        try:
+            return proc.wait(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the run did not finish in {timeout_s:g} s") from None
 
 
 def _log_time(stamp: str) -> float:
@@ -234,7 +265,7 @@ def _client(dep: Deployment, out: Path, log: Path) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def _undisturbed(workdir: Path, config: ChaosConfig) -> int:
+def _undisturbed(workdir: Path, config: ChaosConfig, stop: threading.Event | None) -> int:
     """The same tasks, seed and policy in one embedded process with no fault: the
     outcomes the chaos run must reproduce. Returns its exit status."""
     run = start_run(
@@ -248,15 +279,21 @@ def _undisturbed(workdir: Path, config: ChaosConfig) -> int:
         "--out", str(workdir / "undisturbed"),
     )  # fmt: skip
     try:
-        return run.wait(timeout=config.run_timeout_s)
+        return _wait(run, config.run_timeout_s, stop)
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
 
 
-def run_chaos(workdir: Path, config: ChaosConfig) -> dict[str, Any]:
-    """Run the deployment under the fault schedule; return the raw figures (see report)."""
+def run_chaos(
+    workdir: Path, config: ChaosConfig, stop: threading.Event | None = None
+) -> dict[str, Any]:
+    """Run the deployment under the fault schedule; return the raw figures (see report).
+
+    Setting ``stop`` (from another thread: a signal handler's) ends the run early: every
+    process it started is stopped, then :class:`ChaosStopped` is raised.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if config.store == "redis":
@@ -265,16 +302,18 @@ def run_chaos(workdir: Path, config: ChaosConfig) -> dict[str, Any]:
             url = stack.enter_context(EtcdServer(workdir)).url
         else:
             url = str(workdir / "ledger.sqlite")
-        figures = _run(workdir, config, url)
+        figures = _run(workdir, config, url, stop)
         if config.compare_undisturbed:
-            figures["undisturbed_exit"] = _undisturbed(workdir, config)
+            figures["undisturbed_exit"] = _undisturbed(workdir, config, stop)
             figures["sandbox_dirs"].append(str(workdir / "sandboxes-undisturbed"))
         rows = read_ledger(figures)  # while the store still runs
     figures["problems"] = check_all(figures, rows)  # once it has stopped too
     return figures
 
 
-def _run(workdir: Path, config: ChaosConfig, store: str) -> dict[str, Any]:
+def _run(
+    workdir: Path, config: ChaosConfig, store: str, stop: threading.Event | None
+) -> dict[str, Any]:
     out = workdir / "out"
     dep = Deployment(workdir, config, store)
     view = LedgerView(store)
@@ -285,8 +324,8 @@ def _run(workdir: Path, config: ChaosConfig, store: str) -> dict[str, Any]:
     run_log = workdir / "run.log"
     started = time.monotonic()
     try:
-        dep.start("scheduler")
-        for name in ("model1", "model2", "env1", "env2", "agent1", "agent2"):
+        for name in ("scheduler", "model1", "model2", "env1", "env2", "agent1", "agent2"):
+            _check(stop)
             dep.start(name)
         run = _client(dep, out, run_log)
         dep.pgids.append(run.pid)
@@ -295,6 +334,7 @@ def _run(workdir: Path, config: ChaosConfig, store: str) -> dict[str, Any]:
         for kill in schedule(config):
             target = max(int(kill.at_fraction * config.tasks), floor)
             while view.finished() < target and run.poll() is None:
+                _check(stop)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"chaos run timed out before {kill}")
                 time.sleep(0.1)
@@ -320,11 +360,7 @@ def _run(workdir: Path, config: ChaosConfig, store: str) -> dict[str, Any]:
             event["back_s"] = round(time.monotonic() - killed_at, 2)
             floor = view.finished() + config.min_gap
             events.append(event)
-        remaining = max(1.0, deadline - time.monotonic())
-        try:
-            code = run.wait(timeout=remaining)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError("chaos run did not finish in time") from None
+        code = _wait(run, max(1.0, deadline - time.monotonic()), stop)
         for key, value in _status_counters(dep.address).items():
             counters[key] = counters.get(key, 0) + value
     finally:

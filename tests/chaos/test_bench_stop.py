@@ -1,0 +1,80 @@
+"""`python -m bench chaos` told to stop (SIGTERM, as a CI runner or `kill` sends) stops
+its whole deployment first: the services run in their own sessions, so before, they
+outlived the driver (with their sandboxes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _processes_mentioning(text: str) -> dict[int, str]:
+    """Pids (not this one) whose command line contains ``text``."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found[int(name)] = cmdline[:200]
+    return found
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_stops_the_deployment_before_the_driver_exits(tmp_path: Path) -> None:
+    log = tmp_path / "bench.log"
+    with log.open("w") as sink:
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "bench", "chaos", "--quick"],
+            cwd=REPO,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        # the client is submitting: every service is up and sandboxes are being made
+        _wait_for(lambda: any(tmp_path.glob("megaflow-chaos-*/chaos/out")), 120, "the run")
+        _wait_for(
+            lambda: any(tmp_path.glob("megaflow-chaos-*/chaos/sandboxes-env*/*/workspace")),
+            60,
+            "a sandbox",
+        )
+        services = _processes_mentioning(str(tmp_path))
+        assert len(services) >= 7, services  # scheduler, 2 agents, 2 envs, 2 models, ...
+        envs = [pid for pid, cmdline in services.items() if " serve env " in cmdline]
+        assert len(envs) == 2, services
+        bench.send_signal(signal.SIGTERM)
+        code = bench.wait(timeout=120)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    output = log.read_text()
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    assert "stopping the deployment" in output
+    assert _processes_mentioning(str(tmp_path)) == {}, output[-3000:]
+    assert not list(tmp_path.glob("megaflow-chaos-*")), "its folder was not removed"
+    # the env services' sandboxes went with them (their cgroups are named by the env's pid)
+    cgroups = [p for pid in envs for p in Path("/sys/fs/cgroup").rglob(f"megaflow-sb-{pid}-*")]
+    assert cgroups == []
