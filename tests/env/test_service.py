@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from megaflow.agent.loop import AgentLimits, ToolAgent
 from megaflow.core.errors import CapacityError, InvalidRequestError, NotFoundError
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.model.service import ModelServiceImpl
+from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
 from megaflow.tasks.swe_synth import generate_tasks, reference_patch, wrong_patch
@@ -234,6 +237,8 @@ _ORPHAN_MAKER = """
 import asyncio, sys
 from pathlib import Path
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.model.service import ModelServiceImpl
+from megaflow.model.simulated import SimulatedBackend
 from megaflow.v1 import common_pb2, env_pb2
 
 async def main() -> None:
@@ -277,3 +282,63 @@ async def test_restart_reclaims_what_a_killed_service_left(tmp_path: Path) -> No
     assert not any(c.exists() for c in cgroups)
     for d in left:
         assert not _sandbox_pids(d / "workspace")
+
+
+async def test_release_by_owner(service: LocalEnvironmentService) -> None:
+    mine = [
+        (await service.create_environment(env_pb2.CreateEnvironmentRequest(owner="a1"))).env_id
+        for _ in range(2)
+    ]
+    other = await service.create_environment(env_pb2.CreateEnvironmentRequest(owner="b1"))
+    reply = await service.release_environment(env_pb2.ReleaseEnvironmentRequest(owner="a1"))
+    assert reply.released == 2
+    for env_id in mine:
+        with pytest.raises(NotFoundError):
+            await service.execute_step(env_pb2.ExecuteStepRequest(env_id=env_id, command="true"))
+    assert service.live == 1  # b1's is untouched
+    none = await service.release_environment(env_pb2.ReleaseEnvironmentRequest(owner="a1"))
+    assert none.released == 0
+    for bad in (
+        env_pb2.ReleaseEnvironmentRequest(),
+        env_pb2.ReleaseEnvironmentRequest(env_id=other.env_id, owner="b1"),
+    ):
+        with pytest.raises(InvalidRequestError, match="exactly one"):
+            await service.release_environment(bad)
+    one = await service.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=other.env_id))
+    assert one.released == 1 and service.live == 0
+
+
+class _AnswersNever(LocalEnvironmentService):
+    """Makes the environment, then never answers (the answer lost in flight)."""
+
+    made = asyncio.Event()
+
+    async def create_environment(
+        self, request: env_pb2.CreateEnvironmentRequest
+    ) -> env_pb2.CreateEnvironmentResponse:
+        await super().create_environment(request)
+        self.made.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_an_agent_cancelled_while_its_environment_is_made_leaves_none(
+    tmp_path: Path,
+) -> None:
+    svc = _AnswersNever(EnvServiceConfig(root_dir=tmp_path / "sb", max_environments=2))
+    _AnswersNever.made = asyncio.Event()
+    model = ModelServiceImpl([SimulatedBackend.fast()])
+    task = generate_tasks(1, seed=2)[0]
+    async with svc, GrpcServer("127.0.0.1:0", {"env": svc}) as server:
+        client = EnvironmentServiceClient(server.address)
+        agent = ToolAgent(task, "attempt-1", env=client, model=model, limits=AgentLimits())
+        run = asyncio.ensure_future(agent.run())
+        await asyncio.wait_for(_AnswersNever.made.wait(), 30)
+        assert svc.live == 1
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        # the lease (task timeout + scoring + 60 s) would have kept it for half an hour
+        assert svc.live == 0
+        await client.close()
+    await model.stop()

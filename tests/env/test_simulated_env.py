@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
+from megaflow.core.errors import InvalidRequestError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import run_batch
 from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
@@ -52,3 +55,15 @@ async def test_simulated_warm_pool_hits_misses_and_refills_after_release() -> No
     assert env.warm_hits == 3
     assert dict(env.advertised().warm_images) == {"py": 2}
     await env.stop()
+
+
+async def test_simulated_release_by_owner_releases_that_owners_environments() -> None:
+    env = SimulatedEnvironmentService(SimulatedEnvConfig(create_latency_s=0.0))
+    for owner in ("a1", "a1", "b1"):
+        await env.create_environment(env_pb2.CreateEnvironmentRequest(owner=owner))
+    reply = await env.release_environment(env_pb2.ReleaseEnvironmentRequest(owner="a1"))
+    assert reply.released == 2 and env.live == 1
+    reply = await env.release_environment(env_pb2.ReleaseEnvironmentRequest(owner="a1"))
+    assert reply.released == 0 and env.live == 1
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        await env.release_environment(env_pb2.ReleaseEnvironmentRequest())

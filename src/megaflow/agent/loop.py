@@ -49,6 +49,8 @@ SYSTEM_PROMPT = (
     "and test, `edit_file` to change files, and call `submit` when you are done."
 )
 NO_TOOL_NUDGE = "Please answer with exactly one tool call: bash, edit_file or submit."
+RELEASE_OWNED_TIMEOUT_S = 5.0
+"""How long an attempt whose CreateEnvironment failed waits to undo it."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,17 @@ class ToolAgent:
             raise
 
     async def _create(self) -> str:
-        created = await self.env.create_environment(
+        try:
+            created = await self._create_request()
+        except BaseException:
+            # Cancelled or failed in flight: the service may have made the environment
+            # all the same (the answer lost), and this attempt never learns its id.
+            await asyncio.shield(self._release_owned())
+            raise
+        return created.env_id
+
+    async def _create_request(self) -> env_pb2.CreateEnvironmentResponse:
+        return await self.env.create_environment(
             env_pb2.CreateEnvironmentRequest(
                 owner=self.attempt_id,
                 image=self.task.image,
@@ -173,11 +185,18 @@ class ToolAgent:
                 placement=self.task.placement,
             )
         )
-        return created.env_id
 
     async def _release(self, env_id: str) -> None:
         with contextlib.suppress(MegaFlowError, OSError, asyncio.TimeoutError):
             await self.env.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=env_id))
+
+    async def _release_owned(self) -> None:
+        """Release whatever the Environment Service holds for this attempt (best effort:
+        the lease reaper is the backstop)."""
+        with contextlib.suppress(MegaFlowError, OSError, asyncio.TimeoutError):
+            async with asyncio.timeout(RELEASE_OWNED_TIMEOUT_S):
+                request = env_pb2.ReleaseEnvironmentRequest(owner=self.attempt_id)
+                await self.env.release_environment(request)
 
     async def _run(self) -> tuple[common_pb2.TaskResult, common_pb2.Trajectory]:
         started = time.monotonic()

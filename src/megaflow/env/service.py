@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from megaflow.contract.release import release_targets
 from megaflow.core.errors import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -237,10 +238,10 @@ class LocalEnvironmentService:
     async def release_environment(
         self, request: env_pb2.ReleaseEnvironmentRequest
     ) -> env_pb2.ReleaseEnvironmentResponse:
-        if request.env_id not in self._envs:
-            raise NotFoundError(f"no environment {request.env_id!r}")
-        await self._destroy(request.env_id)
-        return env_pb2.ReleaseEnvironmentResponse()
+        env_ids = release_targets(request, self._envs)
+        for env_id in env_ids:
+            await self._destroy(env_id)
+        return env_pb2.ReleaseEnvironmentResponse(released=len(env_ids))
 
     async def heartbeat(self, request: env_pb2.EnvHeartbeatRequest) -> env_pb2.EnvHeartbeatResponse:
         env = self._get(request.env_id)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from megaflow.contract.release import release_targets
 from megaflow.core.errors import CapacityError, InvalidRequestError, NotFoundError
 from megaflow.core.shell import split_words
 from megaflow.tasks.scoring import simulated_reward
@@ -62,6 +63,7 @@ class _Env:
     steps: int = 0
     last_output: str = ""
     warm_image: str | None = None  # the warm pool it was claimed from, refilled on release
+    owner: str = ""
 
 
 class SimulatedEnvironmentService:
@@ -113,7 +115,7 @@ class SimulatedEnvironmentService:
         if len(self._envs) >= self.config.max_environments:
             raise CapacityError(f"all {self.config.max_environments} environments are in use")
         env_id = f"sim-{next(self._ids)}"
-        env = _Env(dict(request.files), dict(request.hidden_files))
+        env = _Env(dict(request.files), dict(request.hidden_files), owner=request.owner)
         self._envs[env_id] = env
         self.created += 1
         if self._idle_warm.get(request.image, 0) > 0:
@@ -181,12 +183,12 @@ class SimulatedEnvironmentService:
     async def release_environment(
         self, request: env_pb2.ReleaseEnvironmentRequest
     ) -> env_pb2.ReleaseEnvironmentResponse:
-        env = self._envs.pop(request.env_id, None)
-        if env is None:
-            raise NotFoundError(f"no environment {request.env_id!r}")
-        if env.warm_image is not None:
-            self._refill_later(env.warm_image)
-        return env_pb2.ReleaseEnvironmentResponse()
+        env_ids = release_targets(request, self._envs)
+        for env_id in env_ids:
+            env = self._envs.pop(env_id)
+            if env.warm_image is not None:
+                self._refill_later(env.warm_image)
+        return env_pb2.ReleaseEnvironmentResponse(released=len(env_ids))
 
     def _refill(self, image: str) -> None:
         self._idle_warm[image] += 1

@@ -408,18 +408,26 @@ Global___SubmitActionResponse: _TypeAlias = SubmitActionResponse  # noqa: Y015
 
 @_typing.final
 class ReleaseEnvironmentRequest(_message.Message):
+    """Exactly one of env_id and owner. By owner: every environment created for that
+    owner (CreateEnvironmentRequest.owner), e.g. by an agent whose CreateEnvironment
+    was cancelled or failed in flight, so that it never learnt the env_id.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ENV_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     env_id: _builtins.str
+    owner: _builtins.str
     def __init__(
         self,
         *,
         env_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env_id", b"env_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env_id", b"env_id", "owner", b"owner"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,12 +437,17 @@ Global___ReleaseEnvironmentRequest: _TypeAlias = ReleaseEnvironmentRequest  # no
 class ReleaseEnvironmentResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.int
+    """how many environments were released"""
     def __init__(
         self,
+        *,
+        released: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
