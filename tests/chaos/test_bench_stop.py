@@ -32,6 +32,10 @@ def _processes_mentioning(text: str) -> dict[int, str]:
     return found
 
 
+def _deployment(tmp_path: Path, address: str) -> dict[int, str]:
+    return {**_processes_mentioning(str(tmp_path)), **_processes_mentioning(address)}
+
+
 def _wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -60,8 +64,20 @@ def test_sigterm_stops_the_deployment_before_the_driver_exits(tmp_path: Path) ->
             60,
             "a sandbox",
         )
-        services = _processes_mentioning(str(tmp_path))
-        assert len(services) >= 7, services  # scheduler, 2 agents, 2 envs, 2 models, ...
+        # the services name the run's folder (store, sandboxes) or the scheduler's address
+        address = next(
+            cmdline.split("--listen ")[1].split()[0]
+            for cmdline in _processes_mentioning(str(tmp_path)).values()
+            if " serve scheduler " in cmdline
+        )
+        services = _deployment(tmp_path, address)
+        kinds = [
+            k
+            for k in ("scheduler", "agent", "env", "model")
+            for c in services.values()
+            if f" serve {k} " in c
+        ]
+        assert sorted(kinds) == ["agent"] * 2 + ["env"] * 2 + ["model"] * 2 + ["scheduler"]
         envs = [pid for pid, cmdline in services.items() if " serve env " in cmdline]
         assert len(envs) == 2, services
         bench.send_signal(signal.SIGTERM)
@@ -73,7 +89,7 @@ def test_sigterm_stops_the_deployment_before_the_driver_exits(tmp_path: Path) ->
     output = log.read_text()
     assert code == 128 + signal.SIGTERM, output[-3000:]
     assert "stopping the deployment" in output
-    assert _processes_mentioning(str(tmp_path)) == {}, output[-3000:]
+    assert _deployment(tmp_path, address) == {}, output[-3000:]
     assert not list(tmp_path.glob("megaflow-chaos-*")), "its folder was not removed"
     # the env services' sandboxes went with them (their cgroups are named by the env's pid)
     cgroups = [p for pid in envs for p in Path("/sys/fs/cgroup").rglob(f"megaflow-sb-{pid}-*")]
