@@ -26,6 +26,7 @@ from bench.baseline.report import (
     headline,
     judge,
     plots,
+    ratios,
     sensitivity,
 )
 from bench.baseline.scenario import QUICK, QUICK_FRONTIER, Frontier, Mechanism, Scenario
@@ -168,11 +169,8 @@ async def run(
     )
     outcomes = [*monoliths.values(), megaflow]
     images = plots(outcomes, docs_dir / "baseline", sc.sla_p99_step_s, equal)
-    ratios = None
-    if baseline.best is not None and megaflow.best is not None:
-        b, m = baseline.best, megaflow.best
-        ratios = (m.concurrency / b.concurrency, m.mean_step_s / b.mean_step_s)
-    images.append(frontier_plot(points, ratios, docs_dir / "baseline", fr.fraction))
+    headline_ratios = ratios(baseline, megaflow)
+    images.append(frontier_plot(points, headline_ratios, docs_dir / "baseline", fr.fraction))
     report = docs_dir / "baseline.md"
     markdown.write(
         report,
@@ -197,12 +195,10 @@ async def run(
             figures[f"{key}_gpu_utilisation"] = out.best.utilisation
             figures[f"{key}_failure_rate"] = out.best.failure_rate
     for mech, out in monoliths.items():
-        if out.best is not None and megaflow.best is not None:
-            figures[f"step_ratio_{mech}"] = megaflow.best.mean_step_s / out.best.mean_step_s
-            figures[f"concurrency_ratio_{mech}"] = megaflow.best.concurrency / out.best.concurrency
+        if (r := ratios(out, megaflow)) is not None:
+            figures[f"concurrency_ratio_{mech}"], figures[f"step_ratio_{mech}"] = r
     for point in points:
-        if point.ratios is not None:
-            conc, step = point.ratios
-            figures[f"frontier_x{point.context_scale:g}_concurrency_ratio"] = conc
-            figures[f"frontier_x{point.context_scale:g}_step_ratio"] = step
+        if (r := point.ratios) is not None:
+            scale = f"frontier_x{point.context_scale:g}"
+            figures[f"{scale}_concurrency_ratio"], figures[f"{scale}_step_ratio"] = r
     return figures

@@ -235,15 +235,16 @@ def frontier_section(
                     "round-robin misses re-read the whole context, sticky hits do not), "
                     "which lowers the step ratio"
                 )
-            n = [(o.monolith.best, o.megaflow.best) for o, _ in (placed[0], placed[-1])]
-            (b0, m0), (b1, m1) = n
-            if b0 and b1 and m0 and m1 and b1.concurrency > b0.concurrency:
+            # placed points have ratios, so both sides have a best level
+            b0, m0, b1, m1 = p0.monolith.best, p0.megaflow.best, p1.monolith.best, p1.megaflow.best
+            assert b0 and m0 and b1 and m1
+            if b1.concurrency > b0.concurrency:
                 why.append(
                     f"the monolith's longer steps leave each worker's sandbox core idle "
                     f"more of the time, so more workers fit (N {b0.concurrency} -> "
                     f"{b1.concurrency})"
                 )
-            if b0 and b1 and m0 and m1 and m1.concurrency < m0.concurrency:
+            if m1.concurrency < m0.concurrency:
                 why.append(
                     "MegaFlow's calls, longer too, hold GPU slots longer, so its GPU fills "
                     f"at fewer tasks (N {m0.concurrency:,} -> {m1.concurrency:,})"

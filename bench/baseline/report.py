@@ -93,6 +93,25 @@ TARGET_STEP = 0.5
 TARGET_UTILISATION = 0.87
 
 
+def ratios(monolith: Outcome, megaflow: Outcome) -> tuple[float, float] | None:
+    """(concurrency ratio, mean step ratio), each system at its own max sustainable
+    level; None when either sustains none."""
+    b, m = monolith.best, megaflow.best
+    if b is None or m is None:
+        return None
+    return m.concurrency / b.concurrency, m.mean_step_s / b.mean_step_s
+
+
+def targets_met(monolith: Outcome, megaflow: Outcome) -> int:
+    """How many of the three targets (concurrency, step latency, utilisation) hold."""
+    r, m = ratios(monolith, megaflow), megaflow.best
+    if r is None or m is None:
+        return 0
+    return sum(
+        (r[0] >= TARGET_CONCURRENCY, r[1] <= TARGET_STEP, m.utilisation >= TARGET_UTILISATION)
+    )
+
+
 def sensitivity(
     sc: Scenario,
     monoliths: dict[Mechanism, Outcome],
@@ -114,20 +133,16 @@ def sensitivity(
         "targets met",
     )
     equals = equals or {}
-    m = megaflow.best
     rows: list[tuple[str, ...]] = []
     for mech, out in monoliths.items():
         path = sc.monolith_path(mech)
         cost = f"{path.op_s * 1000:.1f} ms ({path.op_cpu:.0%})" if path.op_s else "0"
         name = LABELS[mech] + (" (headline)" if mech == sc.monolith_exec else "")
-        b = out.best
-        if b is None or m is None:
+        b, r = out.best, ratios(out, megaflow)
+        if b is None or r is None:
             rows.append((name, cost, "none", "-", "-", "-", "-", "-", "-"))
             continue
-        conc, step = m.concurrency / b.concurrency, m.mean_step_s / b.mean_step_s
-        met = sum(
-            (conc >= TARGET_CONCURRENCY, step <= TARGET_STEP, m.utilisation >= TARGET_UTILISATION)
-        )
+        conc, step = r
         rows.append(
             (
                 name,
@@ -140,7 +155,7 @@ def sensitivity(
                 if b.concurrency in equals
                 else "-",
                 f"{b.utilisation:.1%}",
-                f"{met} of 3",
+                f"{targets_met(out, megaflow)} of 3",
             )
         )
     return columns, rows
@@ -156,20 +171,10 @@ class FrontierPoint:
 
     @property
     def ratios(self) -> tuple[float, float] | None:
-        """(concurrency ratio, mean step ratio), each system at its own max."""
-        b, m = self.monolith.best, self.megaflow.best
-        if b is None or m is None:
-            return None
-        return m.concurrency / b.concurrency, m.mean_step_s / b.mean_step_s
+        return ratios(self.monolith, self.megaflow)
 
     def met(self) -> int:
-        """How many of the three targets this point meets."""
-        r, m = self.ratios, self.megaflow.best
-        if r is None or m is None:
-            return 0
-        return sum(
-            (r[0] >= TARGET_CONCURRENCY, r[1] <= TARGET_STEP, m.utilisation >= TARGET_UTILISATION)
-        )
+        return targets_met(self.monolith, self.megaflow)
 
 
 def _max_n(out: Outcome) -> str:

@@ -289,6 +289,17 @@ class Frontier(BaseModel):
             raise ValueError(f"context scales must be positive and distinct, got {scales}")
         return scales
 
+    @classmethod
+    def matching(cls, sc: Scenario, context_scales: tuple[float, ...]) -> Frontier:
+        """A frontier on `sc`'s own hardware, time scale and ramps (small runs, tests)."""
+        return cls(
+            fraction=1,
+            context_scales=context_scales,
+            time_scale=sc.time_scale,
+            baseline_levels=sc.baseline_levels,
+            megaflow_levels=sc.megaflow_levels,
+        )
+
     def scenario(self, sc: Scenario, context_scale: float) -> Scenario:
         """`sc` shrunk, at `context_scale`, with this frontier's ramps and time scale."""
         return sc.shrunk(self.fraction).model_copy(
@@ -311,13 +322,7 @@ QUICK = Scenario(
     baseline_levels=(4, 8, 16, 32),
     megaflow_levels=(16, 64, 96),
 )
-QUICK_FRONTIER = Frontier(
-    fraction=1,
-    context_scales=(1.0, 10.0),
-    time_scale=QUICK.time_scale,
-    baseline_levels=QUICK.baseline_levels,
-    megaflow_levels=QUICK.megaflow_levels,
-)
+QUICK_FRONTIER = Frontier.matching(QUICK, (1.0, 10.0))
 
 
 def unit(*parts: object) -> float:

@@ -147,13 +147,7 @@ def test_judge(level: Level, cap: int, why: str) -> None:
     assert why in level.why_not
 
 
-TINY_FRONTIER = Frontier(
-    fraction=1,
-    context_scales=(1.0, 4.0),
-    time_scale=TINY.time_scale,
-    baseline_levels=TINY.baseline_levels,
-    megaflow_levels=TINY.megaflow_levels,
-)
+TINY_FRONTIER = Frontier.matching(TINY, (1.0, 4.0))
 
 
 async def test_report_has_the_table_and_small_plots(tmp_path: Path) -> None:

@@ -162,29 +162,25 @@ class ToolAgent:
             raise
 
     async def _create(self) -> str:
+        request = env_pb2.CreateEnvironmentRequest(
+            owner=self.attempt_id,
+            image=self.task.image,
+            files=self.task.files,
+            hidden_files=self.task.hidden_files,
+            eval_command=self.task.eval_command,
+            limits=self.task.limits,
+            setup_timeout_s=self.setup_timeout_s,
+            lease_s=self.task_timeout_s + self.scoring_timeout_s + 60.0,
+            placement=self.task.placement,
+        )
         try:
-            created = await self._create_request()
+            created = await self.env.create_environment(request)
         except BaseException:
             # Cancelled or failed in flight: the service may have made the environment
             # all the same (the answer lost), and this attempt never learns its id.
             await asyncio.shield(self._release_owned())
             raise
         return created.env_id
-
-    async def _create_request(self) -> env_pb2.CreateEnvironmentResponse:
-        return await self.env.create_environment(
-            env_pb2.CreateEnvironmentRequest(
-                owner=self.attempt_id,
-                image=self.task.image,
-                files=self.task.files,
-                hidden_files=self.task.hidden_files,
-                eval_command=self.task.eval_command,
-                limits=self.task.limits,
-                setup_timeout_s=self.setup_timeout_s,
-                lease_s=self.task_timeout_s + self.scoring_timeout_s + 60.0,
-                placement=self.task.placement,
-            )
-        )
 
     async def _release(self, env_id: str) -> None:
         with contextlib.suppress(MegaFlowError, OSError, asyncio.TimeoutError):
