@@ -327,6 +327,115 @@ class ResourceRequirements(_message.Message):
 Global___ResourceRequirements: _TypeAlias = ResourceRequirements  # noqa: Y015
 
 @_typing.final
+class ScaffoldSpec(_message.Message):
+    """Which agent scaffold runs a task (see megaflow.agent.scaffolds), and its settings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    CONFIG_JSON_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """a registered name ("tool-agent", the default) or "package.module:Class" """
+    config_json: _builtins.str
+    """the scaffold's config as a JSON object; "" = its defaults"""
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        config_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_json", b"config_json", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScaffoldSpec: _TypeAlias = ScaffoldSpec  # noqa: Y015
+
+@_typing.final
+class GitSource(_message.Message):
+    """A git repository checked out into the workspace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """anything `git clone` takes: a URL, a local path, a bare repository"""
+    commit: _builtins.str
+    """checked out (detached); "" = the default branch's head"""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        commit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GitSource: _TypeAlias = GitSource  # noqa: Y015
+
+@_typing.final
+class WorkspaceSource(_message.Message):
+    """Where a task's repository comes from, by reference: messages never carry its files."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_FIELD_NUMBER: _builtins.int
+    GIT_FIELD_NUMBER: _builtins.int
+    artifact: _builtins.str
+    """"sha256:<hex>": a tar archive in the artifact store, cached per host"""
+    @_builtins.property
+    def git(self) -> Global___GitSource: ...
+    def __init__(
+        self,
+        *,
+        artifact: _builtins.str = ...,
+        git: Global___GitSource | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "git", b"git", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "git", b"git", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["artifact", "git"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___WorkspaceSource: _TypeAlias = WorkspaceSource  # noqa: Y015
+
+@_typing.final
+class TestOutcome(_message.Message):
+    """The outcome of one test of an evaluation (e.g. SWE-bench's FAIL_TO_PASS / PASS_TO_PASS)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEST_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    test_id: _builtins.str
+    status: _builtins.str
+    """"passed" | "failed" | "error" | "skipped" | "missing" """
+    group: _builtins.str
+    """e.g. "FAIL_TO_PASS" | "PASS_TO_PASS"; "" = none"""
+    def __init__(
+        self,
+        *,
+        test_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        group: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "status", b"status", "test_id", b"test_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestOutcome: _TypeAlias = TestOutcome  # noqa: Y015
+
+@_typing.final
 class TaskSpec(_message.Message):
     """Everything needed to run one agent task."""
 
@@ -372,6 +481,26 @@ class TaskSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TASK_ID_FIELD_NUMBER: _builtins.int
     FAMILY_FIELD_NUMBER: _builtins.int
     PROBLEM_STATEMENT_FIELD_NUMBER: _builtins.int
@@ -389,6 +518,10 @@ class TaskSpec(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     DEADLINE_S_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
+    SCAFFOLD_FIELD_NUMBER: _builtins.int
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    SETUP_COMMANDS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     family: _builtins.str
     """e.g. "swe-synth" """
@@ -429,6 +562,24 @@ class TaskSpec(_message.Message):
     def resources(self) -> Global___ResourceRequirements:
         """matched against the env hosts' advertised resources"""
 
+    @_builtins.property
+    def scaffold(self) -> Global___ScaffoldSpec:
+        """the agent scaffold; unset = the built-in tool agent"""
+
+    @_builtins.property
+    def workspace(self) -> Global___WorkspaceSource:
+        """the repository by reference (instead of, or under, `files`)"""
+
+    @_builtins.property
+    def setup_commands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """run in the workspace after it is made, before the"""
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """agent starts (install steps); a failure is the task's
+        where the task came from (instance_id, repo, version...)
+        """
+
     def __init__(
         self,
         *,
@@ -449,14 +600,83 @@ class TaskSpec(_message.Message):
         priority: _builtins.int = ...,
         deadline_s: _builtins.float = ...,
         pool: _builtins.str = ...,
+        scaffold: Global___ScaffoldSpec | None = ...,
+        workspace: Global___WorkspaceSource | None = ...,
+        setup_commands: _abc.Iterable[_builtins.str] | None = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "limits", b"limits", "placement", b"placement", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "limits", b"limits", "placement", b"placement", "resources", b"resources", "scaffold", b"scaffold", "workspace", b"workspace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "deadline_s", b"deadline_s", "eval_command", b"eval_command", "family", b"family", "files", b"files", "hidden_files", b"hidden_files", "image", b"image", "limits", b"limits", "max_attempts", b"max_attempts", "model", b"model", "placement", b"placement", "pool", b"pool", "priority", b"priority", "problem_statement", b"problem_statement", "resources", b"resources", "task_id", b"task_id", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "deadline_s", b"deadline_s", "eval_command", b"eval_command", "family", b"family", "files", b"files", "hidden_files", b"hidden_files", "image", b"image", "limits", b"limits", "max_attempts", b"max_attempts", "metadata", b"metadata", "model", b"model", "placement", b"placement", "pool", b"pool", "priority", b"priority", "problem_statement", b"problem_statement", "resources", b"resources", "scaffold", b"scaffold", "setup_commands", b"setup_commands", "task_id", b"task_id", "user", b"user", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskSpec: _TypeAlias = TaskSpec  # noqa: Y015
+
+@_typing.final
+class SessionAction(_message.Message):
+    """One action a scaffold took on its environment through its TaskSession, with what it
+    returned. Resume re-applies these in order (verifying each observation), whatever the
+    scaffold: they are the environment's history, not the scaffold's tool names.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    OLD_FIELD_NUMBER: _builtins.int
+    NEW_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    OBSERVATION_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"execute" | "edit" | "write" | "read" """
+    command: _builtins.str
+    """execute"""
+    timeout_s: _builtins.float
+    """execute"""
+    path: _builtins.str
+    """edit, write, read"""
+    old: _builtins.str
+    """edit"""
+    new: _builtins.str
+    """edit"""
+    content: _builtins.bytes
+    """write; read: what was read"""
+    observation: _builtins.str
+    """execute: the output; edit, write, read: the service's message"""
+    exit_code: _builtins.int
+    """execute"""
+    timed_out: _builtins.bool
+    """execute"""
+    ok: _builtins.bool
+    """edit, write, read: whether it succeeded"""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        command: _builtins.str = ...,
+        timeout_s: _builtins.float = ...,
+        path: _builtins.str = ...,
+        old: _builtins.str = ...,
+        new: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+        observation: _builtins.str = ...,
+        exit_code: _builtins.int = ...,
+        timed_out: _builtins.bool = ...,
+        ok: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "content", b"content", "exit_code", b"exit_code", "kind", b"kind", "new", b"new", "observation", b"observation", "ok", b"ok", "old", b"old", "path", b"path", "timed_out", b"timed_out", "timeout_s", b"timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionAction: _TypeAlias = SessionAction  # noqa: Y015
 
 @_typing.final
 class Turn(_message.Message):
@@ -477,6 +697,7 @@ class Turn(_message.Message):
     COMPLETION_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     COMPLETION_LOGPROBS_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
+    ACTIONS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     model_version: _builtins.str
     prompt_tokens: _builtins.int
@@ -505,6 +726,12 @@ class Turn(_message.Message):
     def completion_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def completion_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionAction]:
+        """The environment actions taken after this model call (and, for the first turn, before it),
+        in order.
+        """
+
     def __init__(
         self,
         *,
@@ -521,10 +748,11 @@ class Turn(_message.Message):
         completion_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         completion_logprobs: _abc.Iterable[_builtins.float] | None = ...,
         replica: _builtins.str = ...,
+        actions: _abc.Iterable[Global___SessionAction] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_logprobs", b"completion_logprobs", "completion_token_ids", b"completion_token_ids", "completion_tokens", b"completion_tokens", "env_latency_s", b"env_latency_s", "index", b"index", "model_latency_s", b"model_latency_s", "model_version", b"model_version", "observations", b"observations", "prompt_delta", b"prompt_delta", "prompt_token_ids", b"prompt_token_ids", "prompt_tokens", b"prompt_tokens", "replica", b"replica", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "completion_logprobs", b"completion_logprobs", "completion_token_ids", b"completion_token_ids", "completion_tokens", b"completion_tokens", "env_latency_s", b"env_latency_s", "index", b"index", "model_latency_s", b"model_latency_s", "model_version", b"model_version", "observations", b"observations", "prompt_delta", b"prompt_delta", "prompt_token_ids", b"prompt_token_ids", "prompt_tokens", b"prompt_tokens", "replica", b"replica", "response", b"response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -704,6 +932,7 @@ class TaskResult(_message.Message):
     EVAL_OUTPUT_FIELD_NUMBER: _builtins.int
     SETUP_S_FIELD_NUMBER: _builtins.int
     TEARDOWN_S_FIELD_NUMBER: _builtins.int
+    TESTS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     attempt_id: _builtins.str
     state: Global___TaskState.ValueType
@@ -722,6 +951,10 @@ class TaskResult(_message.Message):
     """creating the environment"""
     teardown_s: _builtins.float
     """releasing it"""
+    @_builtins.property
+    def tests(self) -> _containers.RepeatedCompositeFieldContainer[Global___TestOutcome]:
+        """per-test outcomes of the evaluation, where it reports them"""
+
     def __init__(
         self,
         *,
@@ -740,10 +973,11 @@ class TaskResult(_message.Message):
         eval_output: _builtins.str = ...,
         setup_s: _builtins.float = ...,
         teardown_s: _builtins.float = ...,
+        tests: _abc.Iterable[Global___TestOutcome] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "attempts", b"attempts", "completion_tokens", b"completion_tokens", "duration_s", b"duration_s", "error", b"error", "error_kind", b"error_kind", "eval_output", b"eval_output", "has_reward", b"has_reward", "prompt_tokens", b"prompt_tokens", "reward", b"reward", "setup_s", b"setup_s", "state", b"state", "steps", b"steps", "task_id", b"task_id", "teardown_s", b"teardown_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "attempts", b"attempts", "completion_tokens", b"completion_tokens", "duration_s", b"duration_s", "error", b"error", "error_kind", b"error_kind", "eval_output", b"eval_output", "has_reward", b"has_reward", "prompt_tokens", b"prompt_tokens", "reward", b"reward", "setup_s", b"setup_s", "state", b"state", "steps", b"steps", "task_id", b"task_id", "teardown_s", b"teardown_s", "tests", b"tests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

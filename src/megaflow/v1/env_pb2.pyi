@@ -73,6 +73,8 @@ class CreateEnvironmentRequest(_message.Message):
     LEASE_S_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
     RESTORE_FROM_FIELD_NUMBER: _builtins.int
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    SETUP_COMMANDS_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
     """who holds the lease (e.g. the attempt id)"""
     image: _builtins.str
@@ -91,6 +93,14 @@ class CreateEnvironmentRequest(_message.Message):
     def limits(self) -> _common_pb2.EnvLimits: ...
     @_builtins.property
     def placement(self) -> _common_pb2.EnvPlacement: ...
+    @_builtins.property
+    def workspace(self) -> _common_pb2.WorkspaceSource:
+        """the repository, by reference (before `files`)"""
+
+    @_builtins.property
+    def setup_commands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """run in the workspace before the answer (install steps)"""
+
     def __init__(
         self,
         *,
@@ -104,10 +114,12 @@ class CreateEnvironmentRequest(_message.Message):
         lease_s: _builtins.float = ...,
         placement: _common_pb2.EnvPlacement | None = ...,
         restore_from: _builtins.str = ...,
+        workspace: _common_pb2.WorkspaceSource | None = ...,
+        setup_commands: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "placement", b"placement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "placement", b"placement", "workspace", b"workspace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_command", b"eval_command", "files", b"files", "hidden_files", b"hidden_files", "image", b"image", "lease_s", b"lease_s", "limits", b"limits", "owner", b"owner", "placement", b"placement", "restore_from", b"restore_from", "setup_timeout_s", b"setup_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_command", b"eval_command", "files", b"files", "hidden_files", b"hidden_files", "image", b"image", "lease_s", b"lease_s", "limits", b"limits", "owner", b"owner", "placement", b"placement", "restore_from", b"restore_from", "setup_commands", b"setup_commands", "setup_timeout_s", b"setup_timeout_s", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -379,6 +391,7 @@ class SubmitActionResponse(_message.Message):
     HAS_REWARD_FIELD_NUMBER: _builtins.int
     REWARD_FIELD_NUMBER: _builtins.int
     EVAL_OUTPUT_FIELD_NUMBER: _builtins.int
+    TESTS_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     message: _builtins.str
     """what went wrong, for the agent to read; or a confirmation"""
@@ -388,6 +401,10 @@ class SubmitActionResponse(_message.Message):
     """submit: the evaluation ran"""
     reward: _builtins.float
     eval_output: _builtins.str
+    @_builtins.property
+    def tests(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TestOutcome]:
+        """submit: per-test outcomes, where the evaluation reports them"""
+
     def __init__(
         self,
         *,
@@ -397,10 +414,11 @@ class SubmitActionResponse(_message.Message):
         has_reward: _builtins.bool = ...,
         reward: _builtins.float = ...,
         eval_output: _builtins.str = ...,
+        tests: _abc.Iterable[_common_pb2.TestOutcome] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "eval_output", b"eval_output", "has_reward", b"has_reward", "message", b"message", "ok", b"ok", "reward", b"reward"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "eval_output", b"eval_output", "has_reward", b"has_reward", "message", b"message", "ok", b"ok", "reward", b"reward", "tests", b"tests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
