@@ -6,14 +6,14 @@ simulated Environment Service with faults), `waves x N` tasks submitted with
 `max_concurrency=N`; the scheduler retries infrastructure failures (its default policy).
 
 Monolith: one process, `W` workers; each takes the next task and runs it end to end
-(create sandbox, then model call, tool call, model call, ... submit) with the same
-agent logic (`ToolAgent`), calling the inference replicas directly, round-robin per
-request (a plain OpenAI-compatible endpoint behind a load balancer: no task
-affinity), its sandboxes co-hosted on the GPU node (environment operations hold a
-core for their CPU part), and no retries: a task that meets an infrastructure fault
-is failed. It reaches its sandboxes through a measured path (`Scenario.monolith_path`:
-`docker run` per task, then `docker exec`, SWE-ReX or nothing per operation); MegaFlow
-through its own measured path (`Scenario.megaflow_path`).
+(create sandbox, then model call, tool call, model call, ... submit) with the same agent
+logic (`TaskSession` with the built-in tool agent), calling the inference replicas
+directly, round-robin per request (a plain OpenAI-compatible endpoint behind a load
+balancer: no task affinity), its sandboxes co-hosted on the GPU node (environment
+operations hold a core for their CPU part), and no retries: a task that meets an
+infrastructure fault is failed. It reaches its sandboxes through a measured path
+(`Scenario.monolith_path`: `docker run` per task, then `docker exec`, SWE-ReX or nothing
+per operation); MegaFlow through its own measured path (`Scenario.megaflow_path`).
 
 Both: the same `MeteredGpu` replicas and `FaultyEnv` draws, the same task ids. The
 measurement window is [the N/2-th finish, the ((waves-1) x N)-th finish], when every
@@ -34,7 +34,7 @@ from typing import cast
 
 from bench.baseline.scenario import FaultyEnv, Mechanism, MeteredGpu, Scenario
 from bench.stats import pct
-from megaflow.agent.loop import AgentLimits, ToolAgent
+from megaflow.agent.session import AgentLimits, TaskSession
 from megaflow.contract import ModelService
 from megaflow.core.errors import InfrastructureError
 from megaflow.deploy.embedded import EmbeddedSystem
@@ -308,7 +308,7 @@ async def monolith_level(sc: Scenario, workers: int, mechanism: Mechanism | None
     async def worker() -> None:
         for index in pending:
             task = generate_task(sc.seed, index)
-            agent = ToolAgent(task, f"{task.task_id}#1", env=env, model=model, limits=limits)
+            agent = TaskSession(task, f"{task.task_id}#1", env=env, model=model, limits=limits)
             started = time.monotonic()
             try:
                 result, trajectory = await agent.run()

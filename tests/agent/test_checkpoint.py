@@ -22,8 +22,8 @@ from megaflow.agent.checkpoint import (
     encode,
     is_pure_read,
 )
-from megaflow.agent.loop import SYSTEM_PROMPT
 from megaflow.agent.service import AgentServiceImpl
+from megaflow.agent.tool_agent import SYSTEM_PROMPT
 from megaflow.core.errors import ModelUnavailableError, ServiceUnavailableError
 from megaflow.env.simulated import SimulatedEnvironmentService
 from megaflow.model.service import ModelServiceImpl
@@ -179,11 +179,12 @@ async def test_a_checkpoint_that_no_longer_replays_falls_back_to_a_fresh_start(
         checkpoint = common_pb2.AgentCheckpoint.FromString(stored.data)
         edit = checkpoint.trajectory.turns[1]
         assert edit.response.tool_calls[0].name == "edit_file"
-        edit.observations[0].content += " (recorded on another image)"  # the env differs now
+        assert edit.actions[0].kind == "edit"
+        edit.actions[0].observation += " (recorded on another image)"  # the env differs now
         request = agent_pb2.RunTaskRequest(task=task, attempt_id=f"{task.task_id}#2")
         request.resume.CopyFrom(checkpoint)
         await rig.ledger.mark_running(task.task_id, 2, request.attempt_id)
-        with caplog.at_level("WARNING", logger="megaflow.agent.loop"):
+        with caplog.at_level("WARNING", logger="megaflow.agent.session"):
             response = await rig.agent.run_task(request)
         assert rig.env.live == 0 and rig.env.created == 3  # the replayed one was discarded
     assert "cannot resume" in caplog.text and "observation differs" in caplog.text
@@ -269,7 +270,7 @@ def test_incremental_encoding_equals_the_message_built_whole() -> None:
         whole.CopyFrom(trajectory)
         whole.ClearField("messages")  # rebuilt from the turns on resume
         expected = common_pb2.AgentCheckpoint(
-            format=1,
+            format=2,
             task_id="t",
             attempt_id="t#2",
             trajectory=whole,

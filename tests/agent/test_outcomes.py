@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.agent.loop import AgentLimits
+from megaflow.agent.session import AgentLimits
 from megaflow.core.errors import ModelUnavailableError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import RunSummary, run_batch

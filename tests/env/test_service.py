@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.agent.loop import AgentLimits, ToolAgent
+from megaflow.agent.session import AgentLimits, TaskSession
 from megaflow.core.errors import CapacityError, InvalidRequestError, NotFoundError
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.model.service import ModelServiceImpl
@@ -331,7 +331,7 @@ async def test_an_agent_cancelled_while_its_environment_is_made_leaves_none(
     task = generate_tasks(1, seed=2)[0]
     async with svc, GrpcServer("127.0.0.1:0", {"env": svc}) as server:
         client = EnvironmentServiceClient(server.address)
-        agent = ToolAgent(task, "attempt-1", env=client, model=model, limits=AgentLimits())
+        agent = TaskSession(task, "attempt-1", env=client, model=model, limits=AgentLimits())
         run = asyncio.ensure_future(agent.run())
         await asyncio.wait_for(_AnswersNever.made.wait(), 30)
         assert svc.live == 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.agent.loop import AgentLimits
+from megaflow.agent.session import AgentLimits
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import RunSummary, run_batch
 from megaflow.env.images_build import build_busybox_rootfs

@@ -132,7 +132,7 @@ async def test_a_checkpoint_that_does_not_replay_falls_back_to_a_fresh_start(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     backend = StampBackend()
-    with caplog.at_level("WARNING", logger="megaflow.agent.loop"):
+    with caplog.at_level("WARNING", logger="megaflow.agent.session"):
         summary, trajectories = await _run(tmp_path, backend, generate_tasks(1, seed=12))
     (record,) = summary.records
     assert record["status"] == "succeeded" and record["attempts"] == 2

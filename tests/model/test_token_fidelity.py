@@ -1,4 +1,4 @@
-"""Token fidelity end to end: a real ToolAgent, a real sandbox, a real (tiny) model.
+"""Token fidelity end to end: a real TaskSession (tool agent), a real sandbox, a real (tiny) model.
 
 The trajectory must keep exactly the ids the model produced: decoding each turn's
 completion ids with the same tokenizer gives back exactly the assistant text the agent
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.agent.loop import AgentLimits, ToolAgent
+from megaflow.agent.session import AgentLimits, TaskSession
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.model.service import ModelServiceImpl
 from megaflow.model.simulated import SimulatedBackend, simulated_decode
@@ -46,7 +46,7 @@ async def test_transformers_trajectory_keeps_exact_token_ids(
     task.budgets.max_steps = 3
     limits = AgentLimits(max_completion_tokens=24)
     try:
-        result, trajectory = await ToolAgent(
+        result, trajectory = await TaskSession(
             task, "a1", env=env, model=service, limits=limits
         ).run()
     finally:
@@ -81,7 +81,7 @@ async def test_simulated_trajectory_carries_decodable_token_ids(
 ) -> None:
     service = ModelServiceImpl([SimulatedBackend.fast()])
     task = generate_tasks(1, seed=3)[0]
-    result, trajectory = await ToolAgent(
+    result, trajectory = await TaskSession(
         task, "a1", env=env, model=service, limits=AgentLimits()
     ).run()
     await service.stop()

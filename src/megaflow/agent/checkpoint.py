@@ -17,32 +17,30 @@ scheduler moved on): the writer tells the agent, which stops with
 `StaleAttemptError`. A write that fails (store down, timeout) is logged and skipped:
 the task keeps running, with an older checkpoint to resume from.
 
-Resume restores the environment by *replaying* the recorded actions that can change
-state (every `edit_file`, every `bash` command not known to be a pure read) into a
-fresh environment, verifying that each observation equals the recorded one.
+Resume replays the checkpoint while the scaffold runs again (`megaflow.agent.replay`):
+the recorded environment actions that can change state are re-applied to a fresh
+environment, each observation verified; what they are does not depend on the scaffold.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import shlex
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from megaflow.agent import tools
 from megaflow.core.errors import InfrastructureError, MegaFlowError
 from megaflow.store.ledger import TaskLedger
 from megaflow.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: turns carry their environment actions (SessionAction)
 REPLAY = "replay"
 
 
@@ -182,44 +180,6 @@ def is_pure_read(command: str) -> bool:
     if not words or words[0] not in _READS:
         return False
     return not any(w and set(w) <= set("();<>|&") for w in words)
-
-
-def _pure_read(call: common_pb2.ToolCall) -> bool:
-    if call.name != tools.BASH:
-        return False
-    try:
-        args = json.loads(call.arguments_json or "{}")
-    except ValueError:
-        return False
-    command = args.get("command") if isinstance(args, dict) else None
-    return isinstance(command, str) and is_pure_read(command)
-
-
-Act = Callable[[common_pb2.ToolCall], Awaitable[tuple[str, bool]]]
-
-
-async def replay(trajectory: common_pb2.Trajectory, act: Act) -> int:
-    """Re-apply, in order, the recorded actions of `trajectory` that can change state,
-    through `act` (the agent's own tool dispatch); ReplayMismatch when one does not
-    reproduce its recorded observation exactly. Returns how many were replayed."""
-    replayed = 0
-    for turn in trajectory.turns:
-        calls = turn.response.tool_calls
-        if len(calls) != len(turn.observations):
-            raise ReplayMismatch(f"turn {turn.index} is incomplete")
-        for call, recorded in zip(calls, turn.observations, strict=True):
-            if call.name == tools.SUBMIT:
-                raise ReplayMismatch(f"turn {turn.index} submitted")
-            if _pure_read(call):
-                continue
-            text, _ = await act(call)
-            replayed += 1
-            if text != recorded.content:
-                raise ReplayMismatch(
-                    f"turn {turn.index} {call.name}: the observation differs from the "
-                    f"recorded one ({len(text)} vs {len(recorded.content)} characters)"
-                )
-    return replayed
 
 
 def check_resumable(checkpoint: common_pb2.AgentCheckpoint, task_id: str, max_steps: int) -> None:

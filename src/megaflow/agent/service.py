@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 
 from megaflow.agent.checkpoint import CheckpointConfig, CheckpointWriter
-from megaflow.agent.loop import AgentLimits, ToolAgent
+from megaflow.agent.scaffold import scaffold_factory
+from megaflow.agent.session import AgentLimits, TaskSession
 from megaflow.core.errors import (
     CancelledTaskError,
     CapacityError,
@@ -28,7 +29,8 @@ def _current_task_cancelling() -> bool:
 
 
 class AgentServiceImpl:
-    """Runs `RunTaskRequest`s with the built-in tool-calling agent."""
+    """Runs `RunTaskRequest`s: each task's scaffold (`TaskSpec.scaffold`; default the
+    built-in tool agent) in a `TaskSession`."""
 
     def __init__(
         self,
@@ -71,12 +73,14 @@ class AgentServiceImpl:
             raise InvalidRequestError(f"attempt {request.attempt_id!r} is already running here")
         if len(self._running) >= self.capacity:
             raise CapacityError(f"agent service is at its capacity of {self.capacity} tasks")
-        agent = ToolAgent(
+        scaffold = scaffold_factory(task.scaffold if task.HasField("scaffold") else None)
+        agent = TaskSession(
             task,
             request.attempt_id,
             env=self.resolver.env(request.env_address),
             model=self.resolver.model(request.model_address),
             limits=self.limits,
+            scaffold=scaffold,
             checkpoints=self.writer,
             checkpoint_every=self.checkpoints.every_turns,
             resume=request.resume if request.HasField("resume") else None,
@@ -100,7 +104,7 @@ class AgentServiceImpl:
         finally:
             self._running.pop(request.attempt_id, None)
 
-    async def _run(self, agent: ToolAgent) -> agent_pb2.RunTaskResponse:
+    async def _run(self, agent: TaskSession) -> agent_pb2.RunTaskResponse:
         await agent.run()
         return agent.response  # holds the result and trajectory (built in place)
 

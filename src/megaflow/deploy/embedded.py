@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from megaflow.agent.checkpoint import CheckpointConfig
-from megaflow.agent.loop import AgentLimits
 from megaflow.agent.service import AgentServiceImpl
+from megaflow.agent.session import AgentLimits
 from megaflow.core.runtime import GcPolicy, GcTuner
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.env.simulated import SimulatedEnvironmentService
