@@ -32,7 +32,8 @@ from typing import Any
 
 REPO = "mpmath/mpmath"
 VERSION = "1.3"
-PYTEST_PACKAGES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py.py")
+PYTEST_DISTRIBUTIONS = ("pytest", "pluggy", "iniconfig", "packaging", "pygments")
+PYTEST_PACKAGES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py.py")
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,8 @@ def build_swebench_rootfs(dest: Path) -> Path:
     site = root / "usr/lib/python3/dist-packages"
     site.mkdir(parents=True, exist_ok=True)
     installed = _installed_package("pytest").parent
-    for name in PYTEST_PACKAGES:
+    metadata = [p.name for d in PYTEST_DISTRIBUTIONS for p in installed.glob(f"{d}-*.dist-info")]
+    for name in (*PYTEST_PACKAGES, *metadata):
         found = installed / name
         if found.is_dir():
             shutil.copytree(found, site / name, ignore=shutil.ignore_patterns("__pycache__"))
