@@ -172,6 +172,8 @@ class ToolAgent:
             setup_timeout_s=self.setup_timeout_s,
             lease_s=self.task_timeout_s + self.scoring_timeout_s + 60.0,
             placement=self.task.placement,
+            workspace=self.task.workspace if self.task.HasField("workspace") else None,
+            setup_commands=self.task.setup_commands,
         )
         try:
             created = await self.env.create_environment(request)
