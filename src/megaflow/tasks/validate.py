@@ -125,7 +125,7 @@ async def _attempt(
             setup_timeout_s=task.budgets.setup_timeout_s or setup_timeout_s,
             lease_s=setup_timeout_s + step_timeout_s + scoring_timeout_s + 60.0,
             placement=task.placement,
-            workspace=task.workspace,
+            workspace=task.workspace if task.HasField("workspace") else None,
             setup_commands=task.setup_commands,
         )
     )
