@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from megaflow.cli import output, tasks_output
+from megaflow.cli import output
 from megaflow.core.errors import InvalidRequestError
 from megaflow.env.service import EnvServiceConfig
 
@@ -177,6 +177,8 @@ def run(
         raise typer.Exit(130) from None
     output.print_summary(console, summary, out)
     if loaded is not None and loaded.errors:
+        from megaflow.cli import tasks_output
+
         tasks_output.print_row_errors(console, loaded.errors)
         raise typer.Exit(1)
     raise typer.Exit(0 if summary.finished == summary.total else 1)
@@ -184,6 +186,7 @@ def run(
 
 def _load_task_set(path: Path, settings: str | None) -> LoadedTasks:
     """The tasks at ``path``; an unreadable set is a usage error (exit 2)."""
+    from megaflow.cli import tasks_output
     from megaflow.tasks.sources import load_tasks
 
     try:
@@ -217,6 +220,7 @@ def validate(
     """Check a task set with its gold solutions and no model, as the SWE-bench harness
     does: each task must score 1 with its gold patch (or solution/solve.sh) and 0 as it
     comes. Lists the broken ones and why; exit status 1 if any is broken or a row is bad."""
+    from megaflow.cli import tasks_output
     from megaflow.cli.commands import validate_command
 
     loaded = _load_task_set(tasks_from, source_config)

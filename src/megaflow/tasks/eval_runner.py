@@ -22,7 +22,10 @@ import re
 import subprocess
 import sys
 
-GIT = ["git", "-c", "safe.directory=*", "-c", "core.hooksPath=/dev/null"]
+GIT = [
+    *("git", "-c", "safe.directory=*", "-c", "core.hooksPath=/dev/null"),
+    *("-c", "core.fsmonitor=false"),
+]
 
 
 def patched_paths(patch: str) -> list[str]:
