@@ -13,7 +13,7 @@ from megaflow.deploy.run import run_batch
 from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
 from megaflow.model.simulated import SimulatedBackend, SimulatedPolicy
 from megaflow.tasks.swe_synth import generate_tasks
-from megaflow.v1 import env_pb2
+from megaflow.v1 import common_pb2, env_pb2
 
 
 async def test_embedded_run_on_the_simulated_env_gets_the_policy_rewards(tmp_path: Path) -> None:
@@ -67,3 +67,19 @@ async def test_simulated_release_by_owner_releases_that_owners_environments() ->
     assert reply.released == 0 and env.live == 1
     with pytest.raises(InvalidRequestError, match="exactly one"):
         await env.release_environment(env_pb2.ReleaseEnvironmentRequest())
+
+
+async def test_simulated_env_accepts_and_ignores_workspaces_and_setup_commands() -> None:
+    env = SimulatedEnvironmentService(SimulatedEnvConfig())
+    git = common_pb2.GitSource(url="/nowhere", commit="abc")
+    created = await env.create_environment(
+        env_pb2.CreateEnvironmentRequest(
+            files={"a.txt": b"a"},
+            workspace=common_pb2.WorkspaceSource(git=git),
+            setup_commands=["exit 1"],
+        )
+    )
+    step = await env.execute_step(
+        env_pb2.ExecuteStepRequest(env_id=created.env_id, command="cat a.txt")
+    )
+    assert step.output == "a" and step.exit_code == 0

@@ -29,7 +29,9 @@ from megaflow.scheduler.recovery import LEASE
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.store.ledger import TaskLedger
 from megaflow.store.sqlite import SqliteLedger
+from megaflow.tasks.sources import LoadedTasks
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.tasks.validate import TaskCheck, validate_tasks
 from megaflow.v1 import common_pb2, scheduler_pb2
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
@@ -116,6 +118,32 @@ def run_specs(
     return specs
 
 
+def place_tasks(
+    specs: list[common_pb2.TaskSpec],
+    placement: RunPlacement,
+    step_timeout_s: float | None = None,
+    keep_images: bool = False,
+) -> list[common_pb2.TaskSpec]:
+    """A loaded task set placed like `run_specs` (own images kept with `keep_images`)."""
+    for spec in specs:
+        image = spec.image
+        placement.apply(spec)
+        if keep_images and image:
+            spec.image = image
+        if step_timeout_s is not None:
+            spec.budgets.step_timeout_s = step_timeout_s
+    return specs
+
+
+async def validate_command(
+    loaded: LoadedTasks, concurrency: int, sandbox_dir: Path
+) -> list[TaskCheck]:
+    """`megaflow validate`: every task with its gold solution, then unpatched."""
+    config = EnvServiceConfig(root_dir=sandbox_dir, max_environments=max(concurrency, 1))
+    async with LocalEnvironmentService(config) as env:
+        return await validate_tasks(env, loaded, concurrency=concurrency)
+
+
 async def run_command(
     *,
     tasks: int,
@@ -130,9 +158,16 @@ async def run_command(
     console: Console,
     placement: RunPlacement | None = None,
     step_timeout_s: float | None = None,
+    task_specs: list[common_pb2.TaskSpec] | None = None,
+    keep_images: bool = False,
 ) -> RunSummary:
+    """`task_specs`: run these (a loaded task set) instead of `tasks` synthetic ones; with
+    `keep_images` each keeps its own image (no --image given)."""
     placement = placement or RunPlacement()
-    specs = run_specs(tasks, seed, placement, step_timeout_s)
+    if task_specs is None:
+        specs = run_specs(tasks, seed, placement, step_timeout_s)
+    else:
+        specs = place_tasks(task_specs, placement, step_timeout_s, keep_images)
     with RunProgress(console, len(specs)) as progress:
         if scheduler:
             client = SchedulerServiceClient(scheduler)

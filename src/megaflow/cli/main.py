@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.console import Console
 from megaflow.cli import output
 from megaflow.core.errors import InvalidRequestError
 from megaflow.env.service import EnvServiceConfig
+
+if TYPE_CHECKING:
+    from megaflow.tasks.sources import LoadedTasks
 
 app = typer.Typer(
     help="MegaFlow: agent tasks at scale.", no_args_is_help=True, add_completion=False
@@ -29,6 +32,21 @@ DEFAULT_SANDBOX_DIR = EnvServiceConfig().root_dir
 LogLevel = Annotated[str, typer.Option(help="Python log level.")]
 Listen = Annotated[str, typer.Option(help="host:port to listen on (port 0: any free port).")]
 SchedulerAddr = Annotated[str, typer.Option("--scheduler", help="Scheduler address host:port.")]
+TasksFrom = Annotated[
+    Path | None,
+    typer.Option(
+        help="Run this task set instead of synthetic tasks: a JSONL / Parquet file or "
+        "`datasets` directory of SWE-bench or native rows, or Harbor task directories."
+    ),
+]
+SourceConfig = Annotated[
+    str | None,
+    typer.Option(
+        help="JSON settings of the task source, e.g. "
+        '\'{"git_url_template": "file:///srv/{repo}.git", "specs": {...}}\' '
+        "(see docs/task-sources.md)."
+    ),
+]
 
 
 def _logging(level: str) -> None:
@@ -98,9 +116,14 @@ def run(
             "Default: the agent's (60 s).",
         ),
     ] = None,
+    tasks_from: TasksFrom = None,
+    source_config: SourceConfig = None,
     log_level: LogLevel = "warning",
 ) -> None:
     """Run N synthetic software-engineering tasks and write trajectories and rewards.
+
+    --tasks-from PATH runs a task set instead (JSONL, Parquet, a `datasets` directory or
+    Harbor task directories): bad rows are listed with row and field, the good ones run.
 
     --env docker --image NAME runs each task in a Docker container (--runtime runsc: gVisor)."""
     from megaflow.cli.commands import resolve_placement, run_command
@@ -116,6 +139,10 @@ def run(
         )
     except InvalidRequestError as exc:
         raise typer.BadParameter(str(exc)) from None
+    loaded = None
+    if tasks_from is not None:
+        loaded = _load_task_set(tasks_from, source_config)
+        tasks = len(loaded.tasks)
     _logging(log_level)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -133,6 +160,8 @@ def run(
                 console=console,
                 placement=placement,
                 step_timeout_s=step_timeout,
+                task_specs=loaded.tasks if loaded is not None else None,
+                keep_images=image is None,
             )
         )
     except InvalidRequestError as exc:  # e.g. another run still going in --out
@@ -147,7 +176,63 @@ def run(
         )
         raise typer.Exit(130) from None
     output.print_summary(console, summary, out)
+    if loaded is not None and loaded.errors:
+        from megaflow.cli import tasks_output
+
+        tasks_output.print_row_errors(console, loaded.errors)
+        raise typer.Exit(1)
     raise typer.Exit(0 if summary.finished == summary.total else 1)
+
+
+def _load_task_set(path: Path, settings: str | None) -> LoadedTasks:
+    """The tasks at ``path``; an unreadable set is a usage error (exit 2)."""
+    from megaflow.cli import tasks_output
+    from megaflow.tasks.sources import load_tasks
+
+    try:
+        loaded = load_tasks(path, settings)
+    except InvalidRequestError as exc:
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(2) from None
+    if loaded.errors:
+        tasks_output.print_row_errors(console, loaded.errors)
+    if not loaded.tasks:
+        console.print(f"[red]error[/]: no good task in {path}")
+        raise typer.Exit(2)
+    return loaded
+
+
+@app.command()
+def validate(
+    tasks_from: Annotated[
+        Path, typer.Option(help="The task set: JSONL, Parquet, `datasets` dir or Harbor dirs.")
+    ],
+    source_config: SourceConfig = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Tasks validated at once.")] = 4,
+    image: Annotated[
+        str | None, typer.Option(help="Image of every task (default: each task's own).")
+    ] = None,
+    sandbox_dir: Annotated[
+        Path, typer.Option(help="Where local sandboxes live.")
+    ] = DEFAULT_SANDBOX_DIR,
+    log_level: LogLevel = "warning",
+) -> None:
+    """Check a task set with its gold solutions and no model, as the SWE-bench harness
+    does: each task must score 1 with its gold patch (or solution/solve.sh) and 0 as it
+    comes. Lists the broken ones and why; exit status 1 if any is broken or a row is bad."""
+    from megaflow.cli import tasks_output
+    from megaflow.cli.commands import validate_command
+
+    loaded = _load_task_set(tasks_from, source_config)
+    if image is not None:
+        for task in loaded.tasks:
+            task.image = image
+    _logging(log_level)
+    checks = asyncio.run(validate_command(loaded, concurrency, sandbox_dir))
+    broken = tasks_output.print_validation(console, checks)
+    if loaded.errors:
+        tasks_output.print_row_errors(console, loaded.errors)
+    raise typer.Exit(1 if broken or loaded.errors else 0)
 
 
 @app.command()

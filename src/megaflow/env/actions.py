@@ -8,6 +8,7 @@ import shlex
 from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env import backends
 from megaflow.env.sandbox import Sandbox
+from megaflow.tasks.evaluation import read_spec
 from megaflow.v1 import env_pb2
 
 
@@ -31,28 +32,66 @@ async def evaluate(
     eval_command: str,
     timeout_s: float,
 ) -> env_pb2.SubmitActionResponse:
-    """Copy the hidden files in and run the evaluation from the workspace root."""
+    """Copy the hidden files in and run the evaluation from the workspace root.
+
+    The exit status of ``eval_command`` is the reward, unless the hidden files carry an
+    `EvalSpec` (`megaflow.tasks.evaluation`): then its test log (per-test outcomes,
+    reward 1 only if all pass) or its reward file decides."""
     if not eval_command:
         return env_pb2.SubmitActionResponse(ok=True, message="submitted; no evaluation configured")
     if not sandbox.alive:
         raise SandboxError(f"sandbox of {env_id} died before scoring")
+    try:
+        spec = read_spec(hidden_files)
+    except ValueError as exc:
+        raise InvalidRequestError(f"the task's evaluation spec is invalid: {exc}") from None
     # Score in a fresh shell with a clean environment: none of the agent's functions,
     # aliases, exported variables (PYTHONPATH...) or background processes survive.
     await sandbox.execute("exit 0", timeout_s)
     for path, content in hidden_files.items():
         await sandbox.write_file(path, content)
+    for path in spec.outputs() if spec is not None else ():
+        await sandbox.write_file(path, b"")  # nothing the agent left there counts
     workdir = backends.workdir(sandbox)
     script = shlex.quote(f"cd {workdir} && {eval_command}")
     clean = f"env -i PATH={SCORING_PATH} HOME={workdir} LANG=C.UTF-8 /bin/sh -c {script}"
     result = await sandbox.execute(clean, timeout_s)
-    passed = result.exit_code == 0 and not result.timed_out
+    if spec is None:
+        passed = result.exit_code == 0 and not result.timed_out
+        return env_pb2.SubmitActionResponse(
+            ok=True,
+            message="hidden tests passed" if passed else "hidden tests failed",
+            has_reward=True,
+            reward=1.0 if passed else 0.0,
+            eval_output=result.output,
+        )
+    outputs = {path: await _read_output(sandbox, path) for path in spec.outputs()}
+    reward, tests = spec.score(outputs)
+    log = (outputs.get(spec.log_path) or b"").decode(errors="replace") if spec.tests else ""
+    failing = sum(1 for t in tests if t.status != "passed")
+    message = (
+        f"{len(tests) - failing} of {len(tests)} tests passed"
+        if tests
+        else f"reward {reward:g} (from {spec.reward_path or 'the evaluation'})"
+    )
+    if result.timed_out:
+        message += "; the evaluation timed out"
     return env_pb2.SubmitActionResponse(
         ok=True,
-        message="hidden tests passed" if passed else "hidden tests failed",
+        message=message,
         has_reward=True,
-        reward=1.0 if passed else 0.0,
-        eval_output=result.output,
+        reward=reward,
+        eval_output=result.output + (f"\n--- test log ---\n{log[-20_000:]}" if log else ""),
+        tests=tests,
     )
+
+
+async def _read_output(sandbox: Sandbox, path: str) -> bytes | None:
+    """A file the evaluation wrote, or None when it cannot be read (it wrote none)."""
+    try:
+        return await sandbox.read_file(path)
+    except (InvalidRequestError, OSError):
+        return None
 
 
 async def file_action(

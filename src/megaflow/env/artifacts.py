@@ -1,7 +1,9 @@
 """Where workspace snapshots live: a directory, or any fsspec URL (memory://, s3://, ...).
 
 Snapshot and restore URIs must lie under the store's base, so a request cannot make
-the service read or write arbitrary places on its host.
+the service read or write arbitrary places on its host. Content-addressed blobs
+(`megaflow.env.blobs`) share the base under ``blobs/``; a snapshot may not be written
+there.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class ArtifactStore:
 
     async def write(self, uri: str, data: bytes) -> str:
         uri = self.check(uri)
+        if uri.startswith(f"{self.base}/blobs/"):
+            raise InvalidRequestError(f"snapshot URI {uri!r} is in the store's blobs/ folder")
         if self._protocol == "file":
             await asyncio.to_thread(
                 Path(uri.removeprefix("file://")).parent.mkdir, parents=True, exist_ok=True

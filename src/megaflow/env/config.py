@@ -79,5 +79,16 @@ class EnvServiceConfig(BaseModel):
     artifact_url: str = Field(
         default="",
         description="fsspec URL prefix of the snapshot store (e.g. memory://snaps, s3://b/p); "
-        "empty: `artifact_dir`. Snapshot and restore URIs must lie under it.",
+        "empty: `artifact_dir`. Snapshot and restore URIs must lie under it; workspace "
+        "artifacts (sha256:<hex>) are read from its blobs/ folder.",
+    )
+    artifact_cache_dir: Path = Field(
+        default=Path("/tmp/megaflow/artifact-cache"),
+        description="This host's cache of workspace artifacts (by digest) and git mirrors.",
+    )
+    artifact_cache_mib: int = Field(
+        default=20_480,
+        ge=1,
+        description="Disk budget of the cached artifacts; LRU eviction past it (git mirrors "
+        "are not counted).",
     )

@@ -45,6 +45,7 @@ from megaflow.env.backends import MODES, SandboxFactory
 from megaflow.env.config import EnvServiceConfig
 from megaflow.env.leases import Environment, Reaper
 from megaflow.env.pool import SandboxPool
+from megaflow.env.repos import WorkspaceMaker
 from megaflow.env.sandbox import CommandResult
 from megaflow.v1 import common_pb2, env_pb2
 
@@ -65,6 +66,7 @@ class LocalEnvironmentService:
         self.factory = SandboxFactory(self.config)
         self.pool = SandboxPool(self.config, self.factory, self._prefix)
         self.store = ArtifactStore(self.config.artifact_url or self.config.artifact_dir)
+        self.workspaces = WorkspaceMaker.from_config(self.config)
         self._envs: dict[str, Environment] = {}
         self._creating = 0
         self._none_creating = asyncio.Event()
@@ -150,12 +152,14 @@ class LocalEnvironmentService:
             sandbox, _ = await self.pool.claim(spec, setup_s)
             try:
                 async with asyncio.timeout(setup_s):
+                    await self.workspaces.make(sandbox, request, setup_s)
                     await backends.put_files(sandbox, files)
+                    await self.workspaces.setup(sandbox, request.setup_commands, setup_s)
                     if archive is not None:
                         await backends.restore(sandbox, archive)
             except BaseException as exc:
                 await self.pool.give_back(spec, sandbox, reuse=False)
-                if isinstance(exc, TimeoutError):
+                if isinstance(exc, TimeoutError) and not isinstance(exc, DeadlineExceededError):
                     raise DeadlineExceededError(
                         f"environment setup passed its {setup_s:.1f}s budget"
                     ) from exc

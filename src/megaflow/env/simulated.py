@@ -6,7 +6,9 @@ task's files; `ExecuteStep` waits a configured latency and answers the few comma
 the simulated policy uses (`cat`, `ls`, `grep -rn`, the test runner, `echo`,
 `true`); file actions edit the in-memory files; `submit` scores them with
 `megaflow.tasks.scoring.simulated_reward`. It honours the contract: capacity cap,
-unknown ids, malformed requests, leases are not modelled.
+unknown ids, malformed requests, leases are not modelled. A request's `workspace` (a
+repository by reference) and `setup_commands` are accepted and ignored: only `files`
+exist in memory, and no command runs.
 
 Warm pools are modelled per image (`warm_pool`): a create whose image has an idle warm
 sandbox claims it (`warm_claim_latency_s`, counted in `warm_hits`); any other create is
