@@ -133,12 +133,22 @@ async def run_command(
 ) -> RunSummary:
     placement = placement or RunPlacement()
     specs = run_specs(tasks, seed, placement, step_timeout_s)
+
+    def announce(run_id: str) -> None:  # early, so that `megaflow watch RUN_ID` can re-attach
+        console.print(f"run id: {run_id}")
+
     with RunProgress(console, len(specs)) as progress:
         if scheduler:
             client = SchedulerServiceClient(scheduler)
             try:
                 return await run_batch(
-                    client, specs, out, max_concurrency=concurrency, on_event=progress.update
+                    client,
+                    specs,
+                    out,
+                    max_concurrency=concurrency,
+                    on_event=progress.update,
+                    on_submitted=announce,
+                    collect=False,
                 )
             finally:
                 await client.close()
@@ -159,7 +169,13 @@ async def run_command(
         )
         async with system:
             summary = await run_batch(
-                system.scheduler, specs, out, max_concurrency=concurrency, on_event=progress.update
+                system.scheduler,
+                specs,
+                out,
+                max_concurrency=concurrency,
+                on_event=progress.update,
+                on_submitted=announce,
+                collect=False,
             )
             summary.model_utilisation = backend.stats().utilisation
             return summary
