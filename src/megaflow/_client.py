@@ -14,7 +14,7 @@ and every task is yielded once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Generator, Iterable
+from collections.abc import AsyncGenerator, Generator, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -122,18 +122,21 @@ class Run:
     def __await__(self) -> Generator[Any, None, Run]:
         return self._submit().__await__()
 
-    def __aiter__(self) -> AsyncIterator[Result]:
+    def __aiter__(self) -> AsyncGenerator[Result, None]:
         return self._results()
 
-    async def _results(self) -> AsyncIterator[Result]:
+    async def _results(self) -> AsyncGenerator[Result, None]:
         await self._submit()
         events = self._client._scheduler.watch_events(
             scheduler_pb2.WatchEventsRequest(run_id=self.run_id),
             reconnect_for_s=self._client.reconnect_for_s,
         )
-        async for event in events:
-            if event.type == scheduler_pb2.EVENT_TYPE_TASK_FINISHED:
-                yield _result(event)
+        try:
+            async for event in events:
+                if event.type == scheduler_pb2.EVENT_TYPE_TASK_FINISHED:
+                    yield _result(event)
+        finally:  # closed early (aclose, break): end the stream now, not at GC
+            await events.aclose()  # type: ignore[attr-defined]
 
     async def results(self) -> Results:
         """Every task's result, once the run has finished."""

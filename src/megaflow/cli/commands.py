@@ -14,7 +14,7 @@ from megaflow.cli.output import RunProgress
 from megaflow.core.errors import InvalidRequestError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.processes import serve
-from megaflow.deploy.run import RunSummary, run_batch
+from megaflow.deploy.run import RunSummary, run_batch, watch_batch
 from megaflow.env.backends import LOCAL_IMAGE_SOURCES
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.model.backend import ModelBackend
@@ -202,6 +202,18 @@ async def fresh_ledger(out: Path, console: Console) -> Path:
     for stale in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
         stale.unlink(missing_ok=True)
     return path
+
+
+async def watch_command(
+    address: str, run_id: str, out: Path | None, console: Console
+) -> RunSummary:
+    """Follow run `run_id` on the scheduler at `address` to its end (see `megaflow watch`)."""
+    client = SchedulerServiceClient(address)
+    try:
+        with RunProgress(console, None) as progress:
+            return await watch_batch(client, run_id, out, on_event=progress.update, collect=False)
+    finally:
+        await client.close()
 
 
 async def status_command(address: str) -> scheduler_pb2.StatusResponse:

@@ -151,6 +151,33 @@ def run(
 
 
 @app.command()
+def watch(
+    run_id: Annotated[str, typer.Argument(help="The run's id (`megaflow run` prints it).")],
+    scheduler: SchedulerAddr = "127.0.0.1:7070",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Rewrite results.jsonl and trajectories.jsonl of the whole run here."),
+    ] = None,
+    log_level: LogLevel = "warning",
+) -> None:
+    """Re-attach to a run on a scheduler (e.g. after its client died) and follow it to
+    the end: its finished tasks first, then the rest as they finish."""
+    from megaflow.cli.commands import watch_command
+    from megaflow.core.errors import MegaFlowError
+
+    _logging(log_level)
+    try:
+        summary = asyncio.run(watch_command(scheduler, run_id, out, console))
+    except MegaFlowError as exc:  # an unknown run, a scheduler that stays down
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None  # the run goes on; watch it again
+    output.print_summary(console, summary, out)
+    raise typer.Exit(0)
+
+
+@app.command()
 def status(scheduler: SchedulerAddr = "127.0.0.1:7070") -> None:
     """Show a running scheduler's queue and services."""
     from megaflow.cli.commands import status_command
