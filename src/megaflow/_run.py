@@ -43,6 +43,7 @@ def run(
     scaffold: ScaffoldArg = None,
     concurrency: int = 8,
     out: str | Path | None = None,
+    resume: str | Path | None = None,
     env: EmbeddedEnvironment | None = None,
     ledger: TaskLedger | None = None,
     sandbox_dir: str | Path | None = None,
@@ -70,6 +71,7 @@ def run(
             scaffold=scaffold,
             concurrency=concurrency,
             out=out,
+            resume=resume,
             env=env,
             ledger=ledger,
             sandbox_dir=sandbox_dir,
@@ -88,6 +90,7 @@ async def arun(
     scaffold: ScaffoldArg = None,
     concurrency: int = 8,
     out: str | Path | None = None,
+    resume: str | Path | None = None,
     env: EmbeddedEnvironment | None = None,
     ledger: TaskLedger | None = None,
     sandbox_dir: str | Path | None = None,
@@ -107,6 +110,11 @@ async def arun(
     - `concurrency`: hard cap on tasks (and sandboxes) in flight.
     - `out`: a folder for results.jsonl, trajectories.jsonl and ledger.sqlite; None
       (the default) writes nothing that outlives the call.
+    - `resume`: the `out` folder of an earlier run of these tasks (finished or
+      interrupted; it may be `out` itself): only the tasks without a scored result
+      there (no reward: infrastructure failures, cancelled, never finished) run
+      again; the results returned, and the outputs in `out`, hold the earlier scored
+      ones too. Tasks are matched by `task_id`.
     - `env`, `ledger`: replace the local sandboxes' Environment Service or the SQLite
       ledger (any `TaskLedger`).
     - `on_result`: called with each result as its task finishes.
@@ -125,6 +133,10 @@ async def arun(
         raise InvalidRequestError("no tasks to run")
     out_dir = Path(out) if out is not None else None
     kept: list[Result] = []
+    if resume is not None:
+        from megaflow._resume import prepare_resume
+
+        specs, kept = await prepare_resume(Path(resume), specs, out_dir)
     backend = (
         backend_from_spec(
             model,
@@ -173,7 +185,7 @@ async def arun(
                 max_concurrency=concurrency,
                 on_event=collect,
                 collect=False,
-                append=False,
+                append=resume is not None,
             )
     results.run_id = summary.run_id
     return results
@@ -181,7 +193,7 @@ async def arun(
 
 async def _fresh_ledger(out: Path) -> Path:
     """`out/ledger.sqlite` without a previous run's (refused while a run is going)."""
-    from megaflow.scheduler.recovery import LEASE
+    from megaflow.scheduler.recovery import LEASE, holder_alive
     from megaflow.store.sqlite import SqliteLedger
 
     path = out / "ledger.sqlite"
@@ -192,7 +204,7 @@ async def _fresh_ledger(out: Path) -> Path:
             holder = await previous.lease_holder(LEASE)
         finally:
             await previous.close()
-        if holder is not None:
+        if holder is not None and holder_alive(holder):
             raise InvalidRequestError(f"a run is still going in {out} (scheduler {holder})")
         for stale in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
             stale.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
+from megaflow._resume import read_earlier, write_kept
 from megaflow.agent.service import AgentServiceImpl
 from megaflow.cli.output import RunProgress
 from megaflow.core.errors import InvalidRequestError
@@ -25,7 +26,7 @@ from megaflow.model.service import ModelServiceImpl
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.scheduler.policy import SchedulerPolicy
-from megaflow.scheduler.recovery import LEASE
+from megaflow.scheduler.recovery import LEASE, holder_alive
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.store.ledger import TaskLedger
 from megaflow.store.sqlite import SqliteLedger
@@ -130,9 +131,19 @@ async def run_command(
     console: Console,
     placement: RunPlacement | None = None,
     step_timeout_s: float | None = None,
+    resume: str | None = None,
 ) -> RunSummary:
     placement = placement or RunPlacement()
     specs = run_specs(tasks, seed, placement, step_timeout_s)
+    kept: list[dict[str, Any]] = []
+    if resume and not scheduler:  # an earlier run's folder: keep its scored tasks
+        earlier = await read_earlier(Path(resume))
+        write_kept(earlier, out)
+        specs = [spec for spec in specs if spec.task_id not in earlier.results]
+        kept = list(earlier.records.values())
+        console.print(f"resuming {resume}: {len(kept)} scored tasks kept, {len(specs)} to run")
+        if not specs:
+            return RunSummary(total=len(kept), records=kept)
 
     def announce(run_id: str) -> None:  # early, so that `megaflow watch RUN_ID` can re-attach
         console.print(f"run id: {run_id}")
@@ -176,9 +187,12 @@ async def run_command(
                 on_event=progress.update,
                 on_submitted=announce,
                 collect=False,
+                append=bool(kept),
             )
             summary.model_utilisation = backend.stats().utilisation
-            return summary
+        summary.records[:0] = kept
+        summary.total += len(kept)
+        return summary
 
 
 async def fresh_ledger(out: Path, console: Console) -> Path:
@@ -194,7 +208,7 @@ async def fresh_ledger(out: Path, console: Console) -> Path:
         holder = await ledger.lease_holder(LEASE)
     finally:
         await ledger.close()
-    if holder is not None:
+    if holder is not None and holder_alive(holder):
         raise InvalidRequestError(
             f"a run is still going in {out} (scheduler {holder}); wait for it, or use another --out"
         )

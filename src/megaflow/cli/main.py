@@ -45,8 +45,12 @@ def run(
         str, typer.Option(help="'simulated' or 'openai:http://HOST:PORT[#model]'.")
     ] = "simulated",
     out: Annotated[
-        Path, typer.Option(help="Directory for results.jsonl and trajectories.jsonl.")
-    ] = Path("megaflow-out"),
+        Path | None,
+        typer.Option(
+            help="Directory for results.jsonl and trajectories.jsonl "
+            "[default: the --resume folder, else megaflow-out]."
+        ),
+    ] = None,
     seed: Annotated[
         int, typer.Option(help="Seed of the task generator and the simulated policy.")
     ] = 0,
@@ -98,6 +102,13 @@ def run(
             "Default: the agent's (60 s).",
         ),
     ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="OUT_DIR of an earlier embedded run of the same tasks (or a RUN_ID with "
+            "--scheduler): run only its tasks that have no scored result, keeping the others."
+        ),
+    ] = None,
     log_level: LogLevel = "warning",
 ) -> None:
     """Run N synthetic software-engineering tasks and write trajectories and rewards.
@@ -117,6 +128,8 @@ def run(
     except InvalidRequestError as exc:
         raise typer.BadParameter(str(exc)) from None
     _logging(log_level)
+    if out is None:
+        out = Path(resume) if resume and not scheduler else Path("megaflow-out")
     out.mkdir(parents=True, exist_ok=True)
     try:
         summary = asyncio.run(
@@ -133,6 +146,7 @@ def run(
                 console=console,
                 placement=placement,
                 step_timeout_s=step_timeout,
+                resume=resume,
             )
         )
     except InvalidRequestError as exc:  # e.g. another run still going in --out

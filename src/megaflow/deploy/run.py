@@ -62,6 +62,32 @@ def result_record(result: common_pb2.TaskResult) -> dict[str, Any]:
     }
 
 
+def result_from_record(record: dict[str, Any]) -> common_pb2.TaskResult:
+    """The `TaskResult` a results.jsonl line was made from (`result_record`'s inverse,
+    less `eval_output`, which the line does not keep). KeyError/ValueError when the
+    line is not such a record."""
+    states = {name: value for value, name in STATE_NAMES.items()}
+    kinds = {name: value for value, name in ERROR_KIND_NAMES.items()}
+    reward = record["reward"]
+    return common_pb2.TaskResult(
+        task_id=str(record["task_id"]),
+        state=states[record["status"]],
+        has_reward=reward is not None,
+        reward=float(reward or 0.0),
+        attempts=int(record["attempts"]),
+        steps=int(record["steps"]),
+        error_kind=kinds[record["error_kind"]],
+        error=str(record.get("error", "")),
+        prompt_tokens=int(record.get("prompt_tokens", 0)),
+        completion_tokens=int(record.get("completion_tokens", 0)),
+        duration_s=float(record.get("duration_s", 0.0)),
+        setup_s=float(record.get("setup_s", 0.0)),
+        teardown_s=float(record.get("teardown_s", 0.0)),
+        attempt_id=str(record.get("attempt_id", "")),
+        tests=[common_pb2.TestOutcome(**t) for t in record.get("tests", [])],
+    )
+
+
 def trajectory_record(trajectory: common_pb2.Trajectory) -> dict[str, Any]:
     return MessageToDict(trajectory, preserving_proto_field_name=True)
 
