@@ -70,7 +70,7 @@ def status_for(error: BaseException) -> grpc.StatusCode:
 def error_metadata(error: BaseException) -> tuple[tuple[str, str], ...]:
     """The trailing metadata a service answers `error` with: its class, and for a
     `ServiceUnavailableError` the address it could not reach."""
-    metadata = ((ERROR_METADATA_KEY, type(error).__name__),)
+    metadata: tuple[tuple[str, str], ...] = ((ERROR_METADATA_KEY, type(error).__name__),)
     if isinstance(error, e.ServiceUnavailableError) and error.address:
         metadata += ((ADDRESS_METADATA_KEY, error.address),)
     return metadata
