@@ -14,6 +14,7 @@ and every task is yielded once.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncGenerator, Generator, Iterable
 from types import TracebackType
 from typing import Any
@@ -76,6 +77,26 @@ class Client:
             raise InvalidRequestError("watch needs a run id")
         return Run(self, run_id=run_id)
 
+    def resume(
+        self,
+        run_id: str,
+        tasks: Iterable[TaskLike],
+        *,
+        scaffold: ScaffoldArg = None,
+        concurrency: int = 0,
+    ) -> Run:
+        """A rerun of run `run_id` (finished, or waited for): of `tasks` (the run's tasks,
+        matched by `task_id`), only those without a scored result there run again, as a
+        new run. Iterating it yields the earlier scored results first, then the new
+        ones, all under the tasks' own ids.
+
+        The scheduler knows each task id once, so the new run names its tasks
+        `TASK_ID@NEW_RUN_ID`; this object maps them back (a `watch` of the new run id
+        shows the new names)."""
+        run = self.submit(tasks, scaffold=scaffold, concurrency=concurrency)
+        run.resumes = run_id
+        return run
+
     async def status(self) -> scheduler_pb2.StatusResponse:
         """The scheduler's queues, services and counters."""
         return await self._scheduler.status(scheduler_pb2.StatusRequest())
@@ -112,12 +133,39 @@ class Run:
         """The scheduler's id of the run ("" until submitted)."""
         self.task_ids: list[str] = []
         """The ids of its tasks (known once this client submitted it)."""
+        self.resumes = ""
+        """The run this one resumes ("" = none: see `Client.resume`)."""
+        self.kept: list[Result] = []
+        """The scored results kept from the run it resumes."""
+        self._aliases: dict[str, str] = {}  # resumed: the new run's task id -> the task's
 
     async def _submit(self) -> Run:
-        if self._request is not None and not self.run_id:
+        if self._request is None or self.run_id:
+            return self
+        if self.resumes:
+            await self._keep_scored()
+        if self._request.tasks:
             reply = await self._client._scheduler.submit_tasks(self._request)
             self.run_id, self.task_ids = reply.run_id, list(reply.task_ids)
+        else:  # everything was scored already: nothing to submit
+            self.run_id = self.resumes
         return self
+
+    async def _keep_scored(self) -> None:
+        assert self._request is not None
+        earlier = await self._client.watch(self.resumes).results()
+        self.kept = [result for result in earlier if result.scored]
+        scored = {result.task_id for result in self.kept}
+        todo = [spec for spec in self._request.tasks if spec.task_id not in scored]
+        if any(not spec.task_id for spec in todo):
+            raise InvalidRequestError("resume matches tasks by task_id: every task needs one")
+        self._request.run_id = f"run-{uuid.uuid4().hex[:12]}"
+        del self._request.tasks[:]
+        for spec in todo:
+            renamed = f"{spec.task_id}@{self._request.run_id}"
+            self._aliases[renamed] = spec.task_id
+            spec.task_id = renamed
+            self._request.tasks.append(spec)
 
     def __await__(self) -> Generator[Any, None, Run]:
         return self._submit().__await__()
@@ -127,6 +175,10 @@ class Run:
 
     async def _results(self) -> AsyncGenerator[Result, None]:
         await self._submit()
+        for result in self.kept:
+            yield result
+        if self.run_id == self.resumes:
+            return
         events = self._client._scheduler.watch_events(
             scheduler_pb2.WatchEventsRequest(run_id=self.run_id),
             reconnect_for_s=self._client.reconnect_for_s,
@@ -134,9 +186,19 @@ class Run:
         try:
             async for event in events:
                 if event.type == scheduler_pb2.EVENT_TYPE_TASK_FINISHED:
-                    yield _result(event)
+                    yield self._named(_result(event))
         finally:  # closed early (aclose, break): end the stream now, not at GC
             await events.aclose()  # type: ignore[attr-defined]
+
+    def _named(self, result: Result) -> Result:
+        """`result` under its task's own id (a resumed run renamed its tasks)."""
+        task_id = self._aliases.get(result.task_id)
+        if task_id is None:
+            return result
+        trajectory = result.trajectory
+        if trajectory is not None:
+            trajectory = trajectory.model_copy(update={"task_id": task_id})
+        return result.model_copy(update={"task_id": task_id, "trajectory": trajectory})
 
     async def results(self) -> Results:
         """Every task's result, once the run has finished."""

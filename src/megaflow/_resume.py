@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,14 @@ from google.protobuf.json_format import ParseDict, ParseError
 
 from megaflow._results import Result
 from megaflow.core.errors import InvalidRequestError
-from megaflow.deploy.run import result_from_record, result_record, trajectory_record
-from megaflow.v1 import common_pb2
+from megaflow.deploy.run import (
+    EventHook,
+    RunSummary,
+    result_from_record,
+    result_record,
+    trajectory_record,
+)
+from megaflow.v1 import common_pb2, scheduler_pb2
 
 
 @dataclass
@@ -126,3 +133,47 @@ async def prepare_resume(
         write_kept(earlier, out)
     todo = [spec for spec in specs if spec.task_id not in earlier.results]
     return todo, list(earlier.results.values())
+
+
+async def resume_on_scheduler(
+    address: str,
+    run_id: str,
+    specs: list[common_pb2.TaskSpec],
+    out: Path,
+    *,
+    concurrency: int = 0,
+    on_submitted: Callable[[str], None] | None = None,
+    on_event: EventHook | None = None,
+) -> RunSummary:
+    """`megaflow run --scheduler ADDR --resume RUN_ID`: rerun the tasks of `specs` that
+    have no scored result in run `run_id` (see `Client.resume`), and write the whole
+    set's outputs to `out`: the kept results first, then the new ones."""
+    from megaflow._client import connect
+
+    out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before the run
+    summary = RunSummary()
+    with (
+        (out / "results.jsonl").open("w") as results,
+        (out / "trajectories.jsonl").open("w") as trajectories,
+    ):
+        async with connect(address) as client:
+            run = await client.resume(run_id, specs, concurrency=concurrency)
+            summary.run_id = run.run_id
+            summary.total = len(run.kept) + len(run.task_ids)
+            if on_submitted is not None:
+                on_submitted(run.run_id)
+            async for result in run:
+                record = result_record(result.to_proto())
+                line = trajectory_record(result.trajectory.to_proto()) if result.trajectory else {}
+                line.setdefault("task_id", result.task_id)
+                results.write(json.dumps(record) + "\n")
+                results.flush()
+                trajectories.write(json.dumps(line) + "\n")
+                trajectories.flush()
+                summary.records.append(record)
+                if on_event is not None:
+                    event = scheduler_pb2.TaskEvent(
+                        type=scheduler_pb2.EVENT_TYPE_TASK_FINISHED, task_id=result.task_id
+                    )
+                    on_event(event, summary)
+    return summary

@@ -3,6 +3,7 @@ submitted it was killed, and the Python client's `watch`. Real processes over gR
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 TASKS = 10
 WATCH = [sys.executable, "-m", "megaflow.cli", "watch"]
+RUN = [sys.executable, "-m", "megaflow.cli", "run"]
 
 
 @pytest.fixture
@@ -137,3 +139,38 @@ def test_watch_of_an_unknown_run_says_so(scheduler: str) -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "no-such-run" in proc.stderr
+
+
+async def test_a_run_on_a_scheduler_is_resumed_by_its_id(scheduler: str, tmp_path: Path) -> None:
+    tasks = generate_tasks(4)
+    for spec in tasks[2:]:  # these two fail for the platform: no result, never reward 0
+        spec.image, spec.max_attempts = "dir:/no/such/image", 1
+    async with megaflow.connect(scheduler) as client:
+        first = await (await client.submit(tasks)).results()
+        by_id = {r.task_id: r for r in first}
+        assert [by_id[t.task_id].scored for t in tasks] == [True, True, False, False]
+        fixed = generate_tasks(4)  # the same tasks, their image fixed
+        run = await client.resume(first.run_id, fixed)
+        assert run.run_id != first.run_id and len(run.task_ids) == 2  # only the unscored
+        results = await run.results()
+    assert sorted(r.task_id for r in results) == sorted(t.task_id for t in tasks)
+    assert all(r.scored for r in results)
+    assert [r for r in results if r.task_id in by_id and by_id[r.task_id].scored] == [
+        by_id[t.task_id] for t in tasks[:2]
+    ]  # kept as they were
+    assert all(r.trajectory is not None and r.trajectory.task_id == r.task_id for r in results)
+
+    out = tmp_path / "out"  # the same from the command line, into a folder
+    argv = [*RUN, "--scheduler", scheduler, "--tasks", "4", "--resume", first.run_id]
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [*argv, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = _results(out / "results.jsonl")
+    assert [r["task_id"] for r in records[:2]] == [t.task_id for t in tasks[:2]]
+    assert sorted(r["task_id"] for r in records) == sorted(t.task_id for t in tasks)
+    assert all(r["reward"] is not None for r in records)

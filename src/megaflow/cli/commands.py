@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
-from megaflow._resume import read_earlier, write_kept
+from megaflow._resume import read_earlier, resume_on_scheduler, write_kept
 from megaflow.agent.service import AgentServiceImpl
 from megaflow.cli.output import RunProgress
 from megaflow.core.errors import InvalidRequestError
@@ -149,6 +149,16 @@ async def run_command(
         console.print(f"run id: {run_id}")
 
     with RunProgress(console, len(specs)) as progress:
+        if scheduler and resume:  # a run id on that scheduler
+            return await resume_on_scheduler(
+                scheduler,
+                resume,
+                specs,
+                out,
+                concurrency=concurrency,
+                on_submitted=announce,
+                on_event=progress.update,
+            )
         if scheduler:
             client = SchedulerServiceClient(scheduler)
             try:
