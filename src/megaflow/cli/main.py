@@ -127,6 +127,10 @@ def run(
         )
     except InvalidRequestError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if resume and not scheduler and not Path(resume).is_dir():
+        raise typer.BadParameter(
+            f"{resume}: no such folder (a run id needs --scheduler)", param_hint="--resume"
+        )
     _logging(log_level)
     if out is None:
         out = Path(resume) if resume and not scheduler else Path("megaflow-out")
