@@ -11,6 +11,7 @@ COMMANDS = [
     [],
     ["run"],
     ["status"],
+    ["watch"],
     ["serve"],
     ["serve", "scheduler"],
     ["serve", "model"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from megaflow.cli.commands import RunPlacement, run_specs
@@ -22,3 +24,9 @@ def test_a_step_timeout_of_zero_is_refused() -> None:
     result = CliRunner().invoke(app, ["run", "--step-timeout", "0"])
     assert result.exit_code == 2
     assert "step-timeout" in result.output
+
+
+def test_resume_of_a_run_id_without_a_scheduler_is_refused(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "run-abc")])
+    assert result.exit_code == 2
+    assert "needs --scheduler" in " ".join(result.output.split())

@@ -8,6 +8,7 @@ from megaflow.v1 import common_pb2
 INFRA = common_pb2.ERROR_KIND_INFRA
 AGENT_GONE = "ServiceUnavailableError: a:1 unreachable: connection refused"
 ENV_GONE = "ServiceUnavailableError: e:1 unreachable: Socket closed"
+UNAVAILABLE = "ServiceUnavailableError"
 
 
 def _tasks(*ids: str) -> tuple[common_pb2.TaskSpec, ...]:
@@ -66,7 +67,10 @@ def test_an_unreachable_worker_is_set_aside_until_it_heartbeats_again() -> None:
     st = _state()
     st.handle(s.ServiceJoined("e", s.KIND_ENV, "e:2", 10, heartbeats=True))
     st.handle(s.TasksSubmitted("sub", "r", _tasks("t0")))
-    out = st.handle(s.AttemptFailed("f", "t0", "t0#1", AGENT_GONE, True, INFRA))
+    out = st.handle(
+        s.AttemptFailed("f", "t0", "t0#1", AGENT_GONE, True, INFRA, error_type=UNAVAILABLE,
+                        unreachable=("a:1",))
+    )  # fmt: skip
     assert _kinds(out) == [s.ScheduleRetry]
     assert set(st.suspect) == {(s.KIND_AGENT, "a:1")}  # the one the error names
     # the retry does not go back to the (maybe dead) worker: it waits...
@@ -77,7 +81,7 @@ def test_an_unreachable_worker_is_set_aside_until_it_heartbeats_again() -> None:
     assert [i.attempt_id for i in out if isinstance(i, s.Dispatch)] == ["t0#2"]
     assert not st.suspect
     # a silent one is dropped by the watchdog from the suspects too
-    st.handle(s.AttemptFailed("f", "t0", "t0#2", AGENT_GONE, True, INFRA))
+    st.handle(s.AttemptFailed("f", "t0", "t0#2", AGENT_GONE, True, INFRA, unreachable=("a:1",)))
     st.handle(s.ServiceLost("l", "a:1"))
     assert (s.KIND_AGENT, "a:1") not in st.services and (s.KIND_AGENT, "a:1") not in st.suspect
 
@@ -89,7 +93,7 @@ def test_an_unreachable_model_is_set_aside_but_is_not_the_tasks_worker() -> None
     (d,) = [i for i in out if isinstance(i, s.Dispatch)]
     gone = f"ServiceUnavailableError: {d.model} unreachable: connection refused"
     other = "m:2" if d.model == "m:1" else "m:1"
-    out = st.handle(s.AttemptFailed("f", "t0", "t0#1", gone, True, INFRA))
+    out = st.handle(s.AttemptFailed("f", "t0", "t0#1", gone, True, INFRA, unreachable=(d.model,)))
     assert _kinds(out) == [s.ScheduleRetry]  # not quarantined: not its worker
     assert st.tasks["t0"].losses == ()
     assert set(st.suspect) == {(s.KIND_MODEL, d.model)}
@@ -103,8 +107,16 @@ def test_in_process_services_are_never_set_aside() -> None:
     for kind, address in ((s.KIND_MODEL, "m"), (s.KIND_ENV, "e:1"), (s.KIND_AGENT, "a:1")):
         st.handle(s.ServiceJoined("j", kind, address, 10))
     st.handle(s.TasksSubmitted("sub", "r", _tasks("t0")))
-    st.handle(s.AttemptFailed("f", "t0", "t0#1", AGENT_GONE, True, INFRA))
+    st.handle(s.AttemptFailed("f", "t0", "t0#1", AGENT_GONE, True, INFRA, unreachable=("a:1",)))
     assert not st.suspect
+
+
+def test_an_unreachable_service_is_known_by_the_errors_address_not_its_message() -> None:
+    st = _state()
+    st.handle(s.TasksSubmitted("sub", "r", _tasks("t0")))
+    # a message that merely reads like an unreachable agent sets nothing aside
+    st.handle(s.AttemptFailed("f", "t0", "t0#1", AGENT_GONE, True, INFRA))
+    assert not st.suspect and st.tasks["t0"].losses == ()
 
 
 def test_a_task_that_keeps_killing_its_worker_is_quarantined() -> None:
@@ -112,7 +124,7 @@ def test_a_task_that_keeps_killing_its_worker_is_quarantined() -> None:
     st.handle(s.TasksSubmitted("sub", "r", _tasks("poison", "fine")))
     causes: list[s.Event] = [
         s.ServiceLost("l1", "a:1", "no heartbeat for 4.0 s"),
-        s.AttemptFailed("f", "poison", "poison#2", ENV_GONE, True, INFRA),
+        s.AttemptFailed("f", "poison", "poison#2", ENV_GONE, True, INFRA, unreachable=("e:1",)),
         s.ServiceLost("l2", "e:1", "no heartbeat for 4.2 s"),
     ]
     out: list[s.Instruction] = []

@@ -141,7 +141,11 @@ def test_invariants_hold_under_any_interleaving(script: list[tuple[str, object, 
             elif op == "unavailable":  # its worker died: set aside until it heartbeats
                 worker = ("a:1", "a:2", "e:1")[int(y) % 3]  # type: ignore[call-overload]
                 message = f"ServiceUnavailableError: {worker} unreachable: gone"
-                m.apply(s.AttemptFailed(sid, task_id, attempt_id, message, True, INFRA))
+                m.apply(
+                    s.AttemptFailed(
+                        sid, task_id, attempt_id, message, True, INFRA, unreachable=(worker,)
+                    )
+                )
             else:
                 m.apply(s.AttemptFailed(sid, task_id, attempt_id, "boom", bool(y), INFRA))
         elif op == "retry_due" and m.retries:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from megaflow.agent.loop import AgentLimits
+from megaflow.agent.session import AgentLimits
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import run_batch
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService

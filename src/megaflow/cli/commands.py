@@ -9,12 +9,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
+from megaflow._resume import read_earlier, resume_on_scheduler, write_kept
 from megaflow.agent.service import AgentServiceImpl
 from megaflow.cli.output import RunProgress
 from megaflow.core.errors import InvalidRequestError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.processes import serve
-from megaflow.deploy.run import RunSummary, run_batch
+from megaflow.deploy.run import RunSummary, run_batch, watch_batch
 from megaflow.env.backends import LOCAL_IMAGE_SOURCES
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.model.backend import ModelBackend
@@ -25,7 +26,7 @@ from megaflow.model.service import ModelServiceImpl
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.scheduler.policy import SchedulerPolicy
-from megaflow.scheduler.recovery import LEASE
+from megaflow.scheduler.recovery import LEASE, holder_alive
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.store.ledger import TaskLedger
 from megaflow.store.sqlite import SqliteLedger
@@ -160,6 +161,7 @@ async def run_command(
     step_timeout_s: float | None = None,
     task_specs: list[common_pb2.TaskSpec] | None = None,
     keep_images: bool = False,
+    resume: str | None = None,
 ) -> RunSummary:
     """`task_specs`: run these (a loaded task set) instead of `tasks` synthetic ones; with
     `keep_images` each keeps its own image (no --image given)."""
@@ -168,12 +170,41 @@ async def run_command(
         specs = run_specs(tasks, seed, placement, step_timeout_s)
     else:
         specs = place_tasks(task_specs, placement, step_timeout_s, keep_images)
+    kept: list[dict[str, Any]] = []
+    if resume and not scheduler:  # an earlier run's folder: keep its scored tasks
+        earlier = await read_earlier(Path(resume))
+        write_kept(earlier, out)
+        specs = [spec for spec in specs if spec.task_id not in earlier.results]
+        kept = list(earlier.records.values())
+        console.print(f"resuming {resume}: {len(kept)} scored tasks kept, {len(specs)} to run")
+        if not specs:
+            return RunSummary(total=len(kept), records=kept)
+
+    def announce(run_id: str) -> None:  # early, so that `megaflow watch RUN_ID` can re-attach
+        console.print(f"run id: {run_id}")
+
     with RunProgress(console, len(specs)) as progress:
+        if scheduler and resume:  # a run id on that scheduler
+            return await resume_on_scheduler(
+                scheduler,
+                resume,
+                specs,
+                out,
+                concurrency=concurrency,
+                on_submitted=announce,
+                on_event=progress.update,
+            )
         if scheduler:
             client = SchedulerServiceClient(scheduler)
             try:
                 return await run_batch(
-                    client, specs, out, max_concurrency=concurrency, on_event=progress.update
+                    client,
+                    specs,
+                    out,
+                    max_concurrency=concurrency,
+                    on_event=progress.update,
+                    on_submitted=announce,
+                    collect=False,
                 )
             finally:
                 await client.close()
@@ -194,10 +225,19 @@ async def run_command(
         )
         async with system:
             summary = await run_batch(
-                system.scheduler, specs, out, max_concurrency=concurrency, on_event=progress.update
+                system.scheduler,
+                specs,
+                out,
+                max_concurrency=concurrency,
+                on_event=progress.update,
+                on_submitted=announce,
+                collect=False,
+                append=bool(kept),
             )
             summary.model_utilisation = backend.stats().utilisation
-            return summary
+        summary.records[:0] = kept
+        summary.total += len(kept)
+        return summary
 
 
 async def fresh_ledger(out: Path, console: Console) -> Path:
@@ -213,7 +253,7 @@ async def fresh_ledger(out: Path, console: Console) -> Path:
         holder = await ledger.lease_holder(LEASE)
     finally:
         await ledger.close()
-    if holder is not None:
+    if holder is not None and holder_alive(holder):
         raise InvalidRequestError(
             f"a run is still going in {out} (scheduler {holder}); wait for it, or use another --out"
         )
@@ -221,6 +261,18 @@ async def fresh_ledger(out: Path, console: Console) -> Path:
     for stale in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
         stale.unlink(missing_ok=True)
     return path
+
+
+async def watch_command(
+    address: str, run_id: str, out: Path | None, console: Console
+) -> RunSummary:
+    """Follow run `run_id` on the scheduler at `address` to its end (see `megaflow watch`)."""
+    client = SchedulerServiceClient(address)
+    try:
+        with RunProgress(console, None) as progress:
+            return await watch_batch(client, run_id, out, on_event=progress.update, collect=False)
+    finally:
+        await client.close()
 
 
 async def status_command(address: str) -> scheduler_pb2.StatusResponse:

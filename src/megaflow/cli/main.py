@@ -63,8 +63,12 @@ def run(
         str, typer.Option(help="'simulated' or 'openai:http://HOST:PORT[#model]'.")
     ] = "simulated",
     out: Annotated[
-        Path, typer.Option(help="Directory for results.jsonl and trajectories.jsonl.")
-    ] = Path("megaflow-out"),
+        Path | None,
+        typer.Option(
+            help="Directory for results.jsonl and trajectories.jsonl "
+            "[default: the --resume folder, else megaflow-out]."
+        ),
+    ] = None,
     seed: Annotated[
         int, typer.Option(help="Seed of the task generator and the simulated policy.")
     ] = 0,
@@ -118,6 +122,13 @@ def run(
     ] = None,
     tasks_from: TasksFrom = None,
     source_config: SourceConfig = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="OUT_DIR of an earlier embedded run of the same tasks (or a RUN_ID with "
+            "--scheduler): run only its tasks that have no scored result, keeping the others."
+        ),
+    ] = None,
     log_level: LogLevel = "warning",
 ) -> None:
     """Run N synthetic software-engineering tasks and write trajectories and rewards.
@@ -143,7 +154,13 @@ def run(
     if tasks_from is not None:
         loaded = _load_task_set(tasks_from, source_config)
         tasks = len(loaded.tasks)
+    if resume and not scheduler and not Path(resume).is_dir():
+        raise typer.BadParameter(
+            f"{resume}: no such folder (a run id needs --scheduler)", param_hint="--resume"
+        )
     _logging(log_level)
+    if out is None:
+        out = Path(resume) if resume and not scheduler else Path("megaflow-out")
     out.mkdir(parents=True, exist_ok=True)
     try:
         summary = asyncio.run(
@@ -162,6 +179,7 @@ def run(
                 step_timeout_s=step_timeout,
                 task_specs=loaded.tasks if loaded is not None else None,
                 keep_images=image is None,
+                resume=resume,
             )
         )
     except InvalidRequestError as exc:  # e.g. another run still going in --out
@@ -233,6 +251,33 @@ def validate(
     if loaded.errors:
         tasks_output.print_row_errors(console, loaded.errors)
     raise typer.Exit(1 if broken or loaded.errors else 0)
+
+
+@app.command()
+def watch(
+    run_id: Annotated[str, typer.Argument(help="The run's id (`megaflow run` prints it).")],
+    scheduler: SchedulerAddr = "127.0.0.1:7070",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Rewrite results.jsonl and trajectories.jsonl of the whole run here."),
+    ] = None,
+    log_level: LogLevel = "warning",
+) -> None:
+    """Re-attach to a run on a scheduler (e.g. after its client died) and follow it to
+    the end: its finished tasks first, then the rest as they finish."""
+    from megaflow.cli.commands import watch_command
+    from megaflow.core.errors import MegaFlowError
+
+    _logging(log_level)
+    try:
+        summary = asyncio.run(watch_command(scheduler, run_id, out, console))
+    except MegaFlowError as exc:  # an unknown run, a scheduler that stays down
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None  # the run goes on; watch it again
+    output.print_summary(console, summary, out)
+    raise typer.Exit(0)
 
 
 @app.command()

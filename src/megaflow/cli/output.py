@@ -22,7 +22,8 @@ KIND_NAMES = {
 class RunProgress:
     """A progress bar fed by task events."""
 
-    def __init__(self, console: Console, total: int) -> None:
+    def __init__(self, console: Console, total: int | None) -> None:
+        """`total` None: not known (a re-attached watch)."""
         self._progress = Progress(
             TextColumn("[bold]tasks"),
             BarColumn(),
@@ -54,7 +55,7 @@ class RunProgress:
         self._progress.stop()
 
 
-def print_summary(console: Console, summary: RunSummary, out: Path) -> None:
+def print_summary(console: Console, summary: RunSummary, out: Path | None) -> None:
     table = Table(title=f"MegaFlow run {summary.run_id}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -74,7 +75,10 @@ def print_summary(console: Console, summary: RunSummary, out: Path) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    console.print(f"results: {out / 'results.jsonl'}\ntrajectories: {out / 'trajectories.jsonl'}")
+    if out is not None:
+        console.print(
+            f"results: {out / 'results.jsonl'}\ntrajectories: {out / 'trajectories.jsonl'}"
+        )
 
 
 def print_status(console: Console, status: scheduler_pb2.StatusResponse) -> None:

@@ -57,7 +57,13 @@ class ModelUnavailableError(InfrastructureError):
 
 
 class ServiceUnavailableError(InfrastructureError):
-    """A remote MegaFlow service could not be reached."""
+    """A remote MegaFlow service could not be reached. `address`: which one ("" = not
+    known); it crosses the wire with the error, so the scheduler can set that service
+    aside without reading the message."""
+
+    def __init__(self, message: str = "", *, address: str = "") -> None:
+        super().__init__(message)
+        self.address = address
 
 
 class CapacityError(InfrastructureError):

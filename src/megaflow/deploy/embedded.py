@@ -4,19 +4,39 @@ process, talking through the in-process transport."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 from megaflow.agent.checkpoint import CheckpointConfig
 from megaflow.agent.service import AgentServiceImpl
 from megaflow.agent.session import AgentLimits
+from megaflow.contract import EnvironmentService
+from megaflow.core.errors import InvalidRequestError
 from megaflow.core.runtime import GcPolicy, GcTuner
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
-from megaflow.env.simulated import SimulatedEnvironmentService
 from megaflow.model.backend import ModelBackend
 from megaflow.model.service import ModelServiceConfig, ModelServiceImpl
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.scheduler.state import KIND_AGENT, KIND_ENV, KIND_MODEL, SchedulerPolicy
+from megaflow.store.ledger import TaskLedger
 from megaflow.store.sqlite import SqliteLedger
+
+
+class _EnvCapacity(Protocol):
+    @property
+    def max_environments(self) -> int: ...
+
+
+class EmbeddedEnvironment(EnvironmentService, Protocol):
+    """An Environment Service this process hosts: the contract, a lifecycle, and how
+    many environments it holds at once (`config.max_environments`)."""
+
+    @property
+    def config(self) -> _EnvCapacity: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float = 0.0) -> None: ...
 
 
 class EmbeddedSystem:
@@ -26,9 +46,10 @@ class EmbeddedSystem:
         self,
         *,
         backends: list[ModelBackend],
-        ledger_path: Path,
+        ledger_path: Path | None = None,
+        ledger: TaskLedger | None = None,
         env_config: EnvServiceConfig | None = None,
-        env: LocalEnvironmentService | SimulatedEnvironmentService | None = None,
+        env: EmbeddedEnvironment | None = None,
         model_config: ModelServiceConfig | None = None,
         agent_capacity: int = 10_000,
         agent_limits: AgentLimits | None = None,
@@ -36,14 +57,23 @@ class EmbeddedSystem:
         gc_policy: GcPolicy | None = None,
         checkpoints: CheckpointConfig | None = None,
     ) -> None:
-        """`checkpoints`: how agents checkpoint to the scheduler's ledger (default: after
-        every turn; `CheckpointConfig(every_turns=0)`: off)."""
+        """`ledger`: the task ledger (any `TaskLedger`, opened and closed by the
+        scheduler); or `ledger_path`: a SQLite ledger in that file (one of the two).
+        `env`: the Environment Service (default: the local bubblewrap one, from
+        `env_config`). `checkpoints`: how agents checkpoint to the scheduler's ledger
+        (default: after every turn; `CheckpointConfig(every_turns=0)`: off)."""
+        if ledger is None and ledger_path is not None:
+            ledger = SqliteLedger(ledger_path)
+        elif ledger is None or ledger_path is not None:
+            raise InvalidRequestError("EmbeddedSystem needs one of ledger and ledger_path")
         self.gc = GcTuner(gc_policy)
         self.model = ModelServiceImpl(backends, config=model_config)
         # `env` replaces the default local (bubblewrap) service, e.g. with the simulated one.
-        self.env = env if env is not None else LocalEnvironmentService(env_config)
+        self.env: EmbeddedEnvironment = (
+            env if env is not None else LocalEnvironmentService(env_config)
+        )
         self.resolver = ServiceResolver(model=self.model, env=self.env)
-        self.ledger = SqliteLedger(ledger_path)  # opened and closed by the scheduler
+        self.ledger: TaskLedger = ledger  # opened and closed by the scheduler
         self.agent = AgentServiceImpl(
             self.resolver,
             capacity=agent_capacity,

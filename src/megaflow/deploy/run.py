@@ -1,20 +1,24 @@
-"""Submit a batch of tasks to a scheduler, follow its events, write the outputs.
+"""Submit a batch of tasks to a scheduler, follow its events, keep or write the outputs.
 
-Works against any `SchedulerService`: the embedded one or a gRPC client. Each result
-and trajectory is appended to `results.jsonl` / `trajectories.jsonl` (flushed) the
-moment its task finishes, so an interrupted run keeps everything it finished. The gRPC
-client's watch reconnects when the scheduler restarts (and the scheduler replays the
-finished tasks from its ledger): each task is written once, however often it is seen.
+Works against any `SchedulerService`: the embedded one or a gRPC client. The results
+come back in memory (`RunSummary.finished_tasks`) and, when an output folder is given,
+each result and trajectory is appended to `results.jsonl` / `trajectories.jsonl`
+(flushed) the moment its task finishes, so an interrupted run keeps everything it
+finished. The gRPC client's watch reconnects when the scheduler restarts (and the
+scheduler replays the finished tasks from its ledger): each task is written once,
+however often it is seen. `watch_batch` does the same for a run submitted earlier
+(re-attaching after the client that submitted it died).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from google.protobuf.json_format import MessageToDict
 
@@ -52,11 +56,48 @@ def result_record(result: common_pb2.TaskResult) -> dict[str, Any]:
         "setup_s": round(result.setup_s, 4),
         "teardown_s": round(result.teardown_s, 4),
         "attempt_id": result.attempt_id,
+        "tests": [
+            {"test_id": t.test_id, "status": t.status, "group": t.group} for t in result.tests
+        ],
     }
+
+
+def result_from_record(record: dict[str, Any]) -> common_pb2.TaskResult:
+    """The `TaskResult` a results.jsonl line was made from (`result_record`'s inverse,
+    less `eval_output`, which the line does not keep). KeyError/ValueError when the
+    line is not such a record."""
+    states = {name: value for value, name in STATE_NAMES.items()}
+    kinds = {name: value for value, name in ERROR_KIND_NAMES.items()}
+    reward = record["reward"]
+    return common_pb2.TaskResult(
+        task_id=str(record["task_id"]),
+        state=states[record["status"]],
+        has_reward=reward is not None,
+        reward=float(reward or 0.0),
+        attempts=int(record["attempts"]),
+        steps=int(record["steps"]),
+        error_kind=kinds[record["error_kind"]],
+        error=str(record.get("error", "")),
+        prompt_tokens=int(record.get("prompt_tokens", 0)),
+        completion_tokens=int(record.get("completion_tokens", 0)),
+        duration_s=float(record.get("duration_s", 0.0)),
+        setup_s=float(record.get("setup_s", 0.0)),
+        teardown_s=float(record.get("teardown_s", 0.0)),
+        attempt_id=str(record.get("attempt_id", "")),
+        tests=[common_pb2.TestOutcome(**t) for t in record.get("tests", [])],
+    )
 
 
 def trajectory_record(trajectory: common_pb2.Trajectory) -> dict[str, Any]:
     return MessageToDict(trajectory, preserving_proto_field_name=True)
+
+
+@dataclass(frozen=True)
+class FinishedTask:
+    """One task's terminal outcome, as the scheduler reported it."""
+
+    result: common_pb2.TaskResult
+    trajectory: common_pb2.Trajectory | None
 
 
 @dataclass
@@ -67,6 +108,8 @@ class RunSummary:
     retries: int = 0
     wall_s: float = 0.0
     model_utilisation: float | None = None  # embedded simulated model only
+    # The finished tasks themselves, in finishing order (when run with collect=True).
+    finished_tasks: list[FinishedTask] = field(default_factory=list)
 
     @property
     def finished(self) -> int:
@@ -85,28 +128,74 @@ class RunSummary:
         return sum(rewards) / len(rewards) if rewards else None
 
 
+EventHook = Callable[[scheduler_pb2.TaskEvent, RunSummary], None]
+
+
 async def run_batch(
     scheduler: SchedulerService,
     tasks: list[common_pb2.TaskSpec],
-    out_dir: Path,
+    out_dir: Path | None = None,
     *,
     max_concurrency: int = 0,
-    on_event: Callable[[scheduler_pb2.TaskEvent, RunSummary], None] | None = None,
+    on_event: EventHook | None = None,
+    on_submitted: Callable[[str], None] | None = None,
+    collect: bool = True,
+    append: bool = False,
 ) -> RunSummary:
-    """Run `tasks` to terminal states and write `out_dir/{results,trajectories}.jsonl`."""
-    out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before the run
+    """Run `tasks` to terminal states. With `out_dir`, write
+    `out_dir/{results,trajectories}.jsonl` (`append`: after what is there, as a resumed
+    run does); with `collect`, keep every result and trajectory in the summary.
+    `on_submitted(run_id)` is called once the scheduler has accepted the run."""
     started = time.monotonic()
     reply = await scheduler.submit_tasks(
         scheduler_pb2.SubmitTasksRequest(tasks=tasks, max_concurrency=max_concurrency)
     )
+    if on_submitted is not None:
+        on_submitted(reply.run_id)
     summary = RunSummary(run_id=reply.run_id, total=len(reply.task_ids))
+    await _follow(scheduler, summary, out_dir, on_event, collect, append)
+    summary.wall_s = time.monotonic() - started
+    return summary
+
+
+async def watch_batch(
+    scheduler: SchedulerService,
+    run_id: str,
+    out_dir: Path | None = None,
+    *,
+    on_event: EventHook | None = None,
+    collect: bool = True,
+) -> RunSummary:
+    """Follow a run submitted earlier (by this client or one that died) to its end: its
+    finished tasks are replayed first, then the rest as they finish. With `out_dir`,
+    the outputs are rewritten there from the whole run."""
+    started = time.monotonic()
+    summary = RunSummary(run_id=run_id)
+    await _follow(scheduler, summary, out_dir, on_event, collect, append=False)
+    summary.total = summary.total or summary.finished
+    summary.wall_s = time.monotonic() - started
+    return summary
+
+
+async def _follow(
+    scheduler: SchedulerService,
+    summary: RunSummary,
+    out_dir: Path | None,
+    on_event: EventHook | None,
+    collect: bool,
+    append: bool,
+) -> None:
     written: set[str] = set()
-    with (
-        (out_dir / "results.jsonl").open("w") as results,
-        (out_dir / "trajectories.jsonl").open("w") as trajectories,
-    ):
+    with contextlib.ExitStack() as files:
+        results: IO[str] | None = None
+        trajectories: IO[str] | None = None
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before the run
+            mode = "a" if append else "w"
+            results = files.enter_context((out_dir / "results.jsonl").open(mode))
+            trajectories = files.enter_context((out_dir / "trajectories.jsonl").open(mode))
         async for event in scheduler.watch_events(
-            scheduler_pb2.WatchEventsRequest(run_id=reply.run_id)
+            scheduler_pb2.WatchEventsRequest(run_id=summary.run_id)
         ):
             if event.type == scheduler_pb2.EVENT_TYPE_TASK_RETRYING:
                 summary.retries += 1
@@ -116,15 +205,19 @@ async def run_batch(
                 written.add(event.task_id)
                 record = result_record(event.result)
                 summary.records.append(record)
-                results.write(json.dumps(record) + "\n")
-                results.flush()
-                traj = trajectory_record(event.trajectory) if event.HasField("trajectory") else {}
-                traj.setdefault("task_id", event.task_id)
-                trajectories.write(json.dumps(traj) + "\n")
-                trajectories.flush()
+                has_trajectory = event.HasField("trajectory")
+                if collect:
+                    summary.finished_tasks.append(
+                        FinishedTask(event.result, event.trajectory if has_trajectory else None)
+                    )
+                if results is not None and trajectories is not None:
+                    results.write(json.dumps(record) + "\n")
+                    results.flush()
+                    traj = trajectory_record(event.trajectory) if has_trajectory else {}
+                    traj.setdefault("task_id", event.task_id)
+                    trajectories.write(json.dumps(traj) + "\n")
+                    trajectories.flush()
             if on_event is not None:
                 on_event(event, summary)
             if event.type == scheduler_pb2.EVENT_TYPE_RUN_FINISHED:
                 break
-    summary.wall_s = time.monotonic() - started
-    return summary

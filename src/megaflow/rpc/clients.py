@@ -24,7 +24,7 @@ from megaflow.core.errors import (
     ServiceUnavailableError,
 )
 from megaflow.rpc.server import CHANNEL_OPTIONS, SERVICES
-from megaflow.rpc.status import ERROR_METADATA_KEY, error_from_rpc
+from megaflow.rpc.status import ADDRESS_METADATA_KEY, ERROR_METADATA_KEY, error_from_rpc
 from megaflow.v1 import agent_pb2, common_pb2, env_pb2, model_pb2, scheduler_pb2
 
 R = TypeVar("R", bound=Message)
@@ -35,17 +35,19 @@ DEADLINE_SLACK_S = 10.0
 
 
 def _translate(address: str, error: grpc.aio.AioRpcError) -> MegaFlowError:
-    class_name = None
+    class_name, unreachable = None, ""
     for key, value in error.trailing_metadata() or ():
         if key == ERROR_METADATA_KEY:
             class_name = str(value)
+        elif key == ADDRESS_METADATA_KEY:
+            unreachable = str(value)
     code = error.code()
     details = error.details() or ""
     if class_name is None and code is grpc.StatusCode.UNAVAILABLE:
-        return ServiceUnavailableError(f"{address} unreachable: {details}")
+        return ServiceUnavailableError(f"{address} unreachable: {details}", address=address)
     if class_name is None and code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceededError(f"call to {address} passed its deadline")
-    return error_from_rpc(code, details, class_name)
+    return error_from_rpc(code, details, class_name, unreachable)
 
 
 class GrpcClient:

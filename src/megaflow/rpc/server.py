@@ -18,7 +18,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from megaflow.core.errors import InvalidRequestError
-from megaflow.rpc.status import ERROR_METADATA_KEY, status_for
+from megaflow.rpc.status import error_metadata, status_for
 from megaflow.v1 import agent_pb2, env_pb2, model_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseExcepti
     code = status_for(error)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in a handler", exc_info=error)
-    context.set_trailing_metadata(((ERROR_METADATA_KEY, type(error).__name__),))
+    context.set_trailing_metadata(error_metadata(error))
     await context.abort(code, f"{type(error).__name__}: {error}")
 
 

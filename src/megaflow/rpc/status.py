@@ -2,8 +2,10 @@
 
 The server sets the status code from the table and names the exact error class in
 the trailing metadata key `megaflow-error`, so a client raises the same class the
-service raised. Errors that carry no class name (a connection refused, a deadline
-set by the client, a request that could not be decoded) map by status code alone.
+service raised, with the service's message (never parsed for the class); a
+`ServiceUnavailableError`'s unreachable address travels in `megaflow-unreachable`.
+Errors that carry no class name (a connection refused, a deadline set by the client,
+a request that could not be decoded) map by status code alone.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import grpc
 from megaflow.core import errors as e
 
 ERROR_METADATA_KEY = "megaflow-error"
+# The address a ServiceUnavailableError names as unreachable (its `address`).
+ADDRESS_METADATA_KEY = "megaflow-unreachable"
 
 # Most specific classes first: the first match wins.
 _TO_STATUS: list[tuple[type[e.MegaFlowError], grpc.StatusCode]] = [
@@ -63,10 +67,26 @@ def status_for(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def error_from_rpc(code: grpc.StatusCode, details: str, class_name: str | None) -> e.MegaFlowError:
-    """The MegaFlow error a client raises for a failed call."""
+def error_metadata(error: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata a service answers `error` with: its class, and for a
+    `ServiceUnavailableError` the address it could not reach."""
+    metadata: tuple[tuple[str, str], ...] = ((ERROR_METADATA_KEY, type(error).__name__),)
+    if isinstance(error, e.ServiceUnavailableError) and error.address:
+        metadata += ((ADDRESS_METADATA_KEY, error.address),)
+    return metadata
+
+
+def error_from_rpc(
+    code: grpc.StatusCode, details: str, class_name: str | None, address: str = ""
+) -> e.MegaFlowError:
+    """The MegaFlow error a client raises for a failed call (`address`: the unreachable
+    address the service named, for a `ServiceUnavailableError`)."""
     cls = _BY_NAME.get(class_name or "") or _BY_STATUS.get(code)
     if cls is None:
         # INTERNAL, UNKNOWN, ...: the remote side failed; a retry elsewhere may help.
         return e.InfrastructureError(f"remote call failed with {code.name}: {details}")
+    if class_name and details.startswith(f"{class_name}: "):
+        details = details[len(class_name) + 2 :]  # the server's "Class: message"
+    if issubclass(cls, e.ServiceUnavailableError):
+        return cls(details or code.name, address=address)
     return cls(details or code.name)

@@ -68,8 +68,12 @@ class AttemptFailed:
     retryable: bool
     error_kind: common_pb2.ErrorKind.ValueType
     # The attempt ended with the loss of its worker (agent or env service unreachable).
-    # A `ServiceUnavailableError` message counts as such a loss too (see the state).
+    # An unreachable agent or env service (`unreachable`) counts as such a loss too.
     worker_lost: bool = False
+    # The MegaFlow error class that ended the attempt (e.g. "SandboxError"); "" = none.
+    error_type: str = ""
+    # The services the error found unreachable (`ServiceUnavailableError.address`).
+    unreachable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

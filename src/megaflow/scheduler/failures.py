@@ -6,8 +6,9 @@
   RunTask call (`CancelAttempt`). A lost model service only leaves placement: its
   attempts' model calls fail (and are retried) inside the agent.
 - An attempt that failed because one of its services was unreachable (a
-  `ServiceUnavailableError` whose message names that service's address: the agent's
-  RunTask call, or the agent's calls to its env or its model replica) sets that service
+  `ServiceUnavailableError` whose `address` is that service's: the agent's RunTask
+  call, or the agent's calls to its env or its model replica; the address crosses
+  the wire with the error, never parsed from its message) sets that service
   aside ("suspect") until its next heartbeat, so a retry does not go straight back to a
   dead process: the watchdog would drop it only two heartbeat intervals later, and
   every attempt placed on it meanwhile would fail at once. An unreachable model
@@ -37,10 +38,6 @@ from megaflow.v1 import common_pb2
 if TYPE_CHECKING:
     from megaflow.scheduler.state import SchedulerState, _Task
 
-# The message of an attempt whose agent (or its env) could not be reached: the shell
-# formats failures as "<error class>: <message>", the gRPC client says "<address>
-# unreachable: <details>".
-UNAVAILABLE = "ServiceUnavailableError"
 _KIND_NAMES = {KIND_AGENT: "agent", KIND_ENV: "env"}
 
 
@@ -78,15 +75,16 @@ def lose_service(state: SchedulerState, event: ServiceLost) -> list[Instruction]
     return out
 
 
-def unreachable_worker(state: SchedulerState, placement: tuple[Service, ...], message: str) -> bool:
-    """Whether `message` says the attempt's agent or env service was unreachable. Any of
-    the attempt's services it names as unreachable (model replicas too) leaves placement
-    until it heartbeats again (a dead process never does; the watchdog then drops it)."""
-    if not message.startswith(UNAVAILABLE):
-        return False
+def unreachable_worker(
+    state: SchedulerState, placement: tuple[Service, ...], unreachable: tuple[str, ...]
+) -> bool:
+    """Whether the attempt's agent or env service is among the `unreachable` addresses.
+    Any of the attempt's services found unreachable (model replicas too) leaves
+    placement until it heartbeats again (a dead process never does; the watchdog then
+    drops it)."""
     found = False
     for svc in placement:
-        if not svc.address or f"{svc.address} unreachable" not in message:
+        if not svc.address or svc.address not in unreachable:
             continue
         found = found or svc.kind in _KIND_NAMES
         placed = state._kinds[svc.kind]

@@ -38,6 +38,23 @@ def new_holder() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
+def holder_alive(holder: str) -> bool:
+    """Whether the scheduler named `holder` (see `new_holder`) may still be running: False
+    only for a process of this host that is gone (e.g. a run killed with SIGKILL, whose
+    lease has not expired yet)."""
+    host, _, rest = holder.partition("/")
+    pid = rest.partition("/")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 async def hold_lease(ledger: TaskLedger, holder: str, ttl_s: float, wait_s: float) -> None:
     """Take the scheduler lease, waiting up to `wait_s` for a holder to go (or its lease
     to expire); InvalidRequestError, naming the holder, when it does not."""

@@ -27,7 +27,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from megaflow.core.errors import InvalidRequestError, MegaFlowError, NotFoundError
+from megaflow.core.errors import (
+    InvalidRequestError,
+    MegaFlowError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from megaflow.rpc.resolver import LOCAL, ServiceResolver
 from megaflow.scheduler import recovery
 from megaflow.scheduler import state as s
@@ -362,6 +367,10 @@ class SchedulerServiceImpl:
                 f"{type(error).__name__}: {error}",
                 error.retryable,
                 error.kind,
+                error_type=type(error).__name__,
+                unreachable=(error.address,)
+                if isinstance(error, ServiceUnavailableError) and error.address
+                else (),
             )
         except Exception as error:  # a bug below us is the platform's fault: retry
             log.exception("attempt %s crashed", d.attempt_id)

@@ -306,7 +306,9 @@ class SchedulerState:
 
     def _failed(self, event: AttemptFailed) -> list[Instruction]:
         task = self.tasks[event.task_id]
-        if event.worker_lost or failures.unreachable_worker(self, task.placement, event.message):
+        if event.worker_lost or failures.unreachable_worker(
+            self, task.placement, event.unreachable
+        ):
             task.losses += (f"{event.attempt_id}: {event.message[:300]}",)
             limit = self.policy.quarantine_after
             if limit and len(task.losses) >= limit:
