@@ -123,6 +123,7 @@ async def test_a_sandbox_error_reaches_the_scheduler_and_the_client_as_such(
     assert [f.error_type for f in failures] == ["SandboxError", "SandboxError"]
     assert all(f.error_kind == megaflow.SandboxError.kind for f in failures)
     assert (result.status, result.error_kind, result.reward) == ("failed", "infra", None)
+    assert result.error_type == "SandboxError"  # a field of the result, not parsed
     assert result.attempts == 2
     assert "SandboxError: no space left for the workspace" in result.error
     assert "SandboxError: SandboxError" not in result.error  # the class once, not re-parsed

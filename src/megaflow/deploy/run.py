@@ -50,6 +50,7 @@ def result_record(result: common_pb2.TaskResult) -> dict[str, Any]:
         "steps": result.steps,
         "error_kind": ERROR_KIND_NAMES.get(result.error_kind, "unknown"),
         "error": result.error,
+        "error_type": result.error_type,
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "duration_s": round(result.duration_s, 4),

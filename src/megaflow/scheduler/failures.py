@@ -116,4 +116,5 @@ def quarantine_result(task: _Task, event: AttemptFailed) -> common_pb2.TaskResul
             f"{len(task.losses)} times: {causes}"
         ),
         attempts=task.attempt,
+        error_type=event.error_type,
     )

@@ -333,6 +333,7 @@ class SchedulerState:
                 else event.message
             ),
             attempts=task.attempt,
+            error_type=event.error_type,
         )
         return self._finish(task, result, None)
 

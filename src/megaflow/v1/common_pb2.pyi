@@ -933,6 +933,7 @@ class TaskResult(_message.Message):
     SETUP_S_FIELD_NUMBER: _builtins.int
     TEARDOWN_S_FIELD_NUMBER: _builtins.int
     TESTS_FIELD_NUMBER: _builtins.int
+    ERROR_TYPE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     attempt_id: _builtins.str
     state: Global___TaskState.ValueType
@@ -951,6 +952,10 @@ class TaskResult(_message.Message):
     """creating the environment"""
     teardown_s: _builtins.float
     """releasing it"""
+    error_type: _builtins.str
+    """The class of the error that ended the task (e.g. "SandboxError", a MegaFlowError
+    subclass name), carried as a field, never parsed out of `error`; "" = none.
+    """
     @_builtins.property
     def tests(self) -> _containers.RepeatedCompositeFieldContainer[Global___TestOutcome]:
         """per-test outcomes of the evaluation, where it reports them"""
@@ -974,10 +979,11 @@ class TaskResult(_message.Message):
         setup_s: _builtins.float = ...,
         teardown_s: _builtins.float = ...,
         tests: _abc.Iterable[Global___TestOutcome] | None = ...,
+        error_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "attempts", b"attempts", "completion_tokens", b"completion_tokens", "duration_s", b"duration_s", "error", b"error", "error_kind", b"error_kind", "eval_output", b"eval_output", "has_reward", b"has_reward", "prompt_tokens", b"prompt_tokens", "reward", b"reward", "setup_s", b"setup_s", "state", b"state", "steps", b"steps", "task_id", b"task_id", "teardown_s", b"teardown_s", "tests", b"tests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "attempts", b"attempts", "completion_tokens", b"completion_tokens", "duration_s", b"duration_s", "error", b"error", "error_kind", b"error_kind", "error_type", b"error_type", "eval_output", b"eval_output", "has_reward", b"has_reward", "prompt_tokens", b"prompt_tokens", "reward", b"reward", "setup_s", b"setup_s", "state", b"state", "steps", b"steps", "task_id", b"task_id", "teardown_s", b"teardown_s", "tests", b"tests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
