@@ -24,6 +24,7 @@ from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.repos import make_repository
 from megaflow.v1 import common_pb2, env_pb2, scheduler_pb2
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -70,26 +71,16 @@ class _Recording(LocalEnvironmentService):
         return reply
 
 
-def make_repository(root: Path, files: int, file_bytes: int, seed: int = 0) -> None:
-    """``files`` files of ``file_bytes`` random (incompressible) bytes in 100-file folders."""
-    rng = random.Random(seed)
-    for i in range(files):
-        folder = root / "data" / f"d{i // 100:03d}"
-        if i % 100 == 0:
-            folder.mkdir(parents=True)
-        (folder / f"f{i:05d}.bin").write_bytes(rng.randbytes(file_bytes))
-
-
 @pytest.fixture(scope="module")
 def big_task(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Path, common_pb2.TaskSpec]]:
+) -> Iterator[tuple[Path, common_pb2.TaskSpec, list[str]]]:
     """(the artifact store, a swe-synth task whose repository, with 5,000 more files,
     is one artifact)."""
     root = tmp_path_factory.mktemp("big")
     task = generate_tasks(1, seed=3)[0]
     repo = root / "repo"
-    make_repository(repo, FILES, FILE_BYTES)
+    paths = make_repository(repo, FILES, FILE_BYTES)
     for rel, content in task.files.items():
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_bytes(content)
@@ -98,7 +89,7 @@ def big_task(
     spec.CopyFrom(task)
     spec.ClearField("files")
     spec.workspace.artifact = digest
-    yield root, spec
+    yield root, spec, paths
     shutil.rmtree(root)  # 600 MiB: not left for pytest's retention of old runs
 
 
@@ -114,9 +105,9 @@ def _service(root: Path, tmp_path: Path) -> _Recording:
 
 
 async def test_a_200_mib_repository_runs_over_grpc_by_reference(
-    big_task: tuple[Path, common_pb2.TaskSpec], tmp_path: Path
+    big_task: tuple[Path, common_pb2.TaskSpec, list[str]], tmp_path: Path
 ) -> None:
-    root, task = big_task
+    root, task, paths = big_task
     assert task.ByteSize() < SMALL and not task.files
     service = _service(root, tmp_path)
     model = ModelServiceImpl([SimulatedBackend.fast(success_rate=1.0)])
@@ -128,14 +119,13 @@ async def test_a_200_mib_repository_runs_over_grpc_by_reference(
         created = await client.create_environment(
             env_pb2.CreateEnvironmentRequest(owner="check", workspace=task.workspace)
         )
-        sample = sorted(random.Random(1).sample(range(FILES), 25))
-        paths = [f"data/d{i // 100:03d}/f{i:05d}.bin" for i in sample]
+        sample = sorted(random.Random(1).sample(paths, 25))
         expected = "".join(
-            f"{hashlib.sha256((root / 'repo' / p).read_bytes()).hexdigest()}  {p}\n" for p in paths
+            f"{hashlib.sha256((root / 'repo' / p).read_bytes()).hexdigest()}  {p}\n" for p in sample
         )
         step = await client.execute_step(
             env_pb2.ExecuteStepRequest(
-                env_id=created.env_id, command=f"sha256sum {' '.join(paths)}", timeout_s=60
+                env_id=created.env_id, command=f"sha256sum {' '.join(sample)}", timeout_s=60
             )
         )
         assert step.output == expected
@@ -158,9 +148,9 @@ async def test_a_200_mib_repository_runs_over_grpc_by_reference(
 
 
 async def test_a_200_mib_repository_is_submitted_to_the_scheduler_by_reference(
-    big_task: tuple[Path, common_pb2.TaskSpec], tmp_path: Path
+    big_task: tuple[Path, common_pb2.TaskSpec, list[str]], tmp_path: Path
 ) -> None:
-    root, task = big_task
+    root, task, _ = big_task
     request = scheduler_pb2.SubmitTasksRequest(tasks=[task])
     assert request.ByteSize() < SMALL
     service = _service(root, tmp_path)
