@@ -44,7 +44,13 @@ from megaflow.env.sandbox import Sandbox
 from megaflow.v1 import common_pb2, env_pb2
 
 OUTPUT_TAIL_CHARS = 2000
-_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "GIT_ASKPASS": "true"}
+# No prompt may wait for a person: a URL that needs credentials git lacks fails at once.
+_GIT_ENV = {
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_ASKPASS": "true",
+    "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
+    "LC_ALL": "C",
+}
 # The mirror's side of a workspace's fetch: any commit by id, whatever refs point at it;
 # no delta search and no compression (the pack only crosses a pipe to the same disk:
 # a 200 MiB tree fetches in 6 s instead of 27 s, bench/repo_bench.py).
