@@ -5,7 +5,8 @@ fetched once per host into its cache, extracted into the workspace.
 
 ``git`` (url, commit): any URL ``git clone`` takes (a local path or bare repository
 included). Each URL is cloned once per host as a mirror (updated when a commit is not
-in it yet); a workspace gets a shallow clone of exactly the requested commit from that
+in it yet; a branch or tag name is resolved in the mirror as it is, so pin commits by
+id); a workspace gets a shallow clone of exactly the requested commit from that
 mirror, checked out detached. Only that commit is there: no later history an agent
 could read a fix from, and a ``.git`` small enough to copy per task. Its ``origin``
 names the task's URL.
@@ -205,7 +206,8 @@ async def _checkout(mirror: Path, sha: str, url: str, workspace: Path, timeout_s
         code, out = await _git(argv, timeout_s, cwd=workspace)
         if code != 0:
             raise InvalidRequestError(
-                f"git {argv[-2:]} of {url!r} failed: {out[-OUTPUT_TAIL_CHARS:]}"
+                f"git {argv[argv.index('-c') + 2 if '-c' in argv else 0]} of {url!r} at {sha} "
+                f"failed: {out[-OUTPUT_TAIL_CHARS:]}"
             )
 
 
