@@ -26,6 +26,7 @@ BENCHES = {
     "baseline": "baseline_bench",
     "store": "store_bench",
     "chaos": "chaos_bench",
+    "repo": "repo_bench",
 }
 
 

@@ -86,6 +86,14 @@ async def test_a_corrupt_blob_is_refused_and_not_cached(tmp_path: Path) -> None:
     assert list(cache.dir.iterdir()) == []
 
 
+async def test_a_blob_larger_than_the_cache_is_refused(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store")
+    digest = store.put_bytes(b"x" * 2000)
+    cache = BlobCache(store, tmp_path / "cache", max_bytes=1000)
+    with pytest.raises(InvalidRequestError, match="more than this host's artifact cache"):
+        await cache.fetch(digest, 10)
+
+
 async def test_snapshots_cannot_overwrite_blobs(tmp_path: Path) -> None:
     snapshots = ArtifactStore(tmp_path / "store")
     with pytest.raises(InvalidRequestError, match="blobs"):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import subprocess
+import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -191,3 +193,22 @@ async def test_concurrent_creates_fetch_an_uncached_artifact_once(
         listing = await _run(service, env_id, "ls | wc -l; cat f199.txt | sha256sum")
         assert listing == expected
         await service.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=env_id))
+
+
+async def test_an_extraction_past_the_budget_stops_before_the_sandbox_goes(
+    tmp_path: Path,
+) -> None:
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for i in range(40_000):
+            member = tarfile.TarInfo(f"d{i // 1000}/f{i}")
+            member.size = 1
+            tar.addfile(member, io.BytesIO(b"x"))
+    digest = BlobStore(tmp_path / "store").put_bytes(archive.getvalue())
+    source = common_pb2.WorkspaceSource(artifact=digest)
+    async with LocalEnvironmentService(_config(tmp_path)) as svc:
+        await svc.workspaces.blobs.fetch(source.artifact, 60)  # cached: the budget goes on
+        with pytest.raises(DeadlineExceededError):  # extracting 40,000 files
+            await _create(svc, workspace=source, setup_timeout_s=1.0)
+        # the extracting thread stopped before the sandbox was removed: nothing recreated
+        assert svc.live == 0 and not any((tmp_path / "sb").iterdir())

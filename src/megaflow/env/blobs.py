@@ -95,6 +95,15 @@ class BlobStore:
                 write_tar(root, f)
             return self.put_file(archive)
 
+    def size(self, digest: str) -> int:
+        """The blob's size in bytes; InvalidRequestError if the store has no such blob."""
+        try:
+            return int(self.fs.size(self.path(digest)))
+        except FileNotFoundError:
+            raise InvalidRequestError(
+                f"artifact {digest} is not in the store {self.base}"
+            ) from None
+
     def open(self, digest: str) -> IO[bytes]:
         """The blob for reading; InvalidRequestError if the store has no such blob."""
         try:
@@ -195,6 +204,12 @@ class BlobCache:
     def _download(self, digest: str, target: Path) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         expected = check_digest(digest)
+        size = self.store.size(digest)
+        if size > self.max_bytes:
+            raise InvalidRequestError(
+                f"artifact {digest} is {size} bytes, more than this host's artifact cache "
+                f"holds ({self.max_bytes})"
+            )
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".fetch-")
         try:
             hasher = hashlib.sha256()
