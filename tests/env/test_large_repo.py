@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.message import Message
-
 from megaflow.agent.loop import AgentLimits, ToolAgent
+
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import run_batch
 from megaflow.env.blobs import BlobStore
