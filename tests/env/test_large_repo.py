@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.message import Message
-from megaflow.agent.loop import AgentLimits, ToolAgent
 
+from megaflow.agent.session import AgentLimits, TaskSession
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import run_batch
 from megaflow.env.blobs import BlobStore
@@ -113,7 +113,7 @@ async def test_a_200_mib_repository_runs_over_grpc_by_reference(
     model = ModelServiceImpl([SimulatedBackend.fast(success_rate=1.0)])
     async with service, GrpcServer("127.0.0.1:0", {"env": service}) as server:
         client = EnvironmentServiceClient(server.address)
-        agent = ToolAgent(task, "attempt-1", env=client, model=model, limits=AgentLimits())
+        agent = TaskSession(task, "attempt-1", env=client, model=model, limits=AgentLimits())
         result, _ = await asyncio.wait_for(agent.run(), 240)
         assert result.reward == 1.0, result.error  # solved in the repository from the artifact
         created = await client.create_environment(
