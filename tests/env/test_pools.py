@@ -210,7 +210,9 @@ async def test_cap_is_atomic_under_100_concurrent_creates(tmp_path: Path, warm_s
 async def test_placement_is_validated(warm: LocalEnvironmentService) -> None:
     with pytest.raises(InvalidRequestError, match="Docker endpoint"):
         await _create(warm, common_pb2.EnvPlacement(backend="docker"))
-    with pytest.raises(InvalidRequestError, match="unknown backend"):
+    with pytest.raises(
+        InvalidRequestError, match=r"unknown sandbox backend 'k8s'; known: docker, local"
+    ):
         await _create(warm, common_pb2.EnvPlacement(backend="k8s"))
     with pytest.raises(InvalidRequestError, match="mode"):
         await _create(warm, common_pb2.EnvPlacement(mode="sticky"))

@@ -23,7 +23,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Mapping
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import docker  # type: ignore[import-untyped]
 import docker.errors  # type: ignore[import-untyped]
@@ -34,7 +34,14 @@ from megaflow.env.docker.engine import DockerEngine
 from megaflow.env.docker.orphans import owner_labels
 from megaflow.env.docker.session import ShellSession
 from megaflow.env.docker.shell import SAFE_PATH, command_line, sh_quote, user_command_line
-from megaflow.env.sandbox import CommandResult, Sandbox, SandboxLifecycle
+from megaflow.env.sandbox import (
+    Capabilities,
+    CommandResult,
+    RecreatableSandbox,
+    SandboxLifecycle,
+    SnapshotSandbox,
+    SuspendableSandbox,
+)
 
 WORKDIR = "/workspace"
 MAX_FILE_BYTES = 8 * 1024 * 1024
@@ -79,6 +86,7 @@ class DockerSandbox(SandboxLifecycle):
     _BOOT_ERRORS = (SandboxError,)  # the daemon's failures, already wrapped
 
     WORKDIR = WORKDIR
+    capabilities: ClassVar[Capabilities] = Capabilities(suspend=True, snapshot=True, recreate=True)
 
     def __init__(
         self,
@@ -335,6 +343,8 @@ class DockerSandbox(SandboxLifecycle):
                 await asyncio.sleep(0.1)
 
 
-def _conforms(sandbox: DockerSandbox) -> Sandbox:
-    """Never called: makes mypy check DockerSandbox against the Sandbox protocol."""
-    return sandbox
+def _conforms(
+    sandbox: DockerSandbox,
+) -> tuple[SuspendableSandbox, SnapshotSandbox, RecreatableSandbox]:
+    """Never called: makes mypy check DockerSandbox against the protocols it declares."""
+    return sandbox, sandbox, sandbox

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env.local.bwrap import INBOX, WORKDIR, bwrap_argv, image_has_bash, launcher_argv
@@ -45,7 +46,7 @@ from megaflow.env.local.shell import (
     ready_line,
     user_command_line,
 )
-from megaflow.env.sandbox import CommandResult, SandboxLifecycle
+from megaflow.env.sandbox import Capabilities, CommandResult, SandboxLifecycle
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
 """Largest file :meth:`LocalSandbox.read_file` / :meth:`LocalSandbox.write_file` move."""
@@ -119,6 +120,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling):
     """
 
     WORKDIR = WORKDIR
+    capabilities: ClassVar[Capabilities] = Capabilities(suspend=True, snapshot=True)
 
     def __init__(
         self,
