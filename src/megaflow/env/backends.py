@@ -23,7 +23,6 @@ from typing import cast
 from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.core.registry import parse_config
 from megaflow.env.config import EnvServiceConfig
-from megaflow.env.local.sandbox import SHELL_RESTARTED
 from megaflow.env.registry import SandboxBackend, SandboxSpec, backend_class
 from megaflow.env.sandbox import (
     RecreatableSandbox,
@@ -31,6 +30,7 @@ from megaflow.env.sandbox import (
     SnapshotSandbox,
     SuspendableSandbox,
 )
+from megaflow.env.shell import SHELL_RESTARTED
 from megaflow.v1 import common_pb2
 
 __all__ = ["MODES", "SandboxFactory", "SandboxSpec"]
