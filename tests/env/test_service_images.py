@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megaflow.env.images import ImageNotFoundError
-from megaflow.env.images_build import build_busybox_rootfs
+from megaflow.env.images.build import build_busybox_rootfs
 from megaflow.env.local.backend import LocalBackend
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.testing.registry import LocalRegistry, push_rootfs

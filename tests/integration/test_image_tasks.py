@@ -11,7 +11,7 @@ import pytest
 from megaflow.agent.loop import AgentLimits
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import RunSummary, run_batch
-from megaflow.env.images_build import build_busybox_rootfs
+from megaflow.env.images.build import build_busybox_rootfs
 from megaflow.env.local.backend import LocalBackend
 from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
 from megaflow.scheduler.state import SchedulerPolicy
