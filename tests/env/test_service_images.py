@@ -12,7 +12,7 @@ import pytest
 from megaflow.env.images import ImageNotFoundError
 from megaflow.env.images.build import build_busybox_rootfs
 from megaflow.env.local.backend import LocalBackend
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.testing.registry import LocalRegistry, push_rootfs
 from megaflow.v1 import env_pb2
 
@@ -33,7 +33,7 @@ async def registry_image(tmp_path: Path) -> AsyncIterator[str]:
 
 async def test_tasks_run_on_an_image_pulled_once(registry_image: str, tmp_path: Path) -> None:
     config = EnvServiceConfig(root_dir=tmp_path / "sb", image_cache_dir=tmp_path / "images")
-    async with LocalEnvironmentService(config) as service:
+    async with SandboxEnvironmentService(config) as service:
         request = env_pb2.CreateEnvironmentRequest(image=registry_image, files={"a.txt": b"hi\n"})
         created = await asyncio.gather(*(service.create_environment(request) for _ in range(8)))
         local = service.factory.backend("local")
@@ -57,7 +57,7 @@ async def test_tasks_run_on_an_image_pulled_once(registry_image: str, tmp_path: 
 async def test_an_unknown_image_is_a_clear_error(registry_image: str, tmp_path: Path) -> None:
     config = EnvServiceConfig(root_dir=tmp_path / "sb", image_cache_dir=tmp_path / "images")
     missing = registry_image.replace("busybox:1", "nothing:9")
-    async with LocalEnvironmentService(config) as service:
+    async with SandboxEnvironmentService(config) as service:
         with pytest.raises(ImageNotFoundError, match="nothing"):
             await service.create_environment(env_pb2.CreateEnvironmentRequest(image=missing))
         with pytest.raises(Exception, match="not available to the local backend"):

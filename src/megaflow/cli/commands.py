@@ -16,7 +16,7 @@ from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.processes import serve
 from megaflow.deploy.run import RunSummary, run_batch
 from megaflow.env.registry import backend_class
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.backend import ModelBackend
 from megaflow.model.factory import backend_from_spec
 from megaflow.model.gateway import Gateway
@@ -273,5 +273,5 @@ async def serve_env_command(
         warm_pool=warm_pool or {},
         artifact_url=artifact_url,
     )
-    impl = LocalEnvironmentService(config)
+    impl = SandboxEnvironmentService(config)
     await serve("env", impl, listen=listen, scheduler=scheduler, capacity=capacity)

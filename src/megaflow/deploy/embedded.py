@@ -9,7 +9,7 @@ from megaflow.agent.checkpoint import CheckpointConfig
 from megaflow.agent.loop import AgentLimits
 from megaflow.agent.service import AgentServiceImpl
 from megaflow.core.runtime import GcPolicy, GcTuner
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.env.simulated import SimulatedEnvironmentService
 from megaflow.model.backend import ModelBackend
 from megaflow.model.service import ModelServiceConfig, ModelServiceImpl
@@ -28,7 +28,7 @@ class EmbeddedSystem:
         backends: list[ModelBackend],
         ledger_path: Path,
         env_config: EnvServiceConfig | None = None,
-        env: LocalEnvironmentService | SimulatedEnvironmentService | None = None,
+        env: SandboxEnvironmentService | SimulatedEnvironmentService | None = None,
         model_config: ModelServiceConfig | None = None,
         agent_capacity: int = 10_000,
         agent_limits: AgentLimits | None = None,
@@ -41,7 +41,7 @@ class EmbeddedSystem:
         self.gc = GcTuner(gc_policy)
         self.model = ModelServiceImpl(backends, config=model_config)
         # `env` replaces the default local (bubblewrap) service, e.g. with the simulated one.
-        self.env = env if env is not None else LocalEnvironmentService(env_config)
+        self.env = env if env is not None else SandboxEnvironmentService(env_config)
         self.resolver = ServiceResolver(model=self.model, env=self.env)
         self.ledger = SqliteLedger(ledger_path)  # opened and closed by the scheduler
         self.agent = AgentServiceImpl(
