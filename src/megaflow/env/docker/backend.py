@@ -8,7 +8,6 @@ sandbox. Reclaiming removes the labelled containers of dead earlier owners.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, ClassVar
 
@@ -95,8 +94,9 @@ class DockerBackend:
 
     async def reclaim(self) -> int:
         try:
-            api = self.engine.api
-            return await asyncio.to_thread(lambda: int(reclaim_orphan_containers(api)))
+            return await self.engine.call(
+                "reclaim", lambda api: int(reclaim_orphan_containers(api))
+            )
         except SandboxError as exc:  # creates will then fail clearly
             log.warning("cannot reclaim orphan containers at %s: %s", self.docker_host, exc)
             return 0
