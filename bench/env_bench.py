@@ -20,7 +20,7 @@ from typing import Any
 from bench.stats import ms, print_table, summarise
 from megaflow.env import backends
 from megaflow.env.local import LocalSandbox
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
 from megaflow.v1 import common_pb2, env_pb2
@@ -85,7 +85,7 @@ async def _service_creates(
         request.placement.CopyFrom(PERSISTENT)
     samples = []
     async with contextlib.AsyncExitStack() as stack:
-        service = await stack.enter_async_context(LocalEnvironmentService(config))
+        service = await stack.enter_async_context(SandboxEnvironmentService(config))
         api: Any = service
         if grpc:
             server = await stack.enter_async_context(GrpcServer("127.0.0.1:0", {"env": service}))
@@ -100,7 +100,7 @@ async def _service_creates(
     return samples
 
 
-async def _settled(service: LocalEnvironmentService) -> None:
+async def _settled(service: SandboxEnvironmentService) -> None:
     while True:
         await service.warmed()
         if service.pool.starting == 0:
@@ -163,7 +163,7 @@ async def _ramp(root: Path, target: int) -> dict[str, float]:
     """Create `target` live environments through the service (50 at a time)."""
     config = EnvServiceConfig(root_dir=root, max_environments=target, memory_mib=64, pids=32)
     rss_before = _own_rss()
-    async with LocalEnvironmentService(config) as service:
+    async with SandboxEnvironmentService(config) as service:
         t0 = time.perf_counter()
         live: list[str] = []
         try:
@@ -233,7 +233,7 @@ async def run(quick: bool = False) -> dict[str, float]:
         )
         wipe_s, restore_s = await _resets(root / "reset", n_create)
         wipe, restore = summarise("wipe", wipe_s), summarise("restore", restore_s)
-        async with LocalEnvironmentService(EnvServiceConfig(root_dir=root / "svc")) as service:
+        async with SandboxEnvironmentService(EnvServiceConfig(root_dir=root / "svc")) as service:
             env_id = (await service.create_environment(env_pb2.CreateEnvironmentRequest())).env_id
             await _steps(service, env_id, 20)  # warm-up
             local = summarise("inproc", await _steps(service, env_id, n_steps))

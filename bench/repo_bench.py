@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.stats import ms, print_table, summarise
 from megaflow.env.blobs import BlobStore
-from megaflow.env.service import MAX_FILES_BYTES, EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import MAX_FILES_BYTES, EnvServiceConfig, SandboxEnvironmentService
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
 from megaflow.testing.repos import make_repository
@@ -106,7 +106,7 @@ async def run(quick: bool = False) -> dict[str, float]:
             setup_timeout_s=CREATE_TIMEOUT_S,
         )
         async with (
-            LocalEnvironmentService(config) as service,
+            SandboxEnvironmentService(config) as service,
             GrpcServer("127.0.0.1:0", {"env": service}) as server,
         ):
             client = EnvironmentServiceClient(server.address)

@@ -12,7 +12,7 @@ import pytest
 
 from megaflow.core.errors import NotFoundError, SandboxError
 from megaflow.env.local.freezer import request_freeze
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
 from megaflow.v1 import common_pb2, env_pb2
@@ -22,17 +22,17 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[LocalEnvironmentService]:
+async def service(tmp_path: Path) -> AsyncIterator[SandboxEnvironmentService]:
     config = EnvServiceConfig(
         root_dir=tmp_path / "sb", max_environments=6, warm_pool={"host": 1}, reap_interval_s=0.1
     )
-    async with LocalEnvironmentService(config) as svc:
+    async with SandboxEnvironmentService(config) as svc:
         await svc.warmed()
         yield svc
     assert not any((tmp_path / "sb").iterdir())
 
 
-def _kill_from_outside(svc: LocalEnvironmentService, env_id: str) -> Path:
+def _kill_from_outside(svc: SandboxEnvironmentService, env_id: str) -> Path:
     workspace: Path = svc._envs[env_id].sandbox.host_workspace  # type: ignore[attr-defined]
     pids = _sandbox_pids(workspace)
     assert pids
@@ -44,7 +44,7 @@ def _kill_from_outside(svc: LocalEnvironmentService, env_id: str) -> Path:
 @pytest.mark.parametrize("mode", ["ephemeral", "persistent"])
 @pytest.mark.parametrize("call", ["step", "observe", "action"])
 async def test_sandbox_killed_from_outside_raises_sandbox_error_and_is_released(
-    service: LocalEnvironmentService, mode: str, call: str
+    service: SandboxEnvironmentService, mode: str, call: str
 ) -> None:
     request = env_pb2.CreateEnvironmentRequest(placement=common_pb2.EnvPlacement(mode=mode))
     env_id = (await service.create_environment(request)).env_id
@@ -67,7 +67,7 @@ async def test_sandbox_killed_from_outside_raises_sandbox_error_and_is_released(
 
 
 async def test_a_hung_sandbox_fails_its_step_as_infrastructure_and_is_released(
-    service: LocalEnvironmentService,
+    service: SandboxEnvironmentService,
 ) -> None:
     env_id = (await service.create_environment(env_pb2.CreateEnvironmentRequest())).env_id
     sandbox = service._envs[env_id].sandbox
@@ -84,7 +84,7 @@ async def test_a_hung_sandbox_fails_its_step_as_infrastructure_and_is_released(
         await service.execute_step(env_pb2.ExecuteStepRequest(env_id=env_id, command="true"))
 
 
-async def test_sandbox_error_crosses_grpc_as_retryable(service: LocalEnvironmentService) -> None:
+async def test_sandbox_error_crosses_grpc_as_retryable(service: SandboxEnvironmentService) -> None:
     async with GrpcServer("127.0.0.1:0", {"env": service}) as server:
         client = EnvironmentServiceClient(server.address)
         env_id = (await client.create_environment(env_pb2.CreateEnvironmentRequest())).env_id
@@ -96,7 +96,7 @@ async def test_sandbox_error_crosses_grpc_as_retryable(service: LocalEnvironment
         await client.close()
 
 
-async def test_silent_command_past_its_budget_is_killed(service: LocalEnvironmentService) -> None:
+async def test_silent_command_past_its_budget_is_killed(service: SandboxEnvironmentService) -> None:
     env_id = (await service.create_environment(env_pb2.CreateEnvironmentRequest())).env_id
     slow = env_pb2.ExecuteStepRequest(env_id=env_id, command="sleep 30", timeout_s=0.3)
     reply = await service.execute_step(slow)
@@ -107,7 +107,7 @@ async def test_silent_command_past_its_budget_is_killed(service: LocalEnvironmen
 
 
 async def test_agent_exit_is_not_an_infrastructure_failure(
-    service: LocalEnvironmentService,
+    service: SandboxEnvironmentService,
 ) -> None:
     env_id = (await service.create_environment(env_pb2.CreateEnvironmentRequest())).env_id
     bye = await service.execute_step(env_pb2.ExecuteStepRequest(env_id=env_id, command="exit 3"))
@@ -117,7 +117,7 @@ async def test_agent_exit_is_not_an_infrastructure_failure(
     await service.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=env_id))
 
 
-async def test_health_and_load_report_the_counts(service: LocalEnvironmentService) -> None:
+async def test_health_and_load_report_the_counts(service: SandboxEnvironmentService) -> None:
     assert service.load() == (0, 6)  # one pooled sandbox is free capacity
     env_id = (await service.create_environment(env_pb2.CreateEnvironmentRequest())).env_id
     await service.warmed()

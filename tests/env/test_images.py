@@ -14,17 +14,20 @@ import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env.images import ImageNotFoundError, ImageStore, ImageStoreConfig
-from megaflow.env.images_build import (
+from megaflow.env.images.build import (
+    OciImage,
     build_busybox_rootfs,
     build_oci_image,
-    sha256_digest,
     tar_layer,
     write_oci_layout,
 )
+from megaflow.env.images.digests import bytes_digest
+from megaflow.env.images.registry import INDEX_TYPES
 from megaflow.env.local import LocalSandbox
 from megaflow.testing.registry import LocalRegistry, push_image, push_rootfs
 
@@ -258,7 +261,7 @@ async def test_oci_layouts_and_docker_save_archives(
     legacy.mkdir()
     content = tar_layer(busybox)
     (legacy / "layer.tar").write_bytes(content)
-    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [sha256_digest(content)]}})
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [bytes_digest(content)]}})
     (legacy / "config.json").write_text(config)
     (legacy / "manifest.json").write_text(
         json.dumps([{"Config": "config.json", "RepoTags": ["bb:1"], "Layers": ["layer.tar"]}])
@@ -268,7 +271,7 @@ async def test_oci_layouts_and_docker_save_archives(
         tar.add(legacy, arcname=".")
     assert (await store.rootfs(f"oci:{saved}") / "usr/bin/busybox").is_file()
     # A blob that does not match its digest is refused, naming the image.
-    blob = layout / "blobs/sha256" / sha256_digest(image.layers[1]).split(":")[1]
+    blob = layout / "blobs/sha256" / bytes_digest(image.layers[1]).split(":")[1]
     blob.write_bytes(b"garbage")
     fresh = ImageStore(ImageStoreConfig(cache_dir=tmp_path / "cache2"))
     try:
@@ -302,3 +305,52 @@ async def test_pull_cap_and_cancelled_waiters(registry: LocalRegistry, tmp_path:
         assert impatient.cancelled() and store.pulls == 6
     finally:
         await store.close()
+
+
+def _index(image: OciImage, *platforms: dict[str, str]) -> bytes:
+    """An OCI index listing ``image`` once per platform (no platform: ``{}``)."""
+    entries = [
+        {"mediaType": image.media_type, "digest": image.digest, "size": len(image.manifest)}
+        | ({"platform": p} if p else {})
+        for p in platforms
+    ]
+    index = {"schemaVersion": 2, "mediaType": INDEX_TYPES[0], "manifests": entries}
+    return json.dumps(index).encode()
+
+
+ARM64 = {"os": "linux", "architecture": "arm64"}
+AMD64 = {"os": "linux", "architecture": "amd64"}
+
+
+@pytest.mark.parametrize(
+    ("platforms", "runs"),
+    [((ARM64,), False), ((ARM64, AMD64), True), (({},), True), (({}, {}), False)],
+    ids=["arm64-only", "arm64+amd64", "one-unnamed", "two-unnamed"],
+)
+async def test_registry_and_oci_layout_pick_the_same_platform(
+    registry: LocalRegistry,
+    store: ImageStore,
+    tmp_path: Path,
+    platforms: tuple[dict[str, str], ...],
+    runs: bool,
+) -> None:
+    content = layer({"etc": None, "etc/os": b"mine"})
+    image = build_oci_image([content], flavour="oci")
+    assert await push_image(registry.address, "multi/img", "plain", [content], flavour="oci") == (
+        image.digest
+    )
+    index = _index(image, *platforms)
+    url = f"http://{registry.address}/v2/multi/img/manifests/idx"
+    async with aiohttp.ClientSession() as session:
+        async with session.put(url, data=index, headers={"Content-Type": INDEX_TYPES[0]}) as r:
+            assert r.status == 201, await r.text()
+    layout = write_oci_layout(tmp_path / "layout", image)
+    (layout / "index.json").write_bytes(index)
+    sources = [f"registry:{registry.address}/multi/img:idx", f"oci:{layout}"]
+    for source in sources:
+        if runs:
+            assert (await store.rootfs(source) / "etc/os").read_bytes() == b"mine"
+        else:
+            with pytest.raises(ImageNotFoundError, match="no linux/amd64 manifest") as info:
+                await store.rootfs(source)
+            assert ("linux/arm64" in str(info.value)) == (ARM64 in platforms)

@@ -18,7 +18,7 @@ from megaflow.agent.session import AgentLimits, TaskSession
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import run_batch
 from megaflow.env.blobs import BlobStore
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.service import ModelServiceImpl
 from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.clients import EnvironmentServiceClient
@@ -36,7 +36,7 @@ FILE_BYTES = 200 * 1024 * 1024 // FILES
 SMALL = 8192
 
 
-class _Recording(LocalEnvironmentService):
+class _Recording(SandboxEnvironmentService):
     """The real service, noting the serialized size of every message it gets and sends."""
 
     def __init__(self, config: EnvServiceConfig) -> None:

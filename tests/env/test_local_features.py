@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from megaflow.core.errors import InvalidRequestError
-from megaflow.env.images_build import build_busybox_rootfs
+from megaflow.env.images.build import build_busybox_rootfs
 from megaflow.env.local import LocalSandbox, cgroup_support, reclaim_orphans
 from megaflow.env.local.quota import mount_workspace
 from megaflow.env.sandbox import Sandbox

@@ -22,7 +22,8 @@ from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env.local import LocalSandbox, cgroup_support, reclaim_orphans
 from megaflow.env.local import sandbox as sandbox_module
 from megaflow.env.local.cgroups import _none
-from megaflow.env.local.shell import OutputCollector, ansi_c_quote
+from megaflow.env.local.shell import ansi_c_quote
+from megaflow.env.shell import OutputCollector
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 
 from megaflow.core.errors import CapacityError, InvalidRequestError
 from megaflow.env.docker.orphans import LABEL_OWNER_PID
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.testing.dockerd import (
     Dockerd,
     build_busybox_image,
@@ -35,15 +35,15 @@ def _config(tmp_path: Path, **kw: object) -> EnvServiceConfig:
 
 
 @pytest.fixture
-async def warm(tmp_path: Path) -> AsyncIterator[LocalEnvironmentService]:
-    async with LocalEnvironmentService(_config(tmp_path, warm_pool={"host": 2})) as svc:
+async def warm(tmp_path: Path) -> AsyncIterator[SandboxEnvironmentService]:
+    async with SandboxEnvironmentService(_config(tmp_path, warm_pool={"host": 2})) as svc:
         await svc.warmed()
         yield svc
     assert not any((tmp_path / "sb").iterdir())
 
 
 async def _create(
-    svc: LocalEnvironmentService, placement: common_pb2.EnvPlacement | None = None
+    svc: SandboxEnvironmentService, placement: common_pb2.EnvPlacement | None = None
 ) -> str:
     request = env_pb2.CreateEnvironmentRequest(owner="test")
     if placement is not None:
@@ -51,16 +51,16 @@ async def _create(
     return (await svc.create_environment(request)).env_id
 
 
-async def _step(svc: LocalEnvironmentService, env_id: str, command: str) -> str:
+async def _step(svc: SandboxEnvironmentService, env_id: str, command: str) -> str:
     reply = await svc.execute_step(env_pb2.ExecuteStepRequest(env_id=env_id, command=command))
     return reply.output
 
 
-async def _release(svc: LocalEnvironmentService, env_id: str) -> None:
+async def _release(svc: SandboxEnvironmentService, env_id: str) -> None:
     await svc.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=env_id))
 
 
-async def _settled(svc: LocalEnvironmentService) -> None:
+async def _settled(svc: SandboxEnvironmentService) -> None:
     """Wait until no sandbox is being reset or refilled."""
     for _ in range(500):
         await svc.warmed()
@@ -85,7 +85,7 @@ def _sandbox_pids(workspace: Path) -> list[int]:
 
 
 async def test_warm_claim_is_served_from_the_pool_and_refilled(
-    warm: LocalEnvironmentService,
+    warm: SandboxEnvironmentService,
 ) -> None:
     assert warm.pool.idle == 2
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ async def test_warm_claim_is_served_from_the_pool_and_refilled(
 
 
 async def test_persistent_sandbox_is_reset_between_tasks(tmp_path: Path) -> None:
-    async with LocalEnvironmentService(_config(tmp_path)) as svc:
+    async with SandboxEnvironmentService(_config(tmp_path)) as svc:
         first = await _create(svc, PERSISTENT)
         sandbox_id = svc._envs[first].sandbox.sandbox_id
         await _step(
@@ -140,7 +140,7 @@ async def test_persistent_sandbox_is_reset_between_tasks(tmp_path: Path) -> None
 
 
 async def test_liveness_probe_discards_a_sandbox_killed_from_outside(
-    warm: LocalEnvironmentService,
+    warm: SandboxEnvironmentService,
 ) -> None:
     victims = next(q for q in warm.pool._idle.values() if q)
     dead = victims[0]
@@ -162,7 +162,7 @@ async def test_liveness_probe_discards_a_sandbox_killed_from_outside(
 
 
 async def test_default_warm_size_applies_to_images_once_claimed(tmp_path: Path) -> None:
-    async with LocalEnvironmentService(_config(tmp_path, warm_pool_default=2)) as svc:
+    async with SandboxEnvironmentService(_config(tmp_path, warm_pool_default=2)) as svc:
         await svc.warmed()
         assert svc.pool.idle == 0  # nothing named: nothing warmed at start
         env_id = await _create(svc)  # cold, then the pool of its spec fills up
@@ -181,7 +181,7 @@ async def test_default_warm_size_applies_to_images_once_claimed(tmp_path: Path) 
 async def test_cap_is_atomic_under_100_concurrent_creates(tmp_path: Path, warm_size: int) -> None:
     cap = 10
     config = _config(tmp_path, max_environments=cap, warm_pool={"host": warm_size})
-    async with LocalEnvironmentService(config) as svc:
+    async with SandboxEnvironmentService(config) as svc:
         await svc.warmed()
         peak = {"slots": 0, "dirs": 0}
         done = asyncio.Event()
@@ -207,10 +207,12 @@ async def test_cap_is_atomic_under_100_concurrent_creates(tmp_path: Path, warm_s
     assert not any((tmp_path / "sb").iterdir())
 
 
-async def test_placement_is_validated(warm: LocalEnvironmentService) -> None:
+async def test_placement_is_validated(warm: SandboxEnvironmentService) -> None:
     with pytest.raises(InvalidRequestError, match="Docker endpoint"):
         await _create(warm, common_pb2.EnvPlacement(backend="docker"))
-    with pytest.raises(InvalidRequestError, match="unknown backend"):
+    with pytest.raises(
+        InvalidRequestError, match=r"unknown sandbox backend 'k8s'; known: docker, local"
+    ):
         await _create(warm, common_pb2.EnvPlacement(backend="k8s"))
     with pytest.raises(InvalidRequestError, match="mode"):
         await _create(warm, common_pb2.EnvPlacement(mode="sticky"))
@@ -235,7 +237,7 @@ async def test_docker_backend_pools_through_the_service(dockerd: Dockerd, tmp_pa
     request = env_pb2.CreateEnvironmentRequest(
         image=DOCKER_IMAGE, placement=placement, files={"task.txt": b"task"}
     )
-    async with LocalEnvironmentService(_config(tmp_path, docker_host=dockerd.base_url)) as svc:
+    async with SandboxEnvironmentService(_config(tmp_path, docker_host=dockerd.base_url)) as svc:
         first = (await svc.create_environment(request)).env_id
         sandbox_id = svc._envs[first].sandbox.sandbox_id
         assert (await _step(svc, first, "cat task.txt")).strip() == "task"
@@ -259,12 +261,12 @@ async def test_docker_backend_pools_through_the_service(dockerd: Dockerd, tmp_pa
 _DOCKER_ORPHAN_MAKER = """
 import asyncio, sys
 from pathlib import Path
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.v1 import common_pb2, env_pb2
 
 async def main() -> None:
     root, docker_host, image = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    svc = LocalEnvironmentService(EnvServiceConfig(root_dir=root, docker_host=docker_host))
+    svc = SandboxEnvironmentService(EnvServiceConfig(root_dir=root, docker_host=docker_host))
     await svc.start()
     for backend in ("docker", "docker", "local"):
         placement = common_pb2.EnvPlacement(backend=backend)
@@ -303,7 +305,7 @@ async def test_restart_reclaims_containers_of_a_killed_service(
     try:
         label = {"label": LABEL_OWNER_PID}
         assert len(client.api.containers(all=True, filters=label)) == 2
-        async with LocalEnvironmentService(_config(tmp_path, docker_host=dockerd.base_url)):
+        async with SandboxEnvironmentService(_config(tmp_path, docker_host=dockerd.base_url)):
             pass
         assert client.api.containers(all=True, filters=label) == []
         assert not any(root.iterdir())

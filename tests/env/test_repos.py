@@ -13,7 +13,7 @@ import pytest
 
 from megaflow.core.errors import DeadlineExceededError, InvalidRequestError
 from megaflow.env.blobs import BlobStore
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.v1 import common_pb2, env_pb2
 
 pytestmark = pytest.mark.integration
@@ -30,19 +30,19 @@ def _config(tmp_path: Path, **kw: object) -> EnvServiceConfig:
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[LocalEnvironmentService]:
-    async with LocalEnvironmentService(_config(tmp_path)) as svc:
+async def service(tmp_path: Path) -> AsyncIterator[SandboxEnvironmentService]:
+    async with SandboxEnvironmentService(_config(tmp_path)) as svc:
         yield svc
     assert not any((tmp_path / "sb").iterdir())
 
 
-async def _run(svc: LocalEnvironmentService, env_id: str, command: str) -> str:
+async def _run(svc: SandboxEnvironmentService, env_id: str, command: str) -> str:
     step = await svc.execute_step(env_pb2.ExecuteStepRequest(env_id=env_id, command=command))
     assert step.exit_code == 0, step.output
     return step.output
 
 
-async def _create(svc: LocalEnvironmentService, **kw: object) -> str:
+async def _create(svc: SandboxEnvironmentService, **kw: object) -> str:
     request = env_pb2.CreateEnvironmentRequest(owner="t", **kw)  # type: ignore[arg-type]
     return (await svc.create_environment(request)).env_id
 
@@ -80,7 +80,7 @@ def bare_repo(tmp_path: Path) -> tuple[Path, Path]:
 
 
 async def test_an_artifact_becomes_the_workspace(
-    service: LocalEnvironmentService, tmp_path: Path
+    service: SandboxEnvironmentService, tmp_path: Path
 ) -> None:
     repo = tmp_path / "repo"
     (repo / "src").mkdir(parents=True)
@@ -99,7 +99,7 @@ async def test_an_artifact_becomes_the_workspace(
 
 
 async def test_a_git_commit_becomes_the_workspace(
-    service: LocalEnvironmentService, bare_repo: tuple[Path, Path]
+    service: SandboxEnvironmentService, bare_repo: tuple[Path, Path]
 ) -> None:
     bare, work = bare_repo
     first, second = _commit(work, "one"), _commit(work, "two")
@@ -120,7 +120,7 @@ async def test_a_git_commit_becomes_the_workspace(
 
 
 async def test_setup_commands_run_in_order_in_the_workspace(
-    service: LocalEnvironmentService,
+    service: SandboxEnvironmentService,
 ) -> None:
     env_id = await _create(
         service,
@@ -132,7 +132,7 @@ async def test_setup_commands_run_in_order_in_the_workspace(
 
 
 async def test_a_failing_setup_command_is_a_final_error_with_its_output(
-    service: LocalEnvironmentService,
+    service: SandboxEnvironmentService,
 ) -> None:
     broken = "echo broken-install >&2; false"
     with pytest.raises(InvalidRequestError, match=f"2/2 '{broken}' exited 1") as caught:
@@ -142,7 +142,7 @@ async def test_a_failing_setup_command_is_a_final_error_with_its_output(
 
 
 async def test_setup_past_its_budget_is_a_deadline_error(tmp_path: Path) -> None:
-    async with LocalEnvironmentService(_config(tmp_path)) as svc:
+    async with SandboxEnvironmentService(_config(tmp_path)) as svc:
         with pytest.raises(DeadlineExceededError) as caught:
             await _create(svc, setup_commands=["sleep 30"], setup_timeout_s=1.0)
         assert caught.value.retryable and "budget" in str(caught.value)
@@ -150,7 +150,7 @@ async def test_setup_past_its_budget_is_a_deadline_error(tmp_path: Path) -> None
 
 
 async def test_bad_sources_are_clear_errors(
-    service: LocalEnvironmentService, bare_repo: tuple[Path, Path], tmp_path: Path
+    service: SandboxEnvironmentService, bare_repo: tuple[Path, Path], tmp_path: Path
 ) -> None:
     bare, work = bare_repo
     _commit(work, "one")
@@ -178,7 +178,7 @@ async def test_bad_sources_are_clear_errors(
 
 
 async def test_concurrent_creates_fetch_an_uncached_artifact_once(
-    service: LocalEnvironmentService, tmp_path: Path
+    service: SandboxEnvironmentService, tmp_path: Path
 ) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -206,7 +206,7 @@ async def test_an_extraction_past_the_budget_stops_before_the_sandbox_goes(
             tar.addfile(member, io.BytesIO(b"x"))
     digest = BlobStore(tmp_path / "store").put_bytes(archive.getvalue())
     source = common_pb2.WorkspaceSource(artifact=digest)
-    async with LocalEnvironmentService(_config(tmp_path)) as svc:
+    async with SandboxEnvironmentService(_config(tmp_path)) as svc:
         await svc.workspaces.blobs.fetch(source.artifact, 60)  # cached: the budget goes on
         with pytest.raises(DeadlineExceededError):  # extracting 40,000 files
             await _create(svc, workspace=source, setup_timeout_s=1.0)

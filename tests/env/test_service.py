@@ -12,7 +12,7 @@ import pytest
 
 from megaflow.agent.session import AgentLimits, TaskSession
 from megaflow.core.errors import CapacityError, InvalidRequestError, NotFoundError
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.service import ModelServiceImpl
 from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.clients import EnvironmentServiceClient
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[LocalEnvironmentService]:
-    svc = LocalEnvironmentService(
+async def service(tmp_path: Path) -> AsyncIterator[SandboxEnvironmentService]:
+    svc = SandboxEnvironmentService(
         EnvServiceConfig(root_dir=tmp_path / "sb", max_environments=4, reap_interval_s=0.1)
     )
     async with svc:
@@ -46,7 +46,7 @@ def _create(task: common_pb2.TaskSpec, **kw: float | str) -> env_pb2.CreateEnvir
 
 
 async def _score(
-    svc: LocalEnvironmentService, task: common_pb2.TaskSpec, patch: tuple[str, str, str]
+    svc: SandboxEnvironmentService, task: common_pb2.TaskSpec, patch: tuple[str, str, str]
 ) -> float:
     env_id = (await svc.create_environment(_create(task))).env_id
     path, old, new = patch
@@ -64,13 +64,13 @@ async def _score(
     return reply.reward
 
 
-async def test_hidden_tests_decide_the_reward(service: LocalEnvironmentService) -> None:
+async def test_hidden_tests_decide_the_reward(service: SandboxEnvironmentService) -> None:
     task = generate_tasks(1, seed=11)[0]
     assert await _score(service, task, reference_patch(task)) == 1.0
     assert await _score(service, task, wrong_patch(task)) == 0.0
 
 
-async def test_hidden_tests_are_invisible_before_submit(service: LocalEnvironmentService) -> None:
+async def test_hidden_tests_are_invisible_before_submit(service: SandboxEnvironmentService) -> None:
     task = generate_tasks(1, seed=5)[0]
     env_id = (await service.create_environment(_create(task))).env_id
     listing = await service.execute_step(
@@ -81,7 +81,7 @@ async def test_hidden_tests_are_invisible_before_submit(service: LocalEnvironmen
     await service.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=env_id))
 
 
-async def test_step_api_over_grpc(service: LocalEnvironmentService) -> None:
+async def test_step_api_over_grpc(service: SandboxEnvironmentService) -> None:
     task = generate_tasks(1, seed=2)[0]
     async with GrpcServer("127.0.0.1:0", {"env": service}) as server:
         client = EnvironmentServiceClient(server.address)
@@ -120,14 +120,14 @@ async def test_step_api_over_grpc(service: LocalEnvironmentService) -> None:
         await client.close()
 
 
-async def test_bad_paths_and_images_are_rejected(service: LocalEnvironmentService) -> None:
+async def test_bad_paths_and_images_are_rejected(service: SandboxEnvironmentService) -> None:
     with pytest.raises(InvalidRequestError, match="inside the workspace"):
         await service.create_environment(env_pb2.CreateEnvironmentRequest(files={"../x": b""}))
     with pytest.raises(InvalidRequestError, match="image"):
         await service.create_environment(env_pb2.CreateEnvironmentRequest(image="ubuntu:22.04"))
 
 
-async def test_capacity_is_a_hard_cap(service: LocalEnvironmentService) -> None:
+async def test_capacity_is_a_hard_cap(service: SandboxEnvironmentService) -> None:
     created = await asyncio.gather(
         *(service.create_environment(env_pb2.CreateEnvironmentRequest()) for _ in range(4))
     )
@@ -137,7 +137,7 @@ async def test_capacity_is_a_hard_cap(service: LocalEnvironmentService) -> None:
         await service.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=c.env_id))
 
 
-async def test_expired_lease_releases_the_sandbox(service: LocalEnvironmentService) -> None:
+async def test_expired_lease_releases_the_sandbox(service: SandboxEnvironmentService) -> None:
     created = await service.create_environment(env_pb2.CreateEnvironmentRequest(lease_s=0.2))
     await asyncio.sleep(0.6)
     with pytest.raises(NotFoundError):
@@ -146,12 +146,14 @@ async def test_expired_lease_releases_the_sandbox(service: LocalEnvironmentServi
         )
 
 
-async def _run(svc: LocalEnvironmentService, env_id: str, command: str) -> str:
+async def _run(svc: SandboxEnvironmentService, env_id: str, command: str) -> str:
     reply = await svc.execute_step(env_pb2.ExecuteStepRequest(env_id=env_id, command=command))
     return reply.output
 
 
-async def test_suspend_freezes_and_the_next_call_resumes(service: LocalEnvironmentService) -> None:
+async def test_suspend_freezes_and_the_next_call_resumes(
+    service: SandboxEnvironmentService,
+) -> None:
     env_id = (await service.create_environment(env_pb2.CreateEnvironmentRequest())).env_id
     if not getattr(service._envs[env_id].sandbox, "can_suspend", True):
         pytest.skip("this machine has no cgroup freezer")
@@ -172,7 +174,7 @@ async def test_suspend_freezes_and_the_next_call_resumes(service: LocalEnvironme
 
 async def test_idle_environments_are_suspended_automatically(tmp_path: Path) -> None:
     config = EnvServiceConfig(root_dir=tmp_path / "sb", reap_interval_s=0.05, idle_suspend_s=0.1)
-    async with LocalEnvironmentService(config) as svc:
+    async with SandboxEnvironmentService(config) as svc:
         env_id = (await svc.create_environment(env_pb2.CreateEnvironmentRequest())).env_id
         if not getattr(svc._envs[env_id].sandbox, "can_suspend", True):
             pytest.skip("this machine has no cgroup freezer")
@@ -189,7 +191,7 @@ async def test_snapshot_then_restore(tmp_path: Path, store: str) -> None:
         root_dir=tmp_path / "sb", artifact_dir=tmp_path / "artifacts", artifact_url=url
     )
     task = generate_tasks(1, seed=3)[0]
-    async with LocalEnvironmentService(config) as svc:
+    async with SandboxEnvironmentService(config) as svc:
         env_id = (await svc.create_environment(_create(task))).env_id
         await _run(svc, env_id, "mkdir -p work && echo progress > work/state.txt && rm -f README*")
         snap = await svc.snapshot_environment(env_pb2.SnapshotEnvironmentRequest(env_id=env_id))
@@ -217,7 +219,7 @@ async def test_snapshot_then_restore(tmp_path: Path, store: str) -> None:
     assert not any((tmp_path / "sb").iterdir())
 
 
-async def test_heartbeat_keeps_the_lease(service: LocalEnvironmentService) -> None:
+async def test_heartbeat_keeps_the_lease(service: SandboxEnvironmentService) -> None:
     env_id = (await service.create_environment(_create_plain(lease_s=0.3))).env_id
     for _ in range(6):
         await asyncio.sleep(0.1)
@@ -236,14 +238,14 @@ def _create_plain(**kw: float) -> env_pb2.CreateEnvironmentRequest:
 _ORPHAN_MAKER = """
 import asyncio, sys
 from pathlib import Path
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.service import ModelServiceImpl
 from megaflow.model.simulated import SimulatedBackend
 from megaflow.v1 import common_pb2, env_pb2
 
 async def main() -> None:
     config = EnvServiceConfig(root_dir=Path(sys.argv[1]), warm_pool={"host": 2})
-    svc = LocalEnvironmentService(config)
+    svc = SandboxEnvironmentService(config)
     await svc.start()
     await svc.warmed()
     for mode in ("ephemeral", "persistent"):
@@ -276,7 +278,7 @@ async def test_restart_reclaims_what_a_killed_service_left(tmp_path: Path) -> No
     assert len(left) == 4
     owners = [json.loads((d / "owner.json").read_text()) for d in left]
     cgroups = [Path(c) for o in owners for c in o.get("cgroups", [])]
-    async with LocalEnvironmentService(EnvServiceConfig(root_dir=root)) as svc:
+    async with SandboxEnvironmentService(EnvServiceConfig(root_dir=root)) as svc:
         assert svc.live == 0
     assert not any(root.iterdir())
     assert not any(c.exists() for c in cgroups)
@@ -284,7 +286,7 @@ async def test_restart_reclaims_what_a_killed_service_left(tmp_path: Path) -> No
         assert not _sandbox_pids(d / "workspace")
 
 
-async def test_release_by_owner(service: LocalEnvironmentService) -> None:
+async def test_release_by_owner(service: SandboxEnvironmentService) -> None:
     mine = [
         (await service.create_environment(env_pb2.CreateEnvironmentRequest(owner="a1"))).env_id
         for _ in range(2)
@@ -308,7 +310,7 @@ async def test_release_by_owner(service: LocalEnvironmentService) -> None:
     assert one.released == 1 and service.live == 0
 
 
-class _AnswersNever(LocalEnvironmentService):
+class _AnswersNever(SandboxEnvironmentService):
     """Makes the environment, then never answers (the answer lost in flight)."""
 
     made = asyncio.Event()

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from megaflow.env.images import ImageNotFoundError
-from megaflow.env.images_build import build_busybox_rootfs
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.images.build import build_busybox_rootfs
+from megaflow.env.local.backend import LocalBackend
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.testing.registry import LocalRegistry, push_rootfs
 from megaflow.v1 import env_pb2
 
@@ -32,11 +33,12 @@ async def registry_image(tmp_path: Path) -> AsyncIterator[str]:
 
 async def test_tasks_run_on_an_image_pulled_once(registry_image: str, tmp_path: Path) -> None:
     config = EnvServiceConfig(root_dir=tmp_path / "sb", image_cache_dir=tmp_path / "images")
-    async with LocalEnvironmentService(config) as service:
+    async with SandboxEnvironmentService(config) as service:
         request = env_pb2.CreateEnvironmentRequest(image=registry_image, files={"a.txt": b"hi\n"})
         created = await asyncio.gather(*(service.create_environment(request) for _ in range(8)))
-        store = service.factory._image_store()
-        assert store.pulls == 1  # eight environments, one pull
+        local = service.factory.backend("local")
+        assert isinstance(local, LocalBackend)
+        assert local.image_store().pulls == 1  # eight environments, one pull
         step = await service.execute_step(
             env_pb2.ExecuteStepRequest(
                 env_id=created[0].env_id,
@@ -49,13 +51,13 @@ async def test_tasks_run_on_an_image_pulled_once(registry_image: str, tmp_path: 
         assert lines[2] == "1"  # the host's python is not in this image
         for c in created:
             await service.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=c.env_id))
-        assert not service.factory._pinned  # every pin released with its sandbox
+        assert not local._pinned  # every pin released with its sandbox
 
 
 async def test_an_unknown_image_is_a_clear_error(registry_image: str, tmp_path: Path) -> None:
     config = EnvServiceConfig(root_dir=tmp_path / "sb", image_cache_dir=tmp_path / "images")
     missing = registry_image.replace("busybox:1", "nothing:9")
-    async with LocalEnvironmentService(config) as service:
+    async with SandboxEnvironmentService(config) as service:
         with pytest.raises(ImageNotFoundError, match="nothing"):
             await service.create_environment(env_pb2.CreateEnvironmentRequest(image=missing))
         with pytest.raises(Exception, match="not available to the local backend"):

@@ -145,11 +145,11 @@ def test_docker_backend_runs_the_same_suite(tmp_path: Path, dockerd: Dockerd, ru
 @pytest.mark.parametrize(
     ("options", "complaint"),
     [
-        (["--env", "docker"], "--env docker needs --image"),
-        (["--runtime", "runsc"], "--runtime applies to --env docker only"),
+        (["--env", "docker"], "the docker backend needs an image name"),
+        (["--runtime", "runsc"], "the local backend takes no runtime"),
         (["--env", "docker", "--image", IMAGE, "--runtime", "kata"], "'runc' or 'runsc'"),
-        (["--env", "vm"], "--env must be 'local' or 'docker'"),
-        (["--image", IMAGE], "is not available to --env local"),
+        (["--env", "vm"], "unknown sandbox backend 'vm'; known: docker, local"),
+        (["--image", IMAGE], "is not available to the local backend"),
         (["--docker-host", "unix:///x.sock"], "--docker-host applies to --env docker only"),
     ],
 )

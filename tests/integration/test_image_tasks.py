@@ -11,8 +11,9 @@ import pytest
 from megaflow.agent.session import AgentLimits
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import RunSummary, run_batch
-from megaflow.env.images_build import build_busybox_rootfs
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.images.build import build_busybox_rootfs
+from megaflow.env.local.backend import LocalBackend
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.scheduler.state import SchedulerPolicy
 from megaflow.tasks.swe_synth import generate_tasks
 from megaflow.testing.registry import LocalRegistry, push_rootfs
@@ -50,8 +51,10 @@ async def _run(tmp_path: Path, image: str, n: int) -> tuple[RunSummary, int]:
         task.image = image
     async with system:
         summary = await run_batch(system.scheduler, tasks, tmp_path / "out", max_concurrency=n)
-        assert isinstance(system.env, LocalEnvironmentService)
-        pulls = system.env.factory._image_store().pulls
+        assert isinstance(system.env, SandboxEnvironmentService)
+        local = system.env.factory.backend("local")
+        assert isinstance(local, LocalBackend)
+        pulls = local.image_store().pulls
     return summary, pulls
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megaflow.agent.session import AgentLimits, TaskSession
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.service import ModelServiceImpl
 from megaflow.model.simulated import SimulatedBackend, simulated_decode
 from megaflow.model.transformers_backend import TransformersBackend, TransformersBackendConfig
@@ -31,13 +31,13 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[LocalEnvironmentService]:
-    async with LocalEnvironmentService(EnvServiceConfig(root_dir=tmp_path / "sb")) as svc:
+async def env(tmp_path: Path) -> AsyncIterator[SandboxEnvironmentService]:
+    async with SandboxEnvironmentService(EnvServiceConfig(root_dir=tmp_path / "sb")) as svc:
         yield svc
 
 
 async def test_transformers_trajectory_keeps_exact_token_ids(
-    tiny_lm: Path, env: LocalEnvironmentService
+    tiny_lm: Path, env: SandboxEnvironmentService
 ) -> None:
     backend = TransformersBackend(TransformersBackendConfig(path=tiny_lm, name="tiny", seed=1))
     service = ModelServiceImpl([backend])
@@ -77,7 +77,7 @@ async def test_transformers_trajectory_keeps_exact_token_ids(
 
 
 async def test_simulated_trajectory_carries_decodable_token_ids(
-    env: LocalEnvironmentService,
+    env: SandboxEnvironmentService,
 ) -> None:
     service = ModelServiceImpl([SimulatedBackend.fast()])
     task = generate_tasks(1, seed=3)[0]

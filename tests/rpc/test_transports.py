@@ -80,13 +80,13 @@ async def test_undecodable_bytes_get_an_error_status_and_the_server_keeps_servin
     model = ModelServiceImpl([SimulatedBackend.fast()])
     scheduler = SchedulerServiceImpl(SqliteLedger(tmp_path / "l.sqlite"), ServiceResolver())
     from megaflow.agent.service import AgentServiceImpl
-    from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+    from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 
     impls: dict[str, object] = {
         "model": model,
         "scheduler": scheduler,
         "agent": AgentServiceImpl(ServiceResolver()),
-        "env": LocalEnvironmentService(EnvServiceConfig(root_dir=tmp_path / "sandboxes")),
+        "env": SandboxEnvironmentService(EnvServiceConfig(root_dir=tmp_path / "sandboxes")),
     }
     async with GrpcServer("127.0.0.1:0", {kind: impls[kind]}) as server:
         async with grpc.aio.insecure_channel(server.address) as channel:

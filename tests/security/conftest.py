@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
 from megaflow.testing.dockerd import Dockerd, dockerd_available, prepared_dockerd
@@ -101,7 +101,7 @@ class Arena:
     """``local`` or ``docker``: where the attacker and victim run."""
     dockerd: Dockerd | None
     """The session's daemon (docker arenas only)."""
-    service: LocalEnvironmentService
+    service: SandboxEnvironmentService
     api: EnvApi
     attacker: str
     victim: Victim
@@ -267,7 +267,7 @@ async def _wait_for_host_pid(marker: str) -> int:
 
 
 async def _start_victim(
-    service: LocalEnvironmentService, marker: str, backend: str, dockerd: Dockerd | None
+    service: SandboxEnvironmentService, marker: str, backend: str, dockerd: Dockerd | None
 ) -> Victim:
     env_id = (
         await service.create_environment(
@@ -329,7 +329,7 @@ async def arena(
     listener = await asyncio.start_server(on_connect, "0.0.0.0", 0)
     port = listener.sockets[0].getsockname()[1]
     root_dir = tmp_path / "sb"
-    service = LocalEnvironmentService(
+    service = SandboxEnvironmentService(
         EnvServiceConfig(
             root_dir=root_dir,
             max_environments=4,

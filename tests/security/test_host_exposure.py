@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.v1 import common_pb2, env_pb2
 from tests.security import hoststate
 from tests.security.conftest import Arena
@@ -45,9 +45,9 @@ NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-
 
 
 @pytest.fixture
-async def exposed_service(arena: Arena) -> AsyncIterator[LocalEnvironmentService]:
+async def exposed_service(arena: Arena) -> AsyncIterator[SandboxEnvironmentService]:
     base = Path("/tmp") / f"megaflow-sectest-{secrets.token_hex(6)}"
-    service = LocalEnvironmentService(
+    service = SandboxEnvironmentService(
         EnvServiceConfig(
             root_dir=base / "sandboxes",
             max_environments=2,
@@ -66,7 +66,7 @@ async def exposed_service(arena: Arena) -> AsyncIterator[LocalEnvironmentService
         shutil.rmtree(base, ignore_errors=True)
 
 
-async def _plant_setuid_shell(service: LocalEnvironmentService, disk_mib: int) -> list[Path]:
+async def _plant_setuid_shell(service: SandboxEnvironmentService, disk_mib: int) -> list[Path]:
     env_id = (
         await service.create_environment(
             env_pb2.CreateEnvironmentRequest(
@@ -94,7 +94,7 @@ def _run_as_nobody(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 async def test_setuid_binary_in_workspace_without_quota(
-    arena: Arena, exposed_service: LocalEnvironmentService
+    arena: Arena, exposed_service: SandboxEnvironmentService
 ) -> None:
     planted = await _plant_setuid_shell(exposed_service, disk_mib=0)
     assert len(planted) == 1
@@ -105,7 +105,7 @@ async def test_setuid_binary_in_workspace_without_quota(
 
 
 async def test_setuid_binary_in_quota_workspace(
-    arena: Arena, exposed_service: LocalEnvironmentService
+    arena: Arena, exposed_service: SandboxEnvironmentService
 ) -> None:
     planted = await _plant_setuid_shell(exposed_service, disk_mib=32)
     assert len(planted) == 1

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.tasks.evaluation import EvalSpec, read_spec
 from megaflow.tasks.log_parsers import LOG_PARSERS, parse_pytest
 from megaflow.tasks.swebench import SweBenchConfig, SweBenchRow
@@ -108,8 +108,8 @@ def test_runner_applies_test_patch_resets_tests_and_passes_ids_exactly(
 
 
 @pytest.fixture
-async def env_service(tmp_path: Path) -> AsyncIterator[LocalEnvironmentService]:
-    svc = LocalEnvironmentService(EnvServiceConfig(root_dir=tmp_path / "sb", max_environments=2))
+async def env_service(tmp_path: Path) -> AsyncIterator[SandboxEnvironmentService]:
+    svc = SandboxEnvironmentService(EnvServiceConfig(root_dir=tmp_path / "sb", max_environments=2))
     async with svc:
         yield svc
 
@@ -125,7 +125,7 @@ def _files(repo: Path) -> dict[str, bytes]:
 async def test_evaluate_records_outcomes_in_a_real_sandbox(
     mpmath_set: tuple[list[dict[str, Any]], str],
     swebench_rootfs: Path,
-    env_service: LocalEnvironmentService,
+    env_service: SandboxEnvironmentService,
     tmp_path: Path,
 ) -> None:
     """The repository given as files (no .git: no reset), scored inside bubblewrap."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.tasks.sources import load_tasks
 from megaflow.tasks.validate import validate_tasks
 from megaflow.testing.scripted import ScriptedBackend, tool_call
@@ -107,7 +107,7 @@ async def test_harbor_tasks_run_with_their_own_verifiers(
 ) -> None:
     loaded = load_tasks(harbor_set, {"image": f"dir:{swebench_rootfs}"})
     assert loaded.errors == []
-    async with LocalEnvironmentService(
+    async with SandboxEnvironmentService(
         EnvServiceConfig(root_dir=tmp_path / "sb", max_environments=2)
     ) as env:
         checks = await validate_tasks(env, loaded, concurrency=2)

@@ -14,7 +14,7 @@ import pytest
 from megaflow.agent.session import AgentLimits
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import run_batch
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.scheduler.state import SchedulerPolicy
 from megaflow.tasks.sources import LoadedTasks, load_tasks
 from megaflow.tasks.validate import validate_tasks
@@ -49,7 +49,7 @@ async def test_gold_patches_validate(
 ) -> None:
     rows, url_template = mpmath_set
     loaded = mpmath_tasks(rows, url_template, swebench_rootfs, tmp_path)
-    async with LocalEnvironmentService(env_config(tmp_path, 2)) as env:
+    async with SandboxEnvironmentService(env_config(tmp_path, 2)) as env:
         checks = await validate_tasks(env, loaded, concurrency=2)
     assert [c.task_id for c in checks] == [r["instance_id"] for r in rows]
     for check, row in zip(checks, rows, strict=True):

@@ -16,8 +16,8 @@ from megaflow.core.errors import InvalidRequestError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.processes import serve
 from megaflow.deploy.run import RunSummary, run_batch, watch_batch
-from megaflow.env.backends import LOCAL_IMAGE_SOURCES
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.registry import backend_class
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.backend import ModelBackend
 from megaflow.model.factory import backend_from_spec
 from megaflow.model.gateway import Gateway
@@ -44,11 +44,9 @@ class RunPlacement(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     backend: str = Field(
-        default="local", pattern=r"^(local|docker)$", description="Sandbox backend."
+        default="local", min_length=1, description="Sandbox backend (a registered name)."
     )
-    runtime: str = Field(
-        default="", pattern=r"^(|runc|runsc)$", description="Docker runtime; '' for local."
-    )
+    runtime: str = Field(default="", description="The backend's runtime (docker: runc, runsc).")
     image: str = Field(default="host", min_length=1, description="Image of every task.")
     docker_host: str | None = Field(
         default=None,
@@ -71,40 +69,27 @@ def resolve_placement(
     scheduler: str | None,
     environ: Mapping[str, str],
 ) -> RunPlacement:
-    """Check the `run` options together; InvalidRequestError says what is wrong."""
-    if env not in ("local", "docker"):
-        raise InvalidRequestError(f"--env must be 'local' or 'docker', not {env!r}")
-    if env == "local":
-        if runtime is not None:
-            raise InvalidRequestError("--runtime applies to --env docker only")
-        if docker_host is not None:
-            raise InvalidRequestError("--docker-host applies to --env docker only")
-        image = image or "host"
-        if image != "host" and not image.startswith(LOCAL_IMAGE_SOURCES):
-            raise InvalidRequestError(
-                f"--image {image!r} is not available to --env local: use 'host' or a "
-                f"reference starting with one of {', '.join(LOCAL_IMAGE_SOURCES)}"
-            )
-        return RunPlacement(backend="local", image=image)
-    if runtime not in (None, "runc", "runsc"):
-        raise InvalidRequestError(f"--runtime must be 'runc' or 'runsc', not {runtime!r}")
-    if not image:
-        raise InvalidRequestError(
-            "--env docker needs --image NAME: a Docker image with /bin/sh and python3"
-        )
-    if image == "host":
-        raise InvalidRequestError("--image host is for --env local; name a Docker image")
-    if scheduler:
-        if docker_host is not None:
-            raise InvalidRequestError(
-                "--docker-host configures the embedded Environment Service; with --scheduler "
-                "the Environment Services' own settings apply"
-            )
-    else:
-        docker_host = docker_host or environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
-    return RunPlacement(
-        backend="docker", runtime=runtime or "runc", image=image, docker_host=docker_host
-    )
+    """Check the `run` options together; InvalidRequestError says what is wrong.
+
+    ``env`` names any registered sandbox backend (`megaflow.env.registry`); the backend
+    itself checks the image and runtime."""
+    backend = backend_class(env)
+    if env != "docker" and docker_host is not None:
+        raise InvalidRequestError("--docker-host applies to --env docker only")
+    try:
+        image, runtime_ = backend.placement(image or "", runtime or "")
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"--env {env} with --image/--runtime: {exc}") from None
+    if env == "docker":
+        if scheduler:
+            if docker_host is not None:
+                raise InvalidRequestError(
+                    "--docker-host configures the embedded Environment Service; with "
+                    "--scheduler the Environment Services' own settings apply"
+                )
+        else:
+            docker_host = docker_host or environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+    return RunPlacement(backend=env, runtime=runtime_, image=image, docker_host=docker_host)
 
 
 def run_specs(
@@ -141,7 +126,7 @@ async def validate_command(
 ) -> list[TaskCheck]:
     """`megaflow validate`: every task with its gold solution, then unpatched."""
     config = EnvServiceConfig(root_dir=sandbox_dir, max_environments=max(concurrency, 1))
-    async with LocalEnvironmentService(config) as env:
+    async with SandboxEnvironmentService(config) as env:
         return await validate_tasks(env, loaded, concurrency=concurrency)
 
 
@@ -375,5 +360,5 @@ async def serve_env_command(
         warm_pool=warm_pool or {},
         artifact_url=artifact_url,
     )
-    impl = LocalEnvironmentService(config)
+    impl = SandboxEnvironmentService(config)
     await serve("env", impl, listen=listen, scheduler=scheduler, capacity=capacity)

@@ -88,7 +88,8 @@ def run(
         str,
         typer.Option(
             "--env",
-            help="Sandbox backend of every task: 'local' (bubblewrap) or 'docker'.",
+            help="Sandbox backend of every task: 'local' (bubblewrap), 'docker', or any "
+            "backend registered in the 'megaflow.backends' entry-point group.",
         ),
     ] = "local",
     runtime: Annotated[

@@ -12,7 +12,7 @@ from megaflow.agent.session import AgentLimits
 from megaflow.contract import EnvironmentService
 from megaflow.core.errors import InvalidRequestError
 from megaflow.core.runtime import GcPolicy, GcTuner
-from megaflow.env.service import EnvServiceConfig, LocalEnvironmentService
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.backend import ModelBackend
 from megaflow.model.service import ModelServiceConfig, ModelServiceImpl
 from megaflow.rpc.resolver import ServiceResolver
@@ -70,7 +70,7 @@ class EmbeddedSystem:
         self.model = ModelServiceImpl(backends, config=model_config)
         # `env` replaces the default local (bubblewrap) service, e.g. with the simulated one.
         self.env: EmbeddedEnvironment = (
-            env if env is not None else LocalEnvironmentService(env_config)
+            env if env is not None else SandboxEnvironmentService(env_config)
         )
         self.resolver = ServiceResolver(model=self.model, env=self.env)
         self.ledger: TaskLedger = ledger  # opened and closed by the scheduler

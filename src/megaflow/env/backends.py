@@ -1,104 +1,85 @@
-"""Sandbox backends: which class builds a sandbox, and the operations the service needs.
+"""Sandbox backends as the Environment Service uses them: one factory over the
+registered backends (`megaflow.env.registry`), and the operations the service needs.
 
 `SandboxFactory.spec` turns a request's image, placement and limits into a `SandboxSpec`
-(also the key of a persistent pool); `SandboxFactory.build` makes an unstarted sandbox.
-``local`` is bubblewrap (`megaflow.env.local`); ``docker`` (`megaflow.env.docker`) is
-imported only when asked for, and only when the service has a Docker endpoint.
+(also the key of a persistent pool), asking the named backend (``placement.backend``,
+else the service's ``default_backend``) to check the image and runtime;
+`SandboxFactory.build` makes an unstarted sandbox with that backend. Any registered
+backend serves: ``local`` (bubblewrap), ``docker``, or a plug-in.
 
-Every backend implements the `Sandbox` protocol. Where an older sandbox lacks an
-optional operation, `_optional` (the one place that checks) finds out and the
-functions here fall back on the host side (a local sandbox's `host_workspace`).
+Optional operations (suspend, snapshot, recreate) are called only where the sandbox's
+`~megaflow.env.sandbox.Capabilities` declare them; otherwise they say so
+(InvalidRequestError), or fall back (a reset without ``recreate`` restarts the shell and
+restores the workdir).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import io
 import logging
-import shutil
-import tarfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, cast
+from collections.abc import Mapping
+from typing import cast
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
+from megaflow.core.registry import parse_config
 from megaflow.env.config import EnvServiceConfig
-from megaflow.env.images import Image, ImageStore, ImageStoreConfig
-from megaflow.env.local import LocalSandbox, reclaim_orphans
-from megaflow.env.local.sandbox import SHELL_RESTARTED
-from megaflow.env.sandbox import Sandbox
+from megaflow.env.registry import SandboxBackend, SandboxSpec, backend_class
+from megaflow.env.sandbox import (
+    RecreatableSandbox,
+    Sandbox,
+    SnapshotSandbox,
+    SuspendableSandbox,
+)
+from megaflow.env.shell import SHELL_RESTARTED
 from megaflow.v1 import common_pb2
+
+__all__ = ["MODES", "SandboxFactory", "SandboxSpec"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("local", "docker")
 MODES = ("ephemeral", "persistent")
-LOCAL_IMAGES = ("", "host")
-# Image references the local backend provisions through `megaflow.env.images.ImageStore`.
-LOCAL_IMAGE_SOURCES = ("dir:", "tar:", "registry:", "oci:")
-
-
-@dataclass(frozen=True)
-class SandboxSpec:
-    """What a sandbox is made of; equal specs are interchangeable (one pool per spec)."""
-
-    backend: str
-    image: str
-    runtime: str
-    memory_mib: int
-    pids: int
-    output_bytes: int
-    cpu_shares: int
-    disk_mib: int
 
 
 class SandboxFactory:
-    """Builds sandboxes of each backend from the service's settings."""
+    """Builds sandboxes with the registered backends, one instance of each per service."""
 
     def __init__(self, config: EnvServiceConfig) -> None:
         self.config = config
-        self._docker_engine: Any = None  # megaflow.env.docker.DockerEngine, made on first use
-        self._images: ImageStore | None = None  # made on the first image other than "host"
-        self._pinned: dict[str, Image] = {}  # sandbox id -> the image it runs on
+        self._backends: dict[str, SandboxBackend] = {}
+        self._reclaimed: dict[str, asyncio.Task[int]] = {}
+        self._built: dict[str, str] = {}  # sandbox id -> the backend that built it
 
-    def _docker(self) -> tuple[Any, Any]:
-        """The `megaflow.env.docker` module and the service's shared engine."""
-        assert self.config.docker_host is not None
-        module = importlib.import_module("megaflow.env.docker")
-        if self._docker_engine is None:
-            self._docker_engine = module.DockerEngine(self.config.docker_host)
-        return module, self._docker_engine
+    def backend(self, name: str) -> SandboxBackend:
+        """The service's instance of backend ``name`` (made on first use);
+        InvalidRequestError if it is unknown or not available here."""
+        made = self._backends.get(name)
+        if made is None:
+            cls = backend_class(name)
+            settings = self.config.backends.get(name)
+            made = cls(self.config, parse_config(cls.config_class, settings, f"{name} backend"))
+            self._backends[name] = made
+        return made
 
-    def close(self) -> None:
-        """Close the Docker connection, if one was opened."""
-        if self._docker_engine is not None:
-            self._docker_engine.close()
-            self._docker_engine = None
+    def configured(self) -> list[str]:
+        """Backends this service offers from the start: ``local``, the default one, those
+        with settings, and ``docker`` where a Docker endpoint is set."""
+        names = ["local", self.config.default_backend, *self.config.backends]
+        if self.config.docker_host is not None:
+            names.append("docker")
+        return list(dict.fromkeys(names))
 
     async def aclose(self) -> None:
-        """Close everything, the image store included."""
-        self.close()
-        if self._images is not None:
-            await self._images.close()
-            self._images = None
-
-    def _image_store(self) -> ImageStore:
-        if self._images is None:
-            self._images = ImageStore(
-                ImageStoreConfig(
-                    cache_dir=self.config.image_cache_dir,
-                    max_bytes=self.config.image_cache_mib * 1024 * 1024,
-                )
-            )
-        return self._images
+        """Close every backend (connections, image caches)."""
+        backends, self._backends = list(self._backends.values()), {}
+        for backend in backends:
+            await backend.aclose()
 
     def released(self, sandbox: Sandbox) -> None:
-        """A sandbox is gone: unpin its image (the cache may now evict it)."""
-        image = self._pinned.pop(sandbox.sandbox_id, None)
-        if image is not None and self._images is not None:
-            self._images.release(image)
+        """A sandbox is gone: its backend frees what it held (e.g. unpins its image)."""
+        name = self._built.pop(sandbox.sandbox_id, None)
+        backend = None if name is None else self._backends.get(name)
+        if backend is not None:
+            backend.released(sandbox)
 
     def spec(
         self,
@@ -108,33 +89,12 @@ class SandboxFactory:
     ) -> SandboxSpec:
         """Validate a request's image, placement and limits; InvalidRequestError if bad."""
         cfg = self.config
-        backend = (placement.backend if placement else "") or cfg.default_backend
-        runtime = placement.runtime if placement else ""
-        if backend not in BACKENDS:
-            raise InvalidRequestError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-        if backend == "local":
-            if image in LOCAL_IMAGES:
-                image = "host"
-            elif not image.startswith(LOCAL_IMAGE_SOURCES):
-                raise InvalidRequestError(
-                    f"image {image!r} is not available to the local backend: use 'host' or a "
-                    f"reference starting with one of {LOCAL_IMAGE_SOURCES}"
-                )
-            if runtime:
-                raise InvalidRequestError("placement.runtime applies to the docker backend only")
-        else:
-            if cfg.docker_host is None:
-                raise InvalidRequestError(
-                    "placement.backend 'docker' is not available: this Environment Service "
-                    "was started without a Docker endpoint (docker_host)"
-                )
-            if not image or image == "host":
-                raise InvalidRequestError("the docker backend needs an image name")
-            if runtime not in ("", "runc", "runsc"):
-                raise InvalidRequestError(f"unknown docker runtime {runtime!r}")
+        name = (placement.backend if placement else "") or cfg.default_backend
+        backend = self.backend(name)
+        image, runtime = backend.placement(image, placement.runtime if placement else "")
         lim = limits or common_pb2.EnvLimits()
         return SandboxSpec(
-            backend=backend,
+            backend=name,
             image=image,
             runtime=runtime,
             memory_mib=lim.memory_mib or cfg.memory_mib,
@@ -146,126 +106,83 @@ class SandboxFactory:
 
     async def build(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
         """An unstarted sandbox of ``spec``; InvalidRequestError if the backend refuses it.
-
-        A local image other than "host" is provisioned on demand (pulled once, cached by
-        digest) and pinned until `released` is called for the sandbox."""
-        extra: dict[str, Any] = {}
-        if spec.cpu_shares:
-            extra["cpu_shares"] = spec.cpu_shares
-        if spec.disk_mib:
-            extra["disk_mib"] = spec.disk_mib
-        common: dict[str, Any] = dict(
-            memory_mib=spec.memory_mib, pids=spec.pids, output_bytes=spec.output_bytes, **extra
-        )
+        A backend's first sandbox waits for it to reclaim what an earlier process left."""
+        backend = self.backend(spec.backend)
+        await self._reclaim(spec.backend)
         try:
-            if spec.backend == "local":
-                if spec.image == "host":
-                    return cast(
-                        Sandbox, LocalSandbox(sandbox_id, root_dir=self.config.root_dir, **common)
-                    )
-                image = await self._image_store().acquire(spec.image)
-                try:
-                    sandbox = LocalSandbox(
-                        sandbox_id, root_dir=self.config.root_dir, image_root=image.rootfs, **common
-                    )
-                except BaseException:
-                    self._image_store().release(image)
-                    raise
-                self._pinned[sandbox_id] = image
-                return cast(Sandbox, sandbox)
-            docker, engine = self._docker()
-            return cast(
-                Sandbox,
-                docker.DockerSandbox(
-                    sandbox_id,
-                    engine=engine,
-                    image=spec.image,
-                    runtime=spec.runtime or "runc",
-                    **common,
-                ),
-            )
-        except TypeError as exc:  # a limit this backend cannot enforce (yet)
+            sandbox = await backend.build(sandbox_id, spec)
+        except TypeError as exc:  # a limit this backend cannot enforce
             raise InvalidRequestError(
                 f"the {spec.backend} backend does not support these limits: {exc}"
             ) from exc
+        self._built[sandbox_id] = spec.backend
+        return sandbox
 
     async def reclaim(self) -> int:
-        """Remove what a dead earlier process left behind (local folders and cgroups, and
-        labelled containers where Docker is configured); returns how many."""
-        count = await asyncio.to_thread(reclaim_orphans, self.config.root_dir)
-        if self.config.docker_host is not None:
-            try:
-                docker, engine = self._docker()
-                count += await asyncio.to_thread(
-                    lambda: int(docker.reclaim_orphan_containers(engine.api))
-                )
-            except (ImportError, SandboxError) as exc:  # docker creates will fail clearly
-                log.warning(
-                    "cannot reclaim orphan containers at %s: %s", self.config.docker_host, exc
-                )
-        return count
+        """Remove what a dead earlier process left behind, for every `configured` backend;
+        returns how many sandboxes."""
+        counts = [await self._reclaim(name) for name in self.configured()]
+        return sum(counts)
+
+    async def _reclaim(self, name: str) -> int:
+        """Reclaim once per backend and service (concurrent first builds share it)."""
+        task = self._reclaimed.get(name)
+        if task is None:
+            task = asyncio.ensure_future(self._reclaim_quietly(name, self.backend(name)))
+            self._reclaimed[name] = task
+        return await asyncio.shield(task)
+
+    @staticmethod
+    async def _reclaim_quietly(name: str, backend: SandboxBackend) -> int:
+        try:
+            return await backend.reclaim()
+        except Exception as exc:  # the backend still serves; say why nothing was reclaimed
+            log.warning("the %s backend could not reclaim orphans: %s", name, exc)
+            return 0
 
 
-# -- operations with host-side fallbacks --------------------------------------------
-
-
-def _optional(sandbox: Sandbox, name: str) -> Callable[..., Any] | None:
-    """The sandbox's method ``name`` if its backend has it (the one capability check)."""
-    return cast(Callable[..., Any] | None, getattr(sandbox, name, None))
+# -- operations, by declared capability ------------------------------------------------
 
 
 def workdir(sandbox: Sandbox) -> str:
     """The agent's working directory inside the sandbox."""
-    value = getattr(sandbox, "workdir", None) or getattr(sandbox, "WORKDIR", "/workspace")
-    return str(value)
+    return sandbox.workdir
 
 
-def _host_workspace(sandbox: Sandbox, what: str) -> Path:
-    workspace = getattr(sandbox, "host_workspace", None)
-    if not isinstance(workspace, Path):
-        raise InvalidRequestError(f"{what} is not supported by this sandbox backend")
-    return workspace
+def _unsupported(sandbox: Sandbox, what: str) -> InvalidRequestError:
+    kind = type(sandbox).__name__
+    return InvalidRequestError(f"{what} is not supported by this sandbox backend ({kind})")
 
 
 async def put_files(sandbox: Sandbox, files: Mapping[str, bytes]) -> None:
     """Write a task's repository into the sandbox's workdir."""
-    if not files:
-        return
-    put = _optional(sandbox, "put_files")
-    if put is not None:
-        await put(files)
-        return
-    await asyncio.to_thread(_write_files, _host_workspace(sandbox, "put_files"), files)
+    if files:
+        await sandbox.put_files(files)
 
 
 async def snapshot(sandbox: Sandbox) -> bytes:
     """A tar archive of the workdir."""
-    take = _optional(sandbox, "snapshot")
-    if take is not None:
-        return cast(bytes, await take())
-    return await asyncio.to_thread(_tar_dir, _host_workspace(sandbox, "snapshot"))
+    if not sandbox.capabilities.snapshot:
+        raise _unsupported(sandbox, "snapshot")
+    return await cast(SnapshotSandbox, sandbox).snapshot()
 
 
 async def restore(sandbox: Sandbox, archive: bytes) -> None:
     """Replace the workdir's content with a `snapshot` archive."""
-    put_back = _optional(sandbox, "restore")
-    if put_back is not None:
-        await put_back(archive)
-        return
-    await asyncio.to_thread(_untar_into, _host_workspace(sandbox, "restore"), archive)
+    if not sandbox.capabilities.snapshot:
+        raise _unsupported(sandbox, "restore")
+    await cast(SnapshotSandbox, sandbox).restore(archive)
 
 
 async def suspend(sandbox: Sandbox) -> None:
-    freeze = _optional(sandbox, "suspend")
-    if freeze is None:
-        raise InvalidRequestError("suspend is not supported by this sandbox backend")
-    await freeze()
+    if not sandbox.capabilities.suspend:
+        raise _unsupported(sandbox, "suspend")
+    await cast(SuspendableSandbox, sandbox).suspend()
 
 
 async def resume(sandbox: Sandbox) -> None:
-    thaw = _optional(sandbox, "resume")
-    if thaw is not None:
-        await thaw()
+    if sandbox.capabilities.suspend:
+        await cast(SuspendableSandbox, sandbox).resume()
 
 
 async def reset(sandbox: Sandbox, timeout_s: float, pristine: bytes | None = None) -> None:
@@ -276,22 +193,21 @@ async def reset(sandbox: Sandbox, timeout_s: float, pristine: bytes | None = Non
     Both ways cost about the same on a local sandbox (10-25 ms, mostly the new shell;
     bench/env_bench.py measures them); restoring also keeps what an image ships in its
     workdir, so it is preferred where a pristine snapshot exists."""
-    recreate = _optional(sandbox, "recreate")
-    if recreate is not None:  # docker: a new container; its writable layer goes too
+    if sandbox.capabilities.recreate:  # docker: a new container; its writable layer goes too
         async with asyncio.timeout(timeout_s):
-            await recreate(timeout_s)
+            await cast(RecreatableSandbox, sandbox).recreate(timeout_s)
         if not sandbox.alive:
             raise SandboxError(f"sandbox {sandbox.sandbox_id} died during its reset")
         return
     async with asyncio.timeout(timeout_s):
         await sandbox.execute("exit 0", timeout_s)  # the sandbox starts a new shell
-        if pristine is not None:
+        if pristine is not None and sandbox.capabilities.snapshot:
             await restore(sandbox, pristine)
             if sandbox.alive:
                 return
             raise SandboxError(f"sandbox {sandbox.sandbox_id} died during its reset")
         # POSIX sh and busybox alike (busybox find has no -delete); dotfiles too.
-        wipe = f"cd {workdir(sandbox)} && rm -rf -- ./* ./.[!.]* ./..?*"
+        wipe = f"cd {sandbox.workdir} && rm -rf -- ./* ./.[!.]* ./..?*"
         result = await sandbox.execute(wipe, timeout_s)
     if result.exit_code != 0 or not sandbox.alive:
         raise SandboxError(f"sandbox {sandbox.sandbox_id}: reset failed: {result.output[-500:]}")
@@ -313,31 +229,3 @@ def shell_died_between_calls(output: str) -> bool:
     outside, or by the kernel): the task's shell state is gone, an infrastructure fault.
     A shell that exits under a command (`exit`) reports it at the end instead."""
     return output.startswith(SHELL_RESTARTED)
-
-
-def _write_files(workspace: Path, files: Mapping[str, bytes]) -> None:
-    for rel, content in files.items():
-        target = workspace / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
-
-
-def _tar_dir(root: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for child in sorted(root.iterdir()):
-            tar.add(child, arcname=child.name)
-    return buffer.getvalue()
-
-
-def _untar_into(root: Path, archive: bytes) -> None:
-    for child in root.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-    try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
-            tar.extractall(root, filter="data")
-    except (tarfile.TarError, OSError) as exc:
-        raise InvalidRequestError(f"the snapshot cannot be restored: {exc}") from exc

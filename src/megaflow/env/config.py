@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class EnvServiceConfig(BaseModel):
-    """Settings of one Environment Service (local bubblewrap backend, optionally Docker)."""
+    """Settings of one Environment Service (its sandbox backends: local bubblewrap by
+    default, Docker where an endpoint is set, any registered plug-in)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -43,8 +45,14 @@ class EnvServiceConfig(BaseModel):
     )
     default_backend: str = Field(
         default="local",
-        pattern=r"^(local|docker)$",
-        description="Backend of requests whose placement names none, and of the warm pools.",
+        min_length=1,
+        description="Backend of requests whose placement names none, and of the warm pools: "
+        "any registered sandbox backend (`megaflow.env.registry`), checked at start.",
+    )
+    backends: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Settings of sandbox backends by name, each validated by its backend's "
+        "config class; a backend named here is offered (and reclaimed) from the start.",
     )
     docker_host: str | None = Field(
         default=None,

@@ -36,12 +36,13 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from megaflow.core.errors import DeadlineExceededError, InvalidRequestError
+from megaflow.env import backends
 from megaflow.env.blobs import BlobCache, BlobStore, check_digest
 from megaflow.env.config import EnvServiceConfig
-from megaflow.env.sandbox import Sandbox
+from megaflow.env.sandbox import HostWorkspaceSandbox, Sandbox
 from megaflow.v1 import common_pb2, env_pb2
 
 OUTPUT_TAIL_CHARS = 2000
@@ -102,7 +103,7 @@ class WorkspaceMaker:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        home = f"cd {shlex.quote(_workdir(sandbox))}"
+        home = f"cd {shlex.quote(backends.workdir(sandbox))}"
         for index, command in enumerate([home, *commands, home]):
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -124,7 +125,7 @@ class WorkspaceMaker:
             if workspace is not None:
                 await _in_thread(_extract, archive, workspace)
             else:
-                await sandbox.restore(await asyncio.to_thread(archive.read_bytes))
+                await backends.restore(sandbox, await asyncio.to_thread(archive.read_bytes))
 
     async def _git(self, sandbox: Sandbox, source: common_pb2.GitSource, timeout_s: float) -> None:
         if not source.url or source.url.startswith("-"):
@@ -139,7 +140,7 @@ class WorkspaceMaker:
         with tempfile.TemporaryDirectory(prefix="megaflow-git-") as tmp:
             await _checkout(mirror, sha, source.url, Path(tmp), timeout_s)
             archive = await asyncio.to_thread(_tar_bytes, Path(tmp))
-        await sandbox.restore(archive)
+        await backends.restore(sandbox, archive)
 
 
 class GitMirrors:
@@ -280,10 +281,8 @@ def _tar_bytes(root: Path) -> bytes:
 
 
 def _host_workspace(sandbox: Sandbox) -> Path | None:
-    workspace = getattr(sandbox, "host_workspace", None)
-    return workspace if isinstance(workspace, Path) else None
-
-
-def _workdir(sandbox: Sandbox) -> str:
-    value = getattr(sandbox, "workdir", None) or getattr(sandbox, "WORKDIR", "/workspace")
-    return str(value)
+    """The workdir's host directory, where the backend declares one."""
+    if not sandbox.capabilities.host_workspace:
+        return None
+    workspace: Path = cast(HostWorkspaceSandbox, sandbox).host_workspace
+    return workspace

@@ -3,6 +3,11 @@
 `LocalSandbox` (bubblewrap + cgroups, `megaflow.env.local`) and `DockerSandbox`
 (Docker Engine, runc or gVisor, `megaflow.env.docker`) both satisfy `Sandbox`; the
 Environment Service holds sandboxes only through this interface.
+
+What a sandbox can do beyond the core is *declared* in its `capabilities`
+(`Capabilities`); the methods of each capability form their own protocol
+(`SuspendableSandbox`, `SnapshotSandbox`, `RecreatableSandbox`), and
+`megaflow.env.backends` calls them only where the sandbox declares them.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import Literal, Protocol, Self
+from typing import ClassVar, Literal, Protocol, Self
 
 from megaflow.core.errors import SandboxError
 
@@ -32,10 +38,31 @@ class CommandResult:
     """Wall time from sending the command to its result."""
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a sandbox backend can do beyond the core `Sandbox` protocol (declared by the
+    backend, never probed)."""
+
+    suspend: bool = False
+    """`SuspendableSandbox`: freeze every process while the agent waits, thaw later."""
+    snapshot: bool = False
+    """`SnapshotSandbox`: the workdir as a tar archive, and restoring one (snapshots,
+    ``restore_from``, and a persistent pool's reset to the pristine workdir)."""
+    host_workspace: bool = False
+    """`HostWorkspaceSandbox`: the workdir is a directory on the service's host, so a
+    large repository is written there directly instead of through an archive."""
+    recreate: bool = False
+    """`RecreatableSandbox`: a persistent pool's reset replaces the whole sandbox (nothing
+    of the previous tenant survives, outside the workdir included) instead of restarting
+    the shell and restoring the workdir."""
+
+
 class Sandbox(Protocol):
     """One isolated environment with a persistent shell and a writable workdir."""
 
     sandbox_id: str
+    capabilities: ClassVar[Capabilities]
+    """What this sandbox can do beyond this protocol (see `Capabilities`)."""
 
     @property
     def workdir(self) -> str:
@@ -61,11 +88,23 @@ class Sandbox(Protocol):
 
     async def cwd(self) -> str: ...
 
+    async def stop(self) -> None:
+        """Idempotent: kill everything, remove every trace (processes, cgroups, dirs)."""
+        ...
+
+
+class SuspendableSandbox(Sandbox, Protocol):
+    """A sandbox whose `capabilities` declare ``suspend``."""
+
     async def suspend(self) -> None:
         """Freeze every process (cgroup freezer / docker pause); `resume` thaws them."""
         ...
 
     async def resume(self) -> None: ...
+
+
+class SnapshotSandbox(Sandbox, Protocol):
+    """A sandbox whose `capabilities` declare ``snapshot``."""
 
     async def snapshot(self) -> bytes:
         """A tar archive of the workdir's current state (its changes since start)."""
@@ -75,8 +114,19 @@ class Sandbox(Protocol):
         """Replace the workdir's content with a `snapshot` archive."""
         ...
 
-    async def stop(self) -> None:
-        """Idempotent: kill everything, remove every trace (processes, cgroups, dirs)."""
+
+class HostWorkspaceSandbox(Sandbox, Protocol):
+    """A sandbox whose `capabilities` declare ``host_workspace``."""
+
+    host_workspace: Path
+    """The workdir's directory on the host (the sandbox sees it as `workdir`)."""
+
+
+class RecreatableSandbox(Sandbox, Protocol):
+    """A sandbox whose `capabilities` declare ``recreate``."""
+
+    async def recreate(self, timeout_s: float = 30.0) -> None:
+        """Replace the sandbox by a fresh one of the same spec (a persistent pool's reset)."""
         ...
 
 

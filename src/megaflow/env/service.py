@@ -5,7 +5,8 @@
 write or edit a file, or submit — which copies the hidden files in and runs the
 evaluation inside the sandbox).
 
-Placement picks the backend (``local`` bubblewrap, or ``docker``) and the mode:
+Placement picks the backend (``local`` bubblewrap, ``docker``, or any registered in
+`megaflow.env.registry`) and the mode:
 ``ephemeral`` environments get a fresh sandbox, stopped at release; ``persistent``
 ones are reset to the image state at release and pooled for the next task (see
 `megaflow.env.pool`). Both take a warm, never-used sandbox from the pool when one is
@@ -49,7 +50,11 @@ from megaflow.env.repos import WorkspaceMaker
 from megaflow.env.sandbox import CommandResult
 from megaflow.v1 import common_pb2, env_pb2
 
-__all__ = ["EnvServiceConfig", "LocalEnvironmentService", "check_relative_path"]
+__all__ = [
+    "EnvServiceConfig",
+    "SandboxEnvironmentService",
+    "check_relative_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +62,9 @@ MAX_FILES_BYTES = 32 * 1024 * 1024
 _T = TypeVar("_T")
 
 
-class LocalEnvironmentService:
-    """The Environment Service on this host (local sandboxes; Docker when configured)."""
+class SandboxEnvironmentService:
+    """The Environment Service on this host: sandboxes of every registered backend
+    (bubblewrap by default, Docker where configured, plug-ins)."""
 
     def __init__(self, config: EnvServiceConfig | None = None) -> None:
         self.config = config or EnvServiceConfig()
@@ -103,7 +109,7 @@ class LocalEnvironmentService:
         await self.pool.stop()
         await self.factory.aclose()
 
-    async def __aenter__(self) -> LocalEnvironmentService:
+    async def __aenter__(self) -> SandboxEnvironmentService:
         await self.start()
         return self
 

@@ -5,7 +5,7 @@
 
 The synthetic tasks (`megaflow.tasks.swe_synth`) need ``/bin/sh``, the usual shell
 tools and ``python3`` with the standard library (``unittest``, ``json``). The image is
-the busybox rootfs of `megaflow.env.images_build` (with bash) plus the host's Debian
+the busybox rootfs of `megaflow.env.images.build` (with bash) plus the host's Debian
 ``/usr/bin/python3.11``, the shared libraries ``ldd`` lists for it and for its extension
 modules, and ``/usr/lib/python3.11`` without tests, IDLE, tkinter, ensurepip and
 ``__pycache__`` folders; ``docker import``ed like `megaflow.testing.dockerd`'s busybox
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import docker  # type: ignore[import-untyped]
 
-from megaflow.env.images_build import _copy_with_libraries, build_busybox_rootfs, tar_layer
+from megaflow.env.images.build import _copy_with_libraries, build_busybox_rootfs, tar_layer
 
 PYTHON = Path("/usr/bin/python3.11")
 STDLIB = Path("/usr/lib/python3.11")

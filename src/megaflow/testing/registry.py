@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import io
 import os
 import signal
@@ -25,7 +24,8 @@ from typing import Literal
 
 import aiohttp
 
-from megaflow.env.images_build import build_oci_image, tar_layer
+from megaflow.env.images.build import build_oci_image, tar_layer
+from megaflow.env.images.digests import bytes_digest
 from megaflow.testing.server import free_port
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
@@ -141,10 +141,6 @@ class LocalRegistry:
         self.stop()
 
 
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 async def push_image(
     address: str,
     repository: str,
@@ -174,7 +170,7 @@ async def push_image(
 async def _upload_blob(
     session: aiohttp.ClientSession, base: str, address: str, blob: bytes
 ) -> None:
-    digest = _digest(blob)
+    digest = bytes_digest(blob)
     async with session.head(f"{base}/blobs/{digest}") as r:
         if r.status == 200:
             return

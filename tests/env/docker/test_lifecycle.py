@@ -7,6 +7,7 @@ import io
 import os
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,21 @@ async def test_a_container_killed_from_outside_is_started_again(
     r = await sandbox.execute("cat kept.txt", 30)
     assert (r.exit_code, r.output) == (0, "kept")
     assert sandbox.alive
+
+
+async def test_docker_calls_do_not_wait_for_the_default_thread_pool(
+    make_sandbox: Factory,
+) -> None:
+    """The engine runs the docker SDK on its own pool: with every thread of asyncio's
+    default pool blocked (as by long image extractions), a sandbox still starts and runs."""
+    release = threading.Event()
+    loop = asyncio.get_running_loop()
+    hogs = [loop.run_in_executor(None, release.wait) for _ in range(64)]  # > any default size
+    try:
+        async with asyncio.timeout(120):  # a hang guard: on the shared pool this never ends
+            sandbox = await make_sandbox()
+            result = await sandbox.execute("echo hi", 10)
+        assert result.output == "hi\n" and result.exit_code == 0
+    finally:
+        release.set()
+        await asyncio.gather(*hogs)

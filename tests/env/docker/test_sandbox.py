@@ -12,7 +12,7 @@ import pytest
 from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env.docker import DockerEngine, DockerSandbox
 from megaflow.env.docker.sandbox import MAX_FILE_BYTES
-from megaflow.env.local.shell import TRUNCATION_MARKER
+from megaflow.env.shell import TRUNCATION_MARKER
 from tests.env.docker.conftest import Factory
 
 pytestmark = pytest.mark.integration

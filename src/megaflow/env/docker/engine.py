@@ -1,8 +1,14 @@
 """A Docker daemon connection shared by sandboxes: the ``docker`` client, off the loop.
 
 ``docker.APIClient`` is synchronous; :meth:`DockerEngine.call` runs each request in a
-worker thread and turns every daemon or transport failure into a
+thread of the engine's own pool and turns every daemon or transport failure into a
 :class:`~megaflow.core.errors.SandboxError` (retryable: the platform failed).
+
+Its own pool, not asyncio's default one: that one has ``min(32, cores + 4)`` threads
+(6 on a 2-core host), shared with image extraction and file removal, so a few slow
+extractions held up every container create, and at most that many requests were in
+flight however large the connection pool. The engine's pool has as many threads as
+connections (``max_pool_size``), so connections are the one limit.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import asyncio
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import docker  # type: ignore[import-untyped]
@@ -32,7 +39,8 @@ class DockerEngine:
 
     - ``base_url``: the daemon's address, ``unix://`` (needed for attached shells).
     - ``timeout_s``: socket timeout of each API request.
-    - ``max_pool_size``: connections kept to the daemon (>= concurrent requests).
+    - ``max_pool_size``: connections kept to the daemon, and threads of the engine's
+      own pool: requests in flight at once.
     """
 
     def __init__(
@@ -49,6 +57,7 @@ class DockerEngine:
         self.timeout_s = timeout_s
         self._max_pool_size = max_pool_size
         self._api: docker.APIClient | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     @property
@@ -81,13 +90,21 @@ class DockerEngine:
             return fn(self.api)
 
         try:
-            return await asyncio.to_thread(run)
+            return await asyncio.get_running_loop().run_in_executor(self._pool(), run)
         except docker.errors.ImageNotFound as exc:
             raise SandboxError(f"{what}: image not found: {_explain(exc)}") from exc
         except docker.errors.APIError as exc:
             raise SandboxError(f"{what}: docker daemon error: {_explain(exc)}") from exc
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise SandboxError(f"{what}: docker daemon unreachable: {exc}") from exc
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    self._max_pool_size, thread_name_prefix="megaflow-docker"
+                )
+            return self._executor
 
     def reachable(self) -> bool:
         """Whether the daemon's socket accepts a connection (a quick check, no request).
@@ -104,11 +121,15 @@ class DockerEngine:
         return True
 
     def close(self) -> None:
-        """Close the client's connections."""
+        """Close the client's connections and let the pool's threads end (a request still
+        running finishes; a later call starts a new pool)."""
         with self._lock:
             if self._api is not None:
                 self._api.close()
                 self._api = None
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+                self._executor = None
 
 
 def _explain(exc: docker.errors.APIError) -> str:

@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 import posixpath
 import tarfile
 from collections.abc import Mapping
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
-
-
-def check_timeout(timeout_s: float) -> None:
-    if not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise InvalidRequestError(f"timeout_s must be a positive number, got {timeout_s!r}")
-
-
-def sandbox_path(path: str, workdir: str) -> str:
-    """Validate a sandbox path; relative paths are taken relative to ``workdir``."""
-    if not isinstance(path, str) or not path:
-        raise InvalidRequestError("path must be a non-empty string")
-    if "\0" in path or len(path) > 4096:
-        raise InvalidRequestError(f"invalid path {path[:100]!r}")
-    return path if path.startswith("/") else f"{workdir}/{path}"
 
 
 def relative_member(name: str) -> str:

@@ -23,7 +23,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Mapping
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import docker  # type: ignore[import-untyped]
 import docker.errors  # type: ignore[import-untyped]
@@ -34,13 +34,18 @@ from megaflow.env.docker.engine import DockerEngine
 from megaflow.env.docker.orphans import owner_labels
 from megaflow.env.docker.session import ShellSession
 from megaflow.env.docker.shell import SAFE_PATH, command_line, sh_quote, user_command_line
-from megaflow.env.sandbox import CommandResult, Sandbox, SandboxLifecycle
+from megaflow.env.sandbox import (
+    Capabilities,
+    RecreatableSandbox,
+    SandboxLifecycle,
+    SnapshotSandbox,
+    SuspendableSandbox,
+)
+from megaflow.env.shell import Exchange, LineBuilder, ShellSandbox, sandbox_path
 
 WORKDIR = "/workspace"
 MAX_FILE_BYTES = 8 * 1024 * 1024
 """Largest file :meth:`DockerSandbox.read_file` / :meth:`DockerSandbox.write_file` move."""
-MAX_COMMAND_BYTES = 1024 * 1024
-"""Largest command :meth:`DockerSandbox.execute` accepts (UTF-8 bytes)."""
 MAX_ARCHIVE_BYTES = 64 * 1024 * 1024
 """Largest archive :meth:`put_files`, :meth:`snapshot` and :meth:`restore` move."""
 FILE_OP_TIMEOUT_S = 60.0
@@ -53,7 +58,7 @@ _SH_PREFIX = re.compile(r"^(?:sh|ash|dash|bash|/bin/sh)(?:: line \d+)?: ", re.MU
 T = TypeVar("T")
 
 
-class DockerSandbox(SandboxLifecycle):
+class DockerSandbox(SandboxLifecycle, ShellSandbox):
     """A Docker container with a persistent shell, memory, pids and CPU limits.
 
     Not safe to share between event loops. Calls on one sandbox are serialised;
@@ -79,6 +84,7 @@ class DockerSandbox(SandboxLifecycle):
     _BOOT_ERRORS = (SandboxError,)  # the daemon's failures, already wrapped
 
     WORKDIR = WORKDIR
+    capabilities: ClassVar[Capabilities] = Capabilities(suspend=True, snapshot=True, recreate=True)
 
     def __init__(
         self,
@@ -164,45 +170,16 @@ class DockerSandbox(SandboxLifecycle):
 
     # -- commands and files ------------------------------------------------------------
 
-    async def execute(self, command: str, timeout_s: float) -> CommandResult:
-        """Run ``command`` in the persistent shell (cwd and environment persist)."""
-        if not isinstance(command, str) or not command.strip():
-            raise InvalidRequestError("command must be a non-empty string")
-        if "\0" in command:
-            raise InvalidRequestError("command must not contain NUL bytes")
-        if len(command.encode("utf-8", errors="surrogatepass")) > MAX_COMMAND_BYTES:
-            raise InvalidRequestError(f"command longer than {MAX_COMMAND_BYTES} bytes")
-        files.check_timeout(timeout_s)
-        async with self._lock:
-            note = await self._ready()
-            ex = await self._session.exchange(
-                lambda nonce: user_command_line(command, nonce), timeout_s, self._output_bytes
-            )
-        output = ex.sink.text()
-        if note:
-            output = f"{note}\n{output}"
-        if ex.timed_out:
-            output += f"\n[megaflow: command timed out after {timeout_s:g} s and was killed]\n"
-        if ex.note:
-            output += f"\n{ex.note}\n"
-        if ex.timed_out:
-            exit_code = 137
-        elif ex.status is None:  # the shell itself exited (``exit 3``, killed for memory)
-            exit_code = 137 if ex.exit_code is None else ex.exit_code
-        else:
-            exit_code = ex.status
-        return CommandResult(output, exit_code, ex.timed_out, ex.sink.truncated, ex.duration_s)
-
     async def read_file(self, path: str) -> bytes:
         """Read a file as the container sees it (symlinks resolve inside)."""
-        target = files.sandbox_path(path, WORKDIR)
+        target = sandbox_path(path, WORKDIR)
         code = f"__mf_read {sh_quote(target)} {MAX_FILE_BYTES}"
         raw = await self._file_op("read_file", path, code, files.b64_cap(MAX_FILE_BYTES))
         return files.b64_decode(raw, f"read_file {path!r}")
 
     async def write_file(self, path: str, content: bytes) -> None:
         """Write ``content`` to ``path`` inside the container, creating parent folders."""
-        target = files.sandbox_path(path, WORKDIR)
+        target = sandbox_path(path, WORKDIR)
         if not isinstance(content, (bytes, bytearray, memoryview)):
             raise InvalidRequestError("write_file content must be bytes")
         data = bytes(content)
@@ -271,7 +248,13 @@ class DockerSandbox(SandboxLifecycle):
             await self._engine.call("unpause", lambda api: api.unpause(self.container_name))
             self._suspended = False
 
-    async def _ready(self) -> str:
+    def _user_line(self, command: str, nonce: str) -> bytes:
+        return user_command_line(command, nonce)
+
+    async def _exchange(self, line: LineBuilder, timeout_s: float, cap: int) -> Exchange:
+        return await self._session.exchange(line, timeout_s, cap)
+
+    async def _ready_shell(self) -> str:
         """Check the sandbox is usable (resuming it); resync or restart the shell."""
         self._check_running()
         await self._resume_locked()
@@ -281,10 +264,8 @@ class DockerSandbox(SandboxLifecycle):
 
     async def _file_op(self, op: str, path: str, code: str, cap: int) -> bytes:
         async with self._lock:
-            await self._ready()
-            ex = await self._session.exchange(
-                lambda n: command_line(code, n), FILE_OP_TIMEOUT_S, cap
-            )
+            await self._ready_shell()
+            ex = await self._exchange(lambda n: command_line(code, n), FILE_OP_TIMEOUT_S, cap)
         if ex.timed_out:
             raise SandboxError(f"{op} {path!r}: timed out after {FILE_OP_TIMEOUT_S} s")
         if ex.status is None:
@@ -335,6 +316,8 @@ class DockerSandbox(SandboxLifecycle):
                 await asyncio.sleep(0.1)
 
 
-def _conforms(sandbox: DockerSandbox) -> Sandbox:
-    """Never called: makes mypy check DockerSandbox against the Sandbox protocol."""
-    return sandbox
+def _conforms(
+    sandbox: DockerSandbox,
+) -> tuple[SuspendableSandbox, SnapshotSandbox, RecreatableSandbox]:
+    """Never called: makes mypy check DockerSandbox against the protocols it declares."""
+    return sandbox, sandbox, sandbox

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import docker  # type: ignore[import-untyped]
 
@@ -23,28 +21,19 @@ from megaflow.core.errors import SandboxError
 from megaflow.env.docker.engine import DockerEngine
 from megaflow.env.docker.shell import KILL_SCRIPT, parse_ready, ready_line
 from megaflow.env.docker.stream import ExecStream
-from megaflow.env.local.sandbox import SHELL_RESTARTED  # the same note as local shells
-from megaflow.env.local.shell import OutputCollector, marker, new_nonce
+from megaflow.env.shell import (
+    SHELL_RESTARTED,
+    Exchange,
+    LineBuilder,
+    OutputCollector,
+    marker,
+    new_nonce,
+)
 
 INTERRUPT_GRACE_S = 2.0
 """How long a timed-out command's shell gets to come back before it is replaced."""
 SPAWN_TIMEOUT_S = 30.0
 KILL_TIMEOUT_S = 15.0
-
-LineBuilder = Callable[[str], bytes]
-"""Builds the control line of one exchange from its nonce."""
-
-
-@dataclass
-class Exchange:
-    """Raw outcome of one line sent to the shell."""
-
-    status: int | None  # None: the shell died
-    sink: OutputCollector
-    timed_out: bool
-    duration_s: float
-    note: str = ""
-    exit_code: int | None = None  # the shell's exit status when it died
 
 
 class ShellSession:

@@ -5,7 +5,7 @@ sandbox. Instead the exec is *started* here: one HTTP request on the daemon's un
 socket asking for a connection upgrade, after which the socket carries the process's
 stdin one way and Docker's multiplexed stdout/stderr frames (8-byte header: stream,
 0, 0, 0, big-endian length) the other. Frames are unpacked into an
-:class:`asyncio.StreamReader`, so the local backend's :class:`ShellReader` reads them.
+:class:`asyncio.StreamReader`, so the shared :class:`~megaflow.env.shell.ShellReader` reads them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import contextlib
 import json
 
 from megaflow.core.errors import SandboxError
-from megaflow.env.local.shell import ShellReader
+from megaflow.env.shell import ShellReader
 
 _READ_LIMIT = 1 << 20
 _MAX_HEADER_BYTES = 64 * 1024

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Sequence
 
 from megaflow.env.local import procs
-from megaflow.env.local.shell import ShellReader
+from megaflow.env.shell import ShellReader
 
 _READ_LIMIT = 1 << 20
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env.local.bwrap import INBOX, WORKDIR, bwrap_argv, image_has_bash, launcher_argv
@@ -36,21 +35,21 @@ from megaflow.env.local.owner import Owner
 from megaflow.env.local.process import ShellProcess
 from megaflow.env.local.quota import mount_workspace
 from megaflow.env.local.seccomp import filter_program
-from megaflow.env.local.shell import (
+from megaflow.env.local.shell import ansi_c_quote, command_line, ready_line, user_command_line
+from megaflow.env.sandbox import Capabilities, SandboxLifecycle
+from megaflow.env.shell import (
+    SHELL_RESTARTED,
+    Exchange,
+    LineBuilder,
     OutputCollector,
-    ansi_c_quote,
-    command_line,
+    ShellSandbox,
     marker,
     new_nonce,
-    ready_line,
-    user_command_line,
+    sandbox_path,
 )
-from megaflow.env.sandbox import CommandResult, SandboxLifecycle
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
 """Largest file :meth:`LocalSandbox.read_file` / :meth:`LocalSandbox.write_file` move."""
-MAX_COMMAND_BYTES = 1024 * 1024
-"""Largest command :meth:`LocalSandbox.execute` accepts (UTF-8 bytes)."""
 FILE_OP_TIMEOUT_S = 60.0
 INTERRUPT_GRACE_S = 2.0
 """How long a timed-out command's shell gets to come back before it is replaced."""
@@ -58,26 +57,11 @@ RESTART_TIMEOUT_S = 10.0
 HANG_CHECK_S = 1.0
 """While a command runs, how often the sandbox checks it was not frozen from outside."""
 
-SHELL_RESTARTED = "[megaflow: the shell exited; a new shell was started]"
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_LineBuilder = Callable[[str], bytes]
-"""Builds the control line of one exchange from its nonce."""
 _BASH_PREFIX = re.compile(r"^[\w./-]+: line \d+: ", re.MULTILINE)
 
 
-@dataclass
-class _Exchange:
-    """Raw outcome of one line sent to the shell."""
-
-    status: int | None  # None: the shell died
-    sink: OutputCollector
-    timed_out: bool
-    duration_s: float
-    note: str = ""
-    exit_code: int | None = None  # the shell's exit status when it died
-
-
-class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling):
+class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandbox):
     """A bubblewrap sandbox with a persistent shell, memory and pids limits.
 
     Not safe to share between event loops. Calls on one sandbox are serialised;
@@ -119,6 +103,9 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling):
     """
 
     WORKDIR = WORKDIR
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        suspend=True, snapshot=True, host_workspace=True
+    )
 
     def __init__(
         self,
@@ -188,34 +175,8 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling):
 
     # -- commands and files ----------------------------------------------------------
 
-    async def execute(self, command: str, timeout_s: float) -> CommandResult:
-        """Run ``command`` in the persistent shell (cwd and environment persist)."""
-        if not isinstance(command, str) or not command.strip():
-            raise InvalidRequestError("command must be a non-empty string")
-        if "\0" in command:
-            raise InvalidRequestError("command must not contain NUL bytes")
-        if len(command.encode("utf-8", errors="surrogatepass")) > MAX_COMMAND_BYTES:
-            raise InvalidRequestError(f"command longer than {MAX_COMMAND_BYTES} bytes")
-        _check_timeout(timeout_s)
-        async with self._lock:
-            note = await self._ready_shell()
-            ex = await self._exchange(
-                lambda nonce: user_command_line(command, nonce), timeout_s, self._output_bytes
-            )
-        output = ex.sink.text()
-        if note:
-            output = f"{note}\n{output}"
-        if ex.timed_out:
-            output += f"\n[megaflow: command timed out after {timeout_s:g} s and was killed]\n"
-        if ex.note:
-            output += f"\n{ex.note}\n"
-        if ex.timed_out:
-            exit_code = 137
-        elif ex.status is None:  # the shell itself exited (``exit 3``, killed for memory)
-            exit_code = 137 if ex.exit_code is None else ex.exit_code
-        else:
-            exit_code = ex.status
-        return CommandResult(output, exit_code, ex.timed_out, ex.sink.truncated, ex.duration_s)
+    def _user_line(self, command: str, nonce: str) -> bytes:
+        return user_command_line(command, nonce)
 
     async def read_file(self, path: str) -> bytes:
         """Read a file as the sandbox sees it (symlinks resolve inside the sandbox)."""
@@ -382,7 +343,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling):
             await self._kill_processes()
             raise SandboxError(f"sandbox {self.sandbox_id} was stopped")
 
-    async def _exchange(self, line: _LineBuilder, timeout_s: float, cap: int) -> _Exchange:
+    async def _exchange(self, line: LineBuilder, timeout_s: float, cap: int) -> Exchange:
         """Send one control line and collect its output until the sentinel."""
         shell = self._shell
         assert shell is not None
@@ -411,12 +372,12 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling):
             self._stale = sentinel
             self._kill_workload(signal_shell=True)
             raise
-        ex = _Exchange(status, sink, timed_out, time.perf_counter() - started)
+        ex = Exchange(status, sink, timed_out, time.perf_counter() - started)
         if status is None:
             await self._after_shell_death(ex)
         return ex
 
-    async def _after_shell_death(self, ex: _Exchange) -> None:
+    async def _after_shell_death(self, ex: Exchange) -> None:
         """The shell died under a command: record why, and start a new one."""
         shell = self._shell
         assert shell is not None
@@ -485,7 +446,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling):
         finally:
             await asyncio.to_thread(self._remove_files)
 
-    def _check_file_op(self, op: str, path: str, ex: _Exchange) -> None:
+    def _check_file_op(self, op: str, path: str, ex: Exchange) -> None:
         if ex.timed_out:
             raise SandboxError(f"{op} {path!r}: timed out after {FILE_OP_TIMEOUT_S} s")
         if ex.status is None:
@@ -495,15 +456,6 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling):
             raise InvalidRequestError(f"{op} {path!r}: {message}")
 
 
-def _check_timeout(timeout_s: float) -> None:
-    if not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise InvalidRequestError(f"timeout_s must be a positive number, got {timeout_s!r}")
-
-
 def _sandbox_path(path: str) -> str:
     """Validate a sandbox path; relative paths are taken relative to /workspace."""
-    if not isinstance(path, str) or not path:
-        raise InvalidRequestError("path must be a non-empty string")
-    if "\0" in path or len(path) > 4096:
-        raise InvalidRequestError(f"invalid path {path[:100]!r}")
-    return path if path.startswith("/") else f"{WORKDIR}/{path}"
+    return sandbox_path(path, WORKDIR)

@@ -14,7 +14,6 @@ too: its libraries are copied as well). Blocking functions.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from megaflow.core.errors import InvalidRequestError
+from megaflow.env.images.digests import bytes_digest
 
 BUSYBOX = Path("/bin/busybox")
 _LDD_PATH = re.compile(r"(/\S+)")
@@ -114,11 +114,6 @@ MEDIA_TYPES = {
 """Manifest, config and layer media types of each manifest flavour."""
 
 
-def sha256_digest(data: bytes) -> str:
-    """``sha256:<hex>`` of ``data``."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 @dataclass(frozen=True)
 class OciImage:
     """An image as bytes: gzip layers, config and manifest (digest = manifest's)."""
@@ -130,7 +125,7 @@ class OciImage:
 
     @property
     def digest(self) -> str:
-        return sha256_digest(self.manifest)
+        return bytes_digest(self.manifest)
 
 
 def build_oci_image(
@@ -144,7 +139,7 @@ def build_oci_image(
             "architecture": "amd64",
             "os": "linux",
             "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"]},
-            "rootfs": {"type": "layers", "diff_ids": [sha256_digest(x) for x in layers]},
+            "rootfs": {"type": "layers", "diff_ids": [bytes_digest(x) for x in layers]},
         },
         sort_keys=True,
     ).encode()
@@ -155,10 +150,10 @@ def build_oci_image(
             "config": {
                 "mediaType": config_type,
                 "size": len(config),
-                "digest": sha256_digest(config),
+                "digest": bytes_digest(config),
             },
             "layers": [
-                {"mediaType": layer_type, "size": len(b), "digest": sha256_digest(b)} for b in blobs
+                {"mediaType": layer_type, "size": len(b), "digest": bytes_digest(b)} for b in blobs
             ],
         },
         sort_keys=True,
@@ -172,7 +167,7 @@ def write_oci_layout(dest: Path, image: OciImage, tag: str = "latest") -> Path:
     blobs = Path(dest) / "blobs" / "sha256"
     blobs.mkdir(parents=True)
     for blob in (*image.layers, image.config, image.manifest):
-        (blobs / sha256_digest(blob).split(":", 1)[1]).write_bytes(blob)
+        (blobs / bytes_digest(blob).split(":", 1)[1]).write_bytes(blob)
     index = {
         "schemaVersion": 2,
         "manifests": [

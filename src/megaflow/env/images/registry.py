@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
+from megaflow.env.images.digests import bytes_digest
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.manifest.v1+json",
@@ -69,10 +70,6 @@ class Manifest:
     """(digest, size) of each layer, lowest first."""
 
 
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 class RegistryClient:
     """Talks to registries over plain HTTP (``scheme="http"``) or HTTPS."""
 
@@ -87,10 +84,8 @@ class RegistryClient:
         """The image's manifest (an index is followed to its linux/amd64 entry)."""
         body, media_type = await self._manifest(ref, ref.reference, image)
         if media_type in INDEX_TYPES or "manifests" in body:
-            chosen = _pick_platform(body.get("manifests", []))
-            if chosen is None:
-                raise ImageNotFoundError(f"image {image}: no linux/amd64 manifest in its index")
-            body, _ = await self._manifest(ref, chosen, image)
+            chosen = pick_platform(body.get("manifests", []), image)
+            body, _ = await self._manifest(ref, str(chosen["digest"]), image)
         raw, digest = body.pop("__raw__"), body.pop("__digest__")
         del raw
         layers = tuple((str(d["digest"]), int(d.get("size", 0))) for d in body.get("layers", []))
@@ -118,7 +113,7 @@ class RegistryClient:
             raise SandboxError(f"image {image}: registry {ref.host} unreachable: {exc!r}") from exc
         if len(raw) > MAX_MANIFEST_BYTES:
             raise SandboxError(f"image {image}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
-        digest = _digest(raw)
+        digest = bytes_digest(raw)
         if reference.startswith("sha256:") and digest != reference:
             raise SandboxError(f"image {image}: manifest digest {digest} != {reference}")
         try:
@@ -150,9 +145,24 @@ class RegistryClient:
             raise SandboxError(f"image {image}: layer digest mismatch: got {got}, want {digest}")
 
 
-def _pick_platform(entries: list[Any]) -> str | None:
-    for entry in entries:
-        platform = entry.get("platform", {}) if isinstance(entry, dict) else {}
-        if platform.get("os") == "linux" and platform.get("architecture") == "amd64":
-            return str(entry["digest"])
-    return None
+PLATFORM = ("linux", "amd64")
+"""(os, architecture) of the images the sandboxes run."""
+
+
+def pick_platform(entries: list[Any], image: str) -> dict[str, Any]:
+    """The entry of an image index (manifest list) that sandboxes can run: the one for
+    `PLATFORM`; else a lone entry that names no platform (an index written for one
+    image, as ``docker save`` does). ImageNotFoundError otherwise, naming what it has."""
+    usable = [e for e in entries if isinstance(e, dict) and "digest" in e]
+    if not usable:
+        raise ImageNotFoundError(f"image {image}: the index lists no manifest")
+    platforms = [e.get("platform") or {} for e in usable]
+    for entry, platform in zip(usable, platforms, strict=True):
+        if (platform.get("os"), platform.get("architecture")) == PLATFORM:
+            return entry
+    if len(usable) == 1 and not platforms[0]:
+        return usable[0]
+    found = ", ".join(f"{p.get('os')}/{p.get('architecture')}" for p in platforms)
+    raise ImageNotFoundError(
+        f"image {image}: no {'/'.join(PLATFORM)} manifest in its index ({found})"
+    )

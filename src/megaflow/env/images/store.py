@@ -11,9 +11,9 @@ Image references:
   evicted);
 - ``tar:/abs/path.tar[.gz|.xz]``: a rootfs tarball, cached by the sha256 of the file;
 - ``oci:/abs/path``: an OCI image layout or ``docker save`` output, as a folder or an
-  archive (see :mod:`megaflow.env.images_oci`), cached by manifest (or config) digest;
+  archive (see :mod:`megaflow.env.images.oci`), cached by manifest (or config) digest;
 - ``registry:HOST[:PORT]/REPO[:TAG|@sha256:...]``: pulled over the Registry HTTP API v2
-  (see :mod:`megaflow.env.images_registry`), cached by manifest digest; layers are
+  (see :mod:`megaflow.env.images.registry`), cached by manifest digest; layers are
   verified against their digests and applied in order with whiteouts.
 
 Cache: ``cache_dir/images/<sha256 hex>/`` (``rootfs/`` and ``meta.json``) appears by an
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import secrets
@@ -45,9 +44,10 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
 
 from megaflow.core.errors import InvalidRequestError, MegaFlowError, SandboxError
-from megaflow.env.images_extract import apply_layer, tree_size
-from megaflow.env.images_oci import LocalImage, read_layout, unpack_archive, verify_layers
-from megaflow.env.images_registry import ImageNotFoundError, RegistryClient, RegistryRef
+from megaflow.env.images.digests import file_digest
+from megaflow.env.images.extract import apply_layer, tree_size
+from megaflow.env.images.oci import LocalImage, read_layout, unpack_archive, verify_layers
+from megaflow.env.images.registry import ImageNotFoundError, RegistryClient, RegistryRef
 
 __all__ = ["Image", "ImageNotFoundError", "ImageStore", "ImageStoreConfig"]
 
@@ -231,7 +231,7 @@ class ImageStore:
         if not path.is_absolute():
             raise InvalidRequestError(f"image {ref}: the tarball path must be absolute")
         try:
-            digest = await asyncio.to_thread(_file_digest, path)
+            digest = await asyncio.to_thread(file_digest, path)
         except OSError as exc:
             raise ImageNotFoundError(f"image {ref}: cannot read {str(path)!r}: {exc}") from exc
         if digest not in self._entries:
@@ -372,14 +372,6 @@ def _inspect_export(ref: str, path: Path, work: Path) -> LocalImage:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SandboxError(f"image {ref}: malformed image metadata: {exc!r}") from exc
-
-
-def _file_digest(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            hasher.update(chunk)
-    return "sha256:" + hasher.hexdigest()
 
 
 def _pid_alive(pid: int) -> bool:

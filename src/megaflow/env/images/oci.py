@@ -3,9 +3,10 @@
 ``oci:/path`` names either a folder or a tar archive of one, in either format:
 
 - OCI image layout (``index.json`` + ``blobs/sha256/...``; what ``skopeo copy
-  oci:...`` and Docker >= 25 ``docker save`` write): the first linux/amd64 manifest (or
-  the only one) is used; the manifest and every layer are checked against their
-  sha256 digests; the cache key is the manifest digest.
+  oci:...`` and Docker >= 25 ``docker save`` write): the linux/amd64 manifest (or the
+  only one, where it names no platform: `megaflow.env.images.registry.pick_platform`) is
+  used; the manifest and every layer are checked against their sha256 digests; the
+  cache key is the manifest digest.
 - Legacy ``docker save`` (``manifest.json`` with ``Config`` and ``Layers``): layers are
   checked against the config's ``rootfs.diff_ids``; the cache key is the config digest
   (the image id).
@@ -16,8 +17,6 @@ no image, SandboxError when a blob is missing or does not match its digest).
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import os
 import tarfile
@@ -26,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from megaflow.core.errors import SandboxError
-from megaflow.env.images_registry import INDEX_TYPES, ImageNotFoundError
+from megaflow.env.images.digests import bytes_digest, file_digest
+from megaflow.env.images.registry import INDEX_TYPES, ImageNotFoundError, pick_platform
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,6 @@ def unpack_archive(archive: Path, dest: Path, ref: str) -> Path:
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ImageNotFoundError(f"image {ref}: cannot read archive {archive}: {exc}") from exc
     return dest
-
-
-def _file_sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            hasher.update(chunk)
-    return "sha256:" + hasher.hexdigest()
 
 
 def _inside(root: Path, rel: str, ref: str) -> Path:
@@ -81,31 +73,20 @@ def _json(path: Path, ref: str) -> Any:
         raise SandboxError(f"image {ref}: unreadable {path.name}: {exc}") from exc
 
 
-def _pick(descriptors: list[Any], ref: str) -> dict[str, Any]:
-    usable = [d for d in descriptors if isinstance(d, dict) and "digest" in d]
-    if not usable:
-        raise ImageNotFoundError(f"image {ref}: the index lists no manifest")
-    for d in usable:
-        platform = d.get("platform") or {}
-        if platform.get("os") == "linux" and platform.get("architecture") == "amd64":
-            return d
-    return usable[0]
-
-
 def read_layout(root: Path, ref: str) -> LocalImage:
     """Find the image in a layout folder (without reading its layers)."""
     if (root / "index.json").is_file():
-        descriptor = _pick(_json(root / "index.json", ref).get("manifests", []), ref)
+        descriptor = pick_platform(_json(root / "index.json", ref).get("manifests", []), ref)
         for _ in range(2):  # an index may point at a nested index
             digest = str(descriptor["digest"])
             blob = _blob(root, digest, ref)
             data = blob.read_bytes()
-            if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            if bytes_digest(data) != digest:
                 raise SandboxError(f"image {ref}: manifest digest mismatch ({digest})")
             manifest = json.loads(data)
             if descriptor.get("mediaType") not in INDEX_TYPES and "manifests" not in manifest:
                 break
-            descriptor = _pick(manifest.get("manifests", []), ref)
+            descriptor = pick_platform(manifest.get("manifests", []), ref)
         layers: tuple[tuple[Path, str | None], ...] = tuple(
             (_blob(root, str(d["digest"]), ref), str(d["digest"])) for d in manifest["layers"]
         )
@@ -122,7 +103,7 @@ def read_layout(root: Path, ref: str) -> LocalImage:
         )
         if diff_ids and len(diff_ids) != len(legacy):
             raise SandboxError(f"image {ref}: {len(legacy)} layers but {len(diff_ids)} diff_ids")
-        return LocalImage(_file_sha256(config_path), legacy, diff_ids)
+        return LocalImage(file_digest(config_path), legacy, diff_ids)
     raise ImageNotFoundError(f"image {ref}: no index.json or manifest.json in {root}")
 
 
@@ -132,21 +113,11 @@ def verify_layers(image: LocalImage, ref: str) -> None:
         if not path.is_file():
             raise SandboxError(f"image {ref}: layer {path.name} is missing")
         if digest is not None:
-            got = _file_sha256(path)
+            got = file_digest(path)
             want = digest
         elif image.diff_ids:
-            got, want = _uncompressed_sha256(path), image.diff_ids[i]
+            got, want = file_digest(path, uncompressed=True), image.diff_ids[i]
         else:
             continue
         if got != want:
             raise SandboxError(f"image {ref}: layer digest mismatch: got {got}, want {want}")
-
-
-def _uncompressed_sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with path.open("rb") as raw:
-        magic = raw.read(2)
-    with gzip.open(path, "rb") if magic == b"\x1f\x8b" else path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            hasher.update(chunk)
-    return "sha256:" + hasher.hexdigest()

@@ -1,0 +1,111 @@
+"""The ``local`` sandbox backend: bubblewrap sandboxes on this host (`LocalSandbox`).
+
+Images: ``host`` (the host's own ``/usr``, the default) or a reference the image store
+provisions on demand and caches by digest (``dir:``, ``tar:``, ``registry:``, ``oci:``;
+see `megaflow.env.images`); each sandbox pins its image until it is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from megaflow.core.errors import InvalidRequestError
+from megaflow.env.config import EnvServiceConfig
+from megaflow.env.images import Image, ImageStore, ImageStoreConfig
+from megaflow.env.local.owner import reclaim_orphans
+from megaflow.env.local.sandbox import LocalSandbox
+from megaflow.env.registry import SandboxSpec
+from megaflow.env.sandbox import Capabilities, Sandbox, SnapshotSandbox, SuspendableSandbox
+
+IMAGE_SOURCES = ("dir:", "tar:", "registry:", "oci:")
+"""Prefixes of the image references the local backend provisions (besides ``host``)."""
+
+
+class LocalBackendConfig(BaseModel):
+    """Settings of the local backend (the service's own settings do the rest: root_dir,
+    image cache)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LocalBackend:
+    """Builds `LocalSandbox`es under the service's ``root_dir``."""
+
+    name: ClassVar[str] = "local"
+    config_class: ClassVar[type[BaseModel]] = LocalBackendConfig
+    capabilities: ClassVar[Capabilities] = LocalSandbox.capabilities
+
+    def __init__(self, service: EnvServiceConfig, config: Any = None) -> None:
+        self.service = service
+        self._images: ImageStore | None = None  # made on the first image other than "host"
+        self._pinned: dict[str, Image] = {}  # sandbox id -> the image it runs on
+
+    @classmethod
+    def placement(cls, image: str, runtime: str) -> tuple[str, str]:
+        if runtime:
+            raise InvalidRequestError(
+                f"the local backend takes no runtime (got {runtime!r}): runtimes are the "
+                "docker backend's"
+            )
+        if image in ("", "host"):
+            return "host", ""
+        if not image.startswith(IMAGE_SOURCES):
+            raise InvalidRequestError(
+                f"image {image!r} is not available to the local backend: use 'host' or a "
+                f"reference starting with one of {', '.join(IMAGE_SOURCES)}"
+            )
+        return image, ""
+
+    def image_store(self) -> ImageStore:
+        """The image cache (made on first use)."""
+        if self._images is None:
+            self._images = ImageStore(
+                ImageStoreConfig(
+                    cache_dir=self.service.image_cache_dir,
+                    max_bytes=self.service.image_cache_mib * 1024 * 1024,
+                )
+            )
+        return self._images
+
+    async def build(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
+        """A local image other than "host" is provisioned on demand (pulled once, cached
+        by digest) and pinned until `released` is called for the sandbox."""
+        limits: dict[str, Any] = dict(
+            memory_mib=spec.memory_mib, pids=spec.pids, output_bytes=spec.output_bytes
+        )
+        if spec.cpu_shares:
+            limits["cpu_shares"] = spec.cpu_shares
+        if spec.disk_mib:
+            limits["disk_mib"] = spec.disk_mib
+        root_dir = self.service.root_dir
+        if spec.image == "host":
+            return LocalSandbox(sandbox_id, root_dir=root_dir, **limits)
+        image = await self.image_store().acquire(spec.image)
+        try:
+            sandbox = LocalSandbox(sandbox_id, root_dir=root_dir, image_root=image.rootfs, **limits)
+        except BaseException:
+            self.image_store().release(image)
+            raise
+        self._pinned[sandbox_id] = image
+        return sandbox
+
+    def released(self, sandbox: Sandbox) -> None:
+        image = self._pinned.pop(sandbox.sandbox_id, None)
+        if image is not None and self._images is not None:
+            self._images.release(image)
+
+    async def reclaim(self) -> int:
+        return await asyncio.to_thread(reclaim_orphans, self.service.root_dir)
+
+    async def aclose(self) -> None:
+        if self._images is not None:
+            await self._images.close()
+            self._images = None
+
+
+def _conforms(sandbox: LocalSandbox) -> tuple[SuspendableSandbox, SnapshotSandbox]:
+    """Never called: makes mypy check LocalSandbox against the protocols it declares."""
+    return sandbox, sandbox
