@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from megaflow.testing.processes import kill_group, spawn
+
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,13 +51,12 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> Non
 def test_sigterm_stops_the_deployment_before_the_driver_exits(tmp_path: Path) -> None:
     log = tmp_path / "bench.log"
     with log.open("w") as sink:
-        bench = subprocess.Popen(
+        bench = spawn(
             [sys.executable, "-m", "bench", "chaos", "--quick"],
             cwd=REPO,
             env={**os.environ, "TMPDIR": str(tmp_path)},
             stdout=sink,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
     try:
         # the client is submitting: every service is up and sandboxes are being made
@@ -85,8 +86,7 @@ def test_sigterm_stops_the_deployment_before_the_driver_exits(tmp_path: Path) ->
         code = bench.wait(timeout=120)
     finally:
         if bench.poll() is None:
-            os.killpg(bench.pid, signal.SIGKILL)
-            bench.wait()
+            kill_group(bench)
     output = log.read_text()
     assert code == 128 + signal.SIGTERM, output[-3000:]
     assert "stopping the deployment" in output

@@ -12,13 +12,12 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from megaflow.model.simulated import SimulatedPolicy
-from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.processes import ServiceProcess, kill_group, start_run
 from megaflow.testing.server import free_port, wait_for
 from megaflow.v1 import common_pb2
 
@@ -116,28 +115,11 @@ def test_env_kill9_restart_reclaims_orphans_and_retries(tmp_path: Path) -> None:
         procs["env"] = _env(sched, port, root, env_log).start()
         procs["agent"] = ServiceProcess("agent", "--scheduler", sched).start()
 
-        with run_log.open("w") as sink:  # the child keeps its own copy
-            run = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "megaflow.cli",
-                    "run",
-                    "--scheduler",
-                    sched,
-                    "--tasks",
-                    str(TASKS),
-                    "--concurrency",
-                    str(CAPACITY),
-                    "--success-rate",
-                    str(SUCCESS_RATE),
-                    "--out",
-                    str(out),
-                ],
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+        run = start_run(
+            run_log,
+            *("--scheduler", sched, "--tasks", str(TASKS), "--concurrency", str(CAPACITY)),
+            *("--success-rate", str(SUCCESS_RATE), "--out", str(out)),
+        )
         wait_for(
             f"{CAPACITY} live sandboxes",
             lambda: len(_sandboxes(root)) >= CAPACITY - 2,
@@ -183,9 +165,7 @@ def test_env_kill9_restart_reclaims_orphans_and_retries(tmp_path: Path) -> None:
         output = run_log.read_text()
         assert run.returncode == 0, output
     finally:
-        if run is not None and run.poll() is None:
-            run.kill()
-            run.wait()
+        kill_group(run)
         for proc in reversed(list(procs.values())):
             proc.stop()
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from megaflow.testing.processes import kill_group, spawn
+
 pytestmark = pytest.mark.integration
 
 
@@ -27,7 +29,7 @@ def _sandbox_processes(marker: Path) -> list[int]:
 
 
 def _start(out: Path, sandboxes: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    return spawn(
         [
             sys.executable,
             "-m",
@@ -64,8 +66,12 @@ def test_sigint_releases_every_sandbox_and_keeps_finished_results(tmp_path: Path
             break
         time.sleep(0.05)
     assert _sandbox_processes(sandboxes), "expected live sandboxes mid-run"
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
     kept = [json.loads(line) for line in results.read_text().splitlines()]

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ import pytest
 import megaflow
 from megaflow.model.simulated import SimulatedPolicy
 from megaflow.tasks.swe_synth import generate_tasks
-from megaflow.testing.processes import ServiceProcess, start_run
+from megaflow.testing.processes import ServiceProcess, kill_group, start_run
 
 pytestmark = pytest.mark.integration
 
@@ -70,17 +68,12 @@ def test_watch_reattaches_to_a_run_whose_client_was_killed(scheduler: str, tmp_p
         log,
         *("--scheduler", scheduler, "--tasks", str(TASKS), "--concurrency", "2"),
         *("--out", str(out)),
-        new_session=True,
     )
     try:
         _wait_for(lambda: "run id: " in log.read_text(), 60, "the run id")
         _wait_for(lambda: len(_results(out / "results.jsonl")) >= 1, 60, "a first result")
-        os.killpg(client.pid, signal.SIGKILL)
-        client.wait(10)
     finally:
-        if client.poll() is None:
-            os.killpg(client.pid, signal.SIGKILL)
-            client.wait(10)
+        kill_group(client)
     run_id = re.search(r"run id: (\S+)", log.read_text())
     assert run_id is not None
     seen_by_client = len(_results(out / "results.jsonl"))

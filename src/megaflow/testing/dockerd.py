@@ -35,6 +35,7 @@ import docker  # type: ignore[import-untyped]
 import docker.errors  # type: ignore[import-untyped]
 
 from megaflow.env.docker.engine import DockerEngine
+from megaflow.testing.processes import spawn_logged, stop_group
 
 RUNSC = Path("/usr/bin/runsc")
 BUSYBOX = Path("/bin/busybox")
@@ -86,14 +87,8 @@ class Dockerd:
             "--bridge=none",
             f"--cgroup-parent={self.cgroup_parent}",
         ]  # fmt: skip
-        log = (self.dir / "dockerd.log").open("wb")
         started = time.perf_counter()
-        try:
-            self._proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        finally:
-            log.close()
+        self._proc = spawn_logged(argv, self.dir / "dockerd.log")
         deadline = time.monotonic() + timeout_s
         while not self._ping():
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -109,14 +104,7 @@ class Dockerd:
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(Exception):
                 self._remove_containers()
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_group(proc, grace_s)
         cgroups = self.cgroup_dirs()
         self._kill_cgroup_members(cgroups)  # containers survive their killed shims
         self._kill_leftovers()
@@ -128,7 +116,8 @@ class Dockerd:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def crash(self) -> None:
-        """SIGKILL the daemon alone and wait until it is gone (its containers stay)."""
+        """SIGKILL the daemon alone and wait until it is gone (its containers stay): a
+        fault injected on purpose, not a way to stop it (:meth:`stop` ends its group)."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait(10)
