@@ -11,21 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.testing.processes import kill_group, spawn
+from megaflow.testing.processes import kill_group, pids_mentioning, spawn
 
 pytestmark = pytest.mark.integration
 
 
 def _sandbox_processes(marker: Path) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if str(marker) in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
+    return list(pids_mentioning(str(marker)))
 
 
 def _start(out: Path, sandboxes: Path) -> subprocess.Popen[str]:

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, AnyStr
 
+import psutil
+
 _READY = re.compile(r"megaflow (\w+) ready on (\S+)")
 
 
@@ -65,6 +67,17 @@ def stop_group(proc: subprocess.Popen[AnyStr] | None, grace_s: float = 10.0) -> 
 def kill_group(proc: subprocess.Popen[AnyStr] | None) -> int | None:
     """SIGKILL ``proc``'s whole group at once (a crash) and reap it."""
     return stop_group(proc, grace_s=0)
+
+
+def pids_mentioning(text: str) -> dict[int, str]:
+    """Processes (not this one) whose command line contains ``text``: pid -> the
+    command line, its arguments joined by spaces."""
+    found = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if text in cmdline and proc.pid != os.getpid():
+            found[proc.pid] = cmdline
+    return found
 
 
 def start_run(log_path: Path, *args: str) -> subprocess.Popen[str]:
