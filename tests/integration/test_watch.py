@@ -17,7 +17,7 @@ import pytest
 import megaflow
 from megaflow.model.simulated import SimulatedPolicy
 from megaflow.tasks.swe_synth import generate_tasks
-from megaflow.testing.processes import ServiceProcess, kill_group, start_run
+from megaflow.testing.processes import deployment, kill_group, start_run
 
 pytestmark = pytest.mark.integration
 
@@ -29,22 +29,13 @@ RUN = [sys.executable, "-m", "megaflow.cli", "run"]
 @pytest.fixture
 def scheduler(tmp_path: Path) -> Iterator[str]:
     """A scheduler with one model, env and agent process each; yields its address."""
-    procs: list[ServiceProcess] = []
-    try:
-        sched = ServiceProcess(
-            "scheduler", "--listen", "127.0.0.1:0", "--store", str(tmp_path / "ledger.sqlite")
-        ).start()
-        procs.append(sched)
-        for kind, *args in (
-            ("model", "--time-scale", "0.2", "--success-rate", "0.8"),
-            ("env", "--sandbox-dir", str(tmp_path / "sb"), "--capacity", "4"),
-            ("agent",),
-        ):
-            procs.append(ServiceProcess(kind, "--scheduler", sched.address, *args).start())
-        yield sched.address
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+    with deployment(
+        str(tmp_path / "ledger.sqlite"),
+        model=("--time-scale", "0.2", "--success-rate", "0.8"),
+        env=("--sandbox-dir", str(tmp_path / "sb"), "--capacity", "4"),
+        agent=(),
+    ) as procs:
+        yield procs["scheduler"].address
 
 
 def _wait_for(predicate: object, timeout_s: float, what: str) -> None:

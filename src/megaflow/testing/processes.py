@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, AnyStr
 
@@ -167,3 +167,21 @@ class ServiceProcess:
         """SIGKILL the whole group at once (a crash)."""
         kill_group(self.proc)
         self._close()
+
+
+@contextlib.contextmanager
+def deployment(store: str, **services: Sequence[str]) -> Iterator[dict[str, ServiceProcess]]:
+    """A scheduler (free port, ledger ``store``) and one `megaflow serve KIND` for each
+    keyword, in order (name -> its arguments; the kind is the name less trailing
+    digits), registered with it; all stopped in reverse order on exit."""
+    procs: dict[str, ServiceProcess] = {}
+    try:
+        sched = ServiceProcess("scheduler", "--listen", "127.0.0.1:0", "--store", store)
+        procs["scheduler"] = sched.start()
+        for name, args in services.items():
+            kind = name.rstrip("0123456789")
+            procs[name] = ServiceProcess(kind, "--scheduler", sched.address, *args).start()
+        yield procs
+    finally:
+        for proc in reversed(list(procs.values())):
+            proc.stop()
