@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.stats import ms, print_table, summarise
 from megaflow.env import backends
 from megaflow.env.local import LocalSandbox
@@ -142,27 +144,20 @@ def _sandbox_memory(root: Path) -> tuple[int, int]:
             if (cgroup / "cgroup.procs").exists():
                 pids.update(map(int, (cgroup / "cgroup.procs").read_text().split()))
         for pid in pids:
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("VmRSS:"):
-                    rss += int(line.split()[1]) * 1024
+            with contextlib.suppress(psutil.Error):
+                rss += _rss(pid)
     return rss, charged
 
 
-def _own_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _rss(pid: int | None = None) -> int:
+    """Resident memory of ``pid`` (default: this process), bytes."""
+    return int(psutil.Process(pid).memory_info().rss)
 
 
 async def _ramp(root: Path, target: int) -> dict[str, float]:
     """Create `target` live environments through the service (50 at a time)."""
     config = EnvServiceConfig(root_dir=root, max_environments=target, memory_mib=64, pids=32)
-    rss_before = _own_rss()
+    rss_before = _rss()
     async with SandboxEnvironmentService(config) as service:
         t0 = time.perf_counter()
         live: list[str] = []
@@ -180,7 +175,7 @@ async def _ramp(root: Path, target: int) -> dict[str, float]:
             print(f"ramp stopped at {len(live)} live sandboxes: {exc}")
         elapsed = time.perf_counter() - t0
         rss, charged = await asyncio.to_thread(_sandbox_memory, root)
-        service_rss = _own_rss() - rss_before
+        service_rss = _rss() - rss_before
         count = max(len(live), 1)
     return {
         "live": float(len(live)),

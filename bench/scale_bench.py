@@ -33,7 +33,6 @@ import dataclasses
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from bench.stats import ms, pct, print_table
 from megaflow.agent.checkpoint import CheckpointConfig
@@ -100,9 +101,9 @@ class Level:
     gc_pause_share: float
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+def _rss_kib(pid: int | None = None) -> int:
+    """Resident memory of ``pid`` (default: this process), KiB."""
+    return int(psutil.Process(pid).memory_info().rss) // 1024
 
 
 class _Driver:
@@ -225,14 +226,8 @@ async def _embedded(n: int, root: Path, checkpoint_every: int = 1) -> Level:
 
 
 def _proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _proc_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 async def _processes(n: int, root: Path) -> Level:
@@ -272,13 +267,13 @@ async def _processes(n: int, root: Path) -> Level:
 
         driver = _Driver(client, modelled, in_flight)
         waves = _waves(n)
-        rss0 = _proc_rss_kib(agent_pid)
+        rss0 = _rss_kib(agent_pid)
         peak_rss = rss0
 
         async def sample_rss() -> None:
             nonlocal peak_rss
             while True:
-                peak_rss = max(peak_rss, _proc_rss_kib(agent_pid))
+                peak_rss = max(peak_rss, _rss_kib(agent_pid))
                 await asyncio.sleep(0.25)
 
         sampler = asyncio.create_task(sample_rss())

@@ -30,33 +30,21 @@ import sys
 import time
 from pathlib import Path
 
-TICK = os.sysconf("SC_CLK_TCK")
+import psutil
+
+from megaflow.testing.processes import pids_mentioning
+
 IMAGE = "megaflow-busybox:exec-cost"
 
 
 def _proc_cpu_s(pid: int, *, children: bool = True) -> float:
     """utime + stime (+ reaped children's) of one process, in seconds; 0 if gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime
-    if children:
-        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
-    return ticks / TICK
-
-
-def _pids_naming(needle: str) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if needle.encode() in Path(f"/proc/{name}/cmdline").read_bytes():
-                    found.append(int(name))
-            except OSError:
-                continue
-    return found
+    own = times.user + times.system
+    return own + (times.children_user + times.children_system if children else 0.0)
 
 
 def _cgroup_cpu_s(roots: list[Path]) -> float:
@@ -106,7 +94,7 @@ def docker_cli(n: int) -> dict[str, tuple[float, float, float]]:
                 subprocess.run(argv, env=env, capture_output=True, check=True, timeout=60)
 
             def cpu() -> float:
-                pids = _pids_naming(str(daemon.dir))  # dockerd, containerd, shims
+                pids = list(pids_mentioning(str(daemon.dir)))  # dockerd, containerd, shims
                 roots = daemon.cgroup_dirs()
                 return sum(map(_proc_cpu_s, pids)) + _children_cpu_s() + _cgroup_cpu_s(roots)
 
@@ -137,7 +125,7 @@ async def _swerex(n: int) -> tuple[float, float, float]:
             await runtime.run_in_session(BashAction(command="echo hi", timeout=10))
 
         def cpu() -> float:
-            kids = _pids_children(me)
+            kids = [p.pid for p in psutil.Process(me).children(recursive=True)]
             return time.process_time() + sum(_proc_cpu_s(p) for p in kids)
 
         cpu0 = cpu()
@@ -151,24 +139,6 @@ async def _swerex(n: int) -> tuple[float, float, float]:
         await runtime.close_session(CloseBashSessionRequest())
         await runtime.close()
     return statistics.median(walls), statistics.fmean(walls), (cpu1 - cpu0) / n
-
-
-def _pids_children(parent: int) -> list[int]:
-    """Every live descendant of `parent`."""
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            kids.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(name))
-    out, todo = [], [parent]
-    while todo:
-        for child in kids.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def swerex(n: int) -> tuple[float, float, float]:

@@ -8,6 +8,8 @@ import os
 import platform
 from pathlib import Path
 
+import psutil
+
 from bench.baseline.costs import costs_section, sensitivity_lines
 from bench.baseline.report import (
     LEVEL_COLUMNS,
@@ -32,9 +34,7 @@ def machine() -> str:
             cpu = next(
                 (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
             )
-        with open("/proc/meminfo") as f:
-            kib = int(next(ln for ln in f if ln.startswith("MemTotal")).split()[1])
-            mem = f"{kib / 1024 / 1024:.0f} GiB"
+        mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
     except (OSError, StopIteration, ValueError):
         pass
     return f"{os.cpu_count()} cores ({cpu}), {mem}, {platform.system()} {platform.release()}"

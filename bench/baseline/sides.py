@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
+
+import psutil
 
 from bench.baseline.scenario import FaultyEnv, Mechanism, MeteredGpu, Scenario
 from bench.stats import pct
@@ -104,8 +105,7 @@ class Level:
 
 
 def _rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+    return int(psutil.Process().memory_info().rss) // 1024
 
 
 def _backends(sc: Scenario) -> tuple[list[MeteredGpu], list[SimulatedBackend]]:

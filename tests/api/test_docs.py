@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.processes import deployment
 
 pytestmark = pytest.mark.integration
 
@@ -41,34 +41,25 @@ def test_the_docs_have_examples_to_run() -> None:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("deployment")
-    procs: list[ServiceProcess] = []
-    try:
-        sched = ServiceProcess(
-            "scheduler", "--listen", "127.0.0.1:0", "--store", str(tmp / "ledger.sqlite")
-        ).start()
-        procs.append(sched)
-        for kind, *args in (
-            ("model", "--time-scale", "0"),
-            ("env", "--sandbox-dir", str(tmp / "sb")),
-            ("agent",),
-        ):
-            procs.append(ServiceProcess(kind, "--scheduler", sched.address, *args).start())
-        yield sched.address
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+    with deployment(
+        str(tmp / "ledger.sqlite"),
+        model=("--time-scale", "0"),
+        env=("--sandbox-dir", str(tmp / "sb")),
+        agent=(),
+    ) as procs:
+        yield procs["scheduler"].address
 
 
 @pytest.mark.parametrize(("name", "code"), EXAMPLES, ids=[name for name, _ in EXAMPLES])
-def test_example_runs(name: str, code: str, deployment: str, tmp_path: Path) -> None:
+def test_example_runs(name: str, code: str, served: str, tmp_path: Path) -> None:
     script = tmp_path / "example.py"
     script.write_text(code)
     proc = subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
-        env={**os.environ, "MEGAFLOW_SCHEDULER": deployment},
+        env={**os.environ, "MEGAFLOW_SCHEDULER": served},
         capture_output=True,
         text=True,
         timeout=110,

@@ -4,8 +4,6 @@ result, and its outputs end up complete (the earlier scored records kept as they
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ import pytest
 import megaflow
 from megaflow.core.errors import ModelUnavailableError
 from megaflow.tasks.swe_synth import generate_tasks
-from megaflow.testing.processes import start_run
+from megaflow.testing.processes import kill_group, start_run
 from megaflow.testing.scripted import ScriptedBackend, Step, tool_call
 from megaflow.v1 import common_pb2
 
@@ -90,16 +88,13 @@ def test_resume_of_a_folder_without_a_run_is_refused_and_changes_nothing(
 def test_megaflow_run_resume_completes_an_interrupted_run(tmp_path: Path) -> None:
     out, sb, log = tmp_path / "out", tmp_path / "sb", tmp_path / "run.log"
     common = ["--tasks", "8", "--concurrency", "1", "--sandbox-dir", str(sb)]
-    proc = start_run(log, *common, "--time-scale", "1", "--out", str(out), new_session=True)
+    proc = start_run(log, *common, "--time-scale", "1", "--out", str(out))
     try:
         deadline = time.monotonic() + 120
         while len(_lines(out / "results.jsonl")) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        kill_group(proc)
     before = [line for line in _lines(out / "results.jsonl") if line.endswith("}")]
     assert 2 <= len(before) < 8, log.read_text()
 

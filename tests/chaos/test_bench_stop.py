@@ -14,27 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from megaflow.testing.processes import kill_group, pids_mentioning, spawn
+
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _processes_mentioning(text: str) -> dict[int, str]:
-    """Pids (not this one) whose command line contains ``text``."""
-    found = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline:
-            found[int(name)] = cmdline[:200]
-    return found
-
-
 def _deployment(tmp_path: Path, address: str) -> dict[int, str]:
-    return {**_processes_mentioning(str(tmp_path)), **_processes_mentioning(address)}
+    return {**pids_mentioning(str(tmp_path)), **pids_mentioning(address)}
 
 
 def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -49,13 +36,12 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> Non
 def test_sigterm_stops_the_deployment_before_the_driver_exits(tmp_path: Path) -> None:
     log = tmp_path / "bench.log"
     with log.open("w") as sink:
-        bench = subprocess.Popen(
+        bench = spawn(
             [sys.executable, "-m", "bench", "chaos", "--quick"],
             cwd=REPO,
             env={**os.environ, "TMPDIR": str(tmp_path)},
             stdout=sink,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
     try:
         # the client is submitting: every service is up and sandboxes are being made
@@ -68,7 +54,7 @@ def test_sigterm_stops_the_deployment_before_the_driver_exits(tmp_path: Path) ->
         # the services name the run's folder (store, sandboxes) or the scheduler's address
         address = next(
             cmdline.split("--listen ")[1].split()[0]
-            for cmdline in _processes_mentioning(str(tmp_path)).values()
+            for cmdline in pids_mentioning(str(tmp_path)).values()
             if " serve scheduler " in cmdline
         )
         services = _deployment(tmp_path, address)
@@ -85,8 +71,7 @@ def test_sigterm_stops_the_deployment_before_the_driver_exits(tmp_path: Path) ->
         code = bench.wait(timeout=120)
     finally:
         if bench.poll() is None:
-            os.killpg(bench.pid, signal.SIGKILL)
-            bench.wait()
+            kill_group(bench)
     output = log.read_text()
     assert code == 128 + signal.SIGTERM, output[-3000:]
     assert "stopping the deployment" in output

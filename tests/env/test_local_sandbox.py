@@ -24,6 +24,7 @@ from megaflow.env.local import sandbox as sandbox_module
 from megaflow.env.local.cgroups import _none
 from megaflow.env.local.shell import ansi_c_quote
 from megaflow.env.shell import OutputCollector
+from megaflow.testing.processes import pids_mentioning
 
 pytestmark = pytest.mark.integration
 
@@ -275,14 +276,7 @@ async def test_without_cgroups_timeouts_and_stop_still_work(
 
 
 def host_pids_with_arg(arg: str) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        try:
-            if name.isdigit() and arg.encode() in Path(f"/proc/{name}/cmdline").read_bytes():
-                found.append(int(name))
-        except OSError:
-            continue
-    return found
+    return list(pids_mentioning(arg))
 
 
 @needs_memory_cgroup

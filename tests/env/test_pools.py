@@ -21,6 +21,7 @@ from megaflow.testing.dockerd import (
     dockerd_available,
     prepared_dockerd,
 )
+from megaflow.testing.processes import pids_mentioning
 from megaflow.v1 import common_pb2, env_pb2
 
 pytestmark = pytest.mark.integration
@@ -72,16 +73,7 @@ async def _settled(svc: SandboxEnvironmentService) -> None:
 
 def _sandbox_pids(workspace: Path) -> list[int]:
     """Host pids of the processes of the sandbox whose workspace is ``workspace``."""
-    needle = str(workspace).encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
+    return list(pids_mentioning(str(workspace)))
 
 
 async def test_warm_claim_is_served_from_the_pool_and_refilled(

@@ -12,13 +12,13 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from megaflow.model.simulated import SimulatedPolicy
-from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.mounts import mounts_under
+from megaflow.testing.processes import ServiceProcess, kill_group, pids_mentioning, start_run
 from megaflow.testing.server import free_port, wait_for
 from megaflow.v1 import common_pb2
 
@@ -56,23 +56,10 @@ def _running_tasks(ledger: Path) -> set[str]:
     return {row[0] for row in rows}
 
 
-def _mounts_under(root: Path) -> list[str]:
-    lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    return [line for line in lines if str(root) in line]
-
-
 def _sandbox_pids(root: Path) -> set[int]:
     """Processes whose command line names the sandbox folder (bwrap and its children),
     not counting the env service itself."""
-    pids: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            if str(root) in cmdline and "megaflow.cli" not in cmdline:
-                pids.add(int(entry.name))
-    return pids
+    return {pid for pid, cmd in pids_mentioning(str(root)).items() if "megaflow.cli" not in cmd}
 
 
 def _env(sched: str, port: int, root: Path, log: Path) -> ServiceProcess:
@@ -116,28 +103,11 @@ def test_env_kill9_restart_reclaims_orphans_and_retries(tmp_path: Path) -> None:
         procs["env"] = _env(sched, port, root, env_log).start()
         procs["agent"] = ServiceProcess("agent", "--scheduler", sched).start()
 
-        with run_log.open("w") as sink:  # the child keeps its own copy
-            run = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "megaflow.cli",
-                    "run",
-                    "--scheduler",
-                    sched,
-                    "--tasks",
-                    str(TASKS),
-                    "--concurrency",
-                    str(CAPACITY),
-                    "--success-rate",
-                    str(SUCCESS_RATE),
-                    "--out",
-                    str(out),
-                ],
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+        run = start_run(
+            run_log,
+            *("--scheduler", sched, "--tasks", str(TASKS), "--concurrency", str(CAPACITY)),
+            *("--success-rate", str(SUCCESS_RATE), "--out", str(out)),
+        )
         wait_for(
             f"{CAPACITY} live sandboxes",
             lambda: len(_sandboxes(root)) >= CAPACITY - 2,
@@ -176,16 +146,14 @@ def test_env_kill9_restart_reclaims_orphans_and_retries(tmp_path: Path) -> None:
         # Every orphan is gone: folders, cgroups, mounts, processes.
         assert not (old & {p.name for p in root.iterdir()})
         assert not [c for c in old_cgroups if c.exists()]
-        assert not [m for m in _mounts_under(root) if any(name in m for name in old)]
+        assert not [m for m in mounts_under(root) if any(name in m for name in old)]
         assert not [p for p in old_pids if Path(f"/proc/{p}").exists()]
 
         run.wait(timeout=150)
         output = run_log.read_text()
         assert run.returncode == 0, output
     finally:
-        if run is not None and run.poll() is None:
-            run.kill()
-            run.wait()
+        kill_group(run)
         for proc in reversed(list(procs.values())):
             proc.stop()
 
@@ -207,7 +175,7 @@ def test_env_kill9_restart_reclaims_orphans_and_retries(tmp_path: Path) -> None:
     # nothing is left after the services stopped
     assert not _sandboxes(root)
     assert not _sandbox_pids(root)
-    assert not _mounts_under(root)
+    assert not mounts_under(root)
     cgroup_bases = {c.parent for c in old_cgroups}
     prefixes = tuple(f"sb-{pid}-" for pid in env_pids)
     assert not [d for b in cgroup_bases for d in b.iterdir() if any(p in d.name for p in prefixes)]

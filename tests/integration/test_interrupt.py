@@ -11,23 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from megaflow.testing.processes import kill_group, pids_mentioning, spawn
+
 pytestmark = pytest.mark.integration
 
 
 def _sandbox_processes(marker: Path) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if str(marker) in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
+    return list(pids_mentioning(str(marker)))
 
 
 def _start(out: Path, sandboxes: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    return spawn(
         [
             sys.executable,
             "-m",
@@ -64,8 +58,12 @@ def test_sigint_releases_every_sandbox_and_keeps_finished_results(tmp_path: Path
             break
         time.sleep(0.05)
     assert _sandbox_processes(sandboxes), "expected live sandboxes mid-run"
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
     kept = [json.loads(line) for line in results.read_text().splitlines()]

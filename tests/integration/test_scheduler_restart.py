@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from megaflow.model.simulated import SimulatedPolicy
-from megaflow.testing.processes import ServiceProcess, start_run
+from megaflow.testing.processes import ServiceProcess, kill_group, start_run
 from megaflow.testing.redis_server import RedisServer, redis_available
 from megaflow.testing.server import free_port, wait_for
 
@@ -128,9 +128,7 @@ def test_scheduler_kill9_restart_the_run_continues_exactly_once(
                 f"run finished {time.monotonic() - killed_at:.1f} s after the kill"
             )
         finally:
-            if run is not None and run.poll() is None:
-                run.kill()
-                run.wait()
+            kill_group(run)
             for proc in reversed(list(procs.values())):
                 proc.stop()
 

@@ -19,7 +19,7 @@ import pytest
 
 from megaflow.model.simulated import SimulatedPolicy
 from megaflow.rpc.clients import SchedulerServiceClient
-from megaflow.testing.processes import ServiceProcess, start_run
+from megaflow.testing.processes import ServiceProcess, kill_group, start_run
 from megaflow.testing.server import wait_for
 from megaflow.v1 import scheduler_pb2
 
@@ -105,9 +105,7 @@ def test_a_hung_agent_is_lost_within_two_intervals_and_its_tasks_move(tmp_path: 
     finally:
         if stopped is not None:
             os.kill(stopped, signal.SIGCONT)  # so that it can stop gracefully
-        if run is not None and run.poll() is None:
-            run.kill()
-            run.wait()
+        kill_group(run)
         for proc in reversed(list(procs.values())):
             proc.stop()
 

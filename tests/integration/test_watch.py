@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ import pytest
 import megaflow
 from megaflow.model.simulated import SimulatedPolicy
 from megaflow.tasks.swe_synth import generate_tasks
-from megaflow.testing.processes import ServiceProcess, start_run
+from megaflow.testing.processes import deployment, kill_group, start_run
 
 pytestmark = pytest.mark.integration
 
@@ -31,22 +29,13 @@ RUN = [sys.executable, "-m", "megaflow.cli", "run"]
 @pytest.fixture
 def scheduler(tmp_path: Path) -> Iterator[str]:
     """A scheduler with one model, env and agent process each; yields its address."""
-    procs: list[ServiceProcess] = []
-    try:
-        sched = ServiceProcess(
-            "scheduler", "--listen", "127.0.0.1:0", "--store", str(tmp_path / "ledger.sqlite")
-        ).start()
-        procs.append(sched)
-        for kind, *args in (
-            ("model", "--time-scale", "0.2", "--success-rate", "0.8"),
-            ("env", "--sandbox-dir", str(tmp_path / "sb"), "--capacity", "4"),
-            ("agent",),
-        ):
-            procs.append(ServiceProcess(kind, "--scheduler", sched.address, *args).start())
-        yield sched.address
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+    with deployment(
+        str(tmp_path / "ledger.sqlite"),
+        model=("--time-scale", "0.2", "--success-rate", "0.8"),
+        env=("--sandbox-dir", str(tmp_path / "sb"), "--capacity", "4"),
+        agent=(),
+    ) as procs:
+        yield procs["scheduler"].address
 
 
 def _wait_for(predicate: object, timeout_s: float, what: str) -> None:
@@ -70,17 +59,12 @@ def test_watch_reattaches_to_a_run_whose_client_was_killed(scheduler: str, tmp_p
         log,
         *("--scheduler", scheduler, "--tasks", str(TASKS), "--concurrency", "2"),
         *("--out", str(out)),
-        new_session=True,
     )
     try:
         _wait_for(lambda: "run id: " in log.read_text(), 60, "the run id")
         _wait_for(lambda: len(_results(out / "results.jsonl")) >= 1, 60, "a first result")
-        os.killpg(client.pid, signal.SIGKILL)
-        client.wait(10)
     finally:
-        if client.poll() is None:
-            os.killpg(client.pid, signal.SIGKILL)
-            client.wait(10)
+        kill_group(client)
     run_id = re.search(r"run id: (\S+)", log.read_text())
     assert run_id is not None
     seen_by_client = len(_results(out / "results.jsonl"))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from megaflow.core.errors import InfrastructureError, InvalidRequestError
+from megaflow.testing.processes import kill_group, spawn
 from megaflow.v1 import common_pb2
 from tests.store import durable_writer
 from tests.store.conftest import Backend
@@ -231,21 +230,19 @@ async def test_a_lease_expires_unless_renewed(backend: Backend) -> None:
 
 def _write_until_acked_then_kill(url: str) -> None:
     """Run the writer child; SIGKILL it once it has printed `acked`."""
-    child = subprocess.Popen(
+    child = spawn(
         [sys.executable, "-m", "tests.store.durable_writer", url],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,
     )
     try:
         assert child.stdout is not None
         line = child.stdout.readline()
         assert line.strip() == "acked", line + child.stdout.read()
     finally:
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(10)
+        kill_group(child)
         if child.stdout is not None:
             child.stdout.close()
 

@@ -22,6 +22,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from megaflow.core.errors import InvalidRequestError
+from megaflow.model.openai_messages import (
+    message_to_openai,
+    tool_call_from_openai,
+    tool_from_openai,
+)
 from megaflow.v1 import common_pb2, model_pb2
 
 __all__ = [
@@ -31,7 +36,6 @@ __all__ = [
     "completion_body",
     "completion_chunks",
     "completion_request",
-    "message_to_openai",
 ]
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -72,29 +76,19 @@ def _message(raw: Any, i: int) -> common_pb2.ChatMessage:
     calls = raw.get("tool_calls") or []
     if not isinstance(calls, list):
         raise InvalidRequestError(f"{where}.tool_calls must be a list")
-    for j, call in enumerate(calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+    for j, raw_call in enumerate(calls):
+        call = tool_call_from_openai(raw_call)
+        if call is None or not isinstance(raw_call["function"].get("name"), str):
             raise InvalidRequestError(f"{where}.tool_calls[{j}] needs function.name")
-        arguments = function.get("arguments", "{}")
-        if not isinstance(arguments, str):
-            arguments = json.dumps(arguments)
-        message.tool_calls.add(
-            id=str(call.get("id") or ""), name=function["name"], arguments_json=arguments
-        )
+        message.tool_calls.append(call)
     return message
 
 
 def _tool(raw: Any, i: int) -> common_pb2.ToolSpec:
-    function = raw.get("function") if isinstance(raw, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+    spec = tool_from_openai(raw)
+    if spec is None:
         raise InvalidRequestError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
-    parameters = function.get("parameters")
-    return common_pb2.ToolSpec(
-        name=function["name"],
-        description=str(function.get("description") or ""),
-        parameters_json_schema=json.dumps(parameters) if parameters is not None else "",
-    )
+    return spec
 
 
 def _sampling(body: dict[str, Any], request: model_pb2.GenerateRequest) -> None:
@@ -159,23 +153,6 @@ def completion_request(body: Any, task_id: str) -> model_pb2.GenerateRequest:
     )
     _sampling(body, request)
     return request
-
-
-def message_to_openai(message: common_pb2.ChatMessage) -> dict[str, Any]:
-    """An assistant message in OpenAI's shape (content null when it only calls tools)."""
-    out: dict[str, Any] = {"role": message.role or "assistant", "content": message.content}
-    if message.tool_calls:
-        out["tool_calls"] = [
-            {
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments_json or "{}"},
-            }
-            for call in message.tool_calls
-        ]
-        if not message.content:
-            out["content"] = None
-    return out
 
 
 def _usage(response: model_pb2.GenerateResponse) -> dict[str, int]:

@@ -43,6 +43,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from megaflow.core.errors import InvalidRequestError, ModelUnavailableError
+from megaflow.model.openai_messages import message_to_openai, tool_call_from_openai, tool_to_openai
 from megaflow.v1 import common_pb2, model_pb2
 
 __all__ = [
@@ -252,41 +253,6 @@ async def list_upstream_models(
     return _model_ids(url, data)
 
 
-def _message_to_openai(msg: common_pb2.ChatMessage) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": msg.role, "content": msg.content}
-    if msg.tool_calls:
-        out["tool_calls"] = [
-            {
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments_json or "{}"},
-            }
-            for call in msg.tool_calls
-        ]
-        if not msg.content:
-            out["content"] = None  # OpenAI's shape for an assistant turn that only calls tools
-    if msg.tool_call_id:
-        out["tool_call_id"] = msg.tool_call_id
-    if msg.name:
-        out["name"] = msg.name
-    return out
-
-
-def _tool_to_openai(spec: common_pb2.ToolSpec) -> dict[str, Any]:
-    parameters: Any = {"type": "object", "properties": {}}
-    if spec.parameters_json_schema:
-        try:
-            parameters = json.loads(spec.parameters_json_schema)
-        except ValueError as exc:
-            raise InvalidRequestError(
-                f"tool {spec.name!r}: parameters_json_schema is not valid JSON: {exc}"
-            ) from exc
-    function: dict[str, Any] = {"name": spec.name, "parameters": parameters}
-    if spec.description:
-        function["description"] = spec.description
-    return {"type": "function", "function": function}
-
-
 def _tool_calls_from_openai(url: str, raw: Any) -> list[common_pb2.ToolCall]:
     if raw is None:
         return []
@@ -294,21 +260,10 @@ def _tool_calls_from_openai(url: str, raw: Any) -> list[common_pb2.ToolCall]:
         raise ModelUnavailableError(f"{url} answered with malformed tool_calls: {str(raw)[:200]}")
     calls = []
     for item in raw:
-        function = item.get("function") if isinstance(item, dict) else None
-        if not isinstance(function, dict):
+        call = tool_call_from_openai(item)
+        if call is None:
             raise ModelUnavailableError(f"{url} answered with a malformed tool call: {item!r}")
-        arguments = function.get("arguments")
-        if arguments is None:
-            arguments = "{}"
-        elif not isinstance(arguments, str):  # some servers send the object itself
-            arguments = json.dumps(arguments)
-        calls.append(
-            common_pb2.ToolCall(
-                id=str(item.get("id") or ""),
-                name=str(function.get("name") or ""),
-                arguments_json=arguments,
-            )
-        )
+        calls.append(call)
     return calls
 
 
@@ -430,12 +385,12 @@ class OpenAIBackend:
     def _payload(self, request: model_pb2.GenerateRequest) -> bytes:
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [_message_to_openai(m) for m in request.messages],
+            "messages": [message_to_openai(m) for m in request.messages],
             "temperature": request.temperature,
             "stream": False,
         }
         if request.tools:
-            body["tools"] = [_tool_to_openai(t) for t in request.tools]
+            body["tools"] = [tool_to_openai(t) for t in request.tools]
         if request.max_tokens:
             body["max_tokens"] = request.max_tokens
         if self.config.request_logprobs:

@@ -43,7 +43,7 @@ from megaflow.testing.chaos_checks import (
 )
 from megaflow.testing.chaos_faults import LedgerView, hang_sandbox, kill_sandbox
 from megaflow.testing.etcd_server import EtcdServer
-from megaflow.testing.processes import ServiceProcess, start_run
+from megaflow.testing.processes import ServiceProcess, kill_group, start_run
 from megaflow.testing.redis_server import RedisServer
 from megaflow.testing.server import free_port
 
@@ -261,7 +261,6 @@ def _client(dep: Deployment, out: Path, log: Path) -> subprocess.Popen[str]:
         "--success-rate", str(config.success_rate),
         "--step-timeout", str(config.step_timeout_s),
         "--out", str(out),
-        new_session=True,
     )  # fmt: skip
 
 
@@ -282,8 +281,7 @@ def _undisturbed(workdir: Path, config: ChaosConfig, stop: threading.Event | Non
         return _wait(run, config.run_timeout_s, stop)
     finally:
         if run.poll() is None:
-            run.kill()
-            run.wait()
+            kill_group(run)
 
 
 def run_chaos(
@@ -365,9 +363,7 @@ def _run(
             counters[key] = counters.get(key, 0) + value
     finally:
         if run is not None and run.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
+            kill_group(run)  # (a run that ended alone keeps its group for the checks)
         dep.stop_all()
         view.close()
     wall_s = time.monotonic() - started

@@ -10,15 +10,17 @@ the faults, their detection, retries and resumptions.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from megaflow.env.local import procs
+import psutil
+
 from megaflow.model.simulated import SimulatedPolicy
 from megaflow.testing.chaos_faults import LedgerView
+from megaflow.testing.mounts import mounts_under
+from megaflow.testing.processes import pids_mentioning
 
 SERVICE_KINDS = ("scheduler", "agent", "env", "model")
 """Service processes the driver kills -9 (and restarts)."""
@@ -90,24 +92,10 @@ def check_against_undisturbed(out: Path, undisturbed: Path) -> list[str]:
     return problems
 
 
-def _ancestors() -> set[int]:
-    pids: set[int] = set()
-    pid: int | None = os.getpid()
-    while pid is not None and pid > 1:
-        pids.add(pid)
-        pid = procs.parent_of(pid)
-    return pids
-
-
 def _pids_naming(text: str) -> set[int]:
     """Processes (not this one or its callers) whose command line contains `text`."""
-    pids, mine = set(), _ancestors()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) not in mine:
-            with contextlib.suppress(OSError):
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.add(int(entry.name))
-    return pids
+    mine = {p.pid for p in psutil.Process().parents()}
+    return set(pids_mentioning(text)) - mine
 
 
 def check_nothing_left(figures: dict[str, Any]) -> list[str]:
@@ -134,8 +122,7 @@ def check_nothing_left(figures: dict[str, Any]) -> list[str]:
     ]
     if cgroups:
         problems.append(f"sandbox cgroups left: {cgroups[:3]}")
-    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-    if left_mounts := [m for m in mounts if figures["workdir"] in m]:
+    if left_mounts := mounts_under(figures["workdir"]):
         problems.append(f"mounts left: {left_mounts[:3]}")
     return problems
 

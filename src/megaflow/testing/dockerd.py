@@ -9,8 +9,9 @@
 in a temporary folder (its own containerd too), registers gVisor as runtime
 ``runsc`` when ``/usr/bin/runsc`` exists (ptrace platform, no network: the KVM
 platform hangs here), trusts plain-HTTP registries on loopback, and on :meth:`stop`
-removes its containers, ends the daemon by PID (SIGTERM, then SIGKILL), kills any
-process still running from its folder, unmounts what it mounted and deletes the folder.
+removes its containers, ends the daemon by PID (SIGTERM, then SIGKILL of its group), kills
+what is left in its cgroups (the local backend's cgroup helpers) and any process still
+running from its folder, unmounts what it mounted and deletes the folder.
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ from typing import Any, Literal
 import docker  # type: ignore[import-untyped]
 import docker.errors  # type: ignore[import-untyped]
 
+from megaflow.core.errors import SandboxError
 from megaflow.env.docker.engine import DockerEngine
+from megaflow.env.local import procs
+from megaflow.env.local.cgroups import cgroup_hierarchies, cgroup_pids, remove_cgroup_dirs
+from megaflow.env.local.freezer import thaw_if_frozen
+from megaflow.testing.mounts import unmount_all
+from megaflow.testing.processes import pids_mentioning, spawn_logged, stop_group
 
 RUNSC = Path("/usr/bin/runsc")
 BUSYBOX = Path("/bin/busybox")
@@ -86,14 +93,8 @@ class Dockerd:
             "--bridge=none",
             f"--cgroup-parent={self.cgroup_parent}",
         ]  # fmt: skip
-        log = (self.dir / "dockerd.log").open("wb")
         started = time.perf_counter()
-        try:
-            self._proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        finally:
-            log.close()
+        self._proc = spawn_logged(argv, self.dir / "dockerd.log")
         deadline = time.monotonic() + timeout_s
         while not self._ping():
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -109,26 +110,20 @@ class Dockerd:
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(Exception):
                 self._remove_containers()
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_group(proc, grace_s)
         cgroups = self.cgroup_dirs()
         self._kill_cgroup_members(cgroups)  # containers survive their killed shims
         self._kill_leftovers()
-        self._unmount_all()
+        unmount_all(self.dir)
         for root in cgroups:
             for folder, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
-                with contextlib.suppress(OSError):
-                    os.rmdir(folder)
+                with contextlib.suppress(SandboxError):
+                    remove_cgroup_dirs([Path(folder)], timeout_s=0.1)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def crash(self) -> None:
-        """SIGKILL the daemon alone and wait until it is gone (its containers stay)."""
+        """SIGKILL the daemon alone and wait until it is gone (its containers stay): a
+        fault injected on purpose, not a way to stop it (:meth:`stop` ends its group)."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait(10)
@@ -195,20 +190,11 @@ class Dockerd:
         hierarchy's root, or below this process's own cgroup there (where dockerd puts
         a relative parent in a hierarchy this process is not at the root of)."""
         found = []
-        with contextlib.suppress(OSError):
-            own = {
-                line.split(":", 2)[2].strip("/")
-                for line in Path("/proc/self/cgroup").read_text().splitlines()
-                if line.count(":") >= 2
-            }
-            for line in Path("/proc/self/mountinfo").read_text().splitlines():
-                fields = line.split(" ")
-                fstype = fields[fields.index("-") + 1]
-                if fstype in ("cgroup", "cgroup2"):
-                    for base in {Path(fields[4]), *(Path(fields[4]) / p for p in own if p)}:
-                        folder = base / self.cgroup_parent
-                        if folder.is_dir() and folder not in found:
-                            found.append(folder)
+        for root, own in cgroup_hierarchies():
+            for base in (root, own):
+                folder = base / self.cgroup_parent if base is not None else None
+                if folder is not None and folder.is_dir() and folder not in found:
+                    found.append(folder)
         return found
 
     @staticmethod
@@ -216,55 +202,25 @@ class Dockerd:
         """Thaw, then SIGKILL every process in ``roots`` until they are empty."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            pids: set[int] = set()
-            for root in roots:
-                for folder, _, names in os.walk(root):
-                    for name, thawed in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
-                        if name in names:
-                            with contextlib.suppress(OSError):
-                                Path(folder, name).write_text(thawed)
-                    with contextlib.suppress(OSError, ValueError):
-                        pids.update(map(int, Path(folder, "cgroup.procs").read_text().split()))
-            pids.discard(os.getpid())
+            folders = [Path(folder) for root in roots for folder, _, _ in os.walk(root)]
+            for folder in folders:
+                thaw_if_frozen([folder])
+            pids = cgroup_pids(folders) - {os.getpid()}
             if not pids:
                 return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+            procs.kill(pids)
             time.sleep(0.02)
 
     def _kill_leftovers(self) -> None:
         """SIGKILL processes (containerd, shims) whose command line names our folder."""
-        needle = str(self.dir).encode()
         for _ in range(50):
-            found = []
-            for name in os.listdir("/proc"):
-                if not name.isdigit() or int(name) == os.getpid():
-                    continue
-                with contextlib.suppress(OSError):
-                    if needle in Path(f"/proc/{name}/cmdline").read_bytes():
-                        found.append(int(name))
+            found = pids_mentioning(str(self.dir))
             if not found:
                 return
             for pid in found:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.05)
-
-    def _unmount_all(self) -> None:
-        """Lazily unmount every mount under our folder, deepest first."""
-        prefix = str(self.dir)
-        for _ in range(5):
-            mounts = []
-            with contextlib.suppress(OSError):
-                for line in Path("/proc/self/mountinfo").read_text().splitlines():
-                    point = line.split(" ")[4].replace("\\040", " ")
-                    if point == prefix or point.startswith(prefix + "/"):
-                        mounts.append(point)
-            if not mounts:
-                return
-            for point in sorted(mounts, key=len, reverse=True):
-                subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 def is_static_elf(path: Path) -> bool:

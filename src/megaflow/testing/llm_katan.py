@@ -28,8 +28,9 @@ Usage:
                                                     model=server.model,
                                                     api_key=server.api_key))
 
-The server runs in its own process group; `stop()` sends SIGTERM to the group, then
-SIGKILL after `stop_grace_s`, and reaps it, so no process is left behind. Servers still
+The server runs in its own process group; `stop()` ends it as every test process ends
+(:func:`megaflow.testing.processes.stop_group`: SIGTERM, then SIGKILL of the group after
+`stop_grace_s`, reaped), so no process is left behind. Servers still
 running when the interpreter exits are killed by an atexit hook.
 """
 
@@ -40,7 +41,6 @@ import atexit
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,6 +53,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from megaflow.testing.processes import spawn, stop_group
 from megaflow.testing.server import free_port
 
 __all__ = ["LlmKatanError", "LlmKatanServer", "find_llm_katan", "free_port"]
@@ -232,13 +233,12 @@ class LlmKatanServer:
         self._log_path = Path(name)
         self._log = os.fdopen(fd, "wb")
         try:
-            self._proc = subprocess.Popen(
+            self._proc = spawn(
                 self.argv(),
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                start_new_session=True,  # its own process group: stop() kills the group
             )
         except OSError as exc:
             self._cleanup_log()
@@ -289,28 +289,14 @@ class LlmKatanServer:
         raise LlmKatanError("unreachable")  # pragma: no cover
 
     def _terminate(self) -> None:
-        """SIGTERM the process group, SIGKILL after the grace period, reap, drop the log."""
+        """SIGTERM, SIGKILL of the group after the grace period, reap, drop the log."""
         proc, self._proc = self._proc, None
         if proc is not None:
             try:
-                if proc.poll() is None:
-                    self._signal_group(proc.pid, signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=self.stop_grace_s)
-                    except subprocess.TimeoutExpired:
-                        pass
-                # Always sweep the group: workers or children may outlive the leader.
-                self._signal_group(proc.pid, signal.SIGKILL)
-                if proc.poll() is None:
-                    proc.wait(timeout=10.0)
+                stop_group(proc, self.stop_grace_s)
             finally:
                 _live.discard(self)
         self._cleanup_log()
-
-    @staticmethod
-    def _signal_group(pgid: int, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, sig)
 
     def _cleanup_log(self) -> None:
         if self._log is not None:

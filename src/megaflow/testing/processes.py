@@ -1,10 +1,17 @@
-"""Start `megaflow serve ...` (and the `megaflow run` client) as real processes, for
-tests and benchmarks.
+"""Start and stop the processes of tests and benchmarks: one way, for every launcher.
 
-Each service prints `megaflow KIND ready on HOST:PORT` once it listens; `start`
-waits for that line (bounded) and keeps the address. `stop` sends SIGTERM, waits,
-then SIGKILLs the process group, so nothing survives its test. `start_run` starts
-`megaflow run ARGS...` with its output in a file.
+:func:`spawn` starts a process in its own session (so its process group is its own,
+numbered by its PID); :func:`stop_group` ends it by that PID: SIGTERM to the process,
+then, after ``grace_s`` (or as soon as it has exited), SIGKILL to its whole group, so
+that no child it started outlives it, and the process is reaped. :func:`kill_group`
+is the same without the grace (a crash). The SIGTERM goes to the process alone: it
+stops its own children in its own order (dockerd its containerd, a service its
+helpers); the SIGKILL sweep then takes whatever is left.
+
+:class:`ServiceProcess` runs `megaflow serve KIND ...`: each service prints
+`megaflow KIND ready on HOST:PORT` once it listens; `start` waits for that line
+(bounded) and keeps the address. `start_run` starts `megaflow run ARGS...` with its
+output in a file.
 """
 
 from __future__ import annotations
@@ -17,21 +24,71 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, AnyStr
+
+import psutil
 
 _READY = re.compile(r"megaflow (\w+) ready on (\S+)")
 
 
-def start_run(log_path: Path, *args: str, new_session: bool = False) -> subprocess.Popen[str]:
-    """`megaflow run ARGS...` as a process, stdout and stderr to ``log_path``
-    (``new_session``: in its own session, so that its group can be killed)."""
+def spawn(argv: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen(argv, **popen)`` in a new session: its group is its own."""
+    return subprocess.Popen(list(argv), start_new_session=True, **popen)
+
+
+def spawn_logged(argv: Sequence[str], log_path: Path, **popen: Any) -> subprocess.Popen[Any]:
+    """:func:`spawn` with stdout and stderr appended to ``log_path``."""
+    with log_path.open("ab") as log:
+        return spawn(argv, stdout=log, stderr=subprocess.STDOUT, **popen)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def stop_group(proc: subprocess.Popen[AnyStr] | None, grace_s: float = 10.0) -> int | None:
+    """SIGTERM ``proc``; after ``grace_s`` (or once it has exited) SIGKILL its whole
+    group; reap it. Returns its exit status (None for no process). Idempotent."""
+    if proc is None:
+        return None
+    if proc.poll() is None and grace_s > 0:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace_s)
+    # Always sweep the group: children may outlive their leader.
+    _signal_group(proc.pid, signal.SIGKILL)
+    return proc.wait()
+
+
+def kill_group(proc: subprocess.Popen[AnyStr] | None) -> int | None:
+    """SIGKILL ``proc``'s whole group at once (a crash) and reap it."""
+    return stop_group(proc, grace_s=0)
+
+
+def pids_mentioning(text: str) -> dict[int, str]:
+    """Processes (not this one) whose command line contains ``text``: pid -> the
+    command line, its arguments joined by spaces."""
+    found = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if text in cmdline and proc.pid != os.getpid():
+            found[proc.pid] = cmdline
+    return found
+
+
+def start_run(log_path: Path, *args: str) -> subprocess.Popen[str]:
+    """`megaflow run ARGS...` as a process (:func:`spawn`), stdout and stderr to
+    ``log_path``; end it with :func:`stop_group` or :func:`kill_group`."""
     with log_path.open("w") as sink:
-        return subprocess.Popen(
+        return spawn(
             [sys.executable, "-m", "megaflow.cli", "run", *args],
             stdout=sink,
             stderr=subprocess.STDOUT,
             text=True,
-            start_new_session=new_session,
         )
 
 
@@ -61,13 +118,7 @@ class ServiceProcess:
 
     def start(self, timeout_s: float = 30.0) -> ServiceProcess:
         argv = [sys.executable, "-m", self.module, "serve", self.kind, *self.args]
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        self.proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         ready = threading.Event()
         self._pump_thread = threading.Thread(target=self._pump, args=(ready,), daemon=True)
         self._pump_thread.start()
@@ -102,17 +153,7 @@ class ServiceProcess:
 
     def stop(self, grace_s: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL of the whole group after `grace_s`. Returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        code = self.proc.wait()
+        code = stop_group(self.proc, grace_s)
         self._close()
         return code
 
@@ -124,8 +165,23 @@ class ServiceProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole group at once (a crash)."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            self._close()
+        kill_group(self.proc)
+        self._close()
+
+
+@contextlib.contextmanager
+def deployment(store: str, **services: Sequence[str]) -> Iterator[dict[str, ServiceProcess]]:
+    """A scheduler (free port, ledger ``store``) and one `megaflow serve KIND` for each
+    keyword, in order (name -> its arguments; the kind is the name less trailing
+    digits), registered with it; all stopped in reverse order on exit."""
+    procs: dict[str, ServiceProcess] = {}
+    try:
+        sched = ServiceProcess("scheduler", "--listen", "127.0.0.1:0", "--store", store)
+        procs["scheduler"] = sched.start()
+        for name, args in services.items():
+            kind = name.rstrip("0123456789")
+            procs[name] = ServiceProcess(kind, "--scheduler", sched.address, *args).start()
+        yield procs
+    finally:
+        for proc in reversed(list(procs.values())):
+            proc.stop()

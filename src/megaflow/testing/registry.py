@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import io
 import os
-import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ import aiohttp
 
 from megaflow.env.images.build import build_oci_image, tar_layer
 from megaflow.env.images.digests import bytes_digest
+from megaflow.testing.processes import spawn_logged, stop_group
 from megaflow.testing.server import free_port
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
@@ -85,14 +85,8 @@ class LocalRegistry:
         self.port = free_port()
         config = self.work_dir / "config.yml"
         config.write_text(_CONFIG.format(root=self.storage, port=self.port))
-        with self._log.open("ab") as log:
-            self._proc = subprocess.Popen(
-                [REGISTRY_BINARY, "serve", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        argv = [REGISTRY_BINARY, "serve", str(config)]
+        self._proc = spawn_logged(argv, self._log, stdin=subprocess.DEVNULL)
 
     async def _wait_ready(self) -> None:
         url = f"http://{self.address}/v2/"
@@ -110,19 +104,9 @@ class LocalRegistry:
                 await asyncio.sleep(0.05)
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM the registry (its whole session), then SIGKILL after ``grace_s``."""
+        """SIGTERM the registry, then SIGKILL its group after ``grace_s``."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, grace_s)
 
     def blob_path(self, digest: str) -> Path:
         """Where the registry stores a blob (tests corrupt it to check verification)."""

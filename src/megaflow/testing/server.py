@@ -1,17 +1,16 @@
 """A private server process for tests and benchmarks (redis-server, etcd, ...).
 
 A subclass says how to start its server (`_argv`) and how to tell it is ready
-(`_ready`); this base runs it in its own session with its output in
-`<dir>/<name>.log`, waits for readiness with a deadline (the log in the error),
-and ends it by PID: `stop` (SIGTERM, then SIGKILL, and the folder is deleted),
-`kill` (SIGKILL: a crash; the data stays) and `restart` (same ports, same data).
+(`_ready`); this base runs it with :func:`~megaflow.testing.processes.spawn` (its own session),
+its output in `<dir>/<name>.log`, waits for readiness with a deadline (the log in the
+error), and ends it by PID (:func:`~megaflow.testing.processes.stop_group`): `stop`
+(SIGTERM, then SIGKILL of its group, and the folder is deleted), `kill` (SIGKILL of
+its group: a crash; the data stays) and `restart` (same ports, same data).
 """
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -20,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
+
+from megaflow.testing.processes import kill_group, spawn_logged, stop_group
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,10 +70,7 @@ class LocalServer:
 
     def start(self, timeout_s: float = 30.0) -> Self:
         """Spawn the server and wait (at most `timeout_s`) until it is ready."""
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                self._argv(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        self._proc = spawn_logged(self._argv(), self.log_path)
         deadline = time.monotonic() + timeout_s
         while not self._ready():
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -82,11 +80,9 @@ class LocalServer:
         return self
 
     def kill(self) -> None:
-        """SIGKILL the server (a crash); its data folder stays."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(10)
-        self._proc = None
+        """SIGKILL the server's group (a crash); its data folder stays."""
+        proc, self._proc = self._proc, None
+        kill_group(proc)
 
     def restart(self, timeout_s: float = 30.0) -> Self:
         """Start again on the same ports and data folder (after `kill` or a crash)."""
@@ -117,12 +113,4 @@ class LocalServer:
 
     def _end(self, grace_s: float = 10.0) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_group(proc, grace_s)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import psutil
 import pytest
 
 from megaflow.core.errors import SandboxError
 from megaflow.env.docker import DockerSandbox
 from megaflow.testing.dockerd import Dockerd, build_busybox_image, dockerd_available
+from megaflow.testing.mounts import mounts_under
+from megaflow.testing.processes import pids_mentioning
 
 pytestmark = [
     pytest.mark.integration,
@@ -19,29 +21,15 @@ pytestmark = [
 
 def traces(folder: Path) -> tuple[list[int], list[str]]:
     """Processes whose command line names ``folder``, and mounts under it."""
-    needle = str(folder).encode()
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if needle in Path(f"/proc/{name}/cmdline").read_bytes():
-                    pids.append(int(name))
-            except OSError:
-                pass
-    mounts = [
-        line.split(" ")[4]
-        for line in Path("/proc/self/mountinfo").read_text().splitlines()
-        if line.split(" ")[4].startswith(str(folder))
-    ]
-    return pids, mounts
+    pids = list(pids_mentioning(str(folder)))
+    return pids, mounts_under(folder)
 
 
 def running(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    return state not in ("Z", "X")
 
 
 @pytest.mark.parametrize("crash", [False, True], ids=["clean", "after-sigkill"])

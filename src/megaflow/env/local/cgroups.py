@@ -378,3 +378,15 @@ def remove_cgroup_dirs(dirs: Iterable[Path], *, timeout_s: float) -> None:
 def cgroup_pids(dirs: Iterable[Path]) -> set[int]:
     """Host pids listed in the ``cgroup.procs`` of each folder (missing folders skipped)."""
     return SandboxCgroups(tuple(dirs)).pids()
+
+
+def cgroup_hierarchies() -> list[tuple[Path, Path | None]]:
+    """Each mounted cgroup hierarchy (v1 or v2): its root folder, and this process's own
+    cgroup folder in it (None where the mount does not show it)."""
+    own = _own_cgroups()
+    found: list[tuple[Path, Path | None]] = []
+    for mount in _cgroup_mounts():
+        keys = [""] if mount.fstype == "cgroup2" else [k for k in own if k in mount.superopts]
+        path = own.get(keys[0]) if keys else None
+        found.append((mount.mountpoint, _folder(mount, path) if path is not None else None))
+    return found
