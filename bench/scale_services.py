@@ -35,7 +35,7 @@ async def _model(args: argparse.Namespace) -> None:
 
 async def _env(args: argparse.Namespace) -> None:
     from megaflow.deploy.processes import serve
-    from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
+    from megaflow.testing.simulated_env import SimulatedEnvConfig, SimulatedEnvironmentService
 
     env = SimulatedEnvironmentService(
         SimulatedEnvConfig(
