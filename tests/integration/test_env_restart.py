@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.model.simulated import SimulatedPolicy
 from megaflow.testing.processes import ServiceProcess
 from megaflow.testing.server import free_port, wait_for
+from megaflow.testing.simulated_model import SimulatedPolicy
 from megaflow.v1 import common_pb2
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from megaflow.env.local import procs
-from megaflow.model.simulated import SimulatedPolicy
 from megaflow.testing.chaos_faults import LedgerView
+from megaflow.testing.simulated_model import SimulatedPolicy
 
 SERVICE_KINDS = ("scheduler", "agent", "env", "model")
 """Service processes the driver kills -9 (and restarts)."""
