@@ -18,10 +18,10 @@ from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import RunSummary, run_batch
 from megaflow.env.service import EnvServiceConfig
 from megaflow.model.latency import GpuLatencyModel, LatencyConfig
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.tasks.swe_synth import generate_tasks
 from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.simulated_model import SimulatedBackend
 
 TIME_SCALE = 0.25  # the simulated GPU at a quarter of its modelled latency
 

@@ -17,8 +17,8 @@ import aiohttp
 from bench.stats import ms, print_table, summarise
 from megaflow.model.gateway import TASK_HEADER, Gateway
 from megaflow.model.service import ModelServiceImpl
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, model_pb2
 
 SYSTEM = "You are a careful software engineer."

@@ -23,14 +23,14 @@ from pathlib import Path
 
 from bench.stats import ms, pct, print_table
 from megaflow.agent.service import AgentServiceImpl
-from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
 from megaflow.model.service import ModelServiceImpl
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.scheduler import state as s
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.store.sqlite import SqliteLedger
 from megaflow.tasks.swe_synth import generate_task
+from megaflow.testing.simulated_env import SimulatedEnvConfig, SimulatedEnvironmentService
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, scheduler_pb2
 
 IMAGES = 8

@@ -51,13 +51,13 @@ from megaflow.core.allocator import current as current_allocator
 from megaflow.core.allocator import preload
 from megaflow.core.runtime import GcPauses
 from megaflow.deploy.embedded import EmbeddedSystem
-from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
 from megaflow.model.latency import GpuLatencyModel, LatencyConfig, Served
 from megaflow.model.service import ModelServiceConfig
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.tasks.swe_synth import generate_task
 from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.simulated_env import SimulatedEnvConfig, SimulatedEnvironmentService
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, scheduler_pb2
 
 # Model time per turn (+-25%): the seed's 30,000 agents on 128 GPUs are ~230 sequences

@@ -25,7 +25,7 @@ async def _model(args: argparse.Namespace) -> None:
     from megaflow.deploy.processes import serve
     from megaflow.model.latency import GpuLatencyModel, LatencyConfig
     from megaflow.model.service import ModelServiceConfig, ModelServiceImpl
-    from megaflow.model.simulated import SimulatedBackend
+    from megaflow.testing.simulated_model import SimulatedBackend
 
     latency = GpuLatencyModel(LatencyConfig(slots=args.slots, overhead_s=args.turn_s))
     backend = SimulatedBackend(success_rate=0.8, latency=latency)
@@ -35,7 +35,7 @@ async def _model(args: argparse.Namespace) -> None:
 
 async def _env(args: argparse.Namespace) -> None:
     from megaflow.deploy.processes import serve
-    from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
+    from megaflow.testing.simulated_env import SimulatedEnvConfig, SimulatedEnvironmentService
 
     env = SimulatedEnvironmentService(
         SimulatedEnvConfig(

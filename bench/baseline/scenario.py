@@ -19,8 +19,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from megaflow.core.errors import SandboxError
-from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
 from megaflow.model.latency import GpuLatencyModel, LatencyConfig, Served
+from megaflow.testing.simulated_env import SimulatedEnvConfig, SimulatedEnvironmentService
 from megaflow.v1 import env_pb2
 
 MIB = 1024 * 1024

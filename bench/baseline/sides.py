@@ -40,8 +40,8 @@ from megaflow.contract import ModelService
 from megaflow.core.errors import InfrastructureError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.model.service import ModelServiceConfig
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.tasks.swe_synth import generate_task
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, model_pb2, scheduler_pb2
 
 MODEL = "sim"

@@ -25,12 +25,12 @@ from megaflow.agent.checkpoint import (
 from megaflow.agent.service import AgentServiceImpl
 from megaflow.agent.tool_agent import SYSTEM_PROMPT
 from megaflow.core.errors import ModelUnavailableError, ServiceUnavailableError
-from megaflow.env.simulated import SimulatedEnvironmentService
 from megaflow.model.service import ModelServiceImpl
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.store.sqlite import SqliteLedger
 from megaflow.tasks.swe_synth import generate_task
+from megaflow.testing.simulated_env import SimulatedEnvironmentService
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import agent_pb2, common_pb2, model_pb2
 
 

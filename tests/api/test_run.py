@@ -10,8 +10,8 @@ import pytest
 
 import megaflow
 from megaflow._tasks import task_specs
-from megaflow.model.simulated import SimulatedPolicy
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.simulated_model import SimulatedPolicy
 from megaflow.v1 import common_pb2
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,9 @@ from megaflow.core.errors import InvalidRequestError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import result_record, run_batch, watch_batch
 from megaflow.env.service import EnvServiceConfig
-from megaflow.model.simulated import SimulatedBackend, SimulatedPolicy
 from megaflow.store.sqlite import SqliteLedger
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.simulated_model import SimulatedBackend, SimulatedPolicy
 from megaflow.v1 import common_pb2
 
 pytestmark = pytest.mark.integration

@@ -20,11 +20,11 @@ from megaflow.deploy.run import run_batch
 from megaflow.env.blobs import BlobStore
 from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.service import ModelServiceImpl
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
 from megaflow.tasks.swe_synth import generate_tasks
 from megaflow.testing.repos import make_repository
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, env_pb2, scheduler_pb2
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

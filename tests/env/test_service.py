@@ -14,10 +14,10 @@ from megaflow.agent.session import AgentLimits, TaskSession
 from megaflow.core.errors import CapacityError, InvalidRequestError, NotFoundError
 from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.service import ModelServiceImpl
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
 from megaflow.tasks.swe_synth import generate_tasks, reference_patch, wrong_patch
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, env_pb2
 from tests.env.test_pools import _sandbox_pids
 
@@ -240,7 +240,7 @@ import asyncio, sys
 from pathlib import Path
 from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.service import ModelServiceImpl
-from megaflow.model.simulated import SimulatedBackend
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, env_pb2
 
 async def main() -> None:

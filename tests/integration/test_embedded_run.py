@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.model.simulated import SimulatedPolicy
+from megaflow.testing.simulated_model import SimulatedPolicy
 
 pytestmark = pytest.mark.integration
 

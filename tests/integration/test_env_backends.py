@@ -17,9 +17,9 @@ import docker.errors  # type: ignore[import-untyped]
 import pytest
 
 from megaflow.env.docker.orphans import LABEL_SANDBOX_ID
-from megaflow.model.simulated import SimulatedPolicy
 from megaflow.testing.dockerd import RUNSC, Dockerd, dockerd_available, prepared_dockerd
 from megaflow.testing.images import build_python_image
+from megaflow.testing.simulated_model import SimulatedPolicy
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.model.simulated import SimulatedPolicy
 from megaflow.testing.mounts import mounts_under
 from megaflow.testing.processes import ServiceProcess, kill_group, pids_mentioning, start_run
 from megaflow.testing.server import free_port, wait_for
+from megaflow.testing.simulated_model import SimulatedPolicy
 from megaflow.v1 import common_pb2
 
 pytestmark = pytest.mark.integration

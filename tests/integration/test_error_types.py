@@ -15,9 +15,7 @@ import megaflow
 from megaflow.agent.service import AgentServiceImpl
 from megaflow.core.errors import SandboxError, ServiceUnavailableError
 from megaflow.deploy.processes import serve
-from megaflow.env.simulated import SimulatedEnvironmentService
 from megaflow.model.service import ModelServiceImpl
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.rpc.server import GrpcServer
@@ -25,6 +23,8 @@ from megaflow.scheduler import state as s
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.store.sqlite import SqliteLedger
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.simulated_env import SimulatedEnvironmentService
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import env_pb2
 
 pytestmark = pytest.mark.integration

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.model.simulated import SimulatedPolicy
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.simulated_model import SimulatedPolicy
 from megaflow.v1 import scheduler_pb2
 
 pytestmark = pytest.mark.integration

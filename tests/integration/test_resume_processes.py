@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.model.simulated import SimulatedPolicy
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.tasks.swe_synth import generate_tasks
 from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.simulated_model import SimulatedPolicy
 from megaflow.v1 import common_pb2, scheduler_pb2
 
 pytestmark = pytest.mark.integration

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.model.simulated import SimulatedPolicy
 from megaflow.testing.processes import ServiceProcess, kill_group, start_run
 from megaflow.testing.redis_server import RedisServer, redis_available
 from megaflow.testing.server import free_port, wait_for
+from megaflow.testing.simulated_model import SimulatedPolicy
 
 pytestmark = pytest.mark.integration
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.model.simulated import SimulatedPolicy
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.testing.processes import ServiceProcess, kill_group, start_run
 from megaflow.testing.server import wait_for
+from megaflow.testing.simulated_model import SimulatedPolicy
 from megaflow.v1 import scheduler_pb2
 
 _wait = functools.partial(wait_for, poll_s=0.05)

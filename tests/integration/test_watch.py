@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import megaflow
-from megaflow.model.simulated import SimulatedPolicy
 from megaflow.tasks.swe_synth import generate_tasks
 from megaflow.testing.processes import deployment, kill_group, start_run
+from megaflow.testing.simulated_model import SimulatedPolicy
 
 pytestmark = pytest.mark.integration
 

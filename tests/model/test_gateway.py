@@ -18,9 +18,9 @@ from megaflow.model.gateway import TASK_HEADER, Gateway, GatewayConfig
 from megaflow.model.latency import GpuLatencyModel, LatencyConfig
 from megaflow.model.openai import OpenAIBackend, OpenAIBackendConfig
 from megaflow.model.service import ModelServiceConfig, ModelServiceImpl
-from megaflow.model.simulated import SimulatedBackend, simulated_decode
 from megaflow.tasks.swe_synth import generate_tasks, parse_problem_statement
 from megaflow.testing.scripted import ScriptedBackend
+from megaflow.testing.simulated_model import SimulatedBackend, simulated_decode
 from megaflow.v1 import common_pb2, model_pb2
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,10 @@ from megaflow.model.latency import GpuLatencyModel, LatencyConfig
 from megaflow.model.openai import OpenAIBackend, OpenAIBackendConfig
 from megaflow.model.replicas import HealthConfig, ReplicaState
 from megaflow.model.service import ModelServiceConfig, ModelServiceImpl
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.clients import ModelServiceClient
 from megaflow.rpc.server import GrpcServer
 from megaflow.testing.llm_katan import free_port
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, model_pb2
 
 FAST = LatencyConfig(

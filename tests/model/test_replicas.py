@@ -27,8 +27,8 @@ from megaflow.model.openai import OpenAIBackend, OpenAIBackendConfig
 from megaflow.model.ratelimit import RateLimitConfig, RateLimiter
 from megaflow.model.replicas import HealthConfig
 from megaflow.model.service import ModelServiceConfig, ModelServiceImpl, client_key
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.testing.llm_katan import LlmKatanServer, free_port
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, model_pb2
 
 

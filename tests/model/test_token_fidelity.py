@@ -17,9 +17,9 @@ import pytest
 from megaflow.agent.session import AgentLimits, TaskSession
 from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.service import ModelServiceImpl
-from megaflow.model.simulated import SimulatedBackend, simulated_decode
 from megaflow.model.transformers_backend import TransformersBackend, TransformersBackendConfig
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.simulated_model import SimulatedBackend, simulated_decode
 from megaflow.testing.tiny_lm import cached_tiny_lm
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,6 @@ import pytest
 
 from megaflow.core import errors as e
 from megaflow.model.service import ModelServiceImpl
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.clients import ModelServiceClient, SchedulerServiceClient
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.rpc.server import SERVICES, GrpcServer
@@ -22,6 +21,7 @@ from megaflow.rpc.status import error_from_rpc, status_for
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.store.sqlite import SqliteLedger
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, model_pb2, scheduler_pb2
 
 

@@ -10,13 +10,13 @@ import pytest
 from megaflow.core.errors import InvalidRequestError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import run_batch
-from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.scheduler.state import KIND_ENV, SchedulerPolicy
 from megaflow.store.sqlite import SqliteLedger
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.simulated_env import SimulatedEnvConfig, SimulatedEnvironmentService
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, scheduler_pb2
 
 

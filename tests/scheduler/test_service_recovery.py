@@ -12,13 +12,13 @@ import pytest
 
 from megaflow.core.errors import InvalidRequestError, NotFoundError
 from megaflow.deploy.embedded import EmbeddedSystem
-from megaflow.env.simulated import SimulatedEnvironmentService
-from megaflow.model.simulated import SimulatedBackend
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.scheduler import state as s
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.store.sqlite import SqliteLedger
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.simulated_env import SimulatedEnvironmentService
+from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, scheduler_pb2
 
 FINISHED = scheduler_pb2.EVENT_TYPE_TASK_FINISHED

@@ -7,7 +7,7 @@ from rich.console import Console
 
 from megaflow.cli.output import print_status
 from megaflow.deploy.processes import advertised_resources
-from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
+from megaflow.testing.simulated_env import SimulatedEnvConfig, SimulatedEnvironmentService
 from megaflow.v1 import scheduler_pb2
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from megaflow.env.evaluation.log_parsers import LOG_PARSERS, parse_pytest
+from megaflow.env.evaluation.spec import EvalSpec, read_spec
 from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
-from megaflow.tasks.evaluation import EvalSpec, read_spec
-from megaflow.tasks.log_parsers import LOG_PARSERS, parse_pytest
 from megaflow.tasks.swebench import SweBenchConfig, SweBenchRow
 from megaflow.v1 import env_pb2
 

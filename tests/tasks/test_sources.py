@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megaflow.core.errors import InvalidRequestError
-from megaflow.tasks.evaluation import SPEC_PATH, read_spec
+from megaflow.env.evaluation.spec import SPEC_PATH, read_spec
 from megaflow.tasks.sources import (
     TASK_SOURCES,
     FileSource,

@@ -7,8 +7,8 @@ import shlex
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env import backends
+from megaflow.env.evaluation.spec import read_spec
 from megaflow.env.sandbox import Sandbox
-from megaflow.tasks.evaluation import read_spec
 from megaflow.v1 import env_pb2
 
 
@@ -35,7 +35,7 @@ async def evaluate(
     """Copy the hidden files in and run the evaluation from the workspace root.
 
     The exit status of ``eval_command`` is the reward, unless the hidden files carry an
-    `EvalSpec` (`megaflow.tasks.evaluation`): then its test log (per-test outcomes,
+    `EvalSpec` (`megaflow.env.evaluation`): then its test log (per-test outcomes,
     reward 1 only if all pass) or its reward file decides."""
     if not eval_command:
         return env_pb2.SubmitActionResponse(ok=True, message="submitted; no evaluation configured")

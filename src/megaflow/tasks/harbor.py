@@ -14,7 +14,7 @@ MegaFlow does not build Dockerfiles: the image is ``[environment] docker_image``
 source's ``image`` (e.g. a ``dir:`` rootfs for the local backend). The build context's
 other files start the workspace, as the usual ``COPY . /app`` does. After the agent
 submits, ``tests/`` is copied in and ``test.sh`` runs; the number it wrote to
-``/logs/verifier/reward.txt`` is the reward (`megaflow.tasks.evaluation`).
+``/logs/verifier/reward.txt`` is the reward (`megaflow.env.evaluation`).
 
 Where the image's root is read-only (the local bubblewrap sandbox: only /workspace and
 /tmp are writable), ``/tests`` and ``/logs/verifier`` cannot be made: the scripts then
@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from megaflow.tasks.evaluation import SPEC_PATH, EvalSpec
+from megaflow.env.evaluation.spec import SPEC_PATH, EvalSpec
 from megaflow.tasks.rows import RowError
 from megaflow.tasks.sources import GoldSolution, LoadedTasks, row_error
 from megaflow.v1 import common_pb2

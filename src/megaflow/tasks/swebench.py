@@ -5,7 +5,7 @@ reference (``workspace.git``: the URL comes from `SweBenchConfig.git_url_templat
 never its files. A spec table keyed by (repo, version), as the SWE-bench harness's
 ``MAP_REPO_VERSION_TO_SPECS`` is, supplies the install commands (the task's
 ``setup_commands``), the test command and the log parser. Scoring has SWE-bench's
-semantics (`megaflow.tasks.evaluation`): after the agent submits, the test files go back
+semantics (`megaflow.env.evaluation`): after the agent submits, the test files go back
 to ``base_commit``, ``test_patch`` is applied, exactly the ``FAIL_TO_PASS`` and
 ``PASS_TO_PASS`` tests run (their ids passed to the runner as argv, never through a
 shell), and the reward is 1 only if every one passes. Each test's outcome is recorded.
@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from megaflow.tasks.evaluation import TestRef, tests_evaluation
+from megaflow.env.evaluation.spec import TestRef, tests_evaluation
 from megaflow.v1 import common_pb2
 
 FAMILY = "swe-bench"

@@ -17,10 +17,10 @@ from typing import Any
 
 import psutil
 
-from megaflow.model.simulated import SimulatedPolicy
 from megaflow.testing.chaos_faults import LedgerView
 from megaflow.testing.mounts import mounts_under
 from megaflow.testing.processes import pids_mentioning
+from megaflow.testing.simulated_model import SimulatedPolicy
 
 SERVICE_KINDS = ("scheduler", "agent", "env", "model")
 """Service processes the driver kills -9 (and restarts)."""

@@ -10,9 +10,9 @@ import pytest
 from megaflow.core.errors import InvalidRequestError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import run_batch
-from megaflow.env.simulated import SimulatedEnvConfig, SimulatedEnvironmentService
-from megaflow.model.simulated import SimulatedBackend, SimulatedPolicy
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.simulated_env import SimulatedEnvConfig, SimulatedEnvironmentService
+from megaflow.testing.simulated_model import SimulatedBackend, SimulatedPolicy
 from megaflow.v1 import common_pb2, env_pb2
 
 

@@ -1,4 +1,4 @@
-"""The simulated model: GPU latency model, `swe-synth` policy, and the backend.
+"""The simulated model (a fixture): the `swe-synth` policy and the backend.
 
 The policy is driven against real `swe-synth` tasks by a small fake environment:
 files live in memory, edits are applied to them, and the visible and hidden tests
@@ -14,7 +14,6 @@ import os
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -23,119 +22,16 @@ from megaflow.agent import tools
 from megaflow.core.errors import InvalidRequestError
 from megaflow.model.backend import ModelBackend
 from megaflow.model.latency import GpuLatencyModel, LatencyConfig
-from megaflow.model.simulated import (
+from megaflow.tasks.swe_synth import generate_task, generate_tasks, reference_patch, wrong_patch
+from megaflow.testing.simulated_model import (
     MAX_ACTIONS,
     SimulatedBackend,
     SimulatedPolicy,
     simulated_decode,
 )
-from megaflow.tasks.swe_synth import generate_task, generate_tasks, reference_patch, wrong_patch
 from megaflow.v1 import common_pb2, model_pb2
 
 PYTHON = sys.executable  # as fast as it gets; the sandbox itself runs `python3`
-
-
-# --------------------------------------------------------------------------- latency model
-
-
-async def test_queues_fifo_beyond_slots() -> None:
-    one = 0.05  # seconds per request after scaling
-    model = GpuLatencyModel(LatencyConfig(slots=2, overhead_s=1.0, time_scale=one))
-    started = time.monotonic()
-    runs = [asyncio.create_task(model.run(0, 0)) for _ in range(6)]
-    await asyncio.sleep(0)
-    assert (model.in_flight, model.queued, model.requests) == (2, 4, 6)
-    results = await asyncio.gather(*runs)
-    total = time.monotonic() - started
-    assert 3 * one * 0.9 <= total < 3 * one * 4
-    queues = [q for q, _ in results]
-    # FIFO: requests 0-1 start at once, 2-3 after one service time, 4-5 after two.
-    assert max(queues[:2]) < one * 0.5
-    assert one * 0.8 <= min(queues[2:4]) and max(queues[2:4]) < one * 1.8
-    assert one * 1.8 <= min(queues[4:])
-    assert all(s >= one * 0.9 for _, s in results)
-    assert (model.in_flight, model.queued, model.requests) == (0, 0, 6)
-
-
-async def test_service_time_is_per_token() -> None:
-    config = LatencyConfig(
-        slots=1, prefill_s_per_token=0.001, decode_s_per_token=0.01, overhead_s=0.5
-    )
-    model = GpuLatencyModel(config)
-    assert model.service_time(1000, 100) == pytest.approx(0.5 + 1.0 + 1.0)
-    assert GpuLatencyModel(config, time_scale=0).config.time_scale == 0
-    defaults = LatencyConfig()
-    assert (defaults.slots, defaults.prefill_s_per_token, defaults.decode_s_per_token) == (
-        64,
-        0.0002,
-        0.004,
-    )
-    assert defaults.time_scale == 1.0
-    with pytest.raises(ValueError):
-        LatencyConfig(slots=0)
-    with pytest.raises(ValueError):
-        LatencyConfig(slotz=3)  # type: ignore[call-arg]
-
-
-async def test_utilisation_saturated_and_idle() -> None:
-    step = 0.02
-    busy = GpuLatencyModel(LatencyConfig(slots=2, overhead_s=1.0, time_scale=step))
-    assert busy.utilisation() == 0.0
-
-    async def worker(model: GpuLatencyModel, gap: float) -> None:
-        for _ in range(5):
-            await model.run(0, 0)
-            if gap:
-                await asyncio.sleep(gap)
-
-    await asyncio.gather(worker(busy, 0), worker(busy, 0))
-    assert busy.utilisation() > 0.85
-
-    idle = GpuLatencyModel(LatencyConfig(slots=2, overhead_s=1.0, time_scale=step))
-    await asyncio.gather(worker(idle, step * 2))  # one of two slots, busy a third of the time
-    assert idle.utilisation() < 0.4
-
-
-async def test_utilisation_counts_requests_in_flight() -> None:
-    model = GpuLatencyModel(LatencyConfig(slots=1, overhead_s=1.0, time_scale=0.2))
-    run = asyncio.create_task(model.run(0, 0))
-    await asyncio.sleep(0.05)
-    assert model.utilisation() > 0.8
-    run.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await run
-    assert model.in_flight == 0
-
-
-async def test_cancellation_frees_slots_and_queue() -> None:
-    model = GpuLatencyModel(LatencyConfig(slots=1, overhead_s=10.0, time_scale=1.0))
-    holder = asyncio.create_task(model.run(0, 0))
-    waiter = asyncio.create_task(model.run(0, 0))
-    await asyncio.sleep(0)
-    assert (model.in_flight, model.queued) == (1, 1)
-    waiter.cancel()
-    await asyncio.gather(waiter, return_exceptions=True)
-    assert model.queued == 0
-    holder.cancel()
-    await asyncio.gather(holder, return_exceptions=True)
-    assert model.in_flight == 0
-    fast = GpuLatencyModel(LatencyConfig(slots=1, time_scale=0))
-    queue_s, service_s = await fast.run(10, 10)
-    assert queue_s < 0.01 and service_s < 0.01
-
-
-async def test_thousands_of_concurrent_requests_are_cheap() -> None:
-    model = GpuLatencyModel(LatencyConfig(slots=500, overhead_s=1.0, time_scale=0.01))
-    started = time.monotonic()
-    results = await asyncio.gather(*(model.run(100, 10) for _ in range(5000)))
-    elapsed = time.monotonic() - started
-    assert elapsed >= 10 * 0.01 * 0.9  # ten waves of 500
-    assert elapsed < 5.0
-    assert model.requests == 5000 and model.in_flight == 0 and model.queued == 0
-    assert max(q for q, _ in results) >= 9 * 0.01 * 0.9
-    instant = GpuLatencyModel(LatencyConfig(time_scale=0))
-    await asyncio.gather(*(instant.run(1000, 100) for _ in range(10000)))
-    assert instant.requests == 10000
 
 
 # --------------------------------------------------------------------------- a fake environment

@@ -4,15 +4,18 @@ A task opts in by carrying an `EvalSpec` as the hidden file `SPEC_PATH` (JSON). 
 `megaflow.env.actions.evaluate`, after running the task's ``eval_command``:
 
 - ``tests`` given: reads the test log at ``log_path`` from the workspace, parses it
-  with the log parser named ``log_parser`` (`megaflow.tasks.log_parsers`), and records
-  one `TestOutcome` per test; the reward is 1 only if every test passed (SWE-bench's
-  rule: all of FAIL_TO_PASS and PASS_TO_PASS);
+  with the log parser named ``log_parser`` (`megaflow.env.evaluation.log_parsers`),
+  and records one `TestOutcome` per test; the reward is 1 only if every test passed
+  (SWE-bench's rule: all of FAIL_TO_PASS and PASS_TO_PASS);
 - ``reward_path`` given (Harbor tasks): the reward is the number in that file.
 
 The spec comes from the task (the hidden files), never from the workspace: the agent
 cannot change which tests count. The outputs (`EvalSpec.outputs`) are emptied before
 the evaluation runs, so nothing the agent left there is read as a result. A task with
 no spec is scored by the exit status of ``eval_command``, as before.
+
+The task sources (`megaflow.tasks.swebench`, `megaflow.tasks.harbor`) write the spec;
+the Environment Service reads it, so it lives here, below both.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from megaflow.tasks.log_parsers import LOG_PARSERS, MISSING, PASSED
+from megaflow.env.evaluation.log_parsers import LOG_PARSERS, MISSING, PASSED
 from megaflow.v1 import common_pb2
 
 EVAL_DIR = ".megaflow/eval"
@@ -97,7 +100,7 @@ def _reward_from_file(raw: bytes | None) -> float:
 
 @cache
 def runner_source() -> bytes:
-    return (Path(__file__).parent / "eval_runner.py").read_bytes()
+    return (Path(__file__).parent / "runner.py").read_bytes()
 
 
 def tests_evaluation(

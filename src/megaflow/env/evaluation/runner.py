@@ -3,7 +3,7 @@
     python3 .megaflow/eval/run_tests.py .megaflow/eval/spec.json
 
 Standard library only (it runs on the task's image, whatever Python it has). Reads the
-evaluation spec (JSON, `megaflow.tasks.evaluation.EvalSpec`), then, from the workspace:
+evaluation spec (JSON, `megaflow.env.evaluation.spec.EvalSpec`), then, from the workspace:
 
 1. when the workspace is a git repository and the spec names a ``base_commit``, the
    files the test patch touches go back to that commit (the agent's edits of the tests

@@ -1,5 +1,10 @@
 """The simulated model: a scripted `swe-synth` policy behind a GPU latency model.
 
+A fixture, and the embedded default's model (``megaflow run --model simulated``):
+`megaflow.model.factory` registers `build_simulated` as the ``simulated`` backend by
+its dotted path, so the model role never imports it. It lives here, above the roles it
+plays against (the agent's tools, the `swe-synth` tasks).
+
 `SimulatedPolicy` plays the `swe-synth` tasks (`megaflow.tasks.swe_synth`) the
 way a small agent model would, reading real observations:
 
@@ -29,7 +34,7 @@ import shlex
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megaflow.agent import tools
 from megaflow.core.errors import InvalidRequestError, ModelUnavailableError
@@ -39,11 +44,13 @@ from megaflow.tasks.catalogue import locate_bug
 from megaflow.tasks.swe_synth import VISIBLE_TEST_COMMAND, parse_problem_statement
 from megaflow.v1 import common_pb2, model_pb2
 
+if TYPE_CHECKING:
+    from megaflow.model.factory import BackendOptions
+
 __all__ = [
-    "GpuLatencyModel",
-    "LatencyConfig",
     "SimulatedBackend",
     "SimulatedPolicy",
+    "build_simulated",
     "simulated_decode",
     "simulated_encode",
 ]
@@ -320,6 +327,19 @@ class SimulatedBackend:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+def build_simulated(spec: str, options: BackendOptions) -> SimulatedBackend:
+    """The ``simulated`` entry of `megaflow.model.factory.MODEL_BACKENDS`."""
+    if spec != "simulated":
+        raise InvalidRequestError(f"model spec {spec!r}: 'simulated' takes no argument")
+    return SimulatedBackend(
+        name=options.name or "simulated",
+        version=options.version or "sim-1",
+        success_rate=options.success_rate,
+        seed=options.seed,
+        latency=GpuLatencyModel(options.latency or LatencyConfig()),
+    )
 
 
 def _anonymous_task_id(messages: Sequence[common_pb2.ChatMessage]) -> str:
