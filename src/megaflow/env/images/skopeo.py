@@ -39,7 +39,7 @@ import re
 import shutil
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
@@ -49,7 +49,8 @@ from megaflow.env.images.oci import INDEX_TYPES, ImageNotFoundError, pick_platfo
 SKOPEO = "skopeo"
 DEFAULT_HOST = "docker.io"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-_HOST = r"(?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+(?::\d{1,5})?"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST = rf"(?:{_LABEL}\.)*{_LABEL}(?::\d{{1,5}})?"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REF = re.compile(
     rf"(?:(?P<host>{_HOST})/)?(?P<repo>{_COMPONENT}(?:/{_COMPONENT})*)"
@@ -77,13 +78,16 @@ class RegistryRef:
     @classmethod
     def parse(cls, text: str, image: str) -> RegistryRef:
         match = _REF.fullmatch(text)
+        if match is not None and match["host"] and not _is_host(match["host"]):
+            if not re.fullmatch(_COMPONENT, match["host"]):  # a repository's first part
+                match = None
         if match is None:
             raise InvalidRequestError(
                 f"image {image}: {text!r} is not a registry reference "
                 "([HOST[:PORT]/]REPOSITORY[:TAG][@sha256:HEX], lower-case repository)"
             )
         host, repo = match["host"], match["repo"]
-        if host is None or not ("." in host or ":" in host or host == "localhost"):
+        if host is None or not _is_host(host):
             # "swebench/x" is Docker Hub's swebench/x; "python" is library/python.
             repo = f"{host}/{repo}" if host else repo
             host = DEFAULT_HOST
@@ -97,6 +101,12 @@ class RegistryRef:
         return f"docker://{self.host}/{self.repository}{'@' if ':' in ref else ':'}{ref}"
 
 
+def _is_host(first: str) -> bool:
+    """Docker's rule: a reference's first part names a registry if it has a dot or a
+    port, or is ``localhost``; else it is part of a Docker Hub repository name."""
+    return "." in first or ":" in first or first == "localhost"
+
+
 @dataclass(frozen=True)
 class PullOptions:
     insecure_registries: Sequence[str] = ()
@@ -104,7 +114,6 @@ class PullOptions:
     cert_dir: Path | None = None
     inspect_timeout_s: float = 60.0
     copy_timeout_s: float = 1800.0
-    tmp_dir: Path | None = field(default=None)
 
 
 class Skopeo:
@@ -144,8 +153,11 @@ class Skopeo:
 
     async def copy(self, ref: RegistryRef, digest: str, layout: Path, image: str) -> None:
         """Fetch manifest ``digest`` of ``ref``'s repository into the OCI layout folder
-        ``layout`` (created), under the tag ``image``."""
+        ``layout`` (created; skopeo's scratch files go next to it)."""
+        scratch = layout.parent / "skopeo-tmp"
+        await asyncio.to_thread(scratch.mkdir, parents=True, exist_ok=True)
         args = [
+            f"--tmpdir={scratch}",
             "copy",
             "--quiet",
             *self._source_flags(ref, "src-"),
@@ -180,7 +192,7 @@ class Skopeo:
                 await asyncio.wait_for(asyncio.shield(proc.wait()), 10)
             if isinstance(exc, TimeoutError):
                 raise SandboxError(
-                    f"image {image}: skopeo {args[0]} did not finish within {timeout_s} s"
+                    f"image {image}: skopeo did not finish within {timeout_s} s"
                 ) from exc
             raise
         if proc.returncode != 0:
@@ -188,13 +200,10 @@ class Skopeo:
         return out
 
     def _global(self) -> list[str]:
-        flags = []
-        if self.options.tmp_dir is not None:
-            flags.append(f"--tmpdir={self.options.tmp_dir}")
-        if not any(p.is_file() for p in _policy_files()):
-            # No signature policy on this host: skopeo would refuse every image.
-            flags.append("--insecure-policy")
-        return flags
+        if any(p.is_file() for p in _policy_files()):
+            return []
+        # No signature policy on this host: without this skopeo would refuse every image.
+        return ["--insecure-policy"]
 
 
 def _policy_files() -> tuple[Path, ...]:

@@ -139,7 +139,6 @@ class ImageStore:
                 cert_dir=config.registry_cert_dir,
                 inspect_timeout_s=config.manifest_timeout_s,
                 copy_timeout_s=config.pull_timeout_s,
-                tmp_dir=self._tmp_dir,
             )
         )
         self._opened = False
