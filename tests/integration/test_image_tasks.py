@@ -4,12 +4,16 @@ missing image fails its tasks at once (no retry), naming it."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from megaflow.agent.session import AgentLimits
+from megaflow.cli.main import app
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import RunSummary, run_batch
 from megaflow.env.images.build import (
@@ -118,3 +122,23 @@ async def test_missing_image_fails_tasks_at_once(registry: LocalRegistry, tmp_pa
         assert record["error_kind"] != "infra"
         assert record["attempts"] == 1  # a retry would not make it exist
         assert "megaflow/nothing:9" in record["error"]
+
+
+async def test_megaflow_run_pulls_with_the_insecure_registry_opt_in(
+    registry: LocalRegistry, tmp_path: Path
+) -> None:
+    image = f"docker://{registry.address}/megaflow/busybox:zstd"
+    common = ["run", "--tasks", "2", "--image", image, "--sandbox-dir", str(tmp_path / "sb")]
+    runner = CliRunner()
+    allowed = await asyncio.to_thread(
+        runner.invoke,
+        app,
+        [*common, "--out", str(tmp_path / "ok"), "--insecure-registry", registry.address],
+    )
+    assert allowed.exit_code == 0, allowed.output
+    records = [json.loads(x) for x in (tmp_path / "ok/results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["succeeded"] * 2
+    refused = await asyncio.to_thread(runner.invoke, app, [*common, "--out", str(tmp_path / "no")])
+    failed = [json.loads(x) for x in (tmp_path / "no/results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in failed] == ["failed"] * 2, refused.output
+    assert all("plain HTTP" in r["error"] for r in failed)
