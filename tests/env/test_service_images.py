@@ -71,3 +71,18 @@ async def test_an_unknown_image_is_a_clear_error(registry_image: str, tmp_path: 
             await service.create_environment(env_pb2.CreateEnvironmentRequest(image=missing))
         with pytest.raises(Exception, match="not available to the local backend"):
             await service.create_environment(env_pb2.CreateEnvironmentRequest(image="ubuntu"))
+
+
+async def test_a_warm_pool_of_a_missing_image_only_warns(
+    registry_image: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = registry_image.replace("busybox:1", "nothing:9")
+    config = service_config(tmp_path, registry_image).model_copy(update={"warm_pool": {missing: 2}})
+    async with SandboxEnvironmentService(config) as service:
+        await service.pool.wait_refills()
+        assert any("warm pool refill of" in r.getMessage() for r in caplog.records)
+        assert service.pool.slots == 0  # the failed refill gave its slot back
+        created = await service.create_environment(
+            env_pb2.CreateEnvironmentRequest(image=registry_image)
+        )
+        await service.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=created.env_id))
