@@ -21,7 +21,7 @@ import pytest
 from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env.images import ImageNotFoundError, ImageStore, ImageStoreConfig
 from megaflow.env.images.build import build_oci_image, write_oci_layout
-from megaflow.env.images.skopeo import RegistryAccessError, RegistryRef
+from megaflow.env.images.skopeo import RegistryAccessError, RegistryRef, classify
 from megaflow.testing.registry import LocalRegistry, push_image, skopeo_push
 
 pytestmark = pytest.mark.integration
@@ -252,3 +252,22 @@ async def test_a_silent_registry_times_out_and_skopeo_is_killed(
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+def test_skopeo_messages_are_classified() -> None:
+    ref = RegistryRef.parse("host.io/a/b:1", "img")
+    fatal = 'time="t" level=fatal msg="{}"'
+    cases = [
+        (
+            "reading manifest 1 in host.io/a/b: manifest unknown: manifest unknown",
+            ImageNotFoundError,
+        ),
+        ("requested access to the resource is denied", RegistryAccessError),
+        ("writing blob: open /cache/tmp/x: permission denied", SandboxError),
+        ("pinging container registry host.io: dial tcp: connect: connection refused", SandboxError),
+        ("x509: certificate signed by unknown authority", RegistryAccessError),
+    ]
+    for said, kind in cases:
+        error = classify("img", ref, fatal.format(said))
+        assert type(error) is kind, said
+        assert str(error).endswith(said)  # skopeo's own words, without its log frame

@@ -211,7 +211,14 @@ def _policy_files() -> tuple[Path, ...]:
 
 
 _NOT_FOUND = ("manifest unknown", "name unknown", "not found", "repository name not known")
-_DENIED = ("unauthorized", "authentication required", "denied", "invalid username", "incorrect")
+_DENIED = (  # not "permission denied": that is this host's file system
+    "unauthorized",
+    "authentication required",
+    "access to the resource is denied",
+    "access denied",
+    "invalid username",
+    "incorrect username",
+)
 _TLS = ("x509:", "certificate", "tls:")
 _UNREACHABLE = (
     "connection refused",
