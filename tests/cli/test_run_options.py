@@ -30,3 +30,10 @@ def test_resume_of_a_run_id_without_a_scheduler_is_refused(tmp_path: Path) -> No
     result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "run-abc")])
     assert result.exit_code == 2
     assert "needs --scheduler" in " ".join(result.output.split())
+
+
+def test_insecure_registry_with_a_scheduler_is_refused() -> None:
+    args = ["run", "--scheduler", "127.0.0.1:1", "--insecure-registry", "127.0.0.1:5000"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "--insecure-registry configures the embedded" in " ".join(result.output.split())

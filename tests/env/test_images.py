@@ -1,5 +1,6 @@
-"""ImageStore against a real registry (Debian's docker-registry), real tarballs, real
-sandboxes: on-demand pulls, single flight, digest checks, whiteouts, eviction, errors."""
+"""ImageStore against a real registry (Debian's docker-registry, pulled from with
+skopeo), real tarballs, real sandboxes: on-demand pulls, single flight, digest checks,
+whiteouts, eviction, errors. (Registry-specific cases: test_registry_pulls.py.)"""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from megaflow.env.images.build import (
     write_oci_layout,
 )
 from megaflow.env.images.digests import bytes_digest
-from megaflow.env.images.registry import INDEX_TYPES
+from megaflow.env.images.oci import INDEX_TYPES
 from megaflow.env.local import LocalSandbox
 from megaflow.testing.registry import LocalRegistry, push_image, push_rootfs
 
@@ -49,9 +50,14 @@ async def registry(tmp_path: Path) -> AsyncIterator[LocalRegistry]:
         reg.stop()
 
 
+def config(registry: LocalRegistry, cache: Path, **settings: int) -> ImageStoreConfig:
+    """A store's settings, with the test registry (plain HTTP) allowed."""
+    return ImageStoreConfig(cache_dir=cache, insecure_registries=(registry.address,), **settings)
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[ImageStore]:
-    s = ImageStore(ImageStoreConfig(cache_dir=tmp_path / "cache"))
+async def store(registry: LocalRegistry, tmp_path: Path) -> AsyncIterator[ImageStore]:
+    s = ImageStore(config(registry, tmp_path / "cache"))
     try:
         yield s
     finally:
@@ -99,7 +105,7 @@ async def test_hundred_concurrent_requests_pull_once(
 ) -> None:
     digest = await push_rootfs(registry.address, "tools/busybox", "v1", busybox, flavour="oci")
     ref = f"registry:{registry.address}/tools/busybox:v1"
-    store = ImageStore(ImageStoreConfig(cache_dir=tmp_path / "cache", max_concurrent_pulls=1))
+    store = ImageStore(config(registry, tmp_path / "cache", max_concurrent_pulls=1))
     try:
         paths = await asyncio.gather(*(store.rootfs(ref) for _ in range(100)))
         assert len(set(paths)) == 1 and store.pulls == 1
@@ -107,7 +113,7 @@ async def test_hundred_concurrent_requests_pull_once(
     finally:
         await store.close()
     # A new store over the same cache finds the image on disk: nothing is extracted again.
-    again = ImageStore(ImageStoreConfig(cache_dir=tmp_path / "cache"))
+    again = ImageStore(config(registry, tmp_path / "cache"))
     try:
         assert await again.rootfs(ref) == paths[0]
         assert again.pulls == 0
@@ -136,7 +142,7 @@ async def test_eviction_spares_images_in_use(registry: LocalRegistry, tmp_path: 
     for name in ("one", "two", "three"):
         await push_image(registry.address, name, "v1", [layer({name: name.encode() * 1000})])
         refs.append(f"registry:{registry.address}/{name}:v1")
-    store = ImageStore(ImageStoreConfig(cache_dir=tmp_path / "cache", max_bytes=1))
+    store = ImageStore(config(registry, tmp_path / "cache", max_bytes=1))
     try:
         pinned = await store.acquire(refs[0])
         second = await store.rootfs(refs[1])  # over budget, but "one" is in use
@@ -156,7 +162,8 @@ async def test_unknown_image_names_it(registry: LocalRegistry, store: ImageStore
     ref = f"registry:{registry.address}/no/such-image:v9"
     with pytest.raises(ImageNotFoundError, match="no/such-image:v9") as info:
         await asyncio.gather(*(store.rootfs(ref) for _ in range(5)))
-    assert isinstance(info.value, SandboxError) and info.value.retryable  # infrastructure
+    assert isinstance(info.value, InvalidRequestError) and not info.value.retryable  # final
+    assert "manifest unknown" in str(info.value)  # skopeo's own words
     with pytest.raises(ImageNotFoundError, match=re.escape("nothing.tar")):
         await store.rootfs("tar:/nonexistent/nothing.tar")
     with pytest.raises(InvalidRequestError, match="must start with"):
@@ -289,7 +296,7 @@ async def test_pull_cap_and_cancelled_waiters(registry: LocalRegistry, tmp_path:
     for i in range(5):
         await push_image(registry.address, f"img{i}", "v1", [layer({"f": bytes([i]) * 300_000})])
         refs.append(f"registry:{registry.address}/img{i}:v1")
-    store = ImageStore(ImageStoreConfig(cache_dir=tmp_path / "cache", max_concurrent_pulls=2))
+    store = ImageStore(config(registry, tmp_path / "cache", max_concurrent_pulls=2))
     try:
         paths = await asyncio.gather(*(store.rootfs(ref) for ref in refs))
         assert len(set(paths)) == 5 and store.pulls == 5

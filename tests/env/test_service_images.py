@@ -26,13 +26,21 @@ async def registry_image(tmp_path: Path) -> AsyncIterator[str]:
     try:
         rootfs = build_busybox_rootfs(tmp_path / "busybox")
         await push_rootfs(registry.address, "megaflow/busybox", "1", rootfs)
-        yield f"registry:{registry.address}/megaflow/busybox:1"
+        yield f"docker://{registry.address}/megaflow/busybox:1"
     finally:
         registry.stop()
 
 
+def service_config(tmp_path: Path, image: str) -> EnvServiceConfig:
+    """The service's settings, with the image's registry (plain HTTP) allowed."""
+    host = image.removeprefix("docker://").split("/")[0]
+    return EnvServiceConfig(
+        root_dir=tmp_path / "sb", image_cache_dir=tmp_path / "images", insecure_registries=(host,)
+    )
+
+
 async def test_tasks_run_on_an_image_pulled_once(registry_image: str, tmp_path: Path) -> None:
-    config = EnvServiceConfig(root_dir=tmp_path / "sb", image_cache_dir=tmp_path / "images")
+    config = service_config(tmp_path, registry_image)
     async with SandboxEnvironmentService(config) as service:
         request = env_pb2.CreateEnvironmentRequest(image=registry_image, files={"a.txt": b"hi\n"})
         created = await asyncio.gather(*(service.create_environment(request) for _ in range(8)))
@@ -55,10 +63,26 @@ async def test_tasks_run_on_an_image_pulled_once(registry_image: str, tmp_path: 
 
 
 async def test_an_unknown_image_is_a_clear_error(registry_image: str, tmp_path: Path) -> None:
-    config = EnvServiceConfig(root_dir=tmp_path / "sb", image_cache_dir=tmp_path / "images")
-    missing = registry_image.replace("busybox:1", "nothing:9")
+    config = service_config(tmp_path, registry_image)
+    # registry: is the older spelling of docker:// (same rules).
+    missing = registry_image.replace("busybox:1", "nothing:9").replace("docker://", "registry:")
     async with SandboxEnvironmentService(config) as service:
         with pytest.raises(ImageNotFoundError, match="nothing"):
             await service.create_environment(env_pb2.CreateEnvironmentRequest(image=missing))
         with pytest.raises(Exception, match="not available to the local backend"):
             await service.create_environment(env_pb2.CreateEnvironmentRequest(image="ubuntu"))
+
+
+async def test_a_warm_pool_of_a_missing_image_only_warns(
+    registry_image: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = registry_image.replace("busybox:1", "nothing:9")
+    config = service_config(tmp_path, registry_image).model_copy(update={"warm_pool": {missing: 2}})
+    async with SandboxEnvironmentService(config) as service:
+        await service.pool.wait_refills()
+        assert any("warm pool refill of" in r.getMessage() for r in caplog.records)
+        assert service.pool.slots == 0  # the failed refill gave its slot back
+        created = await service.create_environment(
+            env_pb2.CreateEnvironmentRequest(image=registry_image)
+        )
+        await service.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=created.env_id))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,10 @@ class RunPlacement(BaseModel):
         default=None,
         description="Docker endpoint of the embedded Environment Service; None: no docker.",
     )
+    insecure_registries: tuple[str, ...] = Field(
+        default=(),
+        description="Registries the embedded Environment Service may reach over plain HTTP.",
+    )
 
     def apply(self, task: common_pb2.TaskSpec) -> None:
         """Set ``task``'s image and placement (its mode is kept)."""
@@ -68,6 +72,7 @@ def resolve_placement(
     docker_host: str | None,
     scheduler: str | None,
     environ: Mapping[str, str],
+    insecure_registries: Sequence[str] = (),
 ) -> RunPlacement:
     """Check the `run` options together; InvalidRequestError says what is wrong.
 
@@ -80,6 +85,11 @@ def resolve_placement(
         image, runtime_ = backend.placement(image or "", runtime or "")
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"--env {env} with --image/--runtime: {exc}") from None
+    if insecure_registries and scheduler:
+        raise InvalidRequestError(
+            "--insecure-registry configures the embedded Environment Service; with "
+            "--scheduler the Environment Services' own settings apply"
+        )
     if env == "docker":
         if scheduler:
             if docker_host is not None:
@@ -89,7 +99,13 @@ def resolve_placement(
                 )
         else:
             docker_host = docker_host or environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
-    return RunPlacement(backend=env, runtime=runtime_, image=image, docker_host=docker_host)
+    return RunPlacement(
+        backend=env,
+        runtime=runtime_,
+        image=image,
+        docker_host=docker_host,
+        insecure_registries=tuple(insecure_registries),
+    )
 
 
 def run_specs(
@@ -206,6 +222,7 @@ async def run_command(
                 root_dir=sandbox_dir,
                 max_environments=max(concurrency, 1),
                 docker_host=placement.docker_host,
+                insecure_registries=placement.insecure_registries,
             ),
         )
         async with system:
@@ -352,6 +369,7 @@ async def serve_env_command(
     docker_host: str | None = None,
     warm_pool: dict[str, int] | None = None,
     artifact_url: str = "",
+    insecure_registries: Sequence[str] = (),
 ) -> None:
     config = EnvServiceConfig(
         root_dir=sandbox_dir,
@@ -359,6 +377,7 @@ async def serve_env_command(
         docker_host=docker_host,
         warm_pool=warm_pool or {},
         artifact_url=artifact_url,
+        insecure_registries=tuple(insecure_registries),
     )
     impl = SandboxEnvironmentService(config)
     await serve("env", impl, listen=listen, scheduler=scheduler, capacity=capacity)

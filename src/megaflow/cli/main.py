@@ -55,6 +55,17 @@ def _logging(level: str) -> None:
     )
 
 
+InsecureRegistry = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--insecure-registry",
+        help="HOST[:PORT] of a registry that local-backend images (docker://, registry:) "
+        "may be pulled from over plain HTTP or unverified TLS (repeatable; all others: "
+        "HTTPS, verified). Credentials: $REGISTRY_AUTH_FILE or ~/.docker/config.json.",
+    ),
+]
+
+
 @app.command()
 def run(
     tasks: Annotated[int, typer.Option(min=1, help="Number of synthetic tasks.")] = 32,
@@ -101,7 +112,7 @@ def run(
     image: Annotated[
         str | None,
         typer.Option(
-            help="Image of every task: 'host' (default) or a dir:/tar:/registry:/oci: "
+            help="Image of every task: 'host' (default) or a dir:/tar:/oci:/docker:// "
             "reference with --env local; a local Docker image name (required) with --env docker."
         ),
     ] = None,
@@ -121,6 +132,7 @@ def run(
             "Default: the agent's (60 s).",
         ),
     ] = None,
+    insecure_registry: InsecureRegistry = None,
     tasks_from: TasksFrom = None,
     source_config: SourceConfig = None,
     resume: Annotated[
@@ -148,6 +160,7 @@ def run(
             docker_host=docker_host,
             scheduler=scheduler,
             environ=os.environ,
+            insecure_registries=insecure_registry or (),
         )
     except InvalidRequestError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -397,6 +410,7 @@ def serve_env(
     artifact_url: Annotated[
         str, typer.Option(help="Where snapshots go: a directory or any fsspec URL.")
     ] = "",
+    insecure_registry: InsecureRegistry = None,
     log_level: LogLevel = "info",
 ) -> None:
     """An Environment Service (local bubblewrap sandboxes; Docker with --docker-host)."""
@@ -410,7 +424,14 @@ def serve_env(
         raise typer.Exit(2) from None
     asyncio.run(
         serve_env_command(
-            listen, scheduler, capacity, sandbox_dir, docker_host, pools, artifact_url
+            listen,
+            scheduler,
+            capacity,
+            sandbox_dir,
+            docker_host,
+            pools,
+            artifact_url,
+            insecure_registry or (),
         )
     )
 

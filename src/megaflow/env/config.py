@@ -25,6 +25,21 @@ class EnvServiceConfig(BaseModel):
     image_cache_mib: int = Field(
         default=20_480, ge=1, description="Disk budget of the image cache; LRU eviction past it."
     )
+    insecure_registries: tuple[str, ...] = Field(
+        default=(),
+        description="Registries (HOST[:PORT] as image references write them) the local "
+        "backend may reach over plain HTTP or unverified TLS; all others: HTTPS, verified.",
+    )
+    registry_auth_file: Path | None = Field(
+        default=None,
+        description="Registry credentials for the local backend's pulls (containers "
+        "auth.json or Docker config.json); default: skopeo's search, $REGISTRY_AUTH_FILE "
+        "first, ~/.docker/config.json last.",
+    )
+    registry_cert_dir: Path | None = Field(
+        default=None,
+        description="Extra CA certificates (*.crt) trusted for registries over HTTPS.",
+    )
     max_environments: int = Field(
         default=512,
         ge=1,

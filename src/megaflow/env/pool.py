@@ -21,7 +21,12 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
-from megaflow.core.errors import CapacityError, DeadlineExceededError, SandboxError
+from megaflow.core.errors import (
+    CapacityError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    SandboxError,
+)
 from megaflow.env import backends
 from megaflow.env.backends import SandboxFactory, SandboxSpec
 from megaflow.env.config import EnvServiceConfig
@@ -230,7 +235,8 @@ class SandboxPool:
                 return  # the cap is reached: real claims come first
             try:
                 sandbox = await self._start_new(spec, self.config.setup_timeout_s)
-            except (SandboxError, DeadlineExceededError, OSError) as exc:
+            except (SandboxError, DeadlineExceededError, InvalidRequestError, OSError) as exc:
+                # InvalidRequestError: an image that does not exist or cannot be pulled.
                 self.slots -= 1
                 log.warning("warm pool refill of %s failed: %s", spec.image, exc)
                 return

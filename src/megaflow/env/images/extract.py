@@ -1,4 +1,5 @@
-"""Apply image layers (tar, optionally gzip) to a rootfs folder, honouring whiteouts.
+"""Apply image layers (tar, plain or gzip, bzip2, xz or zstd) to a rootfs folder,
+honouring whiteouts.
 
 OCI/Docker layers are applied in order onto one folder: a ``.wh.NAME`` entry deletes
 ``NAME`` from the layers below, and ``.wh..wh..opq`` in a folder hides everything the
@@ -11,15 +12,20 @@ included: they are resolved inside the sandbox, never by this code. Blocking.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+
+import zstandard
 
 from megaflow.core.errors import InvalidRequestError
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def _inside(root: str, path: str) -> bool:
@@ -61,13 +67,31 @@ def _clear_dir(dest: str, rel: str, keep: set[str]) -> None:
             _remove(dest, child)
 
 
+@contextlib.contextmanager
+def open_layer(layer: Path) -> Iterator[tarfile.TarFile]:
+    """A layer file as a tar archive: compression found by its magic bytes (tarfile's
+    own, and zstd, which tarfile reads as a stream in Python 3.11)."""
+    with layer.open("rb") as raw:
+        if raw.read(4) != ZSTD_MAGIC:
+            raw.seek(0)
+            with tarfile.open(fileobj=raw, mode="r:*") as tar:
+                yield tar
+            return
+        raw.seek(0)
+        with (
+            zstandard.ZstdDecompressor().stream_reader(raw) as plain,
+            tarfile.open(fileobj=plain, mode="r|") as tar,
+        ):
+            yield tar
+
+
 def apply_layer(rootfs: Path, layer: Path) -> None:
-    """Extract one layer file (tar or tar.gz) onto ``rootfs``; InvalidRequestError if the
-    layer is malformed or hostile."""
+    """Extract one layer file (tar, compressed or not) onto ``rootfs``;
+    InvalidRequestError if the layer is malformed or hostile."""
     dest = os.path.realpath(rootfs)
     seen: set[str] = set()
     try:
-        with tarfile.open(layer, mode="r:*") as tar:
+        with open_layer(layer) as tar:
             for member in tar:
                 name = os.path.normpath(PurePosixPath(member.name.lstrip("/")).as_posix())
                 base, parent = os.path.basename(name), os.path.dirname(name)
@@ -88,7 +112,7 @@ def apply_layer(rootfs: Path, layer: Path) -> None:
                 tar.extract(member, dest, numeric_owner=True, filter=_layer_filter)
     except tarfile.FilterError as exc:
         raise InvalidRequestError(f"unsafe layer {layer.name}: {exc}") from exc
-    except (tarfile.TarError, EOFError) as exc:
+    except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
         raise InvalidRequestError(f"malformed layer {layer.name}: {exc}") from exc
 
 

@@ -4,15 +4,16 @@
 
 - OCI image layout (``index.json`` + ``blobs/sha256/...``; what ``skopeo copy
   oci:...`` and Docker >= 25 ``docker save`` write): the linux/amd64 manifest (or the
-  only one, where it names no platform: `megaflow.env.images.registry.pick_platform`) is
-  used; the manifest and every layer are checked against their sha256 digests; the
+  only one, where it names no platform: `pick_platform`, which registry pulls use
+  too) is used; the manifest and every layer are checked against their sha256 digests; the
   cache key is the manifest digest.
 - Legacy ``docker save`` (``manifest.json`` with ``Config`` and ``Layers``): layers are
   checked against the config's ``rootfs.diff_ids``; the cache key is the config digest
   (the image id).
 
 Blocking functions; errors name the image (``ImageNotFoundError`` when the path holds
-no image, SandboxError when a blob is missing or does not match its digest).
+no image or none for linux/amd64, SandboxError when a blob is missing or does not match
+its digest).
 """
 
 from __future__ import annotations
@@ -24,9 +25,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megaflow.core.errors import SandboxError
+from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env.images.digests import bytes_digest, file_digest
-from megaflow.env.images.registry import INDEX_TYPES, ImageNotFoundError, pick_platform
+
+INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+PLATFORM = ("linux", "amd64")
+"""(os, architecture) of the images the sandboxes run."""
+
+
+class ImageNotFoundError(InvalidRequestError):
+    """The image does not exist (repository, tag, digest, file, or a linux/amd64 entry
+    of its index): the task fails at once, naming it; a retry would not help."""
+
+
+def pick_platform(entries: list[Any], image: str) -> dict[str, Any]:
+    """The entry of an image index (manifest list) that sandboxes can run: the one for
+    `PLATFORM`; else a lone entry that names no platform (an index written for one
+    image, as ``docker save`` does). ImageNotFoundError otherwise, naming what it has."""
+    usable = [e for e in entries if isinstance(e, dict) and "digest" in e]
+    if not usable:
+        raise ImageNotFoundError(f"image {image}: the index lists no manifest")
+    platforms = [e.get("platform") or {} for e in usable]
+    for entry, platform in zip(usable, platforms, strict=True):
+        if (platform.get("os"), platform.get("architecture")) == PLATFORM:
+            return entry
+    if len(usable) == 1 and not platforms[0]:
+        return usable[0]
+    found = ", ".join(f"{p.get('os')}/{p.get('architecture')}" for p in platforms)
+    raise ImageNotFoundError(
+        f"image {image}: no {'/'.join(PLATFORM)} manifest in its index ({found})"
+    )
 
 
 @dataclass(frozen=True)

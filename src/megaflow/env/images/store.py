@@ -12,9 +12,14 @@ Image references:
 - ``tar:/abs/path.tar[.gz|.xz]``: a rootfs tarball, cached by the sha256 of the file;
 - ``oci:/abs/path``: an OCI image layout or ``docker save`` output, as a folder or an
   archive (see :mod:`megaflow.env.images.oci`), cached by manifest (or config) digest;
-- ``registry:HOST[:PORT]/REPO[:TAG|@sha256:...]``: pulled over the Registry HTTP API v2
-  (see :mod:`megaflow.env.images.registry`), cached by manifest digest; layers are
-  verified against their digests and applied in order with whiteouts.
+- ``docker://[HOST[:PORT]/]REPO[:TAG|@sha256:...]``: an image on a registry (Docker
+  Hub when no host is named, as ``docker pull`` reads it), pulled by skopeo (see
+  :mod:`megaflow.env.images.skopeo`: HTTPS with TLS verification unless the host is in
+  ``insecure_registries``, credentials from the auth file) into an OCI layout, then
+  extracted as ``oci:`` is; cached by the registry's manifest digest (of the
+  linux/amd64 entry of an index), so a cached image costs one manifest request;
+- ``registry:HOST[:PORT]/REPO[:TAG|@sha256:...]``: the same as ``docker://`` (the
+  older spelling; the host is required).
 
 Cache: ``cache_dir/images/<sha256 hex>/`` (``rootfs/`` and ``meta.json``) appears by an
 atomic rename once complete, so a crash mid-pull leaves only ``cache_dir/tmp/`` debris,
@@ -23,8 +28,9 @@ removed when a store opens. Concurrent requests for one reference share one pull
 the least recently used images that are not in use (see :meth:`ImageStore.acquire`)
 are evicted until the cache fits ``max_bytes`` (images in use are never evicted, so
 the budget can be exceeded while they are). Failures name the image:
-``ImageNotFoundError`` (an InvalidRequestError) when it does not exist, SandboxError
-(retryable) when the source is unreachable or sends corrupt data.
+``ImageNotFoundError`` (an InvalidRequestError: final) when it does not exist,
+``RegistryAccessError`` (final) when a registry refuses the credentials, its TLS or its
+plain HTTP, SandboxError (retryable) when the source is unreachable or sends corrupt data.
 """
 
 from __future__ import annotations
@@ -40,14 +46,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
 
 from megaflow.core.errors import InvalidRequestError, MegaFlowError, SandboxError
 from megaflow.env.images.digests import file_digest
 from megaflow.env.images.extract import apply_layer, tree_size
-from megaflow.env.images.oci import LocalImage, read_layout, unpack_archive, verify_layers
-from megaflow.env.images.registry import ImageNotFoundError, RegistryClient, RegistryRef
+from megaflow.env.images.oci import (
+    ImageNotFoundError,
+    LocalImage,
+    read_layout,
+    unpack_archive,
+    verify_layers,
+)
+from megaflow.env.images.skopeo import PullOptions, RegistryRef, Skopeo
 
 __all__ = ["Image", "ImageNotFoundError", "ImageStore", "ImageStoreConfig"]
 
@@ -62,14 +73,28 @@ class ImageStoreConfig(BaseModel):
         default=20 * 1024**3, ge=0, description="Disk budget of cached images (LRU eviction)."
     )
     max_concurrent_pulls: int = Field(default=4, ge=1, description="Pulls running at once.")
-    http_timeout_s: float = Field(
-        default=30.0, gt=0, description="Connect timeout and longest silence of one HTTP call."
+    manifest_timeout_s: float = Field(
+        default=60.0, gt=0, description="Budget of one registry manifest lookup."
     )
     pull_timeout_s: float = Field(
         default=1800.0, gt=0, description="Budget of one whole pull (all layers, extraction)."
     )
-    registry_scheme: str = Field(
-        default="http", pattern="^https?$", description="http (local registries) or https."
+    insecure_registries: tuple[str, ...] = Field(
+        default=(),
+        description="Registries (HOST[:PORT] as references write them) allowed to answer "
+        "over plain HTTP or with a certificate that does not verify; every other one is "
+        "HTTPS with TLS verification (Docker's insecure-registries).",
+    )
+    registry_auth_file: Path | None = Field(
+        default=None,
+        description="Registry credentials (containers auth.json or Docker config.json); "
+        "default: skopeo's search ($REGISTRY_AUTH_FILE, "
+        "$XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json).",
+    )
+    registry_cert_dir: Path | None = Field(
+        default=None,
+        description="Folder of extra CA certificates (*.crt) trusted for registries, "
+        "besides the system's and /etc/containers/certs.d/HOST:PORT/.",
     )
 
 
@@ -95,8 +120,8 @@ class _Entry:
 class ImageStore:
     """On-demand image provisioning with a content-addressed, size-bounded disk cache.
 
-    Not thread-safe; use from one event loop. Call :meth:`close` when done (it closes
-    the HTTP session; cached images stay on disk for the next store).
+    Not thread-safe; use from one event loop. Call :meth:`close` when done (it cancels
+    pulls in flight; cached images stay on disk for the next store).
     """
 
     def __init__(self, config: ImageStoreConfig) -> None:
@@ -107,7 +132,15 @@ class ImageStore:
         self._by_ref: dict[str, str] = {}
         self._inflight: dict[str, asyncio.Task[str]] = {}
         self._pull_slots = asyncio.Semaphore(config.max_concurrent_pulls)
-        self._session: aiohttp.ClientSession | None = None
+        self._skopeo = Skopeo(
+            PullOptions(
+                insecure_registries=config.insecure_registries,
+                auth_file=config.registry_auth_file,
+                cert_dir=config.registry_cert_dir,
+                inspect_timeout_s=config.manifest_timeout_s,
+                copy_timeout_s=config.pull_timeout_s,
+            )
+        )
         self._opened = False
         self.pulls = 0
         """How many images were actually provisioned (pulled or extracted)."""
@@ -155,11 +188,10 @@ class ImageStore:
         return set(self._entries)
 
     async def close(self) -> None:
-        for task in list(self._inflight.values()):
+        tasks = list(self._inflight.values())
+        for task in tasks:
             task.cancel()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await asyncio.gather(*tasks, return_exceptions=True)  # their skopeo runs are killed
 
     # -- provisioning --------------------------------------------------------------------
 
@@ -169,9 +201,11 @@ class ImageStore:
         kind, _, rest = ref.partition(":")
         if kind == "dir":
             return self._dir_image(ref, rest)
-        if kind not in ("tar", "oci", "registry") or not rest:
+        if kind == "docker" and rest.startswith("//"):
+            rest = rest[2:]
+        elif kind == "docker" or kind not in ("tar", "oci", "registry") or not rest:
             raise InvalidRequestError(
-                f"image reference {ref!r} must start with dir:, tar:, oci: or registry:"
+                f"image reference {ref!r} must start with dir:, tar:, oci:, docker:// or registry:"
             )
         if not self._opened:
             await asyncio.to_thread(self._open)
@@ -225,7 +259,10 @@ class ImageStore:
             return await self._from_tarball(ref, Path(rest))
         if kind == "oci":
             return await self._from_export(ref, Path(rest))
-        return await self._from_registry(ref, RegistryRef.parse(rest))
+        rref = RegistryRef.parse(rest, ref)
+        if kind == "registry" and not rest.startswith(f"{rref.host}/"):
+            raise InvalidRequestError(f"image {ref}: registry: references name their host")
+        return await self._from_registry(ref, rref)
 
     async def _from_tarball(self, ref: str, path: Path) -> str:
         if not path.is_absolute():
@@ -252,27 +289,20 @@ class ImageStore:
         return image.digest
 
     async def _from_registry(self, ref: str, rref: RegistryRef) -> str:
-        client = RegistryClient(self._http(), self.config.registry_scheme)
-        manifest = await client.resolve(rref, ref)
-        if manifest.digest in self._entries:
-            return manifest.digest
+        digest = await self._skopeo.resolve(rref, ref)
+        if digest in self._entries:
+            return digest
         work = self._tmp_dir / f"{os.getpid()}-{secrets.token_hex(6)}"
-        work.mkdir(parents=True)
         try:
-            files = [work / f"layer-{i}" for i in range(len(manifest.layers))]
-            for (digest, _size), dest in zip(manifest.layers, files, strict=True):
-                await client.fetch_blob(rref, digest, dest, ref)
-            await self._install(manifest.digest, ref, files, work)
+            await asyncio.to_thread(work.mkdir, parents=True)
+            await self._skopeo.copy(rref, digest, work / "layout", ref)
+            image = await asyncio.to_thread(read_layout, work / "layout", ref)
+            await asyncio.to_thread(verify_layers, image, ref)
+            # Keyed by the registry's digest: skopeo may rewrite a Docker manifest as OCI.
+            await self._install(digest, ref, [p for p, _ in image.layers], work)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
-        return manifest.digest
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            t = self.config.http_timeout_s
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
-            self._session = aiohttp.ClientSession(timeout=timeout)
-        return self._session
+        return digest
 
     # -- disk (blocking; run in threads) -------------------------------------------------
 

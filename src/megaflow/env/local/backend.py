@@ -1,8 +1,10 @@
 """The ``local`` sandbox backend: bubblewrap sandboxes on this host (`LocalSandbox`).
 
 Images: ``host`` (the host's own ``/usr``, the default) or a reference the image store
-provisions on demand and caches by digest (``dir:``, ``tar:``, ``registry:``, ``oci:``;
-see `megaflow.env.images`); each sandbox pins its image until it is released.
+provisions on demand and caches by digest (``dir:``, ``tar:``, ``oci:``, ``docker://``,
+``registry:``; see `megaflow.env.images`); each sandbox pins its image until it is
+released. Registry pulls follow the service's ``insecure_registries``,
+``registry_auth_file`` and ``registry_cert_dir``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from megaflow.env.local.sandbox import LocalSandbox
 from megaflow.env.registry import SandboxSpec
 from megaflow.env.sandbox import Capabilities, Sandbox, SnapshotSandbox, SuspendableSandbox
 
-IMAGE_SOURCES = ("dir:", "tar:", "registry:", "oci:")
+IMAGE_SOURCES = ("dir:", "tar:", "oci:", "docker://", "registry:")
 """Prefixes of the image references the local backend provisions (besides ``host``)."""
 
 
@@ -66,6 +68,9 @@ class LocalBackend:
                 ImageStoreConfig(
                     cache_dir=self.service.image_cache_dir,
                     max_bytes=self.service.image_cache_mib * 1024 * 1024,
+                    insecure_registries=self.service.insecure_registries,
+                    registry_auth_file=self.service.registry_auth_file,
+                    registry_cert_dir=self.service.registry_cert_dir,
                 )
             )
         return self._images
