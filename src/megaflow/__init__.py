@@ -11,6 +11,9 @@ The public API (everything else is internal and may change):
   embedded default) and get their `Results`.
 - `connect("host:port")`: an async `Client` of a deployment's scheduler: `submit`,
   `watch` (re-attach to a run by its id).
+- For scaffold authors: `TaskSession` (what a scaffold acts through: `generate`,
+  `execute`, `edit`, `submit`, ...) and `TaskOutcome` (end a task as the task's own
+  failure); scaffolds plug in by entry point (`megaflow.scaffolds`).
 - The errors, rooted at `MegaFlowError` (its module draws the tree).
 
 `import megaflow` stays light: the services load when first used.
@@ -56,6 +59,7 @@ if TYPE_CHECKING:
         Task,
         Workspace,
     )
+    from megaflow.agent.session import TaskOutcome, TaskSession
 
 __version__ = "0.1.0"
 
@@ -81,6 +85,7 @@ _LAZY = {
     ),
     **dict.fromkeys(("Results", "arun", "run"), "megaflow._run"),
     **dict.fromkeys(("Client", "Run", "connect"), "megaflow._client"),
+    **dict.fromkeys(("TaskOutcome", "TaskSession"), "megaflow.agent.session"),
 }
 
 
@@ -124,6 +129,8 @@ __all__ = [
     "ServiceUnavailableError",
     "SessionAction",
     "Task",
+    "TaskOutcome",
+    "TaskSession",
     "TestOutcome",
     "ToolCall",
     "Trajectory",

@@ -8,7 +8,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict
 
-from megaflow.agent.session import TaskOutcome, TaskSession
+from megaflow import TaskOutcome, TaskSession
 from megaflow.v1.common_pb2 import ChatMessage
 
 BLOCK = re.compile(r"```bash\n(.*?)\n```", re.DOTALL)
