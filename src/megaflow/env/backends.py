@@ -47,7 +47,7 @@ class SandboxFactory:
         self.config = config
         self._backends: dict[str, SandboxBackend] = {}
         self._reclaimed: dict[str, asyncio.Task[int]] = {}
-        self._built: dict[str, str] = {}  # sandbox id -> the backend that built it
+        self._built: dict[str, tuple[str, Sandbox]] = {}  # id -> (its backend, the sandbox)
 
     def backend(self, name: str) -> SandboxBackend:
         """The service's instance of backend ``name`` (made on first use);
@@ -76,10 +76,15 @@ class SandboxFactory:
 
     def released(self, sandbox: Sandbox) -> None:
         """A sandbox is gone: its backend frees what it held (e.g. unpins its image)."""
-        name = self._built.pop(sandbox.sandbox_id, None)
+        name, _ = self._built.pop(sandbox.sandbox_id, (None, None))
         backend = None if name is None else self._backends.get(name)
         if backend is not None:
             backend.released(sandbox)
+
+    def unreleased(self) -> list[Sandbox]:
+        """Sandboxes built and not `released` yet (at shutdown, once every holder gave
+        its own back: leaked ones)."""
+        return [sandbox for _, sandbox in self._built.values()]
 
     def spec(
         self,
@@ -115,7 +120,7 @@ class SandboxFactory:
             raise InvalidRequestError(
                 f"the {spec.backend} backend does not support these limits: {exc}"
             ) from exc
-        self._built[sandbox_id] = spec.backend
+        self._built[sandbox_id] = (spec.backend, sandbox)
         return sandbox
 
     async def reclaim(self) -> int:

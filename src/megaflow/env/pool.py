@@ -74,7 +74,12 @@ class SandboxPool:
             await asyncio.gather(*running, return_exceptions=True)
 
     async def stop(self) -> None:
-        """Stop refilling, finish resets, stop every idle sandbox and every teardown."""
+        """Stop refilling, finish resets, stop every idle sandbox and every teardown.
+
+        Called once every holder gave its sandboxes back: any sandbox still built and
+        not released is a leak, stopped too (a suspended one would otherwise outlive
+        this process, frozen: its bwrap cannot die of its parent's death until thawed).
+        """
         self._closing = True
         await self.wait_refills()
         while pending := [t for t in self._tasks if not t.done()]:
@@ -82,6 +87,9 @@ class SandboxPool:
         for queue in self._idle.values():
             while queue:
                 await self.discard(queue.popleft())
+        for sandbox in self.factory.unreleased():
+            log.error("sandbox %s was held by nobody at shutdown; stopping it", sandbox.sandbox_id)
+            await self._stop_quietly(sandbox, free_slot=False)
 
     # -- figures -------------------------------------------------------------------------
     @property
@@ -181,6 +189,9 @@ class SandboxPool:
 
     # -- internals -----------------------------------------------------------------------
     async def _start_new(self, spec: SandboxSpec, setup_s: float) -> Sandbox:
+        """A started sandbox of ``spec`` (the first of a spec also gives its pristine
+        snapshot). Whatever ends this early, cancellation included, stops the sandbox:
+        nobody else holds it yet."""
         sandbox = await self.factory.build(f"sb-{self._prefix}-{next(self._ids)}", spec)
         try:
             try:
@@ -190,15 +201,15 @@ class SandboxPool:
                 raise DeadlineExceededError(
                     f"sandbox setup passed its {setup_s:.1f}s budget"
                 ) from None
+            if spec not in self._pristine:
+                try:
+                    self._pristine[spec] = await backends.snapshot(sandbox)
+                except Exception as exc:  # reset then empties the workdir instead
+                    log.debug("no pristine snapshot of %s: %s", spec.image, exc)
         except BaseException:
             teardown = self._spawn(self._stop_quietly(sandbox, free_slot=False), "sandbox-teardown")
             await asyncio.shield(teardown)
             raise
-        if spec not in self._pristine:
-            try:
-                self._pristine[spec] = await backends.snapshot(sandbox)
-            except Exception as exc:  # reset then empties the workdir instead
-                log.debug("no pristine snapshot of %s: %s", spec.image, exc)
         return sandbox
 
     async def _reset_and_pool(self, spec: SandboxSpec, sandbox: Sandbox) -> None:

@@ -86,17 +86,20 @@ class SandboxFeatures:
         """An uncompressed tar archive of /workspace (paths relative to it).
 
         The sandbox is frozen while the archive is made (so background writers cannot
-        tear it), then returned to the state it was in.
+        tear it), then returned to the state it was in, whatever happens meanwhile: a
+        freeze asked for is undone even if the caller is cancelled or the freeze does not
+        settle (a sandbox left frozen could not be killed, not even by its own bwrap's
+        ``--die-with-parent`` once this process is gone).
         """
         async with self._lock:
             self._check_running()
-            was_frozen = self._frozen
-            if self.can_suspend and not was_frozen:
-                await self._set_frozen(True)
+            freeze = self.can_suspend and not self._frozen
             try:
+                if freeze:
+                    await self._set_frozen(True)
                 return await asyncio.to_thread(workspace.pack, self.host_workspace)
             finally:
-                if self.can_suspend and not was_frozen:
+                if freeze:
                     await self._set_frozen(False)
 
     async def restore(self, archive: bytes) -> None:
