@@ -48,7 +48,6 @@ class Replay:
         self.turns = checkpoint.trajectory.turns
         self.actions = [action for turn in self.turns for action in turn.actions]
         self.replayed = 0  # actions re-applied to the environment
-        self.live = False
         self._turn = 0
         self._next = 0
         self._applying: common_pb2.SessionAction | None = None
@@ -98,4 +97,3 @@ class Replay:
             raise self._on_diverge(
                 f"{len(self.actions) - self._next} recorded actions were not taken again"
             )
-        self.live = True

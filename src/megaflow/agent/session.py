@@ -44,6 +44,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from megaflow.agent.checkpoint import (
     REPLAY,
@@ -168,7 +169,7 @@ class TaskSession:
         conversation, and the model's answer is returned (and recorded with its token
         ids, logprobs and version). Ends the task (TaskOutcome) past the step or token
         budget."""
-        if self._replay is not None and not self._replay.live:
+        if self._replay is not None:
             recorded = self._replay.generate(messages)
             if recorded is not None:
                 self._request.messages.extend(messages)
@@ -213,7 +214,7 @@ class TaskSession:
     def observe(self, message: common_pb2.ChatMessage) -> None:
         """Note a tool result (or any observation) the scaffold made of the current turn."""
         turns = self.trajectory.turns
-        if turns and (self._replay is None or self._replay.live):
+        if turns and self._replay is None:  # a replayed turn has its observations
             turns[-1].observations.append(message)
 
     def record_messages(self, messages: Sequence[common_pb2.ChatMessage]) -> None:
@@ -224,8 +225,8 @@ class TaskSession:
     async def execute(self, command: str, timeout_s: float = 0.0) -> env_pb2.ExecuteStepResponse:
         """Run `command` in the environment's persistent shell (within the step budget)."""
         timeout_s = timeout_s or self.step_timeout_s
-        action = common_pb2.SessionAction(kind="execute", command=command, timeout_s=timeout_s)
-        if self._replay is not None and not self._replay.live:
+        if self._replay is not None:
+            action = common_pb2.SessionAction(kind="execute", command=command, timeout_s=timeout_s)
             recorded = self._replay.next_action(action)
             if recorded is not None:  # a plain read: the record answers
                 return env_pb2.ExecuteStepResponse(
@@ -237,34 +238,36 @@ class TaskSession:
         step = await self.env.execute_step(
             env_pb2.ExecuteStepRequest(env_id=self.env_id, command=command, timeout_s=timeout_s)
         )
-        action.observation, action.exit_code, action.timed_out = (
-            step.output,
-            step.exit_code,
-            step.timed_out,
+        self._record(
+            time.monotonic() - t0,
+            kind="execute",
+            command=command,
+            timeout_s=timeout_s,
+            observation=step.output,
+            exit_code=step.exit_code,
+            timed_out=step.timed_out,
         )
-        self._record(action, time.monotonic() - t0)
         return step
 
     async def edit(self, path: str, old: str, new: str) -> env_pb2.SubmitActionResponse:
         """Replace exactly one occurrence of `old` by `new` in a file; `ok` False (and a
         message for the model) when it cannot."""
-        action = common_pb2.SessionAction(kind="edit", path=path, old=old, new=new)
         edit = env_pb2.EditFile(path=path, old=old, new=new)
-        return await self._file_action(action, env_pb2.SubmitActionRequest(edit_file=edit))
+        request = env_pb2.SubmitActionRequest(edit_file=edit)
+        return await self._file_action(request, kind="edit", path=path, old=old, new=new)
 
     async def write(self, path: str, content: bytes) -> env_pb2.SubmitActionResponse:
-        action = common_pb2.SessionAction(kind="write", path=path, content=content)
         write = env_pb2.WriteFile(path=path, content=content)
-        return await self._file_action(action, env_pb2.SubmitActionRequest(write_file=write))
+        request = env_pb2.SubmitActionRequest(write_file=write)
+        return await self._file_action(request, kind="write", path=path, content=content)
 
     async def read(self, path: str) -> env_pb2.SubmitActionResponse:
-        action = common_pb2.SessionAction(kind="read", path=path)
         request = env_pb2.SubmitActionRequest(read_file=env_pb2.ReadFile(path=path))
-        return await self._file_action(action, request)
+        return await self._file_action(request, kind="read", path=path)
 
     async def submit(self) -> env_pb2.SubmitActionResponse:
         """Done: the hidden evaluation runs and its reward is the task's result."""
-        if self._replay is not None and not self._replay.live:
+        if self._replay is not None:
             self._go_live()
         reply = await self.env.submit_action(
             env_pb2.SubmitActionRequest(
@@ -281,10 +284,11 @@ class TaskSession:
         return reply
 
     async def _file_action(
-        self, action: common_pb2.SessionAction, request: env_pb2.SubmitActionRequest
+        self, request: env_pb2.SubmitActionRequest, **fields: Any
     ) -> env_pb2.SubmitActionResponse:
-        if self._replay is not None and not self._replay.live:
-            recorded = self._replay.next_action(action)
+        """`fields`: the action as recorded (`SessionAction`), less what it returned."""
+        if self._replay is not None:
+            recorded = self._replay.next_action(common_pb2.SessionAction(**fields))
             if recorded is not None:
                 return env_pb2.SubmitActionResponse(
                     ok=recorded.ok, message=recorded.observation, content=recorded.content
@@ -292,22 +296,24 @@ class TaskSession:
         request.env_id = self.env_id
         t0 = time.monotonic()
         reply = await self.env.submit_action(request)
-        action.ok, action.observation = reply.ok, reply.message
-        if action.kind == "read":
-            action.content = reply.content
-        self._record(action, time.monotonic() - t0)
+        if fields["kind"] == "read":
+            fields["content"] = reply.content
+        self._record(time.monotonic() - t0, ok=reply.ok, observation=reply.message, **fields)
         return reply
 
-    def _record(self, action: common_pb2.SessionAction, elapsed_s: float) -> None:
-        if self._replay is not None and not self._replay.live:
-            self._replay.verify(action)  # _StartOver on a difference
+    def _record(self, elapsed_s: float, **fields: Any) -> None:
+        """Record an action that ran (`fields`: its `SessionAction`), in place on the
+        current turn; while replaying, check it against the record instead."""
+        if self._replay is not None:
+            self._replay.verify(common_pb2.SessionAction(**fields))  # _StartOver if it differs
             return
         turns = self.trajectory.turns
         if not turns:
-            self._early.append(action)
+            self._early.append(common_pb2.SessionAction(**fields))
             return
-        turns[-1].actions.append(action)
-        turns[-1].env_latency_s += elapsed_s
+        turn = turns[-1]
+        turn.actions.add(**fields)
+        turn.env_latency_s += elapsed_s
 
     # -- checkpoints (see megaflow.agent.checkpoint) ---------------------------------------
     @property
@@ -463,6 +469,7 @@ class TaskSession:
         replay = self._replay
         assert replay is not None
         replay.finish()  # _StartOver if recorded actions were left undone
+        self._replay = None
         self.trajectory.resumptions.add(
             at_turn=len(self.trajectory.turns),
             from_attempt_id=replay.checkpoint.attempt_id,
