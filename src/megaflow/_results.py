@@ -3,31 +3,22 @@ pydantic models converting to and from `TaskResult` / `Trajectory` messages."""
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Literal, Self, cast
 
 from google.protobuf.message import Message
 from pydantic import Field
 
 from megaflow._proto_model import ProtoModel
+from megaflow.deploy.run import ERROR_KIND_NAMES, ERROR_KIND_VALUES, STATE_NAMES, STATE_VALUES
 from megaflow.v1 import common_pb2
 
 Status = Literal["pending", "running", "succeeded", "failed", "unknown"]
 ErrorKind = Literal["none", "task", "infra", "invalid", "cancelled", "unknown"]
 
-_STATES: dict[int, Status] = {
-    common_pb2.TASK_STATE_UNSPECIFIED: "unknown",
-    common_pb2.TASK_STATE_PENDING: "pending",
-    common_pb2.TASK_STATE_RUNNING: "running",
-    common_pb2.TASK_STATE_SUCCEEDED: "succeeded",
-    common_pb2.TASK_STATE_FAILED: "failed",
-}
-_KINDS: dict[int, ErrorKind] = {
-    common_pb2.ERROR_KIND_NONE: "none",
-    common_pb2.ERROR_KIND_TASK: "task",
-    common_pb2.ERROR_KIND_INFRA: "infra",
-    common_pb2.ERROR_KIND_INVALID: "invalid",
-    common_pb2.ERROR_KIND_CANCELLED: "cancelled",
-}
+# The names results.jsonl uses (`megaflow.deploy.run`), typed; a value with no name is
+# "unknown".
+_STATES = cast(dict[int, Status], STATE_NAMES)
+_KINDS = cast(dict[int, ErrorKind], ERROR_KIND_NAMES)
 
 
 class ToolCall(ProtoModel):
@@ -226,8 +217,8 @@ class Result(ProtoModel):
     def to_proto(self) -> common_pb2.TaskResult:
         """The `TaskResult` (the trajectory is a message of its own: `trajectory.to_proto()`)."""
         message: common_pb2.TaskResult = super().to_proto()
-        state = {name: value for value, name in _STATES.items()}[self.status]
-        kind = {name: value for value, name in _KINDS.items()}.get(self.error_kind, 0)
+        state = STATE_VALUES.get(self.status, common_pb2.TASK_STATE_UNSPECIFIED)
+        kind = ERROR_KIND_VALUES.get(self.error_kind, common_pb2.ERROR_KIND_NONE)
         message.state, message.error_kind = state, kind  # type: ignore[assignment]
         message.has_reward = self.reward is not None
         message.reward = self.reward or 0.0

@@ -78,17 +78,17 @@ async def read_earlier(folder: Path) -> Earlier:
 
 
 async def _read_ledger(path: Path, earlier: Earlier) -> None:
-    from megaflow.scheduler.recovery import LEASE, holder_alive
+    from megaflow.deploy.run import live_ledger_holder
     from megaflow.store.sqlite import SqliteLedger
 
+    holder = await live_ledger_holder(path)
+    if holder is not None:
+        raise InvalidRequestError(
+            f"the run in {path.parent} is still going (scheduler {holder}); wait for it"
+        )
     ledger = SqliteLedger(path)
     await ledger.open()
     try:
-        holder = await ledger.lease_holder(LEASE)
-        if holder is not None and holder_alive(holder):
-            raise InvalidRequestError(
-                f"the run in {path.parent} is still going (scheduler {holder}); wait for it"
-            )
         for run in await ledger.runs():
             for row in await ledger.run(run.run_id):
                 if row.result is None:

@@ -120,7 +120,7 @@ async def arun(
     - `on_result`: called with each result as its task finishes.
     """
     from megaflow.deploy.embedded import EmbeddedSystem
-    from megaflow.deploy.run import run_batch
+    from megaflow.deploy.run import fresh_ledger, run_batch
     from megaflow.env.service import EnvServiceConfig
     from megaflow.model.factory import backend_from_spec
     from megaflow.model.latency import LatencyConfig
@@ -169,7 +169,7 @@ async def arun(
     with tempfile.TemporaryDirectory(prefix="megaflow-run-") as scratch:
         ledger_path = None
         if ledger is None:
-            ledger_path = await _fresh_ledger(out_dir) if out_dir else Path(scratch) / "ledger"
+            ledger_path = await fresh_ledger(out_dir) if out_dir else Path(scratch) / "ledger"
         system = EmbeddedSystem(
             backends=[backend],
             ledger=ledger,
@@ -189,24 +189,3 @@ async def arun(
             )
     results.run_id = summary.run_id
     return results
-
-
-async def _fresh_ledger(out: Path) -> Path:
-    """`out/ledger.sqlite` without a previous run's (refused while a run is going)."""
-    from megaflow.scheduler.recovery import LEASE, holder_alive
-    from megaflow.store.sqlite import SqliteLedger
-
-    path = out / "ledger.sqlite"
-    if path.exists():
-        previous = SqliteLedger(path)
-        await previous.open()
-        try:
-            holder = await previous.lease_holder(LEASE)
-        finally:
-            await previous.close()
-        if holder is not None and holder_alive(holder):
-            raise InvalidRequestError(f"a run is still going in {out} (scheduler {holder})")
-        for stale in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
-            stale.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
-    return path

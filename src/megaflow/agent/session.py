@@ -60,6 +60,7 @@ from megaflow.agent.checkpoint import (
 from megaflow.agent.replay import Replay
 from megaflow.agent.scaffold import Scaffold, default_scaffold
 from megaflow.contract import EnvironmentService, ModelService
+from megaflow.contract.requests import environment_request
 from megaflow.core.errors import MegaFlowError
 from megaflow.core.runtime import coarse_timeout
 from megaflow.v1 import agent_pb2, common_pb2, env_pb2, model_pb2
@@ -503,21 +504,12 @@ class TaskSession:
 
     # -- the environment's lifecycle ----------------------------------------------------
     async def _create(self) -> str:
-        task = self.task
-        request = env_pb2.CreateEnvironmentRequest(
+        request = environment_request(
+            self.task,
             owner=self.attempt_id,
-            image=task.image,
-            files=task.files,
-            hidden_files=task.hidden_files,
-            eval_command=task.eval_command,
-            limits=task.limits,
             setup_timeout_s=self.setup_timeout_s,
             lease_s=self.task_timeout_s + self.scoring_timeout_s + 60.0,
-            placement=task.placement,
-            setup_commands=task.setup_commands,
         )
-        if task.HasField("workspace"):
-            request.workspace.CopyFrom(task.workspace)
         try:
             created = await self.env.create_environment(request)
         except BaseException:

@@ -15,7 +15,7 @@ from megaflow.cli.output import RunProgress
 from megaflow.core.errors import InvalidRequestError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.processes import serve
-from megaflow.deploy.run import RunSummary, run_batch, watch_batch
+from megaflow.deploy.run import RunSummary, fresh_ledger, run_batch, watch_batch
 from megaflow.env.registry import backend_class
 from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.backend import ModelBackend
@@ -26,10 +26,8 @@ from megaflow.model.service import ModelServiceImpl
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.rpc.resolver import ServiceResolver
 from megaflow.scheduler.policy import SchedulerPolicy
-from megaflow.scheduler.recovery import LEASE, holder_alive
 from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.store.ledger import TaskLedger
-from megaflow.store.sqlite import SqliteLedger
 from megaflow.tasks.sources import LoadedTasks
 from megaflow.tasks.swe_synth import generate_tasks
 from megaflow.tasks.validate import TaskCheck, validate_tasks
@@ -112,12 +110,7 @@ def run_specs(
     tasks: int, seed: int, placement: RunPlacement, step_timeout_s: float | None = None
 ) -> list[common_pb2.TaskSpec]:
     """The synthetic tasks of `megaflow run`, placed, with the command budget if given."""
-    specs = generate_tasks(tasks, seed=seed)
-    for spec in specs:
-        placement.apply(spec)
-        if step_timeout_s is not None:
-            spec.budgets.step_timeout_s = step_timeout_s
-    return specs
+    return place_tasks(generate_tasks(tasks, seed=seed), placement, step_timeout_s)
 
 
 def place_tasks(
@@ -217,7 +210,10 @@ async def run_command(
         )
         system = EmbeddedSystem(
             backends=[backend],
-            ledger_path=await fresh_ledger(out, console),
+            ledger_path=await fresh_ledger(
+                out,
+                lambda: console.print(f"replacing the previous run's outputs in {out}"),
+            ),
             env_config=EnvServiceConfig(
                 root_dir=sandbox_dir,
                 max_environments=max(concurrency, 1),
@@ -240,29 +236,6 @@ async def run_command(
         summary.records[:0] = kept
         summary.total += len(kept)
         return summary
-
-
-async def fresh_ledger(out: Path, console: Console) -> Path:
-    """The embedded run's ledger in `out`, without a previous run's: `out` holds the
-    latest run's outputs (its results.jsonl and trajectories.jsonl are rewritten too).
-    A run still going in `out` (its scheduler lease is live) is an error, not replaced."""
-    path = out / "ledger.sqlite"
-    if not path.exists():
-        return path
-    ledger = SqliteLedger(path)
-    await ledger.open()
-    try:
-        holder = await ledger.lease_holder(LEASE)
-    finally:
-        await ledger.close()
-    if holder is not None and holder_alive(holder):
-        raise InvalidRequestError(
-            f"a run is still going in {out} (scheduler {holder}); wait for it, or use another --out"
-        )
-    console.print(f"replacing the previous run's outputs in {out}")
-    for stale in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
-        stale.unlink(missing_ok=True)
-    return path
 
 
 async def watch_command(

@@ -23,6 +23,7 @@ from typing import IO, Any
 from google.protobuf.json_format import MessageToDict
 
 from megaflow.contract import SchedulerService
+from megaflow.core.errors import InvalidRequestError
 from megaflow.v1 import common_pb2, scheduler_pb2
 
 STATE_NAMES = {
@@ -38,6 +39,8 @@ ERROR_KIND_NAMES = {
     common_pb2.ERROR_KIND_INVALID: "invalid",
     common_pb2.ERROR_KIND_CANCELLED: "cancelled",
 }
+STATE_VALUES = {name: value for value, name in STATE_NAMES.items()}
+ERROR_KIND_VALUES = {name: value for value, name in ERROR_KIND_NAMES.items()}
 
 
 def result_record(result: common_pb2.TaskResult) -> dict[str, Any]:
@@ -67,17 +70,15 @@ def result_from_record(record: dict[str, Any]) -> common_pb2.TaskResult:
     """The `TaskResult` a results.jsonl line was made from (`result_record`'s inverse,
     less `eval_output`, which the line does not keep). KeyError/ValueError when the
     line is not such a record."""
-    states = {name: value for value, name in STATE_NAMES.items()}
-    kinds = {name: value for value, name in ERROR_KIND_NAMES.items()}
     reward = record["reward"]
     return common_pb2.TaskResult(
         task_id=str(record["task_id"]),
-        state=states[record["status"]],
+        state=STATE_VALUES[record["status"]],
         has_reward=reward is not None,
         reward=float(reward or 0.0),
         attempts=int(record["attempts"]),
         steps=int(record["steps"]),
-        error_kind=kinds[record["error_kind"]],
+        error_kind=ERROR_KIND_VALUES[record["error_kind"]],
         error=str(record.get("error", "")),
         prompt_tokens=int(record.get("prompt_tokens", 0)),
         completion_tokens=int(record.get("completion_tokens", 0)),
@@ -222,3 +223,39 @@ async def _follow(
                 on_event(event, summary)
             if event.type == scheduler_pb2.EVENT_TYPE_RUN_FINISHED:
                 break
+
+
+async def live_ledger_holder(path: Path) -> str | None:
+    """The scheduler still holding the embedded run's ledger at `path` (its lease is live
+    and its process alive), or None."""
+    from megaflow.scheduler.recovery import LEASE, holder_alive
+    from megaflow.store.sqlite import SqliteLedger
+
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    try:
+        holder = await ledger.lease_holder(LEASE)
+    finally:
+        await ledger.close()
+    return holder if holder is not None and holder_alive(holder) else None
+
+
+async def fresh_ledger(out: Path, on_replace: Callable[[], None] | None = None) -> Path:
+    """The embedded run's ledger in `out`, without a previous run's: `out` holds the
+    latest run's outputs (its results.jsonl and trajectories.jsonl are rewritten too).
+    A run still going in `out` (its scheduler lease is live) is an error, not replaced;
+    `on_replace` is called before a previous run's ledger is removed."""
+    path = out / "ledger.sqlite"
+    if path.exists():
+        holder = await live_ledger_holder(path)
+        if holder is not None:
+            raise InvalidRequestError(
+                f"a run is still going in {out} (scheduler {holder}); wait for it, or use "
+                "another --out"
+            )
+        if on_replace is not None:
+            on_replace()
+        for stale in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+            stale.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before the run
+    return path

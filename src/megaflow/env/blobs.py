@@ -35,6 +35,7 @@ from typing import IO, Any
 import fsspec  # type: ignore[import-untyped]
 
 from megaflow.core.errors import InvalidRequestError
+from megaflow.env.images.digests import bytes_digest, file_digest
 
 DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 CHUNK_BYTES = 1024 * 1024
@@ -69,15 +70,14 @@ class BlobStore:
 
     def put_bytes(self, data: bytes) -> str:
         """Store ``data``; its digest."""
-        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        digest = bytes_digest(data)
         if not self.exists(digest):
             self._publish(digest, lambda tmp: self.fs.pipe_file(tmp, data))
         return digest
 
     def put_file(self, path: Path) -> str:
         """Store a file's content (streamed); its digest."""
-        with open(path, "rb") as f:
-            digest = f"sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}"
+        digest = file_digest(path)
         if not self.exists(digest):
             self._publish(digest, lambda tmp: self.fs.put_file(str(path), tmp))
         return digest

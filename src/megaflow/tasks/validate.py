@@ -19,6 +19,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from megaflow.contract import EnvironmentService
+from megaflow.contract.requests import environment_request
 from megaflow.core.errors import MegaFlowError
 from megaflow.tasks.sources import GoldSolution, LoadedTasks
 from megaflow.v1 import common_pb2, env_pb2
@@ -115,18 +116,11 @@ async def _attempt(
     scoring_timeout_s: float,
 ) -> env_pb2.SubmitActionResponse:
     created = await env.create_environment(
-        env_pb2.CreateEnvironmentRequest(
+        environment_request(
+            task,
             owner=f"validate-{task.task_id}",
-            image=task.image,
-            files=task.files,
-            hidden_files=task.hidden_files,
-            eval_command=task.eval_command,
-            limits=task.limits,
             setup_timeout_s=task.budgets.setup_timeout_s or setup_timeout_s,
             lease_s=setup_timeout_s + step_timeout_s + scoring_timeout_s + 60.0,
-            placement=task.placement,
-            workspace=task.workspace if task.HasField("workspace") else None,
-            setup_commands=task.setup_commands,
         )
     )
     env_id = created.env_id
