@@ -30,7 +30,6 @@ import io
 import os
 import shlex
 import shutil
-import signal
 import tarfile
 import tempfile
 import threading
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from megaflow.core.errors import DeadlineExceededError, InvalidRequestError
+from megaflow.core.subprocesses import run_program
 from megaflow.env import backends
 from megaflow.env.blobs import BlobCache, BlobStore, check_digest
 from megaflow.env.config import EnvServiceConfig
@@ -215,25 +215,11 @@ async def _checkout(mirror: Path, sha: str, url: str, workspace: Path, timeout_s
 async def _git(argv: list[str], timeout_s: float, cwd: Path | None = None) -> tuple[int, str]:
     """Run git; (exit status, stdout+stderr). Killed (its whole group) at the timeout or
     on cancellation, which raise."""
-    process = await asyncio.create_subprocess_exec(
-        "git",
-        *argv,
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, **_GIT_ENV},
-        start_new_session=True,
-    )
-    try:
-        async with _budget(timeout_s, f"git {argv[0]}"):
-            out, _ = await process.communicate()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()
-        raise
-    return process.returncode or 0, out.decode(errors="replace")
+    async with _budget(timeout_s, f"git {argv[0]}"):  # its cancellation kills git
+        code, out, _ = await run_program(
+            ["git", *argv], cwd=cwd, env={**os.environ, **_GIT_ENV}, merge_stderr=True
+        )
+    return code, out.decode(errors="replace")
 
 
 @contextlib.asynccontextmanager

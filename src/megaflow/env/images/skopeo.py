@@ -32,17 +32,15 @@ SandboxError (retryable) when the registry is unreachable, fails, or sends corru
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import re
 import shutil
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
+from megaflow.core.subprocesses import run_program
 from megaflow.env.images.digests import bytes_digest
 from megaflow.env.images.oci import INDEX_TYPES, ImageNotFoundError, pick_platform
 
@@ -174,28 +172,13 @@ class Skopeo:
                 "install skopeo; ./dev installs it)"
             )
         command = [binary, f"--command-timeout={max(1, int(timeout_s))}s", *self._global()]
-        proc = await asyncio.create_subprocess_exec(
-            *command,
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
         try:
-            async with asyncio.timeout(timeout_s + 5):
-                out, err = await proc.communicate()
-        except BaseException as exc:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(proc.wait()), 10)
-            if isinstance(exc, TimeoutError):
-                raise SandboxError(
-                    f"image {image}: skopeo did not finish within {timeout_s} s"
-                ) from exc
-            raise
-        if proc.returncode != 0:
+            code, out, err = await run_program([*command, *args], timeout_s=timeout_s + 5)
+        except TimeoutError as exc:
+            raise SandboxError(
+                f"image {image}: skopeo did not finish within {timeout_s} s"
+            ) from exc
+        if code != 0:
             raise classify(image, ref, err.decode(errors="replace"))
         return out
 
