@@ -40,7 +40,7 @@ from typing import Any, TypeVar, cast
 from megaflow.core.errors import DeadlineExceededError, InvalidRequestError
 from megaflow.core.subprocesses import run_program
 from megaflow.env import backends
-from megaflow.env.blobs import BlobCache, BlobStore, check_digest
+from megaflow.env.blobs import BlobCache, BlobStore, check_digest, write_tar
 from megaflow.env.config import EnvServiceConfig
 from megaflow.env.sandbox import HostWorkspaceSandbox, Sandbox
 from megaflow.v1 import common_pb2, env_pb2
@@ -260,9 +260,7 @@ def _extract(stop: threading.Event, archive: Path, workspace: Path) -> None:
 
 def _tar_bytes(root: Path) -> bytes:
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for child in sorted(root.iterdir()):
-            tar.add(child, arcname=child.name)
+    write_tar(root, buffer)
     return buffer.getvalue()
 
 

@@ -15,8 +15,6 @@ repositories travel by ``workspace`` reference.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from megaflow.v1 import common_pb2
@@ -62,12 +60,6 @@ class NativeTask(BaseModel):
     eval_command: str = Field(default="", description="Exit status 0 = reward 1.")
     max_steps: int = Field(default=0, ge=0, description="Step budget; 0 = the default.")
     metadata: dict[str, str] = Field(default_factory=dict, description="Where it came from.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_nulls(cls, data: Any) -> Any:
-        """A column missing from some rows of a table reads as null: the default."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     def to_task(self) -> common_pb2.TaskSpec:
         task = common_pb2.TaskSpec(

@@ -151,6 +151,8 @@ class FileSource:
 def _row_task(
     row: dict[str, Any], config: SweBenchConfig
 ) -> tuple[common_pb2.TaskSpec, GoldSolution | None]:
+    # A column missing from some rows of a table reads as null there: the field's default.
+    row = {key: value for key, value in row.items() if value is not None}
     if "instance_id" in row:
         swe = SweBenchRow.model_validate(row)
         return swe.to_task(config), GoldSolution(patch=swe.patch) if swe.patch else None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from megaflow.env.evaluation.spec import TestRef, tests_evaluation
 from megaflow.v1 import common_pb2
@@ -98,12 +98,6 @@ class SweBenchRow(BaseModel):
     image: str = ""
     hints_text: str = ""
     created_at: str = ""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_nulls(cls, data: Any) -> Any:
-        """A column missing from some rows of a table reads as null: the default."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     @field_validator("FAIL_TO_PASS", "PASS_TO_PASS", mode="before")
     @classmethod

@@ -21,7 +21,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tarfile
@@ -217,9 +216,7 @@ class Dockerd:
             found = pids_mentioning(str(self.dir))
             if not found:
                 return
-            for pid in found:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+            procs.kill(found)
             time.sleep(0.05)
 
 
