@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from megaflow.agent.session import AgentLimits, TaskSession
-from megaflow.core.errors import CapacityError, InvalidRequestError, NotFoundError
+from megaflow.core.errors import (
+    CancelledTaskError,
+    CapacityError,
+    InvalidRequestError,
+    NotFoundError,
+)
 from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.model.service import ModelServiceImpl
 from megaflow.rpc.clients import EnvironmentServiceClient
@@ -310,6 +315,32 @@ async def test_release_by_owner(service: SandboxEnvironmentService) -> None:
     assert one.released == 1 and service.live == 0
 
 
+async def test_release_by_owner_undoes_a_create_in_flight(
+    service: SandboxEnvironmentService,
+) -> None:
+    """An owner released while its create is still setting up (its caller gave up and
+    will never learn the env id): the create is undone when it finishes, not left to
+    the lease reaper. Another owner's create in flight is not touched."""
+    def slow(owner: str) -> env_pb2.CreateEnvironmentRequest:
+        return env_pb2.CreateEnvironmentRequest(owner=owner, setup_commands=["sleep 1"])
+
+    mine = asyncio.create_task(service.create_environment(slow("gone")))
+    theirs = asyncio.create_task(service.create_environment(slow("kept")))
+    while service.live < 2:  # both hold a sandbox, still setting up
+        await asyncio.sleep(0.01)
+    reply = await service.release_environment(env_pb2.ReleaseEnvironmentRequest(owner="gone"))
+    assert reply.released == 0  # nothing made yet
+    with pytest.raises(CancelledTaskError, match="released its environments"):
+        await mine
+    kept = await theirs
+    assert service.live == 1
+    # the owner is forgotten once its creates are done: a later create of it stands
+    again = await service.create_environment(env_pb2.CreateEnvironmentRequest(owner="gone"))
+    assert service.live == 2
+    for env_id in (kept.env_id, again.env_id):
+        await service.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=env_id))
+
+
 class _AnswersNever(SandboxEnvironmentService):
     """Makes the environment, then never answers (the answer lost in flight)."""
 
@@ -341,6 +372,40 @@ async def test_an_agent_cancelled_while_its_environment_is_made_leaves_none(
         with pytest.raises(asyncio.CancelledError):
             await run
         # the lease (task timeout + scoring + 60 s) would have kept it for half an hour
+        assert svc.live == 0
+        await client.close()
+    await model.stop()
+
+
+class _SlowRelease(SandboxEnvironmentService):
+    """Takes a moment to start releasing (a busy service)."""
+
+    asked = asyncio.Event()
+
+    async def release_environment(
+        self, request: env_pb2.ReleaseEnvironmentRequest
+    ) -> env_pb2.ReleaseEnvironmentResponse:
+        self.asked.set()
+        await asyncio.sleep(0.3)
+        return await super().release_environment(request)
+
+
+async def test_an_agent_cancelled_while_it_releases_still_releases(tmp_path: Path) -> None:
+    """The attempt's caller goes away just as it finished and is releasing: the release
+    call completes (then the cancellation is raised), not cut off in flight."""
+    svc = _SlowRelease(EnvServiceConfig(root_dir=tmp_path / "sb", max_environments=2))
+    _SlowRelease.asked = asyncio.Event()
+    model = ModelServiceImpl([SimulatedBackend.fast()])
+    task = generate_tasks(1, seed=2)[0]
+    async with svc, GrpcServer("127.0.0.1:0", {"env": svc}) as server:
+        client = EnvironmentServiceClient(server.address)
+        agent = TaskSession(task, "attempt-1", env=client, model=model, limits=AgentLimits())
+        run = asyncio.ensure_future(agent.run())
+        await asyncio.wait_for(_SlowRelease.asked.wait(), 60)
+        assert svc.live == 1
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
         assert svc.live == 0
         await client.close()
     await model.stop()

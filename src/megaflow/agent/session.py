@@ -42,7 +42,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -515,14 +515,19 @@ class TaskSession:
         except BaseException:
             # Cancelled or failed in flight: the service may have made the environment
             # all the same (the answer lost), and this attempt never learns its id.
-            await asyncio.shield(self._release_owned())
+            await _to_the_end(self._release_owned())
             raise
         self.workdir = created.workdir
         return created.env_id
 
     async def _release(self, env_id: str) -> None:
-        if not env_id:
-            return
+        """Release an environment; the call completes even if this attempt is cancelled
+        meanwhile (its caller gone as it finished): a release cut off in flight would
+        leave the sandbox to the lease reaper."""
+        if env_id:
+            await _to_the_end(self._release_quietly(env_id))
+
+    async def _release_quietly(self, env_id: str) -> None:
         with contextlib.suppress(MegaFlowError, OSError, asyncio.TimeoutError):
             await self.env.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=env_id))
 
@@ -533,3 +538,14 @@ class TaskSession:
             async with asyncio.timeout(RELEASE_OWNED_TIMEOUT_S):
                 request = env_pb2.ReleaseEnvironmentRequest(owner=self.attempt_id)
                 await self.env.release_environment(request)
+
+
+async def _to_the_end(cleanup: Coroutine[Any, Any, None]) -> None:
+    """Await a cleanup call to its end (it has its own timeout) even if the caller is
+    cancelled meanwhile; the cancellation is raised after it."""
+    call = asyncio.ensure_future(cleanup)
+    try:
+        await asyncio.shield(call)
+    except asyncio.CancelledError:
+        await asyncio.wait([call])  # not cancelled by a further cancel of ours
+        raise

@@ -33,6 +33,7 @@ from typing import TypeVar
 
 from megaflow.contract.release import release_targets
 from megaflow.core.errors import (
+    CancelledTaskError,
     DeadlineExceededError,
     InvalidRequestError,
     NotFoundError,
@@ -75,6 +76,11 @@ class SandboxEnvironmentService:
         self.workspaces = WorkspaceMaker.from_config(self.config)
         self._envs: dict[str, Environment] = {}
         self._creating = 0
+        # owner -> its creates in flight; and the owners released while one was in flight
+        # (that create is undone when it finishes: its caller gave up and never learns
+        # the env id, so it must not wait for the lease reaper).
+        self._creating_owners: dict[str, int] = {}
+        self._released_owners: set[str] = set()
         self._none_creating = asyncio.Event()
         self._none_creating.set()
         self._closing = False
@@ -151,6 +157,9 @@ class SandboxEnvironmentService:
         setup_s = request.setup_timeout_s or self.config.setup_timeout_s
         self._creating += 1  # stop() waits for this create, whatever it awaits
         self._none_creating.clear()
+        owner = request.owner
+        if owner:
+            self._creating_owners[owner] = self._creating_owners.get(owner, 0) + 1
         try:
             archive = None
             if request.restore_from:
@@ -170,10 +179,21 @@ class SandboxEnvironmentService:
                         f"environment setup passed its {setup_s:.1f}s budget"
                     ) from exc
                 raise
+            if owner in self._released_owners:
+                await self.pool.give_back(spec, sandbox, reuse=False)
+                raise CancelledTaskError(
+                    f"owner {owner!r} released its environments while this one was created"
+                )
         finally:
             self._creating -= 1
             if self._creating == 0:
                 self._none_creating.set()
+            if owner:
+                left = self._creating_owners.pop(owner) - 1
+                if left:
+                    self._creating_owners[owner] = left
+                else:
+                    self._released_owners.discard(owner)
         env_id = f"env-{self._prefix}-{next(self._ids)}"
         lease_s = request.lease_s or self.config.lease_s
         self._envs[env_id] = Environment(
@@ -249,6 +269,8 @@ class SandboxEnvironmentService:
         self, request: env_pb2.ReleaseEnvironmentRequest
     ) -> env_pb2.ReleaseEnvironmentResponse:
         env_ids = release_targets(request, self._envs)
+        if request.owner in self._creating_owners:
+            self._released_owners.add(request.owner)
         for env_id in env_ids:
             await self._destroy(env_id)
         return env_pb2.ReleaseEnvironmentResponse(released=len(env_ids))
