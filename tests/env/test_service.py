@@ -321,6 +321,7 @@ async def test_release_by_owner_undoes_a_create_in_flight(
     """An owner released while its create is still setting up (its caller gave up and
     will never learn the env id): the create is undone when it finishes, not left to
     the lease reaper. Another owner's create in flight is not touched."""
+
     def slow(owner: str) -> env_pb2.CreateEnvironmentRequest:
         return env_pb2.CreateEnvironmentRequest(owner=owner, setup_commands=["sleep 1"])
 
