@@ -15,7 +15,8 @@ A scaffold is a class with a pydantic ``Config`` and an ``async run(session)``::
             await session.submit()
 
 A task names its scaffold in ``TaskSpec.scaffold`` (``type`` and ``config_json``); the
-name resolves through `SCAFFOLDS`: MegaFlow's built-ins (``tool-agent``, the default),
+name resolves through `SCAFFOLDS`: MegaFlow's built-ins (``tool-agent``, the default;
+``mini-swe-agent``, `megaflow.agent.mini_swe_agent`),
 the entry points of group ``megaflow.scaffolds`` of any installed package, or a dotted
 path ``package.module:Class``. One instance runs one task (it may keep state).
 """
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
 
-from megaflow.core.registry import Registry, parse_config
+from megaflow.core.registry import Registry, load_dotted, parse_config
 from megaflow.v1 import common_pb2
 
 if TYPE_CHECKING:
@@ -61,6 +62,11 @@ def _tool_agent() -> type:
 
 SCAFFOLDS: Registry[type] = Registry("megaflow.scaffolds", "scaffold", check=_is_scaffold_class)
 SCAFFOLDS.add(DEFAULT_SCAFFOLD, _tool_agent)
+# mini-swe-agent (the optional extra `mini-swe-agent`): imported only when a task names it.
+SCAFFOLDS.add(
+    "mini-swe-agent",
+    functools.partial(load_dotted, "megaflow.agent.mini_swe_agent:MiniSweAgentScaffold"),
+)
 
 
 def scaffold_factory(spec: common_pb2.ScaffoldSpec | None) -> Callable[[], Scaffold]:

@@ -1,0 +1,204 @@
+"""mini-swe-agent (PyPI, pinned, unmodified) as a scaffold: its agent loop drives real
+`swe-synth` tasks through the embedded system (real local sandboxes, the hidden tests),
+its commands through the session's step API and its model calls through the session, so
+every turn is recorded with token ids and logprobs; its config passes through."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+from megaflow.agent.scaffold import SCAFFOLDS
+from megaflow.deploy.embedded import EmbeddedSystem
+from megaflow.deploy.run import RunSummary, run_batch
+from megaflow.env.service import EnvServiceConfig
+from megaflow.model.backend import ModelBackend
+from megaflow.scheduler.state import SchedulerPolicy
+from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.scripted import ScriptedBackend
+from megaflow.testing.simulated_model import SimulatedBackend
+from megaflow.v1 import common_pb2
+
+pytest.importorskip("minisweagent")
+pytestmark = pytest.mark.integration
+
+SUBMIT = "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"
+TEXT_MODE = {"config": ["mini_textbased.yaml"], "model": {"model_class": "litellm_textbased"}}
+
+
+async def _run(
+    tmp_path: Path, backend: ModelBackend, tasks: list[common_pb2.TaskSpec], concurrency: int = 4
+) -> tuple[RunSummary, dict[str, common_pb2.Trajectory]]:
+    system = EmbeddedSystem(
+        backends=[backend],
+        ledger_path=tmp_path / "ledger.sqlite",
+        env_config=EnvServiceConfig(root_dir=tmp_path / "sb"),
+        policy=SchedulerPolicy(default_max_attempts=2, retry_base_s=0.01),
+    )
+    trajectories: dict[str, common_pb2.Trajectory] = {}
+
+    def keep(event: object, summary: RunSummary) -> None:
+        trajectory = getattr(event, "trajectory", None)
+        if trajectory is not None and trajectory.task_id:
+            trajectories[trajectory.task_id] = trajectory
+
+    async with system:
+        summary = await run_batch(
+            system.scheduler, tasks, tmp_path / "out", max_concurrency=concurrency, on_event=keep
+        )
+    return summary, trajectories
+
+
+def _tasks(n: int, config: dict[str, object] | None, seed: int = 11) -> list[common_pb2.TaskSpec]:
+    tasks = generate_tasks(n, seed=seed)
+    for task in tasks:
+        task.scaffold.type = "mini-swe-agent"
+        task.scaffold.config_json = json.dumps(config) if config is not None else ""
+    return tasks
+
+
+def _threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith("mini-swe-agent:")}
+
+
+async def test_text_mode_drives_tasks_to_hidden_test_rewards(tmp_path: Path) -> None:
+    """12 tasks, mini-swe-agent's text-based config, the simulated model in its format."""
+    assert "mini-swe-agent" in SCAFFOLDS.names()
+    backend = SimulatedBackend.fast(success_rate=0.5, seed=4)
+    tasks = _tasks(12, TEXT_MODE)
+    summary, trajectories = await _run(tmp_path, backend, tasks)
+    assert summary.finished == 12
+    expected = {t.task_id: 1.0 if backend.policy.solves(t.task_id) else 0.0 for t in tasks}
+    assert 0.0 in expected.values() and 1.0 in expected.values()
+    for record in summary.records:
+        assert record["status"] == "succeeded", record  # submitted; scored by the hidden tests
+        assert record["reward"] == expected[record["task_id"]]
+    for task in tasks:
+        trajectory = trajectories[task.task_id]
+        assert trajectory.messages[0].role == "system"
+        assert "mswea_bash_command" in trajectory.messages[0].content  # mini-swe-agent's prompt
+        assert "Please solve this issue: " in trajectory.messages[1].content
+        turns = trajectory.turns
+        assert len(turns) == 4  # read, edit, test, submit
+        for turn in turns:
+            assert not turn.response.tool_calls  # text mode: a fenced block
+            assert len(re.findall(r"```mswea_bash_command\s*\n", turn.response.content)) == 1
+            assert turn.completion_token_ids and turn.prompt_token_ids
+            assert len(turn.completion_logprobs) == len(turn.completion_token_ids)
+            assert turn.model_version == "sim-1"
+        commands = [a.command for t in turns for a in t.actions]
+        assert [a.kind for t in turns for a in t.actions] == ["execute"] * 4
+        assert "cat " in commands[0] and "unittest" in commands[2] and SUBMIT in commands[3]
+        # mini-swe-agent's observation template, fed back as user messages
+        observations = [m for m in trajectory.messages if m.role == "user"][1:]
+        assert observations and observations[0].content.startswith("<returncode>0</returncode>")
+    assert not _threads()
+
+
+async def test_default_config_uses_its_bash_tool(tmp_path: Path) -> None:
+    """mini-swe-agent's default config: a `bash` tool; submit is the same echo command."""
+    backend = SimulatedBackend.fast(success_rate=1.0, seed=4)
+    tasks = _tasks(2, None, seed=12)
+    summary, trajectories = await _run(tmp_path, backend, tasks)
+    assert [r["status"] for r in summary.records] == ["succeeded"] * 2
+    assert [r["reward"] for r in summary.records] == [1.0] * 2
+    for trajectory in trajectories.values():
+        calls = [c for t in trajectory.turns for c in t.response.tool_calls]
+        assert {c.name for c in calls} == {"bash"}
+        assert json.loads(calls[-1].arguments_json)["command"] == SUBMIT
+        tool_results = [m for m in trajectory.messages if m.role == "tool"]
+        assert tool_results and tool_results[0].tool_call_id == calls[0].id
+
+
+async def test_its_step_limit_ends_the_run_and_the_tests_score_it(tmp_path: Path) -> None:
+    """step_limit 2 (its own limit): it stops before testing; the scaffold still submits."""
+    backend = SimulatedBackend.fast(success_rate=1.0, seed=4)
+    tasks = _tasks(1, {**TEXT_MODE, "agent": {"step_limit": 2}}, seed=13)
+    summary, trajectories = await _run(tmp_path, backend, tasks)
+    (record,) = summary.records
+    assert record["status"] == "succeeded" and record["reward"] == 1.0  # read + edit: fixed
+    assert len(trajectories[tasks[0].task_id].turns) == 2
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"agent": {"step_limit": "many"}}, "agent.step_limit: Input should be a valid integer"),
+        ({"environment": {"timeout": -1}}, "environment.timeout: Input should be greater than 0"),
+        ({"config": ["no_such_config.yaml"]}, "mini-swe-agent config 'no_such_config.yaml'"),
+        ({"agnet": {}}, "agnet: Extra inputs are not permitted"),
+    ],
+)
+async def test_a_bad_config_is_invalid_and_names_the_field(
+    tmp_path: Path, config: dict[str, object], message: str
+) -> None:
+    tasks = _tasks(1, config)
+    summary, _ = await _run(tmp_path, SimulatedBackend.fast(), tasks)
+    (record,) = summary.records
+    assert record["status"] == "failed" and record["error_kind"] == "invalid"
+    assert record["reward"] is None
+    assert message in record["error"]
+
+
+def _block(command: str) -> common_pb2.ChatMessage:
+    content = f"THOUGHT: next.\n\n```mswea_bash_command\n{command}\n```"
+    return common_pb2.ChatMessage(role="assistant", content=content)
+
+
+async def test_format_errors_and_subshells_behave_as_in_mini_swe_agent(tmp_path: Path) -> None:
+    """A reply without a block gets its format-error message back; `cd` and variables do
+    not persist between actions (a fresh subshell each, as its environments)."""
+    script = [
+        common_pb2.ChatMessage(role="assistant", content="I forgot the block."),
+        _block("cd tests && export X=1 && pwd"),
+        _block('pwd; echo "X=${X:-unset} PAGER=$PAGER"'),
+        _block(SUBMIT),
+    ]
+    tasks = _tasks(1, TEXT_MODE, seed=14)
+    summary, trajectories = await _run(tmp_path, ScriptedBackend(lambda _, i: script[i]), tasks)
+    (record,) = summary.records
+    assert record["status"] == "succeeded" and record["reward"] == 0.0  # nothing fixed
+    trajectory = trajectories[tasks[0].task_id]
+    users = [m.content for m in trajectory.messages if m.role == "user"]
+    assert "EXACTLY ONE action in triple backticks, found 0 actions" in users[1]
+    assert not trajectory.turns[0].actions  # the format error ran nothing
+    first, second = trajectory.turns[1].actions[0], trajectory.turns[2].actions[0]
+    assert first.observation.strip() == "/workspace/tests"
+    # a fresh subshell: back in the workspace, no X; its config's env (PAGER) is set
+    assert second.observation.split() == ["/workspace", "X=unset", "PAGER=cat"]
+
+
+async def test_the_sessions_budgets_still_apply(tmp_path: Path) -> None:
+    """max_steps of the task (not mini-swe-agent's): a task failure with reward 0."""
+    tasks = _tasks(1, TEXT_MODE, seed=15)
+    tasks[0].budgets.max_steps = 3
+    backend = ScriptedBackend(lambda _, i: _block("ls"))
+    summary, _ = await _run(tmp_path, backend, tasks)
+    (record,) = summary.records
+    assert record["status"] == "failed" and record["error_kind"] == "task"
+    assert record["reward"] == 0.0 and "step limit of 3" in record["error"]
+    assert not _threads()
+
+
+async def test_the_task_deadline_stops_its_thread(tmp_path: Path) -> None:
+    """A command outlasting the task's deadline: the task fails on time and the thread of
+    mini-swe-agent's loop ends (its call is cancelled; it makes no further call)."""
+    tasks = _tasks(1, {**TEXT_MODE, "environment": {"timeout": 60}}, seed=16)
+    tasks[0].budgets.task_timeout_s = 2
+    tasks[0].budgets.step_timeout_s = 60
+    backend = ScriptedBackend(lambda _, i: _block("sleep 30"))
+    summary, _ = await _run(tmp_path, backend, tasks)
+    (record,) = summary.records
+    assert record["status"] == "failed" and record["error_kind"] == "task"
+    assert "deadline" in record["error"]
+    assert backend.calls[tasks[0].task_id] == 1
+    for _ in range(50):
+        if not _threads():
+            break
+        await asyncio.sleep(0.1)
+    assert not _threads()
