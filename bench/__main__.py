@@ -27,6 +27,7 @@ BENCHES = {
     "store": "store_bench",
     "chaos": "chaos_bench",
     "repo": "repo_bench",
+    "mini-swe-agent": "mini_swe_agent_bench",
 }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from megaflow.agent.scaffold import SCAFFOLDS
+from megaflow.core.errors import ModelUnavailableError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import RunSummary, run_batch
 from megaflow.env.service import EnvServiceConfig
@@ -22,7 +23,7 @@ from megaflow.scheduler.state import SchedulerPolicy
 from megaflow.tasks.swe_synth import generate_tasks
 from megaflow.testing.scripted import ScriptedBackend
 from megaflow.testing.simulated_model import SimulatedBackend
-from megaflow.v1 import common_pb2
+from megaflow.v1 import common_pb2, model_pb2
 
 pytest.importorskip("minisweagent")
 pytestmark = pytest.mark.integration
@@ -202,3 +203,34 @@ async def test_the_task_deadline_stops_its_thread(tmp_path: Path) -> None:
             break
         await asyncio.sleep(0.1)
     assert not _threads()
+
+
+class _FailsOnce(SimulatedBackend):
+    """The simulated model, losing each task's third call once (as a lost replica)."""
+
+    def __init__(self) -> None:
+        base = SimulatedBackend.fast(success_rate=1.0, seed=4)
+        super().__init__(success_rate=1.0, seed=4, latency=base.latency)
+        self.calls: dict[str, int] = {}
+        self.failed: set[str] = set()
+
+    async def generate(self, request: model_pb2.GenerateRequest) -> model_pb2.GenerateResponse:
+        n = self.calls[request.task_id] = self.calls.get(request.task_id, 0) + 1
+        if n == 3 and request.task_id not in self.failed:
+            self.failed.add(request.task_id)
+            raise ModelUnavailableError("injected: replica lost")
+        return await super().generate(request)
+
+
+async def test_an_attempt_lost_to_the_model_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """mini-swe-agent has no resume code: the session replays its recorded turns and
+    commands to it, and it goes on from there."""
+    tasks = _tasks(2, TEXT_MODE, seed=17)
+    summary, trajectories = await _run(tmp_path, _FailsOnce(), tasks)
+    for record in summary.records:
+        assert record["status"] == "succeeded" and record["reward"] == 1.0
+        assert record["attempts"] == 2
+    for trajectory in trajectories.values():
+        (resumption,) = trajectory.resumptions
+        assert resumption.at_turn == 2
+        assert len(trajectory.turns) == 4
