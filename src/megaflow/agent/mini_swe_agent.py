@@ -68,7 +68,6 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -168,22 +167,14 @@ class MiniSweAgentConfig(BaseModel):
         """The whole mini-swe-agent config: the specs merged, then the sections."""
         return self._merged
 
-    @field_validator("config")
-    @classmethod
-    def _specs_exist(cls, specs: list[str]) -> list[str]:
-        for spec in specs:
-            try:
-                get_config_from_spec(spec)
-            except (OSError, ValueError) as error:
-                raise ValueError(f"mini-swe-agent config {spec!r}: {error}") from None
-        return specs
-
     @model_validator(mode="after")
     def _merge(self) -> MiniSweAgentConfig:
-        merged = recursive_merge(
-            *(get_config_from_spec(spec) for spec in self.config),
-            {"agent": self.agent, "model": self.model, "environment": self.environment},
-        )
+        loaded = [_load_spec(spec) for spec in self.config]
+        sections = {"agent": self.agent, "model": self.model, "environment": self.environment}
+        merged = recursive_merge(*loaded, sections)
+        for name in ("agent", "model", "environment"):
+            if not isinstance(merged.get(name) or {}, dict):
+                raise ValueError(f"{name}: mini-swe-agent's {name} section must be a mapping")
         agent = dict(merged.get("agent") or {})
         if agent.get("agent_class", "default") in ("default", DEFAULT_AGENT):
             fields = {k: v for k, v in agent.items() if k != "agent_class"}
@@ -192,6 +183,17 @@ class MiniSweAgentConfig(BaseModel):
         _validated(MiniEnvironmentConfig, merged.get("environment") or {}, "environment")
         self._merged = merged
         return self
+
+
+def _load_spec(spec: str) -> dict[str, Any]:
+    """One mini-swe-agent config spec (its `get_config_from_spec`), or a ValueError."""
+    try:
+        loaded = get_config_from_spec(spec)
+    except Exception as error:  # a missing file, bad YAML, a bad key=value
+        raise ValueError(f"mini-swe-agent config {spec!r}: {error}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"mini-swe-agent config {spec!r} is not a mapping of sections")
+    return loaded
 
 
 def _validated(cls: type[BaseModel], data: dict[str, Any], section: str) -> BaseModel:
