@@ -15,10 +15,12 @@ format with no modelled GPU latency (so the figures are the plumbing, not a mode
   `TaskSession.execute`, both bridged from the agent's thread to the event loop; the
   task's sandbox creation, hidden-test scoring and release are outside the steps.
 
-A step is one `DefaultAgent.step()`: the model query and the command with its
-observation. Reported: step p50/p99/mean, its query and execute parts, and the steps
-by kind (read = ``cat``, whose command costs ~1 ms, so its difference is the plumbing;
-edit and test start a Python), for tasks run one at a time (latency) and 8 at a time.
+Two workloads: ``echo`` (20 steps of ``echo hi``, then submit: what is left of a step is
+the plumbing) and ``swe-synth`` (the simulated policy solving the task: read, edit,
+test, whose commands start Pythons). A step is one `DefaultAgent.step()`: the model
+query and the command with its observation (the submitting step raises inside it and
+is not counted). Reported: step p50/p99/mean and its query and execute parts, the
+swe-synth steps by kind, for tasks run one at a time (latency) and 8 at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,21 @@ from megaflow.v1 import common_pb2
 CONFIG = {"config": ["mini_textbased.yaml"], "model": {"model_class": "litellm_textbased"}}
 SUCCESS_RATE = 0.8
 PARTS = ("step", "query", "execute", "read step", "edit step", "test step")
+ECHO_STEPS = 20
+
+
+class EchoPolicy:
+    """`echo hi` for ECHO_STEPS steps, then mini-swe-agent's submit command: what is left
+    of a step is the plumbing (a command that costs ~nothing, a model that answers at once)."""
+
+    def next_message(
+        self, task_id: str, messages: Any, tools: Any = (), tool_choice: str = ""
+    ) -> common_pb2.ChatMessage:
+        done = sum(1 for m in messages if m.role == "assistant")
+        command = "echo hi" if done < ECHO_STEPS else "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"
+        content = f"THOUGHT: step {done}.\n\n```mswea_bash_command\n{command}\n```"
+        return common_pb2.ChatMessage(role="assistant", content=content)
+
 
 _SAMPLES: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
 _CURRENT = {"label": ""}
@@ -82,13 +100,15 @@ def _kind(message: dict[str, Any]) -> str:
     command = " ".join(a["command"] for a in message.get("extra", {}).get("actions", []))
     if command.startswith("cat "):
         return "read"
+    if command.startswith("echo "):
+        return "echo"
     return "test" if "unittest" in command else "edit"
 
 
 class PolicyModel:
     """mini-swe-agent's `Model` protocol answered by the simulated policy in-process."""
 
-    def __init__(self, policy: SimulatedPolicy, task_id: str) -> None:
+    def __init__(self, policy: Any, task_id: str) -> None:
         self.policy = policy
         self.task_id = task_id
         self.config = MiniSweAgentConfig.model_validate(CONFIG).merged["model"]
@@ -125,7 +145,7 @@ class PolicyModel:
         return {}
 
 
-def _standalone_task(task: common_pb2.TaskSpec, policy: SimulatedPolicy, root: Path) -> float:
+def _standalone_task(task: common_pb2.TaskSpec, policy: Any, root: Path) -> float:
     """One task by mini-swe-agent alone; its wall time."""
     folder = Path(tempfile.mkdtemp(dir=root))
     for rel, content in task.files.items():
@@ -143,21 +163,23 @@ def _standalone_task(task: common_pb2.TaskSpec, policy: SimulatedPolicy, root: P
     return time.perf_counter() - t0
 
 
-async def _standalone(tasks: list[common_pb2.TaskSpec], concurrency: int, root: Path) -> float:
-    policy = SimulatedPolicy(SUCCESS_RATE, seed=0)
-    gate = asyncio.Semaphore(concurrency)
+async def _standalone(
+    tasks: list[common_pb2.TaskSpec], concurrency: int, root: Path, policy: Any
+) -> float:
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:  # one thread a task, as MegaFlow
+        t0 = time.perf_counter()
+        await asyncio.gather(
+            *(loop.run_in_executor(pool, _standalone_task, t, policy, root) for t in tasks)
+        )
+        return time.perf_counter() - t0
 
-    async def one(task: common_pb2.TaskSpec) -> float:
-        async with gate:
-            return await asyncio.to_thread(_standalone_task, task, policy, root)
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(t) for t in tasks))
-    return time.perf_counter() - t0
-
-
-async def _megaflow(tasks: list[common_pb2.TaskSpec], concurrency: int, root: Path) -> float:
+async def _megaflow(
+    tasks: list[common_pb2.TaskSpec], concurrency: int, root: Path, policy: Any
+) -> float:
     backend = SimulatedBackend.fast(success_rate=SUCCESS_RATE, seed=0)
+    backend.policy = policy  # the same policy object as on its own
     system = EmbeddedSystem(
         backends=[backend],
         ledger_path=root / "ledger.sqlite",
@@ -167,6 +189,7 @@ async def _megaflow(tasks: list[common_pb2.TaskSpec], concurrency: int, root: Pa
     for task in tasks:
         task.scaffold.type = "mini-swe-agent"
         task.scaffold.config_json = json.dumps(config)
+        task.budgets.max_steps = max(task.budgets.max_steps, ECHO_STEPS + 5)
     async with system:
         t0 = time.perf_counter()
         out = root / "out"
@@ -190,54 +213,60 @@ def _row(label: str, part: str) -> tuple[str, ...]:
 
 
 async def run(quick: bool = False) -> dict[str, Any]:
-    n = 4 if quick else 24
-    figures: dict[str, Any] = {"tasks": n, "cores": os.cpu_count()}
+    n = 4 if quick else 16
+    figures: dict[str, Any] = {"tasks": n, "cores": os.cpu_count(), "echo_steps": ECHO_STEPS}
     rows = []
     with tempfile.TemporaryDirectory(prefix="mf-mini-bench-") as tmp:
         root = Path(tmp)
         for concurrency in (1, 8):
-            for way in ("standalone", "megaflow"):
-                label = f"{way} c={concurrency}"
-                _CURRENT["label"] = label
-                tasks = generate_tasks(n, seed=21)
-                folder = root / label.replace(" ", "-").replace("=", "")
-                folder.mkdir()
-                run_way = _standalone if way == "standalone" else _megaflow
-                wall = await run_way(tasks, concurrency, folder)
-                steps = _SAMPLES[label]["step"]
-                figures[label] = {
-                    "wall_s": wall,
-                    "steps": len(steps),
-                    **{
-                        f"{part}_{stat}": fn(_SAMPLES[label][part])
-                        for part in PARTS
-                        for stat, fn in (
-                            ("p50", lambda v: pct(v, 50)),
-                            ("p99", lambda v: pct(v, 99)),
-                            ("mean", statistics.fmean),
-                        )
-                    },
-                }
-                rows += [_row(label, part) for part in PARTS]
+            for workload in ("echo", "swe-synth"):
+                for way in ("standalone", "megaflow"):
+                    label = f"{workload} {way} c={concurrency}"
+                    _CURRENT["label"] = label
+                    tasks = generate_tasks(n, seed=21)
+                    folder = root / label.replace(" ", "-").replace("=", "")
+                    folder.mkdir()
+                    policy: Any = (
+                        EchoPolicy() if workload == "echo" else SimulatedPolicy(SUCCESS_RATE)
+                    )
+                    run_way = _standalone if way == "standalone" else _megaflow
+                    wall = await run_way(tasks, concurrency, folder, policy)
+                    samples = _SAMPLES[label]
+                    figures[label] = {"wall_s": wall, "steps": len(samples["step"])}
+                    for part in PARTS:
+                        if samples.get(part):
+                            figures[label] |= _stats(part, samples[part])
+                            rows.append(_row(label, part))
     for c in (1, 8):
-        alone, through = figures[f"standalone c={c}"], figures[f"megaflow c={c}"]
-        figures[f"overhead_per_step_p50_c{c}"] = through["step_p50"] - alone["step_p50"]
-        figures[f"overhead_per_step_mean_c{c}"] = through["step_mean"] - alone["step_mean"]
-        figures[f"overhead_read_step_p50_c{c}"] = through["read step_p50"] - alone["read step_p50"]
+        for workload in ("echo", "swe-synth"):
+            alone = figures[f"{workload} standalone c={c}"]
+            through = figures[f"{workload} megaflow c={c}"]
+            for stat in ("p50", "mean"):
+                key = f"overhead_{workload}_step_{stat}_c{c}"
+                figures[key] = through[f"step_{stat}"] - alone[f"step_{stat}"]
     print_table(
-        f"mini-swe-agent 2.4.6, {n} swe-synth tasks, per step",
+        f"mini-swe-agent 2.4.6 per step, {n} tasks a run ({ECHO_STEPS} `echo hi` steps each, "
+        "or a swe-synth task solved by the simulated policy)",
         rows,
         ("run", "part", "n", "p50", "p99", "mean"),
     )
-    for concurrency in (1, 8):
-        print(
-            f"c={concurrency}: overhead through MegaFlow per step: "
-            f"p50 {ms(figures[f'overhead_per_step_p50_c{concurrency}'])}, "
-            f"mean {ms(figures[f'overhead_per_step_mean_c{concurrency}'])}, "
-            f"read (cat) step p50 {ms(figures[f'overhead_read_step_p50_c{concurrency}'])}; "
-            f"wall standalone {figures[f'standalone c={concurrency}']['wall_s']:.2f} s, "
-            f"MegaFlow {figures[f'megaflow c={concurrency}']['wall_s']:.2f} s "
-            "(MegaFlow's includes sandbox create/release and hidden-test scoring)",
-            flush=True,
-        )
+    for c in (1, 8):
+        for workload in ("echo", "swe-synth"):
+            print(
+                f"{workload} c={c}: MegaFlow minus standalone per step: "
+                f"p50 {ms(figures[f'overhead_{workload}_step_p50_c{c}'])}, "
+                f"mean {ms(figures[f'overhead_{workload}_step_mean_c{c}'])}; "
+                f"wall standalone {figures[f'{workload} standalone c={c}']['wall_s']:.2f} s, "
+                f"MegaFlow {figures[f'{workload} megaflow c={c}']['wall_s']:.2f} s "
+                "(with sandbox create/release and hidden-test scoring)",
+                flush=True,
+            )
     return figures
+
+
+def _stats(part: str, values: list[float]) -> dict[str, float]:
+    return {
+        f"{part}_p50": pct(values, 50),
+        f"{part}_p99": pct(values, 99),
+        f"{part}_mean": statistics.fmean(values),
+    }

@@ -10,7 +10,10 @@ its local/docker environment (design.md §9: in-process adapters call the sessio
 
 - `SessionModel.query(messages)` sends what is new in mini-swe-agent's conversation to
   `TaskSession.generate`, so every turn is recorded like the built-in agent's (token ids,
-  logprobs, model version); the answer is parsed by mini-swe-agent's own functions: its
+  logprobs, model version). The session's conversation only grows: a reply that had a
+  format error stays in it (mini-swe-agent drops it from its own list and adds its
+  format-error message), and an agent class that rewrites earlier messages is refused
+  (a scaffold error: ``invalid``). The answer is parsed by mini-swe-agent's own functions: its
   ``bash`` tool call (``parse_toolcall_actions``; the default, as ``LitellmModel``) or, for
   a text-based model class (``model_class`` naming ``*textbased*``, or an ``action_regex``),
   one fenced block (``parse_regex_actions``, as ``LitellmTextbasedModel``). Observations are
@@ -285,13 +288,19 @@ class SessionModel:
         self.session = session
         self.bridge = bridge
         self.config = config
-        self._seen = 0  # mini-swe-agent messages already in the session's conversation
+        self._seen: list[dict[str, Any]] = []  # its messages already sent to the session
         self._last: dict[str, Any] | None = None  # our last answer (the session has it)
         self._calls = 0
 
     def query(self, messages: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
-        new = [m for m in messages[self._seen :] if m is not self._last]
-        self._seen = len(messages)
+        seen = self._seen
+        if len(messages) < len(seen) or any(
+            a is not b for a, b in zip(seen, messages[: len(seen)], strict=True)
+        ):
+            # The session's conversation only grows (what the model saw is what is recorded).
+            raise RuntimeError("mini-swe-agent's agent rewrote its earlier messages")
+        new = [m for m in messages[len(seen) :] if m is not self._last]
+        self._seen = list(messages)
         index = self._calls
         self._calls += 1
         reply, usage = self.bridge.call(self._generate([_to_proto(m) for m in new], index))
