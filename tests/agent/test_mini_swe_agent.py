@@ -116,6 +116,21 @@ async def test_default_config_uses_its_bash_tool(tmp_path: Path) -> None:
         assert tool_results and tool_results[0].tool_call_id == calls[0].id
 
 
+async def test_its_swebench_config_runs_with_the_tasks_workdir(tmp_path: Path) -> None:
+    """Its SWE-bench config (tool calls, a submit command shown in a block, cwd /testbed):
+    the config is honoured; `environment.cwd: ""` keeps commands in the task's workdir."""
+    backend = SimulatedBackend.fast(success_rate=1.0, seed=4)
+    config = {"config": ["swebench.yaml"], "environment": {"cwd": ""}}
+    tasks = _tasks(1, config, seed=18)
+    summary, trajectories = await _run(tmp_path, backend, tasks)
+    (record,) = summary.records
+    assert record["status"] == "succeeded" and record["reward"] == 1.0
+    trajectory = trajectories[tasks[0].task_id]
+    assert "patch.txt" in trajectory.messages[1].content  # its SWE-bench instructions
+    commands = [a.command for t in trajectory.turns for a in t.actions]
+    assert "export BASH_ENV=/root/.bashrc" in commands[0] and commands[-1].endswith(f"{SUBMIT}\n)")
+
+
 async def test_its_step_limit_ends_the_run_and_the_tests_score_it(tmp_path: Path) -> None:
     """step_limit 2 (its own limit): it stops before testing; the scaffold still submits."""
     backend = SimulatedBackend.fast(success_rate=1.0, seed=4)

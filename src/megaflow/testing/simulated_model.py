@@ -78,9 +78,12 @@ _SUBMIT_TOOL = re.compile(r"^(submit|finish)", re.IGNORECASE)
 # A fenced block's language in the instructions: text mode answers in that fence.
 _FENCE = re.compile(r"```([A-Za-z_][\w-]*)[ \t]*\n")
 _BLOCK = re.compile(r"```[\w-]*[ \t]*\n(.*?)\n```", re.DOTALL)
-# The submit command the instructions name, e.g. mini-swe-agent's
-# `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT` (v1: `echo MINI_SWE_AGENT_FINAL_OUTPUT`).
-_SUBMIT_COMMAND = re.compile(r"`(echo\s+[A-Z][A-Z0-9_]*(?:SUBMIT|FINAL_OUTPUT)[A-Z0-9_]*)`")
+# The submit command the instructions name, in backticks or opening a line of a block,
+# e.g. mini-swe-agent's `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT` (v1:
+# `echo MINI_SWE_AGENT_FINAL_OUTPUT`; its swebench.yaml adds `&& cat patch.txt`).
+_SUBMIT_COMMAND = re.compile(
+    r"(?:`|^[ \t]*)(echo[ \t]+[A-Z][A-Z0-9_]*(?:SUBMIT|FINAL_OUTPUT)[A-Z0-9_]*)\b", re.M
+)
 _IS_SUBMIT_COMMAND = re.compile(r"^echo\s+[A-Z][A-Z0-9_]*(?:SUBMIT|FINAL_OUTPUT)[A-Z0-9_]*$")
 # A failed command, as the built-in agent, mini-swe-agent and unittest report it.
 _FAILED = re.compile(r"\[exit code [1-9]|<returncode>\s*-?[1-9]|FAILED \(|exit code:\s*[1-9]", re.I)
