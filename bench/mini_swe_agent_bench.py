@@ -213,30 +213,40 @@ def _row(label: str, part: str) -> tuple[str, ...]:
 
 
 async def run(quick: bool = False) -> dict[str, Any]:
-    n = 4 if quick else 16
-    figures: dict[str, Any] = {"tasks": n, "cores": os.cpu_count(), "echo_steps": ECHO_STEPS}
-    rows = []
+    n, rounds = (4, 1) if quick else (16, 3)
+    figures: dict[str, Any] = {
+        "tasks": n,
+        "rounds": rounds,
+        "cores": os.cpu_count(),
+        "echo_steps": ECHO_STEPS,
+    }
+    walls: dict[str, list[float]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="mf-mini-bench-") as tmp:
         root = Path(tmp)
-        for concurrency in (1, 8):
-            for workload in ("echo", "swe-synth"):
-                for way in ("standalone", "megaflow"):
-                    label = f"{workload} {way} c={concurrency}"
-                    _CURRENT["label"] = label
-                    tasks = generate_tasks(n, seed=21)
-                    folder = root / label.replace(" ", "-").replace("=", "")
-                    folder.mkdir()
-                    policy: Any = (
-                        EchoPolicy() if workload == "echo" else SimulatedPolicy(SUCCESS_RATE)
-                    )
-                    run_way = _standalone if way == "standalone" else _megaflow
-                    wall = await run_way(tasks, concurrency, folder, policy)
-                    samples = _SAMPLES[label]
-                    figures[label] = {"wall_s": wall, "steps": len(samples["step"])}
-                    for part in PARTS:
-                        if samples.get(part):
-                            figures[label] |= _stats(part, samples[part])
-                            rows.append(_row(label, part))
+        # Rounds, the two ways alternating which goes first: the machine's load drifts.
+        for r in range(rounds):
+            ways = ("standalone", "megaflow") if r % 2 == 0 else ("megaflow", "standalone")
+            for concurrency in (1, 8):
+                for workload in ("echo", "swe-synth"):
+                    for way in ways:
+                        label = f"{workload} {way} c={concurrency}"
+                        _CURRENT["label"] = label
+                        tasks = generate_tasks(n, seed=21)
+                        folder = root / f"{label}-{r}".replace(" ", "-").replace("=", "")
+                        folder.mkdir()
+                        policy: Any = (
+                            EchoPolicy() if workload == "echo" else SimulatedPolicy(SUCCESS_RATE)
+                        )
+                        run_way = _standalone if way == "standalone" else _megaflow
+                        walls[label].append(await run_way(tasks, concurrency, folder, policy))
+    rows = []
+    for label, wall in walls.items():
+        samples = _SAMPLES[label]
+        figures[label] = {"wall_s": statistics.fmean(wall), "steps": len(samples["step"])}
+        for part in PARTS:
+            if samples.get(part):
+                figures[label] |= _stats(part, samples[part])
+                rows.append(_row(label, part))
     for c in (1, 8):
         for workload in ("echo", "swe-synth"):
             alone = figures[f"{workload} standalone c={c}"]
@@ -245,7 +255,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
                 key = f"overhead_{workload}_step_{stat}_c{c}"
                 figures[key] = through[f"step_{stat}"] - alone[f"step_{stat}"]
     print_table(
-        f"mini-swe-agent 2.4.6 per step, {n} tasks a run ({ECHO_STEPS} `echo hi` steps each, "
+        f"mini-swe-agent 2.4.6 per step, {rounds} x {n} tasks ({ECHO_STEPS} `echo hi` steps each, "
         "or a swe-synth task solved by the simulated policy)",
         rows,
         ("run", "part", "n", "p50", "p99", "mean"),
@@ -256,7 +266,8 @@ async def run(quick: bool = False) -> dict[str, Any]:
                 f"{workload} c={c}: MegaFlow minus standalone per step: "
                 f"p50 {ms(figures[f'overhead_{workload}_step_p50_c{c}'])}, "
                 f"mean {ms(figures[f'overhead_{workload}_step_mean_c{c}'])}; "
-                f"wall standalone {figures[f'{workload} standalone c={c}']['wall_s']:.2f} s, "
+                f"wall of {n} tasks: standalone "
+                f"{figures[f'{workload} standalone c={c}']['wall_s']:.2f} s, "
                 f"MegaFlow {figures[f'{workload} megaflow c={c}']['wall_s']:.2f} s "
                 "(with sandbox create/release and hidden-test scoring)",
                 flush=True,
