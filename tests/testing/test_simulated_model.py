@@ -590,3 +590,18 @@ def test_edit_failure_is_read_from_shell_output() -> None:
         assert call.id.endswith(f"_{step}")
     reply = policy.next_message(task.task_id, messages, [QWEN_SHELL])
     assert json.loads(reply.tool_calls[0].arguments_json)["command"] == f"cat {path}"
+
+
+async def test_backend_passes_tool_choice_to_the_policy() -> None:
+    backend = SimulatedBackend.fast()
+    task = generate_task(0, 8)
+    messages = [common_pb2.ChatMessage(role="user", content=task.problem_statement)]
+    request = model_pb2.GenerateRequest(
+        task_id=task.task_id, messages=messages, tools=tools.tool_specs(), tool_choice="none"
+    )
+    response = await backend.generate(request)
+    assert not response.message.tool_calls and response.finish_reason == "stop"
+    assert simulated_decode(list(response.completion_token_ids)) == response.message.content
+    request.tool_choice = "required"
+    response = await backend.generate(request)
+    assert response.message.tool_calls and response.finish_reason == "tool_calls"
