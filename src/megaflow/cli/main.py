@@ -436,6 +436,42 @@ def serve_env(
     )
 
 
+@serve_app.command("openenv")
+def serve_openenv(
+    listen: Listen = "127.0.0.1:8000",
+    env_address: Annotated[
+        str | None,
+        typer.Option(
+            "--env",
+            help="A running Environment Service (host:port); default: local sandboxes "
+            "in this process.",
+        ),
+    ] = None,
+    image: Annotated[str, typer.Option(help="Image of a session whose reset names none.")] = (
+        "host"
+    ),
+    max_sessions: Annotated[int, typer.Option(min=1, help="WebSocket sessions at once.")] = 256,
+    idle_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds without a message before a session ends.")
+    ] = 600.0,
+    capacity: Annotated[
+        int, typer.Option(min=1, help="Live sandboxes at most (embedded sandboxes).")
+    ] = 512,
+    sandbox_dir: Annotated[
+        Path, typer.Option(help="Where sandboxes live (embedded sandboxes).")
+    ] = DEFAULT_SANDBOX_DIR,
+    log_level: LogLevel = "info",
+) -> None:
+    """An OpenEnv-compatible environment server (HTTP and per-session WebSocket /ws):
+    each session is one MegaFlow sandbox (see docs/openenv.md)."""
+    from megaflow.integrations.openenv import OpenEnvConfig, serve
+
+    _logging(log_level)
+    config = OpenEnvConfig(image=image, max_sessions=max_sessions, idle_timeout_s=idle_timeout)
+    env_config = EnvServiceConfig(root_dir=sandbox_dir, max_environments=capacity)
+    asyncio.run(serve(listen, config, env_address=env_address, env_config=env_config))
+
+
 @env_app.command("gc")
 def env_gc(
     sandbox_dir: Annotated[Path, typer.Option(help="Where sandboxes live.")] = DEFAULT_SANDBOX_DIR,
