@@ -222,8 +222,12 @@ class Session:
 
     async def step(self, data: dict[str, Any]) -> dict[str, Any]:
         action = SandboxAction.model_validate(data)
-        if not self.env_id:
-            await self.reset({})
+        if not self.env_id:  # never a silent fresh sandbox: the agent's state would be gone
+            idle = self.server.config.idle_timeout_s
+            raise InvalidRequestError(
+                "this session has no environment: send reset first (a session idle for "
+                f"{idle:g}s, or whose socket closed, loses its environment)"
+            )
         env_id = self.env_id
         self.steps += 1
         if action.command is not None:
