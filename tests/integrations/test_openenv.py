@@ -116,7 +116,11 @@ async def test_64_concurrent_sessions_and_one_kept_across_a_60s_pause(server: Se
             await asyncio.sleep(PAUSE_S)  # no message at all; keepalive pings only
             read = await env.step({"read_file": "kept.txt"})
             assert time.monotonic() - started >= PAUSE_S
-            assert read.observation == {"ok": True, "message": "read 10 bytes", "content": "still here"}
+            assert read.observation == {
+                "ok": True,
+                "message": "read 10 bytes",
+                "content": "still here",
+            }
             state = await env.state()
             assert state["step_count"] == 2 and state["alive"] is True
 

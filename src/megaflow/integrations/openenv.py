@@ -265,7 +265,9 @@ class Session:
         if action.submit:
             self.done = True
             observation["eval_output"] = reply.eval_output
-            observation["tests"] = [{"name": t.name, "status": t.status} for t in reply.tests]
+            observation["tests"] = [
+                {"test_id": t.test_id, "status": t.status, "group": t.group} for t in reply.tests
+            ]
             reward = reply.reward if reply.has_reward else None
         return _result(observation, reward=reward, done=self.done)
 
@@ -298,9 +300,7 @@ class Session:
         """Give the environment back (by owner: also one whose create is in flight)."""
         self.env_id = ""
         with contextlib.suppress(NotFoundError):
-            await self.env.release_environment(
-                env_pb2.ReleaseEnvironmentRequest(owner=self.owner)
-            )
+            await self.env.release_environment(env_pb2.ReleaseEnvironmentRequest(owner=self.owner))
 
     async def close(self) -> None:
         if self.closed:
