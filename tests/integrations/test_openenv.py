@@ -28,7 +28,9 @@ from openenv.core.env_server.types import (
     StepResponse,
 )
 
-from megaflow.testing.processes import ServiceProcess
+from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
+from megaflow.integrations.openenv import OpenEnvConfig, OpenEnvServer
+from megaflow.testing.processes import ServiceProcess, deployment
 
 pytestmark = pytest.mark.integration
 
@@ -222,3 +224,62 @@ async def test_an_idle_session_is_released_and_told_so(idle_server: Server) -> N
         assert (await env.reset()).done is False
         assert (await env.step({"command": "echo again"})).observation["output"] == "again\n"
     await _until_no_sandbox(idle_server.root)
+
+
+async def test_leases_are_renewed_while_a_session_waits(tmp_path: Path) -> None:
+    """In process: a lease of 1.5 s reaped every 0.2 s; the session waits 4 s between
+    steps and keeps its sandbox, because the server heartbeats its lease."""
+    root = tmp_path / "sandboxes"
+    service = SandboxEnvironmentService(EnvServiceConfig(root_dir=root, reap_interval_s=0.2))
+    config = OpenEnvConfig(lease_s=1.5)
+    async with service, OpenEnvServer(service, config) as openenv:
+        async with GenericEnvClient(base_url=openenv.base_url) as env:
+            await env.reset()
+            await env.step({"command": "echo kept > kept.txt"})
+            await asyncio.sleep(4.0)
+            kept = await env.step({"command": "cat kept.txt"})
+            assert kept.observation["output"] == "kept\n"
+            assert service.live == 1
+        await _until_no_sandbox(root)
+    assert service.live == 0
+
+
+async def test_through_a_remote_environment_service(tmp_path: Path) -> None:
+    """`serve openenv --env ADDR`: the sandboxes are an Environment Service's, over gRPC."""
+    root = tmp_path / "sandboxes"
+    with deployment(str(tmp_path / "ledger.sqlite"), env=["--sandbox-dir", str(root)]) as procs:
+        proxy = ServiceProcess("openenv", "--listen", "127.0.0.1:0", "--env", procs["env"].address)
+        proxy.start(timeout_s=60.0)
+        try:
+            server = Server(proxy, root)
+
+            async def session(i: int) -> None:
+                async with server.client() as env:
+                    await env.reset()
+                    out = await env.step({"command": f"echo remote-{i}"})
+                    assert out.observation["output"] == f"remote-{i}\n"
+                    assert (await env.state())["step_count"] == 1
+
+            await asyncio.gather(*(session(i) for i in range(8)))
+            await _until_no_sandbox(root)
+        finally:
+            assert proxy.stop() == 0, proxy.output()
+
+
+async def test_keepalive_pings_are_answered_while_a_step_runs(tmp_path: Path) -> None:
+    """Pings every second both ways across a 5 s step: the socket stays up, because the
+    server reads (and pongs) while the step runs."""
+    service = SandboxEnvironmentService(EnvServiceConfig(root_dir=tmp_path / "sandboxes"))
+    config = OpenEnvConfig(ws_heartbeat_s=1.0)
+    async with service, OpenEnvServer(service, config) as openenv:
+        client = GenericEnvClient(
+            base_url=openenv.base_url, websocket_ping_interval_s=1.0, websocket_ping_timeout_s=2.0
+        )
+        async with client as env:
+            await env.reset()
+            slow = await env.step({"command": "sleep 5; echo done", "timeout_s": 30})
+            assert slow.observation["output"] == "done\n"
+            after = await env.step({"command": "echo same session"})
+            assert after.observation["output"] == "same session\n"
+            assert (await env.state())["step_count"] == 2
+    assert service.live == 0
