@@ -20,8 +20,9 @@ Service: the in-process `SandboxEnvironmentService` or a remote one through
   told so in an error frame and the socket is closed), and when the server stops.
 
 OpenEnv's own server (FastAPI) is not used: it runs ``state`` as a synchronous
-property on its event loop (no sandbox call possible), reaps sessions by idleness (when a
-timeout is set) even while their WebSocket is open, and would make gradio and fastmcp a runtime dependency.
+property on its event loop (no sandbox call possible), reaps sessions by idleness (when
+a timeout is set) even while their WebSocket is open, and would make gradio and fastmcp
+runtime dependencies.
 Long pauses between steps keep the session: the server answers the client's
 keepalive pings while a step runs, pings it too (``ws_heartbeat_s``), and renews the
 environment's lease with ``Heartbeat`` while the session waits.
