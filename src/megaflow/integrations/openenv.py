@@ -49,6 +49,7 @@ from megaflow.core.errors import (
     InvalidRequestError,
     MegaFlowError,
     NotFoundError,
+    SandboxError,
 )
 from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.rpc.clients import EnvironmentServiceClient
@@ -293,9 +294,13 @@ class Session:
         if not self.env_id:
             return
         self.renewed = time.monotonic()
-        await self.env.heartbeat(
-            env_pb2.EnvHeartbeatRequest(env_id=self.env_id, lease_s=self.server.config.lease_s)
-        )
+        try:
+            await self.env.heartbeat(
+                env_pb2.EnvHeartbeatRequest(env_id=self.env_id, lease_s=self.server.config.lease_s)
+            )
+        except NotFoundError:  # reaped or died: the next step says so, and to reset
+            self.env_id = ""
+            raise
 
     async def release(self) -> None:
         """Give the environment back (by owner: also one whose create is in flight)."""
@@ -375,11 +380,10 @@ class OpenEnvServer:
             self._upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._upkeep
-        for session in list(self.sessions.values()):
-            if session.ws is not None:
-                with contextlib.suppress(Exception):
-                    await session.ws.close(code=1001, message=b"server stopping")
-        await asyncio.gather(*(s.close() for s in list(self.sessions.values())))
+        sessions = list(self.sessions.values())
+        sockets = [s.ws.close(code=1001, message=b"server stopping") for s in sessions if s.ws]
+        await asyncio.gather(*sockets, return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in sessions))
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -398,17 +402,17 @@ class OpenEnvServer:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            renewals = []
+            calls = []
             for session in list(self.sessions.values()):
                 if session.busy:
                     continue
                 if now - session.last_used > config.idle_timeout_s:
-                    await self._expire(session)
+                    calls.append(self._expire(session))
                 elif now - session.renewed > config.lease_s / 3:
-                    renewals.append(session.renew())
-            for outcome in await asyncio.gather(*renewals, return_exceptions=True):
-                if isinstance(outcome, BaseException):
-                    log.warning("lease renewal failed: %s", outcome)
+                    calls.append(session.renew())
+            for outcome in await asyncio.gather(*calls, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    log.warning("session upkeep: %s", outcome)
 
     async def _expire(self, session: Session) -> None:
         idle = self.config.idle_timeout_s
@@ -588,7 +592,12 @@ class OpenEnvServer:
             errors = json.loads(exc.json(include_url=False))
             return _error("Invalid message", "VALIDATION_ERROR", errors=errors)
         except MegaFlowError as exc:
+            if isinstance(exc, NotFoundError | SandboxError) and kind != "reset":
+                session.env_id = ""  # the sandbox is gone (reaped, died): reset for a new one
             return _error(str(exc), "EXECUTION_ERROR", error_kind=type(exc).__name__)
+        except Exception as exc:  # a bug or a transport failure: answer, keep the session
+            log.exception("session %s: %s failed", session.session_id, kind)
+            return _error(f"{type(exc).__name__}: {exc}", "EXECUTION_ERROR")
 
 
 async def serve(
