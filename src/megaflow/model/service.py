@@ -12,8 +12,11 @@ A `generate` call:
     2. route (`megaflow.model.router`, a pure policy); if every healthy replica is
        saturated, wait in the model's bounded queue (`CapacityError` past the bound
        or the deadline)
-    3. dispatch; on a retryable error, count a failure against the replica and retry on
-       ANOTHER replica within the deadline; once every replica has failed the request
+    3. dispatch inside a `call_scope` (the deadline, and whether another healthy replica
+       could take a retry: then the backend hands a failed attempt back at once instead
+       of retrying it on the same upstream); on a retryable error, count a failure
+       against the replica (and its circuit breaker) and retry on ANOTHER replica within
+       the deadline; once every replica has failed the request
        (`retry_rounds` times over, after a backoff), raise the last (retryable) error, so
        the caller's own retry policy takes over; `InvalidRequestError` and other final
        errors are raised at once
@@ -48,6 +51,7 @@ from megaflow.model.factory import backend_from_spec, spec_of
 from megaflow.model.latency import LatencyConfig
 from megaflow.model.ratelimit import RateLimiter
 from megaflow.model.replicas import Replica, ReplicaState
+from megaflow.model.resilience import call_scope
 from megaflow.model.router import Router
 from megaflow.model.versions import ModelPool, SwapReport, hot_swap
 from megaflow.v1 import common_pb2, model_pb2
@@ -103,6 +107,7 @@ class ModelServiceImpl:
         pool = self._pools.get(name)
         if pool is None:
             pool = self._pools[name] = ModelPool(name)
+            pool.breaker = self.config.health.breaker
             self._routers[name] = Router(
                 self.config.route_policy, sticky=self.config.sticky, seed=self.config.seed
             )
@@ -165,31 +170,52 @@ class ModelServiceImpl:
                 await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0.0)))
                 backoff = min(backoff * 2, 1.0)
                 continue
+            # Another healthy replica could take a retry: the backend hands it over.
+            failover = any(
+                v.healthy and v.accepting and v.id != replica.id and v.id not in tried
+                for v in pool.views()
+            )
+            replica.breaker.acquire()  # claims a half-open breaker's one trial call
             replica.begin(tokens)
             try:
                 # coarse: one shared timer handle, not one per request (core.runtime)
                 async with coarse_timeout_at(_loop_time(deadline)) as scope:
-                    response = await replica.backend.generate(request)
+                    with call_scope(deadline, failover=failover):
+                        response = await replica.backend.generate(request)
             except MegaFlowError as error:
                 if not error.retryable:
+                    replica.breaker.release()
                     raise
                 last = error
                 tried.add(replica.id)
-                if replica.record(False, self.config.health):
+                opened = replica.breaker.failure()
+                if replica.record(False, self.config.health) or opened:
                     pool.wake_all()
+                if opened:
+                    log.warning(
+                        "replica %s: circuit breaker open for %gs after: %s",
+                        replica.id,
+                        replica.breaker.config.cooldown_s,
+                        error,
+                    )
                 log.info("replica %s failed a request (%s); retrying elsewhere", replica.id, error)
                 continue
             except TimeoutError as error:
+                replica.breaker.release()
                 if scope.expired():
                     raise DeadlineExceededError(
                         f"model {pool.name!r}: no answer within {self.config.deadline_s:g}s"
                         + (f" (last error: {last})" if last else "")
                     ) from error
                 raise
+            except BaseException:
+                replica.breaker.release()
+                raise
             finally:
                 replica.end(tokens)
                 pool.wake_one()
             replica.record(True, self.config.health)
+            replica.breaker.success()
             response.replica = replica.id
             response.model_version = replica.version or response.model_version
             if response.completion_tokens:
@@ -268,6 +294,7 @@ class ModelServiceImpl:
         pool = self._pools.get(name)
         if pool is None:
             pool = self._pools[name] = ModelPool(name)
+            pool.breaker = self.config.health.breaker
             self._routers[name] = Router(
                 self.config.route_policy, sticky=self.config.sticky, seed=self.config.seed
             )
