@@ -22,6 +22,7 @@ from megaflow.model.backend import ModelBackend
 from megaflow.model.factory import backend_from_spec
 from megaflow.model.gateway import Gateway
 from megaflow.model.latency import LatencyConfig
+from megaflow.model.openai import OpenAIBackend
 from megaflow.model.service import ModelServiceImpl
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.rpc.resolver import ServiceResolver
@@ -34,6 +35,8 @@ from megaflow.tasks.validate import TaskCheck, validate_tasks
 from megaflow.v1 import common_pb2, scheduler_pb2
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+PREFLIGHT_TIMEOUT_S = 3.0
+"""How long `megaflow run` waits for an OpenAI-compatible server's model list."""
 
 
 class RunPlacement(BaseModel):
@@ -177,6 +180,17 @@ async def run_command(
     def announce(run_id: str) -> None:  # early, so that `megaflow watch RUN_ID` can re-attach
         console.print(f"run id: {run_id}")
 
+    backend: ModelBackend | None = None
+    if not scheduler:  # embedded: our model; check an upstream before any task starts
+        backend = backend_from_spec(
+            model,
+            success_rate=success_rate,
+            seed=seed,
+            latency=LatencyConfig(time_scale=time_scale),
+        )
+        if isinstance(backend, OpenAIBackend):  # InvalidRequestError names what is wrong
+            await backend.preflight(PREFLIGHT_TIMEOUT_S)
+
     with RunProgress(console, len(specs)) as progress:
         if scheduler and resume:  # a run id on that scheduler
             return await resume_on_scheduler(
@@ -202,12 +216,7 @@ async def run_command(
                 )
             finally:
                 await client.close()
-        backend = backend_from_spec(
-            model,
-            success_rate=success_rate,
-            seed=seed,
-            latency=LatencyConfig(time_scale=time_scale),
-        )
+        assert backend is not None
         system = EmbeddedSystem(
             backends=[backend],
             ledger_path=await fresh_ledger(
@@ -232,7 +241,8 @@ async def run_command(
                 collect=False,
                 append=bool(kept),
             )
-            summary.model_utilisation = backend.stats().utilisation
+            if backend.kind == "simulated":  # an upstream's utilisation is not known
+                summary.model_utilisation = backend.stats().utilisation
         summary.records[:0] = kept
         summary.total += len(kept)
         return summary

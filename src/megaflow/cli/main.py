@@ -149,6 +149,11 @@ def run(
     --tasks-from PATH runs a task set instead (JSONL, Parquet, a `datasets` directory or
     Harbor task directories): bad rows are listed with row and field, the good ones run.
 
+    With --model openai:URL[#model] the server is checked first (GET /v1/models, 3 s):
+    unreachable, no or wrong key (OPENAI_API_KEY), or a model it does not serve is one
+    error and exit status 2, before any task starts. Exit status 1 when any task ends
+    without a result (infrastructure failure, invalid, cancelled).
+
     --env docker --image NAME runs each task in a Docker container (--runtime runsc: gVisor)."""
     from megaflow.cli.commands import resolve_placement, run_command
 
@@ -196,8 +201,8 @@ def run(
                 resume=resume,
             )
         )
-    except InvalidRequestError as exc:  # e.g. another run still going in --out
-        console.print(f"[red]error[/]: {exc}")
+    except InvalidRequestError as exc:  # another run still going in --out, a pre-flight
+        console.print(f"[red]error[/]: {exc}")  # check of the model server that failed
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         # asyncio.run cancelled the run; every sandbox was released on the way out.
@@ -213,7 +218,9 @@ def run(
 
         tasks_output.print_row_errors(console, loaded.errors)
         raise typer.Exit(1)
-    raise typer.Exit(0 if summary.finished == summary.total else 1)
+    # A task without a result (infra, invalid, cancelled, never finished) fails the run.
+    complete = summary.finished == summary.total and not summary.unscored
+    raise typer.Exit(0 if complete else 1)
 
 
 def _load_task_set(path: Path, settings: str | None) -> LoadedTasks:
