@@ -21,13 +21,13 @@ from pydantic import ValidationError
 from megaflow.agent.tools import tool_specs
 from megaflow.core.errors import InvalidRequestError, ModelUnavailableError
 from megaflow.model.backend import ModelBackend
-from megaflow.model.resilience import RetryPolicy
 from megaflow.model.openai import (
     OpenAIBackend,
     OpenAIBackendConfig,
     list_upstream_models,
     normalise_base_url,
 )
+from megaflow.model.resilience import RetryPolicy
 from megaflow.testing.llm_katan import LlmKatanError, LlmKatanServer, free_port
 from megaflow.v1 import common_pb2, model_pb2
 

@@ -451,6 +451,9 @@ class OpenAIBackend:
         self._requests = 0
         self._failures = 0
         self._rng = random.Random()
+        # The backoff's wait and the clock of the call's budget (tests replace both).
+        self._sleep = asyncio.sleep
+        self._clock = time.monotonic
         self._retries = 0  # attempts after a call's first
         self._retried_calls = 0  # calls that needed at least one retry
         self._recovered = 0  # of those, the ones that succeeded
@@ -573,7 +576,7 @@ class OpenAIBackend:
                 raise InvalidRequestError("a GenerateRequest needs at least one message")
             if not self.model:
                 await self.resolve_model()
-            response = await self._generate_with_retries(self._payload(request), start)
+            response = await self._generate_with_retries(self._payload(request))
         except BaseException:
             self._failures += 1
             raise
@@ -582,9 +585,8 @@ class OpenAIBackend:
         response.latency_s = time.monotonic() - start
         return response
 
-    async def _generate_with_retries(
-        self, payload: bytes, start: float
-    ) -> model_pb2.GenerateResponse:
+    async def _generate_with_retries(self, payload: bytes) -> model_pb2.GenerateResponse:
+        start = self._clock()
         policy = self.config.retry
         scope = current_call()
         deadline = scope.deadline
@@ -595,7 +597,7 @@ class OpenAIBackend:
         while True:
             timeout_s = self.config.request_timeout_s
             if deadline is not None:
-                timeout_s = max(min(timeout_s, deadline - time.monotonic()), 0.001)
+                timeout_s = max(min(timeout_s, deadline - self._clock()), 0.001)
             retry_after: float | None = None
             try:
                 status, raw, retry_after_header = await _exchange(
@@ -629,7 +631,7 @@ class OpenAIBackend:
                     error,
                     self._retries,
                 )
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 continue
             if retry:
                 self._recovered += 1
@@ -658,7 +660,7 @@ class OpenAIBackend:
             delay = backoff_delay(policy, retry, self._rng)
             if retry_after is not None:
                 delay = max(delay, retry_after)
-            if deadline is not None and time.monotonic() + delay >= deadline:
+            if deadline is not None and self._clock() + delay >= deadline:
                 why = "no time left in the call's budget"
         if why:
             if not failover:
