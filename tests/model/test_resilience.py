@@ -362,3 +362,21 @@ def test_a_run_against_a_server_failing_30_percent_loses_no_task(
     assert stats["retries"] > 0 and stats["recovered_calls"] > 0, stats
     # ~30% of several hundred calls failed once or more; almost all were recovered.
     assert stats["gave_up_calls"] <= stats["recovered_calls"] // 10 + 2, stats
+
+
+async def test_a_replica_added_with_a_wrong_model_name_is_refused_at_once(
+    upstream: tuple[str, Script], backends: list[OpenAIBackend]
+) -> None:
+    base, _ = upstream
+    good, _ = _backend(backends, f"{base}/good")
+    service = ModelServiceImpl([good], config=ModelServiceConfig(warm_timeout_s=60))
+    wrong = OpenAIBackend(OpenAIBackendConfig(base_url=f"{base}/good", model="nope", name="m"))
+    backends.append(wrong)
+    try:
+        with pytest.raises(
+            InvalidRequestError, match="does not serve model 'nope'; it serves: 'm'"
+        ):
+            await service.deploy_version("m", "v2", [wrong])  # not a 60 s warm-up timeout
+        assert [r.backend for r in service.replicas()] == [good]
+    finally:
+        await service.stop()

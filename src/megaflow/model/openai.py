@@ -313,12 +313,14 @@ async def check_upstream(
     *,
     api_key: str | None = None,
     timeout_s: float = 3.0,
+    allow_unreachable: bool = False,
 ) -> list[str]:
     """Pre-flight check of an OpenAI-compatible server: it answers GET /v1/models within
     `timeout_s`, accepts the key, and lists `model` (any model when `model` is empty).
     Returns the listed model ids. Every failure is one `InvalidRequestError` that names
     the cause (a configuration to fix, not a fault to retry). `api_key` None: the
-    OPENAI_API_KEY environment variable."""
+    OPENAI_API_KEY environment variable. `allow_unreachable`: a server that does not
+    answer (yet: still starting) is not an error; [] is returned."""
     root = normalise_base_url(base_url)
     url = root + "/models"
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
@@ -328,6 +330,8 @@ async def check_upstream(
                 session, "GET", url, timeout_s=timeout_s, headers=_auth_headers(key)
             )
     except ModelUnavailableError as exc:
+        if allow_unreachable:
+            return []
         cause = exc.__cause__
         if isinstance(cause, aiohttp.ClientConnectorDNSError):
             why = f"its host name does not resolve ({cause.os_error})"
@@ -678,14 +682,20 @@ class OpenAIBackend:
             "handed_to_another_replica": self._handed_over,
         }
 
-    async def preflight(self, timeout_s: float = 3.0) -> list[str]:
+    async def preflight(
+        self, timeout_s: float = 3.0, *, allow_unreachable: bool = False
+    ) -> list[str]:
         """`check_upstream` with this backend's URL, model and key; fills in the model
         (the first listed) when none was configured. InvalidRequestError names what is
-        wrong."""
+        wrong (`allow_unreachable`: except that the server does not answer yet)."""
         ids = await check_upstream(
-            self.base_url, self.model, api_key=self._api_key or "", timeout_s=timeout_s
+            self.base_url,
+            self.model,
+            api_key=self._api_key or "",
+            timeout_s=timeout_s,
+            allow_unreachable=allow_unreachable,
         )
-        if not self.model:
+        if not self.model and ids:
             self.model = ids[0]
             if not self.name:
                 self.name = self.model

@@ -49,6 +49,7 @@ from megaflow.model.admission import (
 from megaflow.model.backend import ModelBackend
 from megaflow.model.factory import backend_from_spec, spec_of
 from megaflow.model.latency import LatencyConfig
+from megaflow.model.openai import OpenAIBackend
 from megaflow.model.ratelimit import RateLimiter
 from megaflow.model.replicas import Replica, ReplicaState
 from megaflow.model.resilience import call_scope
@@ -300,6 +301,7 @@ class ModelServiceImpl:
             )
         if not specs:
             specs = [s for s in (spec_of(b) for b in backends) if s is not None]
+        await _preflight(backends, self.config.health.timeout_s)
         self._probes_needed |= any(b.kind != "simulated" for b in backends)
         report = await hot_swap(
             pool,
@@ -442,6 +444,27 @@ class ModelServiceImpl:
         for pool in self._pools.values():
             pool.wake_all()
             await asyncio.gather(*(r.close() for r in pool.replicas))
+
+
+async def _preflight(backends: Sequence[ModelBackend], timeout_s: float) -> None:
+    """Check every OpenAI-compatible upstream of a new version before it warms: a key
+    it rejects or a model it does not serve is an `InvalidRequestError` naming it, at
+    once (not a warm-up that times out). One that does not answer yet may be starting:
+    the warm-up's health checks wait for it. The new backends are closed if one fails."""
+    checks = [
+        b.preflight(timeout_s, allow_unreachable=True)
+        for b in backends
+        if isinstance(b, OpenAIBackend)
+    ]
+    if not checks:
+        return
+    try:
+        await asyncio.gather(*checks)
+    except BaseException:
+        for backend in backends:
+            with contextlib.suppress(Exception):
+                await backend.close()
+        raise
 
 
 def _loop_time(deadline: float) -> float:
