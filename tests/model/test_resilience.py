@@ -380,3 +380,40 @@ async def test_a_replica_added_with_a_wrong_model_name_is_refused_at_once(
         assert [r.backend for r in service.replicas()] == [good]
     finally:
         await service.stop()
+
+
+@pytest.mark.integration
+async def test_failover_between_two_real_upstreams() -> None:
+    """Two llm-katan replicas, one failing every chat with HTTP 500: every request is
+    answered (by the other), the failing one's breaker opens after its threshold, and
+    it is then skipped."""
+    health = HealthConfig(breaker=BreakerConfig(failure_threshold=3, cooldown_s=3600))
+    config = ModelServiceConfig(health=health, route_policy="round_robin", sticky=False)
+    async with (
+        LlmKatanServer(model="katan-down", error_rate=1.0) as down,
+        LlmKatanServer(model="katan-up") as up,
+    ):
+
+        def backend(server: LlmKatanServer) -> OpenAIBackend:
+            return OpenAIBackend(
+                OpenAIBackendConfig(
+                    base_url=server.base_url,
+                    model=server.model,
+                    name="m",
+                    api_key=server.api_key,
+                )
+            )
+
+        bad, good = backend(down), backend(up)
+        service = ModelServiceImpl([bad], config=config)
+        service.add_replica(good)
+        try:
+            answers = [await service.generate(_chat(f"t-{i}")) for i in range(20)]
+            assert all("[echo] model=katan-up" in a.message.content for a in answers)
+            bad_replica = service.replicas()[0]
+            assert bad_replica.breaker.state is BreakerState.OPEN
+            assert bad.stats().requests == 3  # then skipped: the breaker is open
+            assert bad.retry_stats()["handed_to_another_replica"] == 3
+            assert good.stats().requests == 20 and good.failures == 0
+        finally:
+            await service.stop()
