@@ -620,7 +620,8 @@ class OpenAIBackend:
                     raise
                 delay = self._retry_delay(error, retry, retry_after, deadline, scope.failover)
                 if delay is None:
-                    self._gave_up += 1
+                    if not scope.failover:
+                        self._gave_up += 1  # (a hand-over is counted as one)
                     raise
                 if retry == 0:
                     self._retried_calls += 1
