@@ -22,7 +22,6 @@ from megaflow.model.backend import ModelBackend
 from megaflow.model.factory import backend_from_spec
 from megaflow.model.gateway import Gateway
 from megaflow.model.latency import LatencyConfig
-from megaflow.model.openai import OpenAIBackend
 from megaflow.model.service import ModelServiceImpl
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.rpc.resolver import ServiceResolver
@@ -35,8 +34,6 @@ from megaflow.tasks.validate import TaskCheck, validate_tasks
 from megaflow.v1 import common_pb2, scheduler_pb2
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
-PREFLIGHT_TIMEOUT_S = 3.0
-"""How long `megaflow run` waits for an OpenAI-compatible server's model list."""
 
 
 class RunPlacement(BaseModel):
@@ -180,17 +177,6 @@ async def run_command(
     def announce(run_id: str) -> None:  # early, so that `megaflow watch RUN_ID` can re-attach
         console.print(f"run id: {run_id}")
 
-    backend: ModelBackend | None = None
-    if not scheduler:  # embedded: our model; check an upstream before any task starts
-        backend = backend_from_spec(
-            model,
-            success_rate=success_rate,
-            seed=seed,
-            latency=LatencyConfig(time_scale=time_scale),
-        )
-        if isinstance(backend, OpenAIBackend):  # InvalidRequestError names what is wrong
-            await backend.preflight(PREFLIGHT_TIMEOUT_S)
-
     with RunProgress(console, len(specs)) as progress:
         if scheduler and resume:  # a run id on that scheduler
             return await resume_on_scheduler(
@@ -216,7 +202,12 @@ async def run_command(
                 )
             finally:
                 await client.close()
-        assert backend is not None
+        backend = backend_from_spec(
+            model,
+            success_rate=success_rate,
+            seed=seed,
+            latency=LatencyConfig(time_scale=time_scale),
+        )
         system = EmbeddedSystem(
             backends=[backend],
             ledger_path=await fresh_ledger(

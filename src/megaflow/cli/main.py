@@ -155,6 +155,14 @@ def run(
     without a result (infrastructure failure, invalid, cancelled).
 
     --env docker --image NAME runs each task in a Docker container (--runtime runsc: gVisor)."""
+    if not scheduler:  # our model: check its server before the heavy imports, and any task
+        from megaflow.cli.preflight import check_model_spec
+
+        try:
+            check_model_spec(model)
+        except InvalidRequestError as exc:
+            console.print(f"[red]error[/]: {exc}")
+            raise typer.Exit(2) from None
     from megaflow.cli.commands import resolve_placement, run_command
 
     try:
@@ -201,8 +209,8 @@ def run(
                 resume=resume,
             )
         )
-    except InvalidRequestError as exc:  # another run still going in --out, a pre-flight
-        console.print(f"[red]error[/]: {exc}")  # check of the model server that failed
+    except InvalidRequestError as exc:  # e.g. another run still going in --out
+        console.print(f"[red]error[/]: {exc}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         # asyncio.run cancelled the run; every sandbox was released on the way out.
