@@ -172,7 +172,7 @@ class ModelServiceImpl:
                 backoff = min(backoff * 2, 1.0)
                 continue
             # Another healthy replica could take a retry: the backend hands it over.
-            failover = any(
+            failover = len(pool.replicas) > 1 and any(
                 v.healthy and v.accepting and v.id != replica.id and v.id not in tried
                 for v in pool.views()
             )
