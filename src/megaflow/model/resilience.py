@@ -17,12 +17,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -108,19 +107,29 @@ def current_call() -> CallScope:
     return _CALL.get() or _NO_SCOPE
 
 
-@contextlib.contextmanager
-def call_scope(deadline: float | None = None, *, failover: bool = False) -> Iterator[CallScope]:
+class call_scope:  # used like a function: `with call_scope(...):`
     """Set the call's deadline (monotonic) and failover flag for the backend call inside.
-    An enclosing scope's earlier deadline is kept."""
-    outer = current_call()
-    if outer.deadline is not None and (deadline is None or outer.deadline < deadline):
-        deadline = outer.deadline
-    scope = CallScope(deadline=deadline, failover=failover)
-    token = _CALL.set(scope)
-    try:
-        yield scope
-    finally:
-        _CALL.reset(token)
+    An enclosing scope's earlier deadline is kept. (A class, not a generator: it runs
+    on every model request.)"""
+
+    __slots__ = ("_token", "scope")
+
+    def __init__(self, deadline: float | None = None, *, failover: bool = False) -> None:
+        outer = _CALL.get()
+        if outer is not None and outer.deadline is not None:
+            if deadline is None or outer.deadline < deadline:
+                deadline = outer.deadline
+        self.scope = CallScope(deadline=deadline, failover=failover)
+        self._token: Token[CallScope | None] | None = None
+
+    def __enter__(self) -> CallScope:
+        self._token = _CALL.set(self.scope)
+        return self.scope
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _CALL.reset(self._token)
+            self._token = None
 
 
 class BreakerConfig(BaseModel):
