@@ -417,3 +417,32 @@ async def test_failover_between_two_real_upstreams() -> None:
             assert good.stats().requests == 20 and good.failures == 0
         finally:
             await service.stop()
+
+
+async def test_check_upstream_names_each_cause(upstream: tuple[str, Script]) -> None:
+    from megaflow.model.openai import check_upstream
+
+    base, _ = upstream
+    assert await check_upstream(f"{base}/good", "m", api_key="k") == ["m"]
+    assert await check_upstream(f"{base}/good", "", api_key="k") == ["m"]  # any model
+    with pytest.raises(InvalidRequestError, match="does not serve model 'x'; it serves: 'm'"):
+        await check_upstream(f"{base}/good", "x", api_key="k")
+    with pytest.raises(InvalidRequestError, match=r"does not exist \(HTTP 404\)"):
+        await check_upstream(f"{base}/a/b", "m", api_key="k")  # not an API root
+    port = free_port()
+    with pytest.raises(InvalidRequestError, match=f"127.0.0.1:{port}/v1 is unreachable"):
+        await check_upstream(f"http://127.0.0.1:{port}", "m", api_key="k")
+    assert await check_upstream(f"http://127.0.0.1:{port}", "m", allow_unreachable=True) == []
+
+
+def test_megaflow_run_checks_the_server_before_any_task(tmp_path: Path) -> None:
+    import megaflow
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(InvalidRequestError, match="is unreachable"):
+        megaflow.run(
+            [megaflow.Task(task_id="t", problem_statement="p", eval_command="true")],
+            model=f"openai:{url}#m",
+            sandbox_dir=tmp_path / "sb",
+        )
+    assert not (tmp_path / "sb").exists() or not any((tmp_path / "sb").iterdir())

@@ -102,7 +102,7 @@ def print_summary(console: Console, summary: RunSummary, out: Path | None) -> No
     if summary.unscored or missing:
         console.print(
             f"[red]{summary.unscored + missing} of {summary.total} tasks ended without a "
-            "result[/] (exit status 1)"
+            "result[/]: infrastructure, invalid or cancelled (see the errors above)"
         )
 
 
