@@ -149,7 +149,20 @@ def run(
     --tasks-from PATH runs a task set instead (JSONL, Parquet, a `datasets` directory or
     Harbor task directories): bad rows are listed with row and field, the good ones run.
 
+    With --model openai:URL[#model] the server is checked first (GET /v1/models, 3 s):
+    unreachable, no or wrong key (OPENAI_API_KEY), or a model it does not serve is one
+    error and exit status 2, before any task starts. Exit status 1 when any task ends
+    without a result (infrastructure failure, invalid, cancelled).
+
     --env docker --image NAME runs each task in a Docker container (--runtime runsc: gVisor)."""
+    if not scheduler:  # our model: check its server before the heavy imports, and any task
+        from megaflow.cli.preflight import check_model_spec
+
+        try:
+            check_model_spec(model)
+        except InvalidRequestError as exc:
+            console.print(f"[red]error[/]: {exc}")
+            raise typer.Exit(2) from None
     from megaflow.cli.commands import resolve_placement, run_command
 
     try:
@@ -213,7 +226,9 @@ def run(
 
         tasks_output.print_row_errors(console, loaded.errors)
         raise typer.Exit(1)
-    raise typer.Exit(0 if summary.finished == summary.total else 1)
+    # A task without a result (infra, invalid, cancelled, never finished) fails the run.
+    complete = summary.finished == summary.total and not summary.unscored
+    raise typer.Exit(0 if complete else 1)
 
 
 def _load_task_set(path: Path, settings: str | None) -> LoadedTasks:
