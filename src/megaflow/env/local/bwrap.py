@@ -23,6 +23,9 @@ BWRAP = "/usr/bin/bwrap"
 WORKDIR = "/workspace"
 INBOX = "/.megaflow/inbox"
 """Read-only folder inside the sandbox through which the host hands over uploads."""
+SOCKET_DIR = "/run/megaflow"
+"""Read-only folder inside the sandbox where the agent's unix sockets appear (a
+connect needs no write access): the sandbox's only way to the outside."""
 
 IMAGE_ENTRIES = ("usr", "etc", "opt", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 """Top-level entries of the image root made visible (read-only) when present."""
@@ -37,11 +40,13 @@ def bwrap_argv(
     workspace: Path,
     inbox: Path,
     hostname: str,
+    sockets: Path | None = None,
     extra_path: Sequence[str] = (),
     seccomp_fd: int | None = None,
 ) -> list[str]:
     """The bwrap argv that starts ``bash`` in a fresh sandbox.
 
+    ``sockets``: a host folder bound read-only at :data:`SOCKET_DIR`.
     ``seccomp_fd``: a readable descriptor holding the BPF program of
     :mod:`megaflow.env.local.seccomp` (bwrap reads it once, at start).
     """
@@ -81,6 +86,7 @@ def bwrap_argv(
         "--ro-bind",
         str(inbox),
         INBOX,
+        *(["--dir", SOCKET_DIR, "--ro-bind", str(sockets), SOCKET_DIR] if sockets else []),
         "--tmpfs",
         "/tmp",
         "--proc",
