@@ -224,11 +224,11 @@ class TaskModelEndpoint:
     async def stop(self) -> None:
         """Stop serving, close open connections and remove the socket file."""
         runner, self._runner = self._runner, None
+        self._unlink()  # first: no new connection can reach the socket by its path
         try:
             if runner is not None:
                 await runner.cleanup()
         finally:
-            self._unlink()
             self.gateway.revoke_key(self.api_key)
             self.gateway.pop_trajectory(self.session.task_id)  # the session has the record
 
