@@ -21,6 +21,7 @@ from megaflow.agent.session import AgentLimits
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import RunSummary, run_batch
 from megaflow.env.service import EnvServiceConfig
+from megaflow.model.latency import GpuLatencyModel
 from megaflow.scheduler.state import SchedulerPolicy
 from megaflow.tasks.swe_synth import generate_tasks
 from megaflow.testing.simulated_model import SimulatedBackend
@@ -72,7 +73,8 @@ async def _run(
     concurrency: int = 2,
 ) -> tuple[RunSummary, list[dict[str, Any]]]:
     system = EmbeddedSystem(
-        backends=[SimulatedBackend(success_rate=1.0)],
+        # the simulated GPU's latency scaled down: the CLI's own time is what this tests
+        backends=[SimulatedBackend(success_rate=1.0, latency=GpuLatencyModel(time_scale=0.05))],
         ledger_path=tmp_path / "ledger.sqlite",
         env_config=EnvServiceConfig(root_dir=tmp_path / "sb"),
         agent_limits=AgentLimits(),
@@ -170,6 +172,7 @@ async def test_failing_hanging_and_over_budget_commands_end_clearly(tmp_path: Pa
 
 
 @needs_tools
+@pytest.mark.timeout(540)  # ten real CLI agents (Node) on a small machine
 @pytest.mark.skipif(not QWEN.exists(), reason=f"Qwen Code is not installed at {QWEN}: ./dev setup")
 async def test_qwen_code_drives_tasks_to_scored_results(tmp_path: Path) -> None:
     summary, trajectories = await _run(

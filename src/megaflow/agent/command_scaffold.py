@@ -43,7 +43,7 @@ AGENT_PREFIX = "/opt/megaflow/npm"
 
 QWEN_CODE_COMMAND = (
     'qwen --bare --auth-type openai --model "$OPENAI_MODEL" --approval-mode yolo '
-    '--chat-recording=false --max-session-turns "$MEGAFLOW_MAX_STEPS" "$MEGAFLOW_PROBLEM"'
+    '--chat-recording=false "$MEGAFLOW_PROBLEM"'
 )
 """Qwen Code, non-interactive (``@qwen-code/qwen-code``, pinned by ``./dev``)."""
 
