@@ -21,9 +21,12 @@ from megaflow.agent.session import AgentLimits
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import RunSummary, run_batch
 from megaflow.env.service import EnvServiceConfig
+from megaflow.core.errors import ModelUnavailableError
+from megaflow.model.backend import ModelBackend
 from megaflow.model.latency import GpuLatencyModel
 from megaflow.scheduler.state import SchedulerPolicy
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.scripted import ScriptedBackend
 from megaflow.testing.simulated_model import SimulatedBackend
 
 pytestmark = pytest.mark.integration
@@ -71,10 +74,14 @@ async def _run(
     task_timeout_s: float = 300.0,
     max_steps: int = 0,
     concurrency: int = 2,
+    backend: ModelBackend | None = None,
 ) -> tuple[RunSummary, list[dict[str, Any]]]:
+    # the simulated GPU's latency scaled down: the CLI's own time is what this tests
+    backend = backend or SimulatedBackend(
+        success_rate=1.0, latency=GpuLatencyModel(time_scale=0.05)
+    )
     system = EmbeddedSystem(
-        # the simulated GPU's latency scaled down: the CLI's own time is what this tests
-        backends=[SimulatedBackend(success_rate=1.0, latency=GpuLatencyModel(time_scale=0.05))],
+        backends=[backend],
         ledger_path=tmp_path / "ledger.sqlite",
         env_config=EnvServiceConfig(root_dir=tmp_path / "sb"),
         agent_limits=AgentLimits(),
@@ -169,6 +176,21 @@ async def test_failing_hanging_and_over_budget_commands_end_clearly(tmp_path: Pa
     assert (record["status"], record["error_kind"], record["reward"]) == ("failed", "task", 0.0)
     assert "step limit of 3" in record["error"]
     assert len(trajectories[0]["turns"]) == 3
+
+
+@needs_tools
+async def test_a_model_failure_stops_the_command_and_is_retried_never_scored(
+    tmp_path: Path,
+) -> None:
+    failing = ScriptedBackend(lambda task, i: ModelUnavailableError("upstream 503"))
+    hello = _chat({"role": "user", "content": "hello"})
+    summary, _ = await _run(
+        tmp_path, 1, "command", {"command": f"{hello}; sleep 600"}, backend=failing
+    )
+    (record,) = summary.records
+    assert (record["status"], record["error_kind"], record["reward"]) == ("failed", "infra", None)
+    assert record["attempts"] == 2  # retried (the policy allows two), then no result
+    assert "upstream 503" in record["error"]
 
 
 @needs_tools
