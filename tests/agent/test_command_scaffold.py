@@ -18,10 +18,10 @@ import pytest
 
 from megaflow.agent.command_scaffold import AGENT_PREFIX
 from megaflow.agent.session import AgentLimits
+from megaflow.core.errors import ModelUnavailableError
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import RunSummary, run_batch
 from megaflow.env.service import EnvServiceConfig
-from megaflow.core.errors import ModelUnavailableError
 from megaflow.model.backend import ModelBackend
 from megaflow.model.latency import GpuLatencyModel
 from megaflow.scheduler.state import SchedulerPolicy
