@@ -36,7 +36,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from megaflow.agent.model_endpoint import TaskModelEndpoint
 from megaflow.agent.session import TaskOutcome, TaskSession
-from megaflow.env.local.bwrap import WORKDIR
 
 AGENT_PREFIX = "/opt/megaflow/npm"
 """Where ``./dev`` installs CLI agents from npm (its ``bin`` is on the command's PATH)."""
@@ -127,7 +126,7 @@ class CommandScaffold:
         forward = _FORWARD.format(port=c.port, socket=shlex.quote(endpoint.sandbox_socket))
         return (
             f'(\n{exports}export PATH={path}"$PATH"\n{forward}'
-            f"cd {WORKDIR}\n{c.command}\n__mf_rc=$?\n"
+            f"cd {shlex.quote(session.workdir or '/workspace')}\n{c.command}\n__mf_rc=$?\n"
             'kill "$__mf_fwd" 2>/dev/null; wait "$__mf_fwd" 2>/dev/null\n'
             'exit "$__mf_rc"\n)'
         )

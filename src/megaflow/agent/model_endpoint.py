@@ -38,7 +38,7 @@ from aiohttp import web
 
 from megaflow.agent.session import TaskOutcome, TaskSession
 from megaflow.core.errors import CancelledTaskError, InvalidRequestError, MegaFlowError
-from megaflow.env.local.bwrap import SOCKET_DIR
+from megaflow.env.sandbox import SOCKET_DIR
 from megaflow.model.gateway import Gateway, GatewayConfig
 from megaflow.v1 import common_pb2, model_pb2
 

@@ -38,6 +38,10 @@ class CommandResult:
     """Wall time from sending the command to its result."""
 
 
+SOCKET_DIR = "/run/megaflow"
+"""Where a sandbox with the ``host_sockets`` capability sees its host socket folder."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a sandbox backend can do beyond the core `Sandbox` protocol (declared by the

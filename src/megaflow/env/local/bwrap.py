@@ -18,14 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megaflow.env.local.shell import SAFE_PATH
+from megaflow.env.sandbox import SOCKET_DIR
 
 BWRAP = "/usr/bin/bwrap"
 WORKDIR = "/workspace"
 INBOX = "/.megaflow/inbox"
 """Read-only folder inside the sandbox through which the host hands over uploads."""
-SOCKET_DIR = "/run/megaflow"
-"""Read-only folder inside the sandbox where the agent's unix sockets appear (a
-connect needs no write access): the sandbox's only way to the outside."""
 
 IMAGE_ENTRIES = ("usr", "etc", "opt", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 """Top-level entries of the image root made visible (read-only) when present."""
@@ -46,7 +44,9 @@ def bwrap_argv(
 ) -> list[str]:
     """The bwrap argv that starts ``bash`` in a fresh sandbox.
 
-    ``sockets``: a host folder bound read-only at :data:`SOCKET_DIR`.
+    ``sockets``: a host folder bound read-only at ``/run/megaflow`` (`SOCKET_DIR`): the
+    agent's unix sockets appear there (a connect needs no write access), the sandbox's
+    only way to the outside.
     ``seccomp_fd``: a readable descriptor holding the BPF program of
     :mod:`megaflow.env.local.seccomp` (bwrap reads it once, at start).
     """
