@@ -155,6 +155,7 @@ async def test_a_script_reaches_the_model_only_through_its_endpoint(tmp_path: Pa
         assert "invalid_api_key" in output
         assert "no-network" in output and "NET-OPEN" not in output
         assert "model.sock" in output
+        assert "mf-" not in action["command"]  # the key came from its file
 
 
 @needs_tools
@@ -210,7 +211,10 @@ async def test_qwen_code_drives_tasks_to_scored_results(tmp_path: Path) -> None:
         assert record["reward"] is not None
         trajectory = by_task[record["task_id"]]
         _assert_recorded(trajectory)
-        system = trajectory["turns"][0]["prompt_delta"][0]
+        turns = trajectory["turns"]
+        system = turns[0]["prompt_delta"][0]
         assert system["role"] == "system" and "Qwen Code" in system["content"]
+        # Qwen Code sends its whole history each time; the session got only what was new
+        assert all(m["role"] != "system" for t in turns[1:] for m in t["prompt_delta"])
     solved = [r for r in summary.records if r["reward"] == 1.0]
     assert solved, [r["error"] for r in summary.records]

@@ -112,7 +112,6 @@ class CommandScaffold:
         c = self.config
         env = {
             "OPENAI_BASE_URL": f"http://127.0.0.1:{c.port}/v1",
-            "OPENAI_API_KEY": endpoint.api_key,
             "OPENAI_MODEL": session.task.model or "default",
             "MEGAFLOW_PROBLEM": session.task.problem_statement,
             "MEGAFLOW_TASK_ID": session.task_id,
@@ -122,6 +121,8 @@ class CommandScaffold:
             **c.env,
         }
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+        # the key from its file: no recorded command line carries it
+        exports += f'export OPENAI_API_KEY="$(cat {shlex.quote(endpoint.sandbox_key_file)})"\n'
         path = "".join(f"{shlex.quote(p)}:" for p in c.path)
         forward = _FORWARD.format(port=c.port, socket=shlex.quote(endpoint.sandbox_socket))
         return (

@@ -3,7 +3,8 @@
     async with TaskModelEndpoint(session) as endpoint:
         # endpoint.socket_path: a unix socket in the sandbox's host socket folder, seen
         #                       inside as endpoint.sandbox_socket (/run/megaflow/model.sock)
-        # endpoint.api_key:     the task's key; a call without it gets 401
+        # endpoint.api_key:     the task's key; a call without it gets 401; also in the
+        #                       file endpoint.sandbox_key_file (read-only inside)
         ...                     # run the CLI agent in the sandbox
         endpoint.error          # what ended the task from the model side, if anything
 
@@ -42,10 +43,12 @@ from megaflow.env.sandbox import SOCKET_DIR
 from megaflow.model.gateway import Gateway, GatewayConfig
 from megaflow.v1 import common_pb2, model_pb2
 
-__all__ = ["SOCKET_NAME", "SessionModelService", "TaskModelEndpoint"]
+__all__ = ["KEY_NAME", "SOCKET_NAME", "SessionModelService", "TaskModelEndpoint"]
 
 SOCKET_NAME = "model.sock"
 """File name of a task's model socket in its sandbox's socket folder."""
+KEY_NAME = "model.key"
+"""File name of the task's key beside it (so that no command line carries the key)."""
 
 
 def _args_key(arguments_json: str) -> str:
@@ -197,6 +200,8 @@ class TaskModelEndpoint:
         self.api_key = self.gateway.issue_key(session.task_id)
         self.socket_path = Path(session.host_socket_dir) / name
         self.sandbox_socket = f"{SOCKET_DIR}/{name}"
+        self.key_path = Path(session.host_socket_dir) / KEY_NAME
+        self.sandbox_key_file = f"{SOCKET_DIR}/{KEY_NAME}"
         self._runner: web.AppRunner | None = None
 
     @property
@@ -210,6 +215,9 @@ class TaskModelEndpoint:
         return self.service.failed
 
     async def start(self) -> None:
+        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.api_key)
         runner = web.AppRunner(self.gateway.app(), access_log=None, handle_signals=False)
         await runner.setup()
         try:
@@ -233,8 +241,9 @@ class TaskModelEndpoint:
             self.gateway.pop_trajectory(self.session.task_id)  # the session has the record
 
     def _unlink(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        for path in (self.socket_path, self.key_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     async def __aenter__(self) -> TaskModelEndpoint:
         await self.start()
