@@ -30,9 +30,10 @@ How a task ends:
 from __future__ import annotations
 
 import asyncio
+import re
 import shlex
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from megaflow.agent.model_endpoint import TaskModelEndpoint
 from megaflow.agent.session import TaskOutcome, TaskSession
@@ -78,6 +79,14 @@ class CommandConfig(BaseModel):
     output_tail: int = Field(
         default=2000, ge=0, description="Characters of output quoted in a failure message."
     )
+
+    @field_validator("env")
+    @classmethod
+    def _names(cls, env: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
+        if bad:
+            raise ValueError(f"not environment variable names: {bad}")
+        return env
 
 
 class QwenCodeConfig(CommandConfig):
