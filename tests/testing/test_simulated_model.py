@@ -345,3 +345,248 @@ async def test_backend_latency_is_modelled() -> None:
     assert backend.stats().utilisation > 0.5
     default = SimulatedBackend()
     assert default.latency.config == LatencyConfig()
+
+
+# --------------------------------------------------------------------------- other tools, text mode
+
+# qwen-code's shell tool (an extra required boolean), codex's argv `shell`, mini-swe-agent's bash.
+QWEN_SHELL = common_pb2.ToolSpec(
+    name="run_shell_command",
+    parameters_json_schema=json.dumps(
+        {
+            "type": "object",
+            "properties": {
+                "command": {"type": "string"},
+                "is_background": {"type": "boolean"},
+                "description": {"type": "string"},
+            },
+            "required": ["command", "is_background"],
+        }
+    ),
+)
+CODEX_SHELL = common_pb2.ToolSpec(
+    name="shell",
+    parameters_json_schema=json.dumps(
+        {
+            "type": "object",
+            "properties": {"command": {"type": "array", "items": {"type": "string"}}},
+            "required": ["command"],
+        }
+    ),
+)
+READ_FILE = common_pb2.ToolSpec(
+    name="read_file",
+    parameters_json_schema='{"type": "object", "properties": {"path": {"type": "string"}}}',
+)
+MINI_BASH = common_pb2.ToolSpec(
+    name="bash",
+    parameters_json_schema=json.dumps(
+        {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}
+    ),
+)
+SUBMIT_WORD = "COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"
+# mini-swe-agent 2.4.6's text-based prompts, in short (config/mini_textbased.yaml).
+MINI_SYSTEM = (
+    "Your response must contain exactly ONE bash code block with ONE command.\n"
+    "<format_example>\nTHOUGHT: why\n\n```mswea_bash_command\nyour_command_here\n```\n"
+    "</format_example>"
+)
+MINI_INSTANCE = (
+    "Please solve this issue: {task}\n\n6. Submit your changes and finish your work by issuing "
+    f"the following command: `echo {SUBMIT_WORD}`.\n"
+)
+MINI_ACTION = r"```mswea_bash_command\s*\n(.*?)\n```"  # LitellmTextbasedModelConfig.action_regex
+
+
+class ShellEnv:
+    """A real directory and real `bash -c` for every command; the hidden tests at the end."""
+
+    def __init__(self, task: common_pb2.TaskSpec, root: Path) -> None:
+        self.task, self.root = task, root
+        for rel, content in task.files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(content)
+        self.commands: list[str] = []
+
+    async def run(self, command: str) -> tuple[str, int]:
+        self.commands.append(command)
+        async with _procs():
+            proc = await asyncio.create_subprocess_exec(
+                "bash",
+                "-c",
+                command.replace("python3", shlex.quote(PYTHON)),
+                cwd=self.root,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            out, _ = await proc.communicate()
+        return out.decode(), proc.returncode or 0
+
+    async def reward(self) -> float:
+        hidden = {**dict(self.task.hidden_files)}
+        files = {
+            str(p.relative_to(self.root)): p.read_bytes()
+            for p in self.root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
+        _, rc = await _unittest({**files, **hidden}, "test_hidden*.py")
+        return 1.0 if rc == 0 else 0.0
+
+
+async def drive_tools(
+    backend: SimulatedBackend,
+    task: common_pb2.TaskSpec,
+    env: ShellEnv,
+    offered: list[common_pb2.ToolSpec],
+    *,
+    system: str = "You fix bugs.",
+    tool_choice: str = "",
+) -> list[common_pb2.ChatMessage]:
+    """A CLI agent in miniature: tool calls until an answer without one (or a submit tool)."""
+    messages = [
+        common_pb2.ChatMessage(role="system", content=system),
+        common_pb2.ChatMessage(role="user", content=task.problem_statement),
+    ]
+    for _ in range(20):
+        request = model_pb2.GenerateRequest(
+            task_id=task.task_id, messages=messages, tools=offered, tool_choice=tool_choice
+        )
+        response = await backend.generate(request)
+        message = response.message
+        messages.append(message)
+        if not message.tool_calls:
+            assert response.finish_reason == "stop"
+            return messages
+        assert response.finish_reason == "tool_calls"
+        for call in message.tool_calls:
+            args = json.loads(call.arguments_json)
+            if call.name not in (QWEN_SHELL.name, CODEX_SHELL.name, MINI_BASH.name):
+                return messages
+            command = args["command"]
+            if isinstance(command, list):
+                assert command[:2] == ["bash", "-lc"]
+                command = command[2]
+            out, rc = await env.run(command)
+            if SUBMIT_WORD in command:
+                return messages
+            messages.append(
+                common_pb2.ChatMessage(
+                    role="tool", content=f"{out}\nExit Code: {rc}", tool_call_id=call.id
+                )
+            )
+    raise AssertionError("the policy never finished")
+
+
+@pytest.mark.parametrize("solved", [True, False])
+async def test_shell_tool_only_every_action_through_it(tmp_path: Path, solved: bool) -> None:
+    """qwen-code's tools: reads, the edit and the tests through `run_shell_command`; no
+    submit tool and no submit command: a final plain answer ends the session."""
+    backend = SimulatedBackend.fast(success_rate=0.5, seed=1)
+    task = _task_with(backend.policy, solved=solved)
+    env = ShellEnv(task, tmp_path)
+    messages = await drive_tools(backend, task, env, [READ_FILE, QWEN_SHELL])
+    calls = _calls(messages)
+    assert [c.name for c in calls] == ["run_shell_command"] * 3
+    assert all(json.loads(c.arguments_json)["is_background"] is False for c in calls)
+    path, old, new = (reference_patch if solved else wrong_patch)(task)
+    assert env.commands[0] == f"cat {path}" and "unittest" in env.commands[2]
+    assert new in (tmp_path / path).read_text() and old not in (tmp_path / path).read_text()
+    assert messages[-1].role == "assistant" and not messages[-1].tool_calls
+    assert await env.reward() == (1.0 if solved else 0.0)
+
+
+async def test_codex_argv_shell_and_a_submit_tool(tmp_path: Path) -> None:
+    backend = SimulatedBackend.fast(success_rate=1.0)
+    task = generate_task(0, 4)
+    env = ShellEnv(task, tmp_path)
+    finish = common_pb2.ToolSpec(name="submit_solution", parameters_json_schema="{}")
+    messages = await drive_tools(backend, task, env, [CODEX_SHELL, finish])
+    assert [c.name for c in _calls(messages)] == ["shell"] * 3 + ["submit_solution"]
+    assert await env.reward() == 1.0
+
+
+async def test_mini_swe_agent_toolcall_mode_submits_with_its_command(tmp_path: Path) -> None:
+    """Only `bash` offered (mini-swe-agent 2's default): the submit is the prompt's command."""
+    backend = SimulatedBackend.fast(success_rate=1.0)
+    task = generate_task(0, 5)
+    env = ShellEnv(task, tmp_path)
+    messages = await drive_tools(backend, task, env, [MINI_BASH], system=MINI_INSTANCE)
+    assert [c.name for c in _calls(messages)] == ["bash"] * 4
+    assert env.commands[1].startswith("python3 -c ")  # the edit, as a shell command
+    assert env.commands[-1] == f"echo {SUBMIT_WORD}"
+    assert await env.reward() == 1.0
+
+
+@pytest.mark.parametrize("solved", [True, False])
+async def test_text_mode_speaks_mini_swe_agents_format(tmp_path: Path, solved: bool) -> None:
+    """No tools: a THOUGHT and one block in the prompt's fence, observations read back from
+    user messages in mini-swe-agent's observation format; submit with its command."""
+    import re
+
+    backend = SimulatedBackend.fast(success_rate=0.5, seed=1)
+    task = _task_with(backend.policy, solved=solved)
+    env = ShellEnv(task, tmp_path)
+    messages = [
+        common_pb2.ChatMessage(role="system", content=MINI_SYSTEM),
+        common_pb2.ChatMessage(
+            role="user", content=MINI_INSTANCE.format(task=task.problem_statement)
+        ),
+    ]
+    for _ in range(10):
+        request = model_pb2.GenerateRequest(task_id=task.task_id, messages=messages)
+        response = await backend.generate(request)
+        message = response.message
+        assert not message.tool_calls and response.finish_reason == "stop"
+        assert message.content.startswith("THOUGHT: ")
+        actions = re.findall(MINI_ACTION, message.content, re.DOTALL)
+        assert len(actions) == 1
+        messages.append(message)
+        out, rc = await env.run(actions[0].strip())
+        if actions[0].strip() == f"echo {SUBMIT_WORD}":
+            break
+        observation = f"<returncode>{rc}</returncode>\n<output>\n{out}</output>"
+        messages.append(common_pb2.ChatMessage(role="user", content=observation))
+    else:
+        raise AssertionError("never submitted")
+    assert len(env.commands) == 4 and "unittest" in env.commands[2]
+    assert await env.reward() == (1.0 if solved else 0.0)
+
+
+def test_tool_choice_is_honoured() -> None:
+    policy = SimulatedPolicy(1.0)
+    task = generate_task(0, 0)
+    messages = [common_pb2.ChatMessage(role="user", content=task.problem_statement)]
+    builtin = tools.tool_specs()
+    # none: no tool call, even with tools offered
+    reply = policy.next_message(task.task_id, messages, builtin, "none")
+    assert not reply.tool_calls and "```bash\ncat " in reply.content
+    # auto / empty / required with the built-in tools: as before
+    for choice in ("", "auto", "required"):
+        reply = policy.next_message(task.task_id, messages, builtin, choice)
+        assert reply.tool_calls[0].name == tools.BASH
+    # a named function: only that one
+    reply = policy.next_message(task.task_id, messages, builtin, tools.SUBMIT)
+    assert reply.tool_calls[0].name == tools.SUBMIT
+    reply = policy.next_message(task.task_id, messages, [READ_FILE, QWEN_SHELL], "shell")
+    assert not reply.tool_calls  # not offered: nothing can be called
+    # required with a shell tool and nothing to submit with: the final words as a command
+    unknown = [common_pb2.ChatMessage(role="user", content="Make my website faster.")]
+    assert not policy.next_message("t", unknown, [QWEN_SHELL]).tool_calls
+    reply = policy.next_message("t", unknown, [QWEN_SHELL], "required")
+    command = json.loads(reply.tool_calls[0].arguments_json)["command"]
+    assert reply.tool_calls[0].name == QWEN_SHELL.name and command.startswith("echo ")
+
+
+def test_edit_failure_is_read_from_shell_output() -> None:
+    policy = SimulatedPolicy(1.0)
+    task = generate_task(0, 0)
+    path = reference_patch(task)[0]
+    messages = [common_pb2.ChatMessage(role="user", content=task.problem_statement)]
+    for step, output in enumerate([task.files[path].decode(), "error: old text occurs 0 times"]):
+        reply = policy.next_message(task.task_id, messages, [QWEN_SHELL])
+        messages.append(reply)
+        call = reply.tool_calls[0]
+        messages.append(common_pb2.ChatMessage(role="tool", tool_call_id=call.id, content=output))
+        assert call.id.endswith(f"_{step}")
+    reply = policy.next_message(task.task_id, messages, [QWEN_SHELL])
+    assert json.loads(reply.tool_calls[0].arguments_json)["command"] == f"cat {path}"

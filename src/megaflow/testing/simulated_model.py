@@ -13,6 +13,19 @@ way a small agent model would, reading real observations:
     3. bash the visible tests
     4. submit
 
+The actions are abstract (read, search, edit, test, submit); how they are said
+depends on the request, as a model follows its tools and instructions (`_Style`):
+with the built-in tools (``bash``, ``edit_file``, ``submit``) as above; with other
+tools, every action through the shell-like one (a function with a string ``command``
+or ``cmd``: qwen-code's ``run_shell_command``, codex's ``shell``), an edit as a
+``python3 -c`` command making the same replacement, submit through a submit-like
+tool, else the submit command the prompt names, else a final plain answer (which
+ends a CLI agent's session); with no tools and a prompt showing a fenced format
+(mini-swe-agent's), a ``THOUGHT:`` and exactly one fenced command, submit being the
+prompt's ``echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT``. ``tool_choice`` ``none``,
+``required`` and a named function are honoured. Observations are read back from
+tool results, or from the user messages after a fenced command (text mode).
+
 Whether a task is solved is a pure function of (seed, task_id, success_rate), so
 over many tasks the solved fraction approaches `success_rate`. Anything
 unexpected (an unreadable file, no buggy line, a failed edit) leads to a bounded
@@ -33,7 +46,7 @@ import re
 import shlex
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from megaflow.agent import tools
@@ -55,20 +68,142 @@ __all__ = [
     "simulated_encode",
 ]
 
-MAX_ACTIONS = 10  # past this many tool calls the policy always submits
+MAX_ACTIONS = 10  # past this many actions the policy always submits
 _PY_PATH = re.compile(r"^\.?/?([\w./-]+\.py):")
+
+# -- how a request lets the policy act (see `_style`) -----------------------------------
+_BUILTINS = frozenset({tools.BASH, tools.EDIT_FILE, tools.SUBMIT})
+_SHELL_PARAMS = ("command", "cmd")  # a function tool with one of these is shell-like
+_SUBMIT_TOOL = re.compile(r"^(submit|finish)", re.IGNORECASE)
+# A fenced block's language in the instructions: text mode answers in that fence.
+_FENCE = re.compile(r"```([A-Za-z_][\w-]*)[ \t]*\n")
+_BLOCK = re.compile(r"```[\w-]*[ \t]*\n(.*?)\n```", re.DOTALL)
+# The submit command the instructions name, e.g. mini-swe-agent's
+# `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT` (v1: `echo MINI_SWE_AGENT_FINAL_OUTPUT`).
+_SUBMIT_COMMAND = re.compile(r"`(echo\s+[A-Z][A-Z0-9_]*(?:SUBMIT|FINAL_OUTPUT)[A-Z0-9_]*)`")
+_IS_SUBMIT_COMMAND = re.compile(r"^echo\s+[A-Z][A-Z0-9_]*(?:SUBMIT|FINAL_OUTPUT)[A-Z0-9_]*$")
+# A failed command, as the built-in agent, mini-swe-agent and unittest report it.
+_FAILED = re.compile(r"\[exit code [1-9]|<returncode>\s*-?[1-9]|FAILED \(|exit code:\s*[1-9]", re.I)
+# `edit_file` as one shell command: exactly one occurrence of old -> new (python3 is in
+# every sandbox); path, old and new are its arguments, so nothing needs escaping twice.
+EDIT_SCRIPT = (
+    "import sys, pathlib; p, old, new = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]; "
+    "t = p.read_text(); n = t.count(old); "
+    'sys.exit(f"error: old text occurs {n} times in {p}") if n != 1 else None; '
+    'p.write_text(t.replace(old, new, 1)); print(f"edited {p}")'
+)
 
 
 def _digest(*parts: str) -> bytes:
     return hashlib.sha256("\x00".join(parts).encode()).digest()
 
 
+def edit_command(path: str, old: str, new: str) -> str:
+    """The shell command that does what `edit_file(path, old, new)` does."""
+    return shlex.join(["python3", "-c", EDIT_SCRIPT, path, old, new])
+
+
 @dataclass(frozen=True)
 class _Action:
     kind: str  # read | search | edit | test | submit | other
-    call: common_pb2.ToolCall
-    arguments: dict[str, Any]
+    arguments: dict[str, Any]  # {"command": ...}, or edit_file's {"path", "old", "new"}
     observation: str | None
+
+
+@dataclass(frozen=True)
+class _Style:
+    """How the policy expresses its actions for one request.
+
+    builtin  the built-in tools (`bash`, `edit_file`, `submit`): every tool is offered,
+             or no tool is and the prompt asks for no text format (as before tools mattered)
+    shell    every action through one shell-like tool; submit through a submit-like
+             tool, else the submit command the prompt names, else a final plain answer
+    text     no tools: a THOUGHT and exactly one fenced block (mini-swe-agent's format),
+             in the fence language the prompt shows; submit = the prompt's submit command
+    """
+
+    mode: str
+    shell: str = ""  # the shell-like tool
+    param: str = "command"  # its command parameter
+    array: bool = False  # the parameter is argv (codex's `shell`): ["bash", "-lc", cmd]
+    defaults: tuple[tuple[str, Any], ...] = ()  # its other required parameters
+    submit_tool: str = ""
+    submit_defaults: tuple[tuple[str, Any], ...] = ()
+    submit_command: str = ""
+    fence: str = "bash"
+    must_call: bool = False  # tool_choice "required" (or a named function)
+
+
+def _schema(spec: common_pb2.ToolSpec) -> dict[str, Any]:
+    try:
+        schema = json.loads(spec.parameters_json_schema or "{}")
+    except ValueError:
+        return {}
+    return schema if isinstance(schema, dict) else {}
+
+
+_FILLER: dict[str, Any] = {"boolean": False, "integer": 0, "number": 0, "array": [], "object": {}}
+
+
+def _defaults(schema: dict[str, Any], skip: str = "") -> tuple[tuple[str, Any], ...]:
+    """A plain value for each required parameter but `skip` (false, 0, "", [], {})."""
+    properties = schema.get("properties") or {}
+    required = [r for r in schema.get("required") or [] if isinstance(r, str) and r != skip]
+    kinds = {r: (properties.get(r) or {}).get("type", "string") for r in required}
+    return tuple((r, _FILLER.get(str(kinds[r]), "")) for r in required)
+
+
+def _style(
+    messages: Sequence[common_pb2.ChatMessage],
+    offered: Sequence[common_pb2.ToolSpec],
+    tool_choice: str,
+) -> _Style:
+    """Read the request the way a model does: which tools, which choice, what format."""
+    instructions = []
+    for message in messages:
+        if message.role == "assistant":
+            break
+        if message.role in ("system", "user", "developer"):
+            instructions.append(message.content)
+    prompt = "\n".join(instructions)
+    found = _SUBMIT_COMMAND.search(prompt)
+    submit_command = found.group(1) if found else ""
+    fence = _FENCE.search(prompt)
+    must_call = tool_choice == "required"
+    if not offered and fence is None and tool_choice in ("", "auto"):
+        return _Style("builtin")  # a bare request: the built-in tools, as always
+    if tool_choice == "none":
+        offered = []
+    elif tool_choice not in ("", "auto", "required"):  # one named function
+        offered = [t for t in offered if t.name == tool_choice]
+        must_call = True
+    names = {t.name for t in offered}
+    if _BUILTINS <= names:
+        return _Style("builtin")
+    if not offered:
+        return _Style("text", submit_command=submit_command, fence=_fence(fence))
+    style = _Style("shell", submit_command=submit_command, must_call=must_call)
+    for spec in offered:
+        schema = _schema(spec)
+        properties = schema.get("properties") or {}
+        if not style.submit_tool and _SUBMIT_TOOL.match(spec.name):
+            style = replace(style, submit_tool=spec.name, submit_defaults=_defaults(schema))
+            continue
+        for param in _SHELL_PARAMS:
+            kind = (properties.get(param) or {}).get("type") if param in properties else None
+            if not style.shell and kind in ("string", "array"):
+                style = replace(
+                    style,
+                    shell=spec.name,
+                    param=param,
+                    array=kind == "array",
+                    defaults=_defaults(schema, skip=param),
+                )
+    return style
+
+
+def _fence(match: re.Match[str] | None) -> str:
+    return match.group(1) if match else "bash"
 
 
 class SimulatedPolicy:
@@ -90,13 +225,24 @@ class SimulatedPolicy:
         return self.draw(task_id) < self.success_rate
 
     def next_message(
-        self, task_id: str, messages: Sequence[common_pb2.ChatMessage]
+        self,
+        task_id: str,
+        messages: Sequence[common_pb2.ChatMessage],
+        tools: Sequence[common_pb2.ToolSpec] = (),
+        tool_choice: str = "",
     ) -> common_pb2.ChatMessage:
-        """The assistant's next message: some words and exactly one tool call."""
+        """The assistant's next message: some words and one action, expressed with the
+        tools the request offers and its `tool_choice` (see `_Style`)."""
         history = _history(messages)
-        turn = _Turn(task_id, len(history))
-        statement = next((m.content for m in messages if m.role == "user"), "")
-        parsed = parse_problem_statement(statement)
+        turn = _Turn(task_id, len(history), _style(messages, tools, tool_choice))
+        parsed = next(
+            (
+                statement
+                for m in messages
+                if m.role == "user" and (statement := parse_problem_statement(m.content))
+            ),
+            None,
+        )
         if parsed is None:
             return turn.submit("I can't tell which file to fix, so I'll submit.")
         if turn.step >= MAX_ACTIONS:
@@ -114,15 +260,16 @@ class SimulatedPolicy:
                 return turn.read(found)
             return turn.submit(f"I couldn't find `{function}`; submitting.")
         if last.kind == "edit":
-            failed = (last.observation or "").lower().startswith("error")
+            observation = last.observation or ""
+            failed = (
+                observation.lower().lstrip().startswith("error") or "edited " not in observation
+            )
             if failed and reads < 2:
                 target = str(last.arguments.get("path", path))
                 return turn.read(target, "The edit didn't apply. Let me re-read the file.")
-            return turn.say(
-                "Now let me run the visible tests.", tools.BASH, {"command": VISIBLE_TEST_COMMAND}
-            )
+            return turn.run("Now let me run the visible tests.", VISIBLE_TEST_COMMAND)
         if last.kind == "test":
-            if "[exit code" in (last.observation or ""):
+            if _FAILED.search(last.observation or ""):
                 return turn.submit("Some tests still fail, but this is my best fix; submitting.")
             return turn.submit("The tests pass. Submitting.")
         return turn.submit("Submitting what I have.")
@@ -139,24 +286,23 @@ class SimulatedPolicy:
                 f"The bug is in `{function}`: `{site.old.strip()}` is wrong. "
                 f"I'll change it to `{new.strip()}`."
             )
-            args = {"path": _cat_path(last) or path, "old": site.old, "new": new}
-            return turn.say(text, tools.EDIT_FILE, args)
+            return turn.edit(text, _cat_path(last) or path, site.old, new)
         searched = any(a.kind == "search" for a in history)
         if f"def {function}(" not in observation and not searched:
             command = f"grep -rn --include='*.py' {shlex.quote(f'def {function}(')} ."
-            text = f"`{function}` isn't where I expected; let me search for it."
-            return turn.say(text, tools.BASH, {"command": command})
+            return turn.run(f"`{function}` isn't where I expected; let me search for it.", command)
         return turn.submit("I can't find the faulty line; submitting as is.")
 
 
 @dataclass(frozen=True)
 class _Turn:
-    """Builds the assistant message of one step."""
+    """Builds the assistant message of one step, in the request's `_Style`."""
 
     task_id: str
     step: int
+    style: _Style = _Style("builtin")
 
-    def say(
+    def call(
         self, text: str, tool: str, arguments: dict[str, Any] | None = None
     ) -> common_pb2.ChatMessage:
         call = common_pb2.ToolCall(
@@ -166,47 +312,106 @@ class _Turn:
         )
         return common_pb2.ChatMessage(role="assistant", content=text, tool_calls=[call])
 
+    def run(self, text: str, command: str) -> common_pb2.ChatMessage:
+        """One shell command: the `bash` tool, the shell-like tool, or a fenced block."""
+        style = self.style
+        if style.mode == "builtin":
+            return self.call(text, tools.BASH, {"command": command})
+        if style.mode == "text":
+            content = f"THOUGHT: {text}\n\n```{style.fence}\n{command}\n```"
+            return common_pb2.ChatMessage(role="assistant", content=content)
+        if not style.shell:  # nothing to run it with
+            return self.submit(text)
+        value: Any = ["bash", "-lc", command] if style.array else command
+        return self.call(text, style.shell, {**dict(style.defaults), style.param: value})
+
     def read(self, path: str, text: str = "") -> common_pb2.ChatMessage:
-        command = f"cat {shlex.quote(path)}"
-        return self.say(text or f"Let me look at `{path}`.", tools.BASH, {"command": command})
+        return self.run(text or f"Let me look at `{path}`.", f"cat {shlex.quote(path)}")
+
+    def edit(self, text: str, path: str, old: str, new: str) -> common_pb2.ChatMessage:
+        if self.style.mode == "builtin":
+            return self.call(text, tools.EDIT_FILE, {"path": path, "old": old, "new": new})
+        return self.run(text, edit_command(path, old, new))
 
     def submit(self, text: str) -> common_pb2.ChatMessage:
-        return self.say(text, tools.SUBMIT)
+        style = self.style
+        if style.mode == "builtin":
+            return self.call(text, tools.SUBMIT)
+        if style.submit_tool:
+            return self.call(text, style.submit_tool, dict(style.submit_defaults))
+        if style.submit_command and (style.shell or style.mode == "text"):
+            return self.run(text, style.submit_command)
+        if style.must_call and style.shell:  # a tool call is required: say it with one
+            return self.run(text, f"echo {shlex.quote(text)}")
+        return common_pb2.ChatMessage(role="assistant", content=text)  # the final answer
 
 
 def _history(messages: Sequence[common_pb2.ChatMessage]) -> list[_Action]:
-    """Every tool call so far with its observation, oldest first."""
+    """Every action so far with its observation, oldest first: tool calls with their
+    tool results, and fenced commands (text mode) with the user messages that follow."""
     results = {m.tool_call_id: m.content for m in messages if m.role == "tool"}
     history: list[_Action] = []
-    for message in messages:
+    for i, message in enumerate(messages):
         if message.role != "assistant":
             continue
         for call in message.tool_calls:
-            try:
-                arguments = json.loads(call.arguments_json or "{}")
-            except ValueError:
-                arguments = {}
-            if not isinstance(arguments, dict):
-                arguments = {}
-            history.append(
-                _Action(_kind(call.name, arguments), call, arguments, results.get(call.id))
-            )
+            history.append(_call_action(call, results.get(call.id)))
+        if message.tool_calls:
+            continue
+        block = _BLOCK.search(message.content)
+        if block is None:
+            continue
+        replies = []
+        for later in messages[i + 1 :]:
+            if later.role == "assistant":
+                break
+            if later.role in ("user", "tool"):
+                replies.append(later.content)
+        kind, arguments = _classify(block.group(1))
+        history.append(_Action(kind, arguments, "\n".join(replies) if replies else None))
     return history
 
 
-def _kind(name: str, arguments: dict[str, Any]) -> str:
-    if name == tools.EDIT_FILE:
-        return "edit"
-    if name == tools.SUBMIT:
-        return "submit"
-    command = str(arguments.get("command", "")) if name == tools.BASH else ""
+def _call_action(call: common_pb2.ToolCall, observation: str | None) -> _Action:
+    try:
+        arguments = json.loads(call.arguments_json or "{}")
+    except ValueError:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        arguments = {}
+    if call.name == tools.EDIT_FILE:
+        return _Action("edit", arguments, observation)
+    if call.name == tools.SUBMIT or _SUBMIT_TOOL.match(call.name):
+        return _Action("submit", arguments, observation)
+    command = next((arguments[p] for p in _SHELL_PARAMS if p in arguments), None)
+    if isinstance(command, list) and command and all(isinstance(w, str) for w in command):
+        command = command[-1] if command[:1] in (["bash"], ["sh"]) else shlex.join(command)
+    if not isinstance(command, str):
+        return _Action("other", arguments, observation)
+    kind, parsed = _classify(command)
+    return _Action(kind, parsed, observation)
+
+
+def _classify(command: str) -> tuple[str, dict[str, Any]]:
+    """What a shell command does, in the policy's terms, and its arguments."""
+    command = command.strip()
+    if command.startswith("python3 -c "):
+        try:
+            words = split_words(command)
+        except ValueError:
+            words = []
+        if len(words) == 6 and words[2] == EDIT_SCRIPT:
+            return "edit", {"path": words[3], "old": words[4], "new": words[5]}
+    if _IS_SUBMIT_COMMAND.match(command):
+        return "submit", {"command": command}
+    arguments = {"command": command}
     if command.startswith("cat "):
-        return "read"
+        return "read", arguments
     if command.startswith("grep "):
-        return "search"
+        return "search", arguments
     if "unittest" in command:
-        return "test"
-    return "other"
+        return "test", arguments
+    return "other", arguments
 
 
 def _cat_path(action: _Action) -> str | None:
@@ -293,7 +498,9 @@ class SimulatedBackend:
             raise InvalidRequestError("generate needs at least one message")
         task_id = request.task_id or _anonymous_task_id(request.messages)
         try:
-            message = self.policy.next_message(task_id, request.messages)
+            message = self.policy.next_message(
+                task_id, request.messages, request.tools, request.tool_choice
+            )
         except Exception as error:  # a policy bug must not pass for a task failure
             raise ModelUnavailableError(f"simulated policy failed: {error}") from error
         prompt_ids = simulated_encode("".join(_message_text(m) for m in request.messages))
@@ -308,7 +515,7 @@ class SimulatedBackend:
             model_version=self.version,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            finish_reason="tool_calls",
+            finish_reason="tool_calls" if message.tool_calls else "stop",
             queue_s=queue_s,
             latency_s=queue_s + service_s,
             prompt_token_ids=prompt_ids,

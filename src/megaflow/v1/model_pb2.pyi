@@ -29,6 +29,7 @@ class GenerateRequest(_message.Message):
     TOOLS_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """ties the call to a task's trajectory"""
@@ -36,6 +37,10 @@ class GenerateRequest(_message.Message):
     """empty = the service's default model"""
     max_tokens: _builtins.int
     temperature: _builtins.float
+    tool_choice: _builtins.str
+    """OpenAI's `tool_choice`: "" or "auto" (the model decides), "none" (no tool call),
+    "required" (at least one tool call), or the name of the one function to call.
+    """
     client_id: _builtins.str
     """Routing and admission (16+): the rate-limit key; empty = the task id's prefix
     before its first '/' or ':' (or "default" without a task id).
@@ -53,11 +58,12 @@ class GenerateRequest(_message.Message):
         tools: _abc.Iterable[_common_pb2.ToolSpec] | None = ...,
         max_tokens: _builtins.int = ...,
         temperature: _builtins.float = ...,
+        tool_choice: _builtins.str = ...,
         client_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "task_id", b"task_id", "temperature", b"temperature", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "task_id", b"task_id", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
