@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"agent"},
     {"scheduler"},
     {"tasks"},  # task sources and generators
-    {"deploy"},  # composition: processes, the embedded system
+    {"deploy", "integrations"},  # composition: processes, the embedded system, other harnesses
     {"api"},  # megaflow/__init__.py and megaflow/_*.py, the public Python API
     {"cli"},
     {"testing"},  # fixtures

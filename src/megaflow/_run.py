@@ -104,7 +104,9 @@ async def arun(
 
     - `model`: "simulated" (the in-package policy, `success_rate`, `seed`,
       `time_scale`), "openai:http://HOST:PORT[#model]", "transformers:/path", or a
-      `ModelBackend`.
+      `ModelBackend`. An OpenAI-compatible server is checked first (GET /v1/models):
+      unreachable, a missing or rejected key, or a model it does not serve raises
+      `InvalidRequestError` naming the cause, before any task starts.
     - `scaffold`: a scaffold name, or {"type": name, **config}, given to every task
       that names none.
     - `concurrency`: hard cap on tasks (and sandboxes) in flight.
@@ -147,6 +149,10 @@ async def arun(
         if isinstance(model, str)
         else model
     )
+    from megaflow.model.openai import OpenAIBackend
+
+    if isinstance(backend, OpenAIBackend):  # before any task: URL, key and model are right
+        await backend.preflight()
     env_config = EnvServiceConfig(max_environments=concurrency)
     if sandbox_dir is not None:
         env_config = EnvServiceConfig(root_dir=Path(sandbox_dir), max_environments=concurrency)

@@ -17,6 +17,7 @@ COMMANDS = [
     ["serve", "model"],
     ["serve", "agent"],
     ["serve", "env"],
+    ["serve", "openenv"],
     ["env", "gc"],
 ]
 

@@ -27,12 +27,14 @@ from megaflow.model.openai import (
     list_upstream_models,
     normalise_base_url,
 )
+from megaflow.model.resilience import RetryPolicy
 from megaflow.testing.llm_katan import LlmKatanError, LlmKatanServer, free_port
 from megaflow.v1 import common_pb2, model_pb2
 
 pytestmark = pytest.mark.integration
 
 MakeBackend = Callable[..., OpenAIBackend]
+NO_RETRY = RetryPolicy(max_retries=0)  # one attempt: these tests look at one failure
 
 
 def _assert_gone(pid: int) -> None:
@@ -228,7 +230,7 @@ async def test_100_concurrent_generates(
 async def test_deadline_raises_model_unavailable_quickly(
     slow_katan: LlmKatanServer, make_backend: MakeBackend
 ) -> None:
-    backend = _katan_backend(make_backend, slow_katan, request_timeout_s=0.3)
+    backend = _katan_backend(make_backend, slow_katan, request_timeout_s=0.3, retry=NO_RETRY)
     t0 = time.monotonic()
     with pytest.raises(ModelUnavailableError, match=r"timed out after 0\.3s") as info:
         await backend.generate(_chat())
@@ -241,7 +243,7 @@ async def test_deadline_raises_model_unavailable_quickly(
 async def test_injected_500s_are_model_unavailable(
     failing_katan: LlmKatanServer, make_backend: MakeBackend
 ) -> None:
-    backend = _katan_backend(make_backend, failing_katan)
+    backend = _katan_backend(make_backend, failing_katan, retry=NO_RETRY)
     for _ in range(3):
         with pytest.raises(ModelUnavailableError, match="HTTP 500: internal server error"):
             await backend.generate(_chat())
@@ -271,7 +273,7 @@ async def test_closed_backend_refuses(katan: LlmKatanServer, make_backend: MakeB
 
 async def test_connection_refused_is_model_unavailable(make_backend: MakeBackend) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    backend = make_backend(base_url=url, model="m", request_timeout_s=5)
+    backend = make_backend(base_url=url, model="m", request_timeout_s=5, retry=NO_RETRY)
     t0 = time.monotonic()
     with pytest.raises(ModelUnavailableError) as info:
         await backend.generate(_chat())
@@ -439,7 +441,9 @@ async def test_upstream_failures_are_mapped(
     pattern: str,
 ) -> None:
     base, _ = fake_upstream
-    backend = make_backend(base_url=f"{base}/{mode}", model="m", request_timeout_s=5)
+    backend = make_backend(
+        base_url=f"{base}/{mode}", model="m", request_timeout_s=5, retry=NO_RETRY
+    )
     with pytest.raises(error, match=pattern) as info:
         await backend.generate(_chat())
     assert f"{base}/{mode}/v1/chat/completions" in str(info.value)
@@ -472,7 +476,7 @@ async def test_deadline_against_a_sleeping_server(make_backend: MakeBackend) -> 
     port = server.sockets[0].getsockname()[1]
     try:
         backend = make_backend(
-            base_url=f"http://127.0.0.1:{port}", model="m", request_timeout_s=0.2
+            base_url=f"http://127.0.0.1:{port}", model="m", request_timeout_s=0.2, retry=NO_RETRY
         )
         t0 = time.monotonic()
         with pytest.raises(ModelUnavailableError, match="timed out"):

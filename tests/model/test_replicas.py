@@ -26,6 +26,7 @@ from megaflow.model.latency import GpuLatencyModel, LatencyConfig
 from megaflow.model.openai import OpenAIBackend, OpenAIBackendConfig
 from megaflow.model.ratelimit import RateLimitConfig, RateLimiter
 from megaflow.model.replicas import HealthConfig
+from megaflow.model.resilience import RetryPolicy
 from megaflow.model.service import ModelServiceConfig, ModelServiceImpl, client_key
 from megaflow.testing.llm_katan import LlmKatanServer, free_port
 from megaflow.testing.simulated_model import SimulatedBackend
@@ -117,7 +118,11 @@ async def test_when_every_replica_fails_the_error_goes_back_to_the_caller(
 ) -> None:
     def dead() -> OpenAIBackend:
         url = f"http://127.0.0.1:{free_port()}"
-        return OpenAIBackend(OpenAIBackendConfig(base_url=url, model="m", name="m"))
+        # no in-place retries: the replica-level failover alone is under test
+        config = OpenAIBackendConfig(
+            base_url=url, model="m", name="m", retry=RetryPolicy(max_retries=0)
+        )
+        return OpenAIBackend(config)
 
     once = ModelServiceImpl([dead()], config=ModelServiceConfig(retry_backoff_s=0.01))
     closing.append(once)

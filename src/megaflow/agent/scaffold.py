@@ -16,6 +16,7 @@ A scaffold is a class with a pydantic ``Config`` and an ``async run(session)``::
 
 A task names its scaffold in ``TaskSpec.scaffold`` (``type`` and ``config_json``); the
 name resolves through `SCAFFOLDS`: MegaFlow's built-ins (``tool-agent``, the default;
+``command`` and its preset ``qwen-code``, CLI agents run inside the sandbox;
 ``mini-swe-agent``, `megaflow.agent.mini_swe_agent`),
 the entry points of group ``megaflow.scaffolds`` of any installed package, or a dotted
 path ``package.module:Class``. One instance runs one task (it may keep state).
@@ -60,8 +61,22 @@ def _tool_agent() -> type:
     return ToolAgentScaffold
 
 
+def _command() -> type:
+    from megaflow.agent.command_scaffold import CommandScaffold
+
+    return CommandScaffold
+
+
+def _qwen_code() -> type:
+    from megaflow.agent.command_scaffold import QwenCodeScaffold
+
+    return QwenCodeScaffold
+
+
 SCAFFOLDS: Registry[type] = Registry("megaflow.scaffolds", "scaffold", check=_is_scaffold_class)
 SCAFFOLDS.add(DEFAULT_SCAFFOLD, _tool_agent)
+SCAFFOLDS.add("command", _command)  # a CLI agent run inside the sandbox
+SCAFFOLDS.add("qwen-code", _qwen_code)
 # mini-swe-agent (the optional extra `mini-swe-agent`): imported only when a task names it.
 SCAFFOLDS.add(
     "mini-swe-agent",

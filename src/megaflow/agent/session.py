@@ -134,6 +134,7 @@ class TaskSession:
         self.resume = resume
         self.env_id = ""
         self.workdir = ""
+        self.host_socket_dir = ""  # see CreateEnvironmentResponse.host_socket_dir
         self.submitted = False
         self._writer = checkpoints if checkpoint_every > 0 else None
         self._every = checkpoint_every
@@ -211,6 +212,13 @@ class TaskSession:
         self.trajectory.messages.append(response.message)
         request.messages.append(response.message)
         return turn.response
+
+    def start_conversation(self) -> None:
+        """The next `generate` starts a new conversation: the model sees only the messages
+        it is given (for scaffolds that keep their own history and may rewrite it, e.g. a
+        CLI agent that compacts its context or makes a side call). The trajectory keeps
+        every message in the order it was sent."""
+        del self._request.messages[:]
 
     def observe(self, message: common_pb2.ChatMessage) -> None:
         """Note a tool result (or any observation) the scaffold made of the current turn."""
@@ -518,6 +526,7 @@ class TaskSession:
             await _to_the_end(self._release_owned())
             raise
         self.workdir = created.workdir
+        self.host_socket_dir = created.host_socket_dir
         return created.env_id
 
     async def _release(self, env_id: str) -> None:

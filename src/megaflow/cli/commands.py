@@ -232,7 +232,8 @@ async def run_command(
                 collect=False,
                 append=bool(kept),
             )
-            summary.model_utilisation = backend.stats().utilisation
+            if backend.kind == "simulated":  # an upstream's utilisation is not known
+                summary.model_utilisation = backend.stats().utilisation
         summary.records[:0] = kept
         summary.total += len(kept)
         return summary

@@ -149,7 +149,20 @@ def run(
     --tasks-from PATH runs a task set instead (JSONL, Parquet, a `datasets` directory or
     Harbor task directories): bad rows are listed with row and field, the good ones run.
 
+    With --model openai:URL[#model] the server is checked first (GET /v1/models, 3 s):
+    unreachable, no or wrong key (OPENAI_API_KEY), or a model it does not serve is one
+    error and exit status 2, before any task starts. Exit status 1 when any task ends
+    without a result (infrastructure failure, invalid, cancelled).
+
     --env docker --image NAME runs each task in a Docker container (--runtime runsc: gVisor)."""
+    if not scheduler:  # our model: check its server before the heavy imports, and any task
+        from megaflow.cli.preflight import check_model_spec
+
+        try:
+            check_model_spec(model)
+        except InvalidRequestError as exc:
+            console.print(f"[red]error[/]: {exc}")
+            raise typer.Exit(2) from None
     from megaflow.cli.commands import resolve_placement, run_command
 
     try:
@@ -213,7 +226,9 @@ def run(
 
         tasks_output.print_row_errors(console, loaded.errors)
         raise typer.Exit(1)
-    raise typer.Exit(0 if summary.finished == summary.total else 1)
+    # A task without a result (infra, invalid, cancelled, never finished) fails the run.
+    complete = summary.finished == summary.total and not summary.unscored
+    raise typer.Exit(0 if complete else 1)
 
 
 def _load_task_set(path: Path, settings: str | None) -> LoadedTasks:
@@ -434,6 +449,42 @@ def serve_env(
             insecure_registry or (),
         )
     )
+
+
+@serve_app.command("openenv")
+def serve_openenv(
+    listen: Listen = "127.0.0.1:8000",
+    env_address: Annotated[
+        str | None,
+        typer.Option(
+            "--env",
+            help="A running Environment Service (host:port); default: local sandboxes "
+            "in this process.",
+        ),
+    ] = None,
+    image: Annotated[str, typer.Option(help="Image of a session whose reset names none.")] = (
+        "host"
+    ),
+    max_sessions: Annotated[int, typer.Option(min=1, help="WebSocket sessions at once.")] = 256,
+    idle_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds without a message before a session ends.")
+    ] = 600.0,
+    capacity: Annotated[
+        int, typer.Option(min=1, help="Live sandboxes at most (embedded sandboxes).")
+    ] = 512,
+    sandbox_dir: Annotated[
+        Path, typer.Option(help="Where sandboxes live (embedded sandboxes).")
+    ] = DEFAULT_SANDBOX_DIR,
+    log_level: LogLevel = "info",
+) -> None:
+    """An OpenEnv-compatible environment server (HTTP and per-session WebSocket /ws):
+    each session is one MegaFlow sandbox (see docs/openenv.md)."""
+    from megaflow.integrations.openenv import OpenEnvConfig, serve
+
+    _logging(log_level)
+    config = OpenEnvConfig(image=image, max_sessions=max_sessions, idle_timeout_s=idle_timeout)
+    env_config = EnvServiceConfig(root_dir=sandbox_dir, max_environments=capacity)
+    asyncio.run(serve(listen, config, env_address=env_address, env_config=env_config))
 
 
 @env_app.command("gc")

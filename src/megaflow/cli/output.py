@@ -6,6 +6,7 @@ from pathlib import Path
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -55,17 +56,27 @@ class RunProgress:
         self._progress.stop()
 
 
+OUTCOME_LABELS = {
+    "succeeded": "succeeded (scored)",
+    "task": "failed: task (scored)",
+    "infra": "failed: infrastructure (no result)",
+    "invalid": "failed: invalid (no result)",
+    "cancelled": "cancelled (no result)",
+}
+
+
 def print_summary(console: Console, summary: RunSummary, out: Path | None) -> None:
+    """The run's table (every outcome class with its count), then its commonest errors."""
     table = Table(title=f"MegaFlow run {summary.run_id}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     mean = summary.mean_reward
-    rows = [
-        ("tasks", str(summary.total)),
-        ("finished", str(summary.finished)),
-        ("succeeded (scored)", str(summary.count("succeeded"))),
-        ("failed: task", str(summary.count("failed", "task"))),
-        ("failed: infrastructure (no reward)", str(summary.count("failed", "infra"))),
+    rows = [("tasks", str(summary.total)), ("finished", str(summary.finished))]
+    for name, count in summary.outcomes().items():
+        label = OUTCOME_LABELS.get(name, f"{name} (no result)")
+        style = "red" if count and name not in ("succeeded", "task") else ""
+        rows.append((label, f"[{style}]{count}[/]" if style else str(count)))
+    rows += [
         ("infrastructure retries", str(summary.retries)),
         ("mean reward", "n/a" if mean is None else f"{mean:.3f}"),
         ("wall time", f"{summary.wall_s:.1f} s"),
@@ -75,9 +86,23 @@ def print_summary(console: Console, summary: RunSummary, out: Path | None) -> No
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    errors = summary.top_errors(5)
+    if errors:
+        top = Table(title="commonest errors")
+        top.add_column("tasks", justify="right")
+        top.add_column("error", overflow="fold")
+        for message, count in errors:
+            top.add_row(str(count), escape(message))
+        console.print(top)
     if out is not None:
         console.print(
             f"results: {out / 'results.jsonl'}\ntrajectories: {out / 'trajectories.jsonl'}"
+        )
+    missing = summary.total - summary.finished
+    if summary.unscored or missing:
+        console.print(
+            f"[red]{summary.unscored + missing} of {summary.total} tasks ended without a "
+            "result[/]: infrastructure, invalid or cancelled (see the errors above)"
         )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,26 @@ def trajectory_record(trajectory: common_pb2.Trajectory) -> dict[str, Any]:
     return MessageToDict(trajectory, preserving_proto_field_name=True)
 
 
+OUTCOMES = ("succeeded", "task", "infra", "invalid", "cancelled")
+"""The outcome classes of a finished task, in the order a summary lists them."""
+_ERROR_CHARS = 200
+
+
+def outcome(record: dict[str, Any]) -> str:
+    """The outcome class of one results.jsonl record (see `OUTCOMES`)."""
+    if record["status"] == "succeeded":
+        return "succeeded"
+    if record["status"] == "failed" and record["error_kind"] in OUTCOMES:
+        return str(record["error_kind"])
+    return f"{record['status']}/{record['error_kind']}"
+
+
+def _error_line(record: dict[str, Any]) -> str:
+    """The error of a record as one short line (for grouping and counting)."""
+    text = " ".join(str(record.get("error") or "").split())
+    return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 3] + "..."
+
+
 @dataclass(frozen=True)
 class FinishedTask:
     """One task's terminal outcome, as the scheduler reported it."""
@@ -123,6 +144,27 @@ class RunSummary:
             for r in self.records
             if r["status"] == status and (error_kind is None or r["error_kind"] == error_kind)
         )
+
+    def outcomes(self) -> dict[str, int]:
+        """Finished tasks per outcome class, every class listed (zeros too): succeeded
+        (scored), task (failed, scored), infra / invalid / cancelled (no result), and
+        any other state the scheduler reported."""
+        counts = dict.fromkeys(OUTCOMES, 0)
+        for record in self.records:
+            name = outcome(record)
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    @property
+    def unscored(self) -> int:
+        """Finished tasks without a result (no reward): infra, invalid, cancelled..."""
+        return sum(1 for r in self.records if r["reward"] is None)
+
+    def top_errors(self, n: int = 5) -> list[tuple[str, int]]:
+        """The `n` commonest error messages of the tasks that failed, with counts."""
+        counts = Counter(_error_line(r) for r in self.records if r["status"] != "succeeded")
+        counts.pop("", None)
+        return counts.most_common(n)
 
     @property
     def mean_reward(self) -> float | None:

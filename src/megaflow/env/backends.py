@@ -25,6 +25,7 @@ from megaflow.core.registry import parse_config
 from megaflow.env.config import EnvServiceConfig
 from megaflow.env.registry import SandboxBackend, SandboxSpec, backend_class
 from megaflow.env.sandbox import (
+    HostSocketSandbox,
     RecreatableSandbox,
     Sandbox,
     SnapshotSandbox,
@@ -152,6 +153,14 @@ class SandboxFactory:
 def workdir(sandbox: Sandbox) -> str:
     """The agent's working directory inside the sandbox."""
     return sandbox.workdir
+
+
+def host_socket_dir(sandbox: Sandbox) -> str:
+    """The host folder bound at /run/megaflow inside the sandbox; "" where the backend
+    does not declare ``host_sockets``."""
+    if not sandbox.capabilities.host_sockets:
+        return ""
+    return str(cast(HostSocketSandbox, sandbox).host_socket_dir)
 
 
 def _unsupported(sandbox: Sandbox, what: str) -> InvalidRequestError:

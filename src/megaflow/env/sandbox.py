@@ -38,6 +38,10 @@ class CommandResult:
     """Wall time from sending the command to its result."""
 
 
+SOCKET_DIR = "/run/megaflow"
+"""Where a sandbox with the ``host_sockets`` capability sees its host socket folder."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a sandbox backend can do beyond the core `Sandbox` protocol (declared by the
@@ -55,6 +59,10 @@ class Capabilities:
     """`RecreatableSandbox`: a persistent pool's reset replaces the whole sandbox (nothing
     of the previous tenant survives, outside the workdir included) instead of restarting
     the shell and restoring the workdir."""
+    host_sockets: bool = False
+    """`HostSocketSandbox`: a host folder is bound (read-only) at ``/run/megaflow`` inside,
+    where the agent can put unix sockets for the sandbox's programs to connect to (the
+    only way out of a sandbox without network, e.g. to a CLI agent's model endpoint)."""
 
 
 class Sandbox(Protocol):
@@ -120,6 +128,14 @@ class HostWorkspaceSandbox(Sandbox, Protocol):
 
     host_workspace: Path
     """The workdir's directory on the host (the sandbox sees it as `workdir`)."""
+
+
+class HostSocketSandbox(Sandbox, Protocol):
+    """A sandbox whose `capabilities` declare ``host_sockets``."""
+
+    host_socket_dir: Path
+    """The host folder the sandbox sees as ``/run/megaflow`` (read-only; a unix socket
+    made there can be connected to from inside)."""
 
 
 class RecreatableSandbox(Sandbox, Protocol):

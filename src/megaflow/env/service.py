@@ -207,7 +207,11 @@ class SandboxEnvironmentService:
             lease_s=lease_s,
             lease_expires=time.monotonic() + lease_s,
         )
-        return env_pb2.CreateEnvironmentResponse(env_id=env_id, workdir=backends.workdir(sandbox))
+        return env_pb2.CreateEnvironmentResponse(
+            env_id=env_id,
+            workdir=backends.workdir(sandbox),
+            host_socket_dir=backends.host_socket_dir(sandbox),
+        )
 
     async def execute_step(
         self, request: env_pb2.ExecuteStepRequest

@@ -20,6 +20,22 @@ Token fidelity: each request asks for `logprobs` (config `request_logprobs`) and
 `completion_token_ids` and `completion_logprobs` are filled from whatever the upstream
 returns (see `_completion_tokens`) and left empty otherwise.
 
+Retries (`OpenAIBackendConfig.retry`, a `RetryPolicy`): a retryable failure of a chat
+call (HTTP 429/500/502/503/504/408, a refused or reset connection, a timeout, a
+malformed answer) is retried with exponential backoff and full jitter, waiting at least
+what a `Retry-After` header asks (seconds or an HTTP date; a wait longer than
+`max_backoff_s` is not made: the error goes back at once). Retries never run past the
+call's deadline: `call_timeout_s`, and the deadline the Model Service sets around the
+call (`megaflow.model.resilience.call_scope`); each attempt's own timeout is cut to what
+is left. When the service says another healthy replica can take the call
+(`failover`), a failed attempt is raised at once so that replica gets the retry.
+Final errors (400, 401, 403, 404, 422...) are never retried. `retry_stats()` counts
+retries, retried calls, recovered calls and calls that gave up.
+
+`preflight()` / `check_upstream()`: GET /v1/models with a short timeout, before any
+task starts; every way that fails (unreachable, no or wrong key, unknown model) is one
+`InvalidRequestError` that names the cause.
+
 A request that runs past its deadline raises `ModelUnavailableError` (not
 `DeadlineExceededError`): the upstream is too slow or stuck, which is a backend
 failure that a retry (perhaps on another replica) can fix; `DeadlineExceededError`
@@ -36,6 +52,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import time
 from typing import Any
 
@@ -44,11 +61,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from megaflow.core.errors import InvalidRequestError, ModelUnavailableError
 from megaflow.model.openai_messages import message_to_openai, tool_call_from_openai, tool_to_openai
+from megaflow.model.resilience import RetryPolicy, backoff_delay, current_call, parse_retry_after
 from megaflow.v1 import common_pb2, model_pb2
 
 __all__ = [
     "OpenAIBackend",
     "OpenAIBackendConfig",
+    "check_upstream",
     "list_upstream_models",
     "normalise_base_url",
 ]
@@ -132,6 +151,18 @@ class OpenAIBackendConfig(BaseModel):
             "Turn off for an upstream that rejects the parameter."
         ),
     )
+    retry: RetryPolicy = Field(
+        default_factory=RetryPolicy,
+        description="Retries of a chat call's retryable failures (backoff with full jitter).",
+    )
+    call_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Budget of one chat call, retries and backoff included. None: bounded by the "
+            "caller's deadline (the Model Service's) and by the retry policy only."
+        ),
+    )
     request_token_ids: bool = Field(
         default=False,
         description=(
@@ -187,7 +218,7 @@ def _raise_for_status(url: str, status: int, body: bytes) -> None:
     raise ModelUnavailableError(f"{url} answered HTTP {status}: {message}")
 
 
-async def _request_json(
+async def _exchange(
     session: aiohttp.ClientSession,
     method: str,
     url: str,
@@ -195,8 +226,9 @@ async def _request_json(
     timeout_s: float,
     headers: dict[str, str],
     body: bytes | None = None,
-) -> Any:
-    """One HTTP exchange with a hard deadline; the parsed JSON answer, or a MegaFlow error."""
+) -> tuple[int, bytes, str | None]:
+    """One HTTP exchange with a hard deadline: (status, body, Retry-After header), or
+    `ModelUnavailableError` when no answer came (refused, reset, DNS, timeout)."""
     try:
         # aiohttp's own total timeout covers pool wait, connect, send and reading the body;
         # the outer asyncio.timeout is a backstop in case any await slips past it.
@@ -210,6 +242,7 @@ async def _request_json(
             ) as resp:
                 status = resp.status
                 raw = await resp.read()
+                retry_after = resp.headers.get("Retry-After")
     except TimeoutError as exc:  # aiohttp's timeout errors subclass TimeoutError
         raise ModelUnavailableError(
             f"{method} {url} timed out after {timeout_s:g}s with no complete answer"
@@ -219,6 +252,11 @@ async def _request_json(
     except aiohttp.ClientError as exc:
         detail = str(exc) or type(exc).__name__
         raise ModelUnavailableError(f"{method} {url} failed: {detail}") from exc
+    return status, raw, retry_after
+
+
+def _decode(url: str, status: int, raw: bytes) -> Any:
+    """The parsed JSON of an answer, or the MegaFlow error its status means."""
     _raise_for_status(url, status, raw)
     try:
         return json.loads(raw)
@@ -226,6 +264,22 @@ async def _request_json(
         raise ModelUnavailableError(
             f"{url} answered HTTP {status} with malformed JSON: {_excerpt(raw)!r}"
         ) from exc
+
+
+async def _request_json(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    timeout_s: float,
+    headers: dict[str, str],
+    body: bytes | None = None,
+) -> Any:
+    """One HTTP exchange with a hard deadline; the parsed JSON answer, or a MegaFlow error."""
+    status, raw, _ = await _exchange(
+        session, method, url, timeout_s=timeout_s, headers=headers, body=body
+    )
+    return _decode(url, status, raw)
 
 
 def _model_ids(url: str, data: Any) -> list[str]:
@@ -251,6 +305,74 @@ async def list_upstream_models(
             session, "GET", url, timeout_s=timeout_s, headers=_auth_headers(key)
         )
     return _model_ids(url, data)
+
+
+async def check_upstream(
+    base_url: str,
+    model: str = "",
+    *,
+    api_key: str | None = None,
+    timeout_s: float = 3.0,
+    allow_unreachable: bool = False,
+) -> list[str]:
+    """Pre-flight check of an OpenAI-compatible server: it answers GET /v1/models within
+    `timeout_s`, accepts the key, and lists `model` (any model when `model` is empty).
+    Returns the listed model ids. Every failure is one `InvalidRequestError` that names
+    the cause (a configuration to fix, not a fault to retry). `api_key` None: the
+    OPENAI_API_KEY environment variable. `allow_unreachable`: a server that does not
+    answer (yet: still starting) is not an error; [] is returned."""
+    root = normalise_base_url(base_url)
+    url = root + "/models"
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    try:
+        async with aiohttp.ClientSession() as session:
+            status, raw, _ = await _exchange(
+                session, "GET", url, timeout_s=timeout_s, headers=_auth_headers(key)
+            )
+    except ModelUnavailableError as exc:
+        if allow_unreachable:
+            return []
+        cause = exc.__cause__
+        if isinstance(cause, aiohttp.ClientConnectorDNSError):
+            why = f"its host name does not resolve ({cause.os_error})"
+        elif isinstance(cause, aiohttp.ClientConnectorError):
+            why = f"nothing answers there ({cause.os_error}); is the URL or port wrong?"
+        elif isinstance(cause, TimeoutError):
+            why = f"no answer within {timeout_s:g}s"
+        else:
+            why = str(exc)
+        raise InvalidRequestError(f"model server {root} is unreachable: {why}") from None
+    message = _upstream_error_message(raw) if status >= 400 else ""
+    if status in (401, 403):
+        if not key:
+            raise InvalidRequestError(
+                f"model server {root} requires an API key (HTTP {status}: {message}) and "
+                f"none is set: export {API_KEY_ENV}"
+            )
+        raise InvalidRequestError(
+            f"model server {root} rejected the API key (HTTP {status}: {message}); "
+            f"check {API_KEY_ENV}"
+        )
+    if status == 404:
+        raise InvalidRequestError(
+            f"{url} does not exist (HTTP 404): is {root} an OpenAI-compatible API root?"
+        )
+    if status >= 400:
+        raise InvalidRequestError(
+            f"model server {root} answered GET /v1/models with HTTP {status}: {message}"
+        )
+    try:
+        ids = _model_ids(url, json.loads(raw))
+    except (ValueError, ModelUnavailableError):
+        raise InvalidRequestError(f"{url} did not answer a model list: {_excerpt(raw)!r}") from None
+    if model and model not in ids:
+        raise InvalidRequestError(
+            f"model server {root} does not serve model {model!r}; it serves: "
+            + (", ".join(repr(i) for i in ids) or "nothing")
+        )
+    if not ids:
+        raise InvalidRequestError(f"model server {root} lists no models")
+    return ids
 
 
 def _tool_calls_from_openai(url: str, raw: Any) -> list[common_pb2.ToolCall]:
@@ -332,6 +454,15 @@ class OpenAIBackend:
         self._in_flight = 0
         self._requests = 0
         self._failures = 0
+        self._rng = random.Random()
+        # The backoff's wait and the clock of the call's budget (tests replace both).
+        self._sleep = asyncio.sleep
+        self._clock = time.monotonic
+        self._retries = 0  # attempts after a call's first
+        self._retried_calls = 0  # calls that needed at least one retry
+        self._recovered = 0  # of those, the ones that succeeded
+        self._gave_up = 0  # calls whose retryable failure went back to the caller
+        self._handed_over = 0  # of those, handed to another replica at once (failover)
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(name={self.name!r}, model={self.model!r}, url={self.base_url!r})"
@@ -440,7 +571,7 @@ class OpenAIBackend:
     # -- ModelBackend ---------------------------------------------------------------
 
     async def generate(self, request: model_pb2.GenerateRequest) -> model_pb2.GenerateResponse:
-        """Send one chat upstream; see the module docstring for the errors raised."""
+        """Send one chat upstream, retrying retryable failures (see the module docstring)."""
         start = time.monotonic()
         self._requests += 1
         self._in_flight += 1
@@ -449,16 +580,7 @@ class OpenAIBackend:
                 raise InvalidRequestError("a GenerateRequest needs at least one message")
             if not self.model:
                 await self.resolve_model()
-            payload = self._payload(request)
-            data = await _request_json(
-                self._get_session(),
-                "POST",
-                self.chat_url,
-                timeout_s=self.config.request_timeout_s,
-                headers={},
-                body=payload,
-            )
-            response = self._parse(data)
+            response = await self._generate_with_retries(self._payload(request))
         except BaseException:
             self._failures += 1
             raise
@@ -466,6 +588,119 @@ class OpenAIBackend:
             self._in_flight -= 1
         response.latency_s = time.monotonic() - start
         return response
+
+    async def _generate_with_retries(self, payload: bytes) -> model_pb2.GenerateResponse:
+        start = self._clock()
+        policy = self.config.retry
+        scope = current_call()
+        deadline = scope.deadline
+        if self.config.call_timeout_s is not None:
+            own = start + self.config.call_timeout_s
+            deadline = own if deadline is None else min(deadline, own)
+        retry = 0
+        while True:
+            timeout_s = self.config.request_timeout_s
+            if deadline is not None:
+                timeout_s = max(min(timeout_s, deadline - self._clock()), 0.001)
+            retry_after: float | None = None
+            try:
+                status, raw, retry_after_header = await _exchange(
+                    self._get_session(),
+                    "POST",
+                    self.chat_url,
+                    timeout_s=timeout_s,
+                    headers={},
+                    body=payload,
+                )
+                if status >= 400:
+                    retry_after = parse_retry_after(retry_after_header)
+                response = self._parse(_decode(self.chat_url, status, raw))
+            except ModelUnavailableError as error:
+                if self._closed:
+                    raise
+                delay = self._retry_delay(error, retry, retry_after, deadline, scope.failover)
+                if delay is None:
+                    if not scope.failover:
+                        self._gave_up += 1  # (a hand-over is counted as one)
+                    raise
+                if retry == 0:
+                    self._retried_calls += 1
+                retry += 1
+                self._retries += 1
+                logger.debug(
+                    "%s: retry %d/%d in %.2fs after: %s (retries so far: %d)",
+                    self.name,
+                    retry,
+                    policy.max_retries,
+                    delay,
+                    error,
+                    self._retries,
+                )
+                await self._sleep(delay)
+                continue
+            if retry:
+                self._recovered += 1
+            return response
+
+    def _retry_delay(
+        self,
+        error: ModelUnavailableError,
+        retry: int,
+        retry_after: float | None,
+        deadline: float | None,
+        failover: bool,
+    ) -> float | None:
+        """How long to wait before retrying `error`, or None to raise it now."""
+        policy = self.config.retry
+        why = ""
+        delay = 0.0
+        if failover:
+            self._handed_over += 1
+            why = "another replica takes the retry"
+        elif retry >= policy.max_retries:
+            why = f"{policy.max_retries} retries spent"
+        elif retry_after is not None and retry_after > policy.max_backoff_s:
+            why = f"the server asks to wait {retry_after:g}s (more than {policy.max_backoff_s:g}s)"
+        else:
+            delay = backoff_delay(policy, retry, self._rng)
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            if deadline is not None and self._clock() + delay >= deadline:
+                why = "no time left in the call's budget"
+        if why:
+            if not failover:
+                logger.info("%s: giving up on a call (%s): %s", self.name, why, error)
+            return None
+        return delay
+
+    def retry_stats(self) -> dict[str, int]:
+        """Counters of the retry policy since start."""
+        return {
+            "retries": self._retries,
+            "retried_calls": self._retried_calls,
+            "recovered_calls": self._recovered,
+            "gave_up_calls": self._gave_up,
+            "handed_to_another_replica": self._handed_over,
+        }
+
+    async def preflight(
+        self, timeout_s: float = 3.0, *, allow_unreachable: bool = False
+    ) -> list[str]:
+        """`check_upstream` with this backend's URL, model and key; fills in the model
+        (the first listed) when none was configured. InvalidRequestError names what is
+        wrong (`allow_unreachable`: except that the server does not answer yet)."""
+        ids = await check_upstream(
+            self.base_url,
+            self.model,
+            api_key=self._api_key or "",
+            timeout_s=timeout_s,
+            allow_unreachable=allow_unreachable,
+        )
+        if not self.model and ids:
+            self.model = ids[0]
+            if not self.name:
+                self.name = self.model
+        return ids
 
     def stats(self) -> model_pb2.ModelStats:
         """In-flight and total requests; utilisation is unknown for an upstream (0.0)."""

@@ -6,6 +6,12 @@
           or retryable request errors)   ▼ │
                                       unhealthy (kept, not routed to while a healthy one exists)
 
+Circuit breaker (`megaflow.model.resilience.CircuitBreaker`, per replica): calls that
+keep failing with retryable errors open it; an open breaker makes the replica read as
+unhealthy to the router (skipped while a healthy one exists) for a cool-down, then one
+trial call (half-open) closes it on success or re-opens it. Probes do not touch it: an
+upstream can list its models and still fail every chat.
+
 Health probes: a backend with an async `health_check()` method is asked directly; an
 OpenAI-compatible upstream answers GET /v1/models within the probe timeout; anything
 else (the simulated backend) is healthy until its replica is closed.
@@ -23,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from megaflow.model.backend import ModelBackend
 from megaflow.model.openai import list_upstream_models
+from megaflow.model.resilience import BreakerConfig, CircuitBreaker
 from megaflow.model.router import ReplicaView
 from megaflow.v1 import model_pb2
 
@@ -42,6 +49,10 @@ class HealthConfig(BaseModel):
     healthy_after: int = Field(
         default=2, ge=1, description="Consecutive successful probes that bring it back."
     )
+    breaker: BreakerConfig = Field(
+        default_factory=BreakerConfig,
+        description="The per-replica circuit breaker over failed calls.",
+    )
 
 
 class ReplicaState(StrEnum):
@@ -55,7 +66,13 @@ class Replica:
     """One backend serving one version of one model."""
 
     def __init__(
-        self, replica_id: str, model: str, version: str, backend: ModelBackend, capacity: int
+        self,
+        replica_id: str,
+        model: str,
+        version: str,
+        backend: ModelBackend,
+        capacity: int,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.id = replica_id
         self.model = model
@@ -71,11 +88,15 @@ class Replica:
         self.failures = 0
         self._fails_in_a_row = 0
         self._oks_in_a_row = 0
+        self.breaker = breaker or CircuitBreaker()
         self._idle = asyncio.Event()
         self._idle.set()
 
     def __repr__(self) -> str:
-        return f"Replica({self.id!r}, {self.version!r}, {self.state.value}, healthy={self.healthy})"
+        return (
+            f"Replica({self.id!r}, {self.version!r}, {self.state.value}, "
+            f"healthy={self.healthy}, breaker={self.breaker.state.value})"
+        )
 
     @property
     def version(self) -> str:
@@ -89,7 +110,7 @@ class Replica:
     def view(self) -> ReplicaView:
         return ReplicaView(
             id=self.id,
-            healthy=self.healthy,
+            healthy=self.healthy and self.breaker.available(),
             accepting=self.accepting,
             in_flight=self.in_flight,
             in_flight_tokens=self.in_flight_tokens,

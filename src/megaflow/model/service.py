@@ -12,8 +12,11 @@ A `generate` call:
     2. route (`megaflow.model.router`, a pure policy); if every healthy replica is
        saturated, wait in the model's bounded queue (`CapacityError` past the bound
        or the deadline)
-    3. dispatch; on a retryable error, count a failure against the replica and retry on
-       ANOTHER replica within the deadline; once every replica has failed the request
+    3. dispatch inside a `call_scope` (the deadline, and whether another healthy replica
+       could take a retry: then the backend hands a failed attempt back at once instead
+       of retrying it on the same upstream); on a retryable error, count a failure
+       against the replica (and its circuit breaker) and retry on ANOTHER replica within
+       the deadline; once every replica has failed the request
        (`retry_rounds` times over, after a backoff), raise the last (retryable) error, so
        the caller's own retry policy takes over; `InvalidRequestError` and other final
        errors are raised at once
@@ -46,8 +49,10 @@ from megaflow.model.admission import (
 from megaflow.model.backend import ModelBackend
 from megaflow.model.factory import backend_from_spec, spec_of
 from megaflow.model.latency import LatencyConfig
+from megaflow.model.openai import OpenAIBackend
 from megaflow.model.ratelimit import RateLimiter
 from megaflow.model.replicas import Replica, ReplicaState
+from megaflow.model.resilience import call_scope
 from megaflow.model.router import Router
 from megaflow.model.versions import ModelPool, SwapReport, hot_swap
 from megaflow.v1 import common_pb2, model_pb2
@@ -103,6 +108,7 @@ class ModelServiceImpl:
         pool = self._pools.get(name)
         if pool is None:
             pool = self._pools[name] = ModelPool(name)
+            pool.breaker = self.config.health.breaker
             self._routers[name] = Router(
                 self.config.route_policy, sticky=self.config.sticky, seed=self.config.seed
             )
@@ -165,31 +171,52 @@ class ModelServiceImpl:
                 await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0.0)))
                 backoff = min(backoff * 2, 1.0)
                 continue
+            # Another healthy replica could take a retry: the backend hands it over.
+            failover = len(pool.replicas) > 1 and any(
+                v.healthy and v.accepting and v.id != replica.id and v.id not in tried
+                for v in pool.views()
+            )
+            replica.breaker.acquire()  # claims a half-open breaker's one trial call
             replica.begin(tokens)
             try:
                 # coarse: one shared timer handle, not one per request (core.runtime)
                 async with coarse_timeout_at(_loop_time(deadline)) as scope:
-                    response = await replica.backend.generate(request)
+                    with call_scope(deadline, failover=failover):
+                        response = await replica.backend.generate(request)
             except MegaFlowError as error:
                 if not error.retryable:
+                    replica.breaker.release()
                     raise
                 last = error
                 tried.add(replica.id)
-                if replica.record(False, self.config.health):
+                opened = replica.breaker.failure()
+                if replica.record(False, self.config.health) or opened:
                     pool.wake_all()
+                if opened:
+                    log.warning(
+                        "replica %s: circuit breaker open for %gs after: %s",
+                        replica.id,
+                        replica.breaker.config.cooldown_s,
+                        error,
+                    )
                 log.info("replica %s failed a request (%s); retrying elsewhere", replica.id, error)
                 continue
             except TimeoutError as error:
+                replica.breaker.release()
                 if scope.expired():
                     raise DeadlineExceededError(
                         f"model {pool.name!r}: no answer within {self.config.deadline_s:g}s"
                         + (f" (last error: {last})" if last else "")
                     ) from error
                 raise
+            except BaseException:
+                replica.breaker.release()
+                raise
             finally:
                 replica.end(tokens)
                 pool.wake_one()
             replica.record(True, self.config.health)
+            replica.breaker.success()
             response.replica = replica.id
             response.model_version = replica.version or response.model_version
             if response.completion_tokens:
@@ -268,11 +295,13 @@ class ModelServiceImpl:
         pool = self._pools.get(name)
         if pool is None:
             pool = self._pools[name] = ModelPool(name)
+            pool.breaker = self.config.health.breaker
             self._routers[name] = Router(
                 self.config.route_policy, sticky=self.config.sticky, seed=self.config.seed
             )
         if not specs:
             specs = [s for s in (spec_of(b) for b in backends) if s is not None]
+        await _preflight(backends, self.config.health.timeout_s)
         self._probes_needed |= any(b.kind != "simulated" for b in backends)
         report = await hot_swap(
             pool,
@@ -415,6 +444,27 @@ class ModelServiceImpl:
         for pool in self._pools.values():
             pool.wake_all()
             await asyncio.gather(*(r.close() for r in pool.replicas))
+
+
+async def _preflight(backends: Sequence[ModelBackend], timeout_s: float) -> None:
+    """Check every OpenAI-compatible upstream of a new version before it warms: a key
+    it rejects or a model it does not serve is an `InvalidRequestError` naming it, at
+    once (not a warm-up that times out). One that does not answer yet may be starting:
+    the warm-up's health checks wait for it. The new backends are closed if one fails."""
+    checks = [
+        b.preflight(timeout_s, allow_unreachable=True)
+        for b in backends
+        if isinstance(b, OpenAIBackend)
+    ]
+    if not checks:
+        return
+    try:
+        await asyncio.gather(*checks)
+    except BaseException:
+        for backend in backends:
+            with contextlib.suppress(Exception):
+                await backend.close()
+        raise
 
 
 def _loop_time(deadline: float) -> float:

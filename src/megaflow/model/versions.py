@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from megaflow.core.errors import ModelUnavailableError
 from megaflow.model.backend import ModelBackend
 from megaflow.model.replicas import HealthConfig, Replica, ReplicaState
+from megaflow.model.resilience import BreakerConfig, CircuitBreaker
 from megaflow.model.router import ReplicaView
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class ModelPool:
         self.specs: list[str] = []  # how to build this version's backends again, if known
         self.waiters: deque[asyncio.Future[None]] = deque()
         self._next_id = 0
+        self.breaker = BreakerConfig()  # each new replica's circuit breaker
         self._swap_lock: asyncio.Lock | None = None
 
     def new_replica(
@@ -50,7 +52,12 @@ class ModelPool:
     ) -> Replica:
         tag = version or backend.version or "v"
         replica = Replica(
-            f"{self.name}/{tag}/{self._next_id}", self.name, version, backend, capacity
+            f"{self.name}/{tag}/{self._next_id}",
+            self.name,
+            version,
+            backend,
+            capacity,
+            CircuitBreaker(self.breaker),
         )
         self._next_id += 1
         replica.state = state

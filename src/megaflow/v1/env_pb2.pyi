@@ -131,18 +131,26 @@ class CreateEnvironmentResponse(_message.Message):
 
     ENV_ID_FIELD_NUMBER: _builtins.int
     WORKDIR_FIELD_NUMBER: _builtins.int
+    HOST_SOCKET_DIR_FIELD_NUMBER: _builtins.int
     env_id: _builtins.str
     workdir: _builtins.str
     """the agent's working directory inside the sandbox"""
+    host_socket_dir: _builtins.str
+    """Where the backend declares `host_sockets`: a host folder the sandbox sees
+    (read-only) as /run/megaflow. A unix socket the agent makes there is the sandbox's
+    one way to reach that agent (e.g. its model endpoint for a CLI agent); empty when
+    the backend has no such folder.
+    """
     def __init__(
         self,
         *,
         env_id: _builtins.str = ...,
         workdir: _builtins.str = ...,
+        host_socket_dir: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env_id", b"env_id", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env_id", b"env_id", "host_socket_dir", b"host_socket_dir", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megaflow.env.local.shell import SAFE_PATH
+from megaflow.env.sandbox import SOCKET_DIR
 
 BWRAP = "/usr/bin/bwrap"
 WORKDIR = "/workspace"
@@ -37,11 +38,15 @@ def bwrap_argv(
     workspace: Path,
     inbox: Path,
     hostname: str,
+    sockets: Path | None = None,
     extra_path: Sequence[str] = (),
     seccomp_fd: int | None = None,
 ) -> list[str]:
     """The bwrap argv that starts ``bash`` in a fresh sandbox.
 
+    ``sockets``: a host folder bound read-only at ``/run/megaflow`` (`SOCKET_DIR`): the
+    agent's unix sockets appear there (a connect needs no write access), the sandbox's
+    only way to the outside.
     ``seccomp_fd``: a readable descriptor holding the BPF program of
     :mod:`megaflow.env.local.seccomp` (bwrap reads it once, at start).
     """
@@ -81,6 +86,7 @@ def bwrap_argv(
         "--ro-bind",
         str(inbox),
         INBOX,
+        *(["--dir", SOCKET_DIR, "--ro-bind", str(sockets), SOCKET_DIR] if sockets else []),
         "--tmpfs",
         "/tmp",
         "--proc",

@@ -9,8 +9,10 @@ Life of a sandbox::
     await sb.stop()                       # no process, cgroup or folder remains
 
 Host layout: ``root_dir/<sandbox_id>/`` holds ``owner.json`` (see
-:mod:`megaflow.env.local.owner`), ``workspace/`` (``/workspace`` inside) and
-``inbox/`` (read-only inside; uploads for :meth:`LocalSandbox.write_file`).
+:mod:`megaflow.env.local.owner`), ``workspace/`` (``/workspace`` inside),
+``inbox/`` (read-only inside; uploads for :meth:`LocalSandbox.write_file`) and
+``sockets/`` (read-only inside as ``/run/megaflow``: unix sockets the agent offers the
+sandbox, see ``Capabilities.host_sockets``).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
 
     WORKDIR = WORKDIR
     capabilities: ClassVar[Capabilities] = Capabilities(
-        suspend=True, snapshot=True, host_workspace=True
+        suspend=True, snapshot=True, host_workspace=True, host_sockets=True
     )
 
     def __init__(
@@ -140,6 +142,8 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
         self.host_workspace: Path = self._dir / "workspace"
         """Host folder seen as /workspace inside the sandbox."""
         self._inbox = self._dir / "inbox"
+        self.host_socket_dir: Path = self._dir / "sockets"
+        """Host folder seen (read-only) as /run/megaflow inside the sandbox."""
         self._image_root = Path(image_root)
         self._memory_mib = memory_mib
         self._pids = pids
@@ -258,6 +262,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
         if self._disk_mib:
             mount_workspace(self.host_workspace, self._disk_mib)
         self._inbox.mkdir()
+        self.host_socket_dir.mkdir()
         self._cgroups = SandboxCgroups.create(
             layout,
             name,
@@ -282,6 +287,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
                 workspace=self.host_workspace,
                 inbox=self._inbox,
                 hostname="sandbox",
+                sockets=self.host_socket_dir,
                 extra_path=self._extra_path,
                 seccomp_fd=seccomp_fd,
             ),

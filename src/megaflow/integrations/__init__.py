@@ -1,0 +1,1 @@
+"""MegaFlow under other harnesses: servers and adapters that speak their protocols."""
