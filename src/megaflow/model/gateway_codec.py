@@ -6,8 +6,9 @@ message holding the prompt (the Model Service only serves chats). Anything malfo
 raises `InvalidRequestError` (HTTP 400).
 
 Responses: `chat_body` / `completion_body` build the non-streaming answers and
-`chat_chunks` / `completion_chunks` the SSE chunks of a streamed one. Token ids travel
-as vLLM does it: with `"return_token_ids": true` in the request the answer carries
+`chat_chunks` / `completion_chunks` the SSE chunks (JSON bytes) of a streamed one;
+the answers are dicts built straight from the response (no protobuf JSON round trip).
+Token ids travel as vLLM does it: with `"return_token_ids": true` in the request the answer carries
 `prompt_token_ids` at the top and `token_ids` in the choice; with `"logprobs": true`
 the choice carries `logprobs.content` with one entry per completion token, named
 `token_id:<id>` (the gateway has no tokenizer to spell tokens with).
@@ -15,11 +16,13 @@ the choice carries `logprobs.content` with one entry per completion token, named
 
 from __future__ import annotations
 
-import json
+import itertools
+import secrets
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
+
+import orjson
 
 from megaflow.core.errors import InvalidRequestError
 from megaflow.model.openai_messages import (
@@ -39,6 +42,11 @@ __all__ = [
 ]
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+# Answer ids: unique per process start (random prefix) and per answer (counter), without
+# a urandom call per request as uuid4 makes.
+_ID_PREFIX = secrets.token_hex(6)
+_ID_COUNTER = itertools.count(1)
 
 
 def _text(value: Any, where: str) -> str:
@@ -192,7 +200,7 @@ def _extras(body: dict[str, Any], response: model_pb2.GenerateResponse) -> dict[
 
 def _envelope(kind: str, response: model_pb2.GenerateResponse) -> dict[str, Any]:
     return {
-        "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+        "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{_ID_PREFIX}{next(_ID_COUNTER):012x}",
         "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": int(time.time()),
         "model": response.model,
@@ -241,14 +249,14 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
-def chat_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse) -> Iterator[str]:
+def chat_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse) -> Iterator[bytes]:
     """The SSE `data:` payloads of a streamed chat completion (without `[DONE]`)."""
     head = {**_envelope("chat", response), "object": "chat.completion.chunk"}
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> str:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         choice.update(more)
-        return json.dumps({**head, "choices": [choice]})
+        return orjson.dumps({**head, "choices": [choice]})
 
     # The token ids and logprobs of the whole answer ride on the first chunk.
     extra: dict[str, Any] = {}
@@ -274,13 +282,15 @@ def chat_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse) -> I
         )
     yield chunk({}, _finish(response))
     if _include_usage(body):
-        yield json.dumps({**head, "choices": [], "usage": _usage(response)})
+        yield orjson.dumps({**head, "choices": [], "usage": _usage(response)})
 
 
-def completion_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse) -> Iterator[str]:
+def completion_chunks(
+    body: dict[str, Any], response: model_pb2.GenerateResponse
+) -> Iterator[bytes]:
     """The SSE `data:` payloads of a streamed text completion (without `[DONE]`)."""
     head = _envelope("text", response)
-    yield json.dumps(
+    yield orjson.dumps(
         {
             **head,
             "choices": [
@@ -293,7 +303,7 @@ def completion_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse
             ],
         }
     )
-    yield json.dumps(
+    yield orjson.dumps(
         {
             **head,
             "choices": [
@@ -302,4 +312,4 @@ def completion_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse
         }
     )
     if _include_usage(body):
-        yield json.dumps({**head, "choices": [], "usage": _usage(response)})
+        yield orjson.dumps({**head, "choices": [], "usage": _usage(response)})
