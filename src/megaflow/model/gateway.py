@@ -84,7 +84,10 @@ class GatewayConfig(BaseModel):
         default=300.0, gt=0, description="Deadline of one model call through the gateway."
     )
     max_in_flight: int = Field(
-        default=4096, ge=1, description="Concurrent model calls; more are answered 429."
+        default=16_384,
+        ge=1,
+        description="Concurrent model calls; more are answered 429 (an agent task has at "
+        "most one call in flight: 10,000 concurrent tasks fit).",
     )
     max_body_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Largest request body accepted."

@@ -68,28 +68,56 @@ def _text(value: Any, where: str) -> str:
     raise InvalidRequestError(f"{where}: content must be a string or a list of parts")
 
 
-def _message(raw: Any, i: int) -> common_pb2.ChatMessage:
-    where = f"messages[{i}]"
+def _add_message(messages: Any, raw: Any, i: int) -> None:
+    """Append `raw` (an OpenAI message) to `messages` (a repeated ChatMessage field),
+    built in place: no message object is built and then copied in."""
     if not isinstance(raw, dict):
-        raise InvalidRequestError(f"{where} must be an object")
+        raise InvalidRequestError(f"messages[{i}] must be an object")
     role = raw.get("role")
     if role not in _ROLES:
-        raise InvalidRequestError(f"{where}.role must be one of {sorted(_ROLES)}, got {role!r}")
-    message = common_pb2.ChatMessage(
+        raise InvalidRequestError(
+            f"messages[{i}].role must be one of {sorted(_ROLES)}, got {role!r}"
+        )
+    content = raw.get("content")
+    message = messages.add(
         role="system" if role == "developer" else role,
-        content=_text(raw.get("content"), where),
-        name=str(raw.get("name") or ""),
-        tool_call_id=str(raw.get("tool_call_id") or ""),
+        content=content if type(content) is str else _text(content, f"messages[{i}]"),
     )
-    calls = raw.get("tool_calls") or []
+    name, tool_call_id, calls = raw.get("name"), raw.get("tool_call_id"), raw.get("tool_calls")
+    if name:
+        message.name = str(name)
+    if tool_call_id:
+        message.tool_call_id = str(tool_call_id)
+    if not calls:
+        return
     if not isinstance(calls, list):
-        raise InvalidRequestError(f"{where}.tool_calls must be a list")
+        raise InvalidRequestError(f"messages[{i}].tool_calls must be a list")
     for j, raw_call in enumerate(calls):
         call = tool_call_from_openai(raw_call)
         if call is None or not isinstance(raw_call["function"].get("name"), str):
-            raise InvalidRequestError(f"{where}.tool_calls[{j}] needs function.name")
+            raise InvalidRequestError(f"messages[{i}].tool_calls[{j}] needs function.name")
         message.tool_calls.append(call)
-    return message
+
+
+# An agent offers the same tools on every call: their specs are built once per distinct
+# list (keyed by its JSON), not once per call.
+_TOOLS_CACHE: dict[bytes, tuple[common_pb2.ToolSpec, ...]] = {}
+_TOOLS_CACHE_MAX = 256
+
+
+def _tools(raw: list[Any]) -> tuple[common_pb2.ToolSpec, ...]:
+    try:
+        key = orjson.dumps(raw)
+    except TypeError:  # not JSON-clean (cannot come from a parsed body): no caching
+        key = b""
+    specs = _TOOLS_CACHE.get(key) if key else None
+    if specs is None:
+        specs = tuple(_tool(t, i) for i, t in enumerate(raw))
+        if key:
+            if len(_TOOLS_CACHE) >= _TOOLS_CACHE_MAX:
+                _TOOLS_CACHE.clear()
+            _TOOLS_CACHE[key] = specs
+    return specs
 
 
 def _tool(raw: Any, i: int) -> common_pb2.ToolSpec:
@@ -135,12 +163,12 @@ def chat_request(body: Any, task_id: str) -> model_pb2.GenerateRequest:
     tools = body.get("tools") or []
     if not isinstance(tools, list):
         raise InvalidRequestError("tools must be a list")
-    request = model_pb2.GenerateRequest(
-        task_id=task_id,
-        model=_model(body),
-        messages=[_message(m, i) for i, m in enumerate(messages)],
-        tools=[_tool(t, i) for i, t in enumerate(tools)],
-    )
+    request = model_pb2.GenerateRequest(task_id=task_id, model=_model(body))
+    repeated = request.messages
+    for i, raw in enumerate(messages):
+        _add_message(repeated, raw, i)
+    if tools:
+        request.tools.extend(_tools(tools))
     _sampling(body, request)
     return request
 
