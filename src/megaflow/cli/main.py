@@ -375,7 +375,7 @@ def serve_model(
         typer.Option(
             min=1,
             help="Processes serving --openai-listen, sharing its port (SO_REUSEPORT); "
-            "each extra one runs its own copy of the model service (see docs/architecture.md).",
+            "each extra one runs its own copy of the Model Service (docs/architecture.md).",
         ),
     ] = 1,
     log_level: LogLevel = "info",
