@@ -6,8 +6,11 @@ Servers, each a process of its own, in the same run:
 - **bare**: an aiohttp server that reads the request and answers the very bytes the
   gateway answered to it (one captured answer): the floor any Python HTTP service pays;
 - **gateway**: `Gateway` over a `ModelServiceImpl` with a zero-latency simulated model,
-  so the figures are the gateway's own cost plus the Model Service's routing; one worker,
-  then `--gateway-workers`-style several processes on one port (SO_REUSEPORT).
+  so the figures are the gateway's own cost plus the Model Service's routing and the
+  simulated model's own work (its policy and token encoding); one worker, then
+  `--gateway-workers`-style several processes on one port (SO_REUSEPORT);
+- **gateway, canned model**: the same gateway over a Model Service that hands back one
+  stored answer: what the gateway itself costs, without the model's work.
 
 Load generators (`python -m bench.gateway_bench load ...`) are processes of their own:
 aiohttp clients, C connections each sending its next request when the last is answered,
@@ -84,11 +87,40 @@ def bench_model_service() -> Any:
     return ModelServiceImpl([SimulatedBackend.fast(slots=16_384)])
 
 
+class CannedModelService:
+    """A Model Service that answers every call with one answer the simulated model gave:
+    the gateway with (almost) no model work behind it, to tell its own cost apart."""
+
+    def __init__(self) -> None:
+        self.service = bench_model_service()
+        self.answer: Any = None
+
+    async def start(self) -> None:
+        from megaflow.v1 import common_pb2, model_pb2
+
+        messages = [common_pb2.ChatMessage(**m) for m in _opening()]
+        request = model_pb2.GenerateRequest(task_id="canned", messages=messages)
+        self.answer = await self.service.generate(request)
+
+    async def generate(self, request: Any) -> Any:
+        return self.answer
+
+    async def list_models(self, request: Any) -> Any:
+        return await self.service.list_models(request)
+
+    async def health(self, request: Any) -> Any:
+        return await self.service.health(request)
+
+    async def stop(self) -> None:
+        await self.service.stop()
+
+
 async def _serve_gateway(args: argparse.Namespace) -> None:
     from megaflow.model.gateway import Gateway, GatewayConfig
 
     config = GatewayConfig(max_in_flight=16_384)
-    service = bench_model_service()
+    service = CannedModelService() if args.canned else bench_model_service()
+    await service.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -354,6 +386,9 @@ async def run(quick: bool = False) -> dict[str, float]:
             gateway_url = f"http://{procs['gateway'].address}"
             await asyncio.to_thread(_capture_answer, gateway_url, answer)
             procs["bare"] = ServiceProcess("bare", "--answer", str(answer), module=MODULE).start()
+            procs["gateway_canned"] = ServiceProcess(
+                "gateway", "--workers", "1", "--canned", module=MODULE
+            ).start()
             if importlib.util.find_spec("megaflow.model.gateway_workers") is not None:
                 procs["gateway_n"] = ServiceProcess(
                     "gateway", "--workers", str(workers), module=MODULE
@@ -362,10 +397,11 @@ async def run(quick: bool = False) -> dict[str, float]:
             urls = {name: f"http://{p.address}" for name, p in procs.items()}
             labels = {
                 "bare": "bare aiohttp, same answer bytes, 1 process (baseline)",
+                "gateway_canned": "gateway, 1 worker, canned model (the gateway's own cost)",
                 "gateway": "gateway, 1 worker",
                 "gateway_n": f"gateway, {workers} workers (SO_REUSEPORT)",
             }
-            names = [n for n in ("bare", "gateway", "gateway_n") if n in urls]
+            names = [n for n in ("bare", "gateway_canned", "gateway", "gateway_n") if n in urls]
             for concurrency in (64, 1024):
                 # the servers take turns, `rounds` times: a change in the machine's load
                 # (it is shared) falls on all of them; each figure is the median round
@@ -441,6 +477,7 @@ def main() -> None:
     gateway = serve.add_parser("gateway")
     gateway.add_argument("--port", type=int, default=0)
     gateway.add_argument("--workers", type=int, default=1)
+    gateway.add_argument("--canned", action="store_true", help="a canned model (no work)")
     bare = serve.add_parser("bare")
     bare.add_argument("--port", type=int, default=0)
     bare.add_argument("--answer", required=True)

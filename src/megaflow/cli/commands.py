@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import resource
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,11 @@ async def serve_model_command(
         await serve("model", service, listen=listen, scheduler=scheduler, capacity=capacity)
         return
     host, port = parse_listen(openai_listen)
+    # one socket per client connection: thousands of agents need more than a default
+    # soft limit of 1,024 open files (the workers inherit the raised limit)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     reuse_port = gateway_workers > 1
     async with Gateway(service, host=host, port=port, reuse_port=reuse_port) as gateway:
         workers = GatewayWorkers(build, gateway.host, gateway.port, gateway_workers - 1)
