@@ -4,7 +4,9 @@ official `openai` client: models, chats with tools, streaming; stopped by PID.""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -156,6 +158,24 @@ async def test_several_gateway_workers_share_the_port() -> None:
     assert code == 0
     assert not [w.pid for w in workers if _alive(w)]  # the workers went with it
     assert not _listening(port)
+
+
+@pytest.mark.integration
+def test_gateway_workers_do_not_outlive_a_killed_service() -> None:
+    port = _free_port()
+    proc = ServiceProcess(
+        "model", "--openai-listen", f"127.0.0.1:{port}", "--gateway-workers", "2"
+    ).start(timeout_s=60)
+    try:
+        workers = psutil.Process(proc.pid).children()
+        assert workers
+        os.kill(proc.pid, signal.SIGKILL)  # the service alone: no SIGTERM, no group kill
+        proc.proc.wait(10)  # type: ignore[union-attr]
+        _, alive = psutil.wait_procs(workers, timeout=20)
+        assert not [w.pid for w in alive if _alive(w)]
+        assert not _listening(port)
+    finally:
+        proc.stop()
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -41,6 +42,7 @@ __all__ = ["GatewayWorkers"]
 log = logging.getLogger(__name__)
 
 ServiceBuilder = Callable[[], Any]  # -> a ModelService with async start()/stop()
+PARENT_CHECK_S = 0.5  # how often a worker checks that the process that started it lives
 
 
 async def _serve(
@@ -50,12 +52,16 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
     service = build_service()
     await service.start()
     try:
         async with Gateway(service, host=host, port=port, config=config, reuse_port=True):
             ready.send("ready")
-            await stop.wait()
+            # a worker must not outlive its service (killed -9, it cannot stop us)
+            while not stop.is_set() and os.getppid() == parent:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), PARENT_CHECK_S)
     finally:
         await service.stop()
 
