@@ -58,6 +58,14 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _listens(proc: psutil.Process, port: int) -> bool:
+    try:
+        connections = proc.net_connections("tcp")
+    except psutil.NoSuchProcess:
+        return False
+    return any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in connections)
+
+
 def _alive(proc: psutil.Process) -> bool:
     try:
         return proc.status() != psutil.STATUS_ZOMBIE
@@ -139,23 +147,21 @@ async def test_several_gateway_workers_share_the_port() -> None:
     ).start(timeout_s=60)
     try:
         main = psutil.Process(proc.pid)
-        workers = main.children()
-        assert len(workers) >= 1  # the extra gateway process (spawn may add a tracker)
-        listeners = {
-            c.pid
-            for c in psutil.net_connections("tcp")
-            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
-        }
-        assert proc.pid in listeners and len(listeners) == 2
+        workers = main.children()  # the extra gateway process (and spawn's tracker)
+        listening = [p.pid for p in (main, *workers) if _listens(p, port)]
+        assert listening[:1] == [proc.pid] and len(listening) == 2, (
+            listening,
+            proc.output(),
+        )
         body = {"model": "simulated", "messages": _opening()}
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
             for _ in range(20):  # new connections: the kernel spreads them over both
                 async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r:
-                    assert r.status == 200, await r.text()
+                    assert r.status == 200, (await r.text(), proc.output())
                     assert (await r.json())["choices"][0]["message"]["role"] == "assistant"
     finally:
         code = proc.stop(grace_s=30)  # a loaded machine may take a while
-    assert code == 0
+    assert code == 0, proc.output()
     assert not [w.pid for w in workers if _alive(w)]  # the workers went with it
     assert not _listening(port)
 
