@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import resource
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,9 @@ from megaflow.deploy.processes import serve
 from megaflow.deploy.run import RunSummary, fresh_ledger, run_batch, watch_batch
 from megaflow.env.registry import backend_class
 from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
-from megaflow.model.backend import ModelBackend
 from megaflow.model.factory import backend_from_spec
 from megaflow.model.gateway import Gateway
+from megaflow.model.gateway_workers import GatewayWorkers
 from megaflow.model.latency import LatencyConfig
 from megaflow.model.service import ModelServiceImpl
 from megaflow.rpc.clients import SchedulerServiceClient
@@ -283,6 +285,28 @@ async def serve_scheduler_command(
     await serve("scheduler", impl, listen=listen)
 
 
+def parse_listen(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (HOST may be empty: 127.0.0.1) as a pair; ValueError says what is wrong."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{address!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def model_service(
+    model: str, success_rate: float, seed: int, time_scale: float
+) -> ModelServiceImpl:
+    """The Model Service of `megaflow serve model` (module-level: gateway workers build
+    their own copy from a `functools.partial` of it)."""
+    latency = LatencyConfig(time_scale=time_scale)
+    backend = backend_from_spec(model, success_rate=success_rate, seed=seed, latency=latency)
+    # new versions keep the CLI's settings unless UpdateWeights gives others
+    factory = functools.partial(
+        backend_from_spec, success_rate=success_rate, seed=seed, latency=latency
+    )
+    return ModelServiceImpl([backend], backend_factory=factory)
+
+
 async def serve_model_command(
     listen: str,
     scheduler: str,
@@ -292,24 +316,27 @@ async def serve_model_command(
     time_scale: float,
     capacity: int,
     openai_listen: str | None = None,
+    gateway_workers: int = 1,
 ) -> None:
-    latency = LatencyConfig(time_scale=time_scale)
-    backend = backend_from_spec(model, success_rate=success_rate, seed=seed, latency=latency)
-
-    def factory(spec: str, **kwargs: Any) -> ModelBackend:  # new versions keep the CLI's settings
-        kwargs.setdefault("success_rate", success_rate)
-        kwargs.setdefault("seed", seed)
-        kwargs.setdefault("latency", latency)
-        return backend_from_spec(spec, **kwargs)
-
-    service = ModelServiceImpl([backend], backend_factory=factory)
+    """The Model Service over gRPC; with `openai_listen`, its OpenAI gateway too, served by
+    `gateway_workers` processes sharing that port (megaflow.model.gateway_workers)."""
+    build = functools.partial(model_service, model, success_rate, seed, time_scale)
+    service = build()
     if not openai_listen:
         await serve("model", service, listen=listen, scheduler=scheduler, capacity=capacity)
         return
-    host, _, port = openai_listen.rpartition(":")
-    async with Gateway(service, host=host or "127.0.0.1", port=int(port)) as gateway:
-        print(f"megaflow openai-gateway ready on {gateway.base_url}", flush=True)
-        await serve("model", service, listen=listen, scheduler=scheduler, capacity=capacity)
+    host, port = parse_listen(openai_listen)
+    # one socket per client connection: thousands of agents need more than a default
+    # soft limit of 1,024 open files (the workers inherit the raised limit)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    reuse_port = gateway_workers > 1
+    async with Gateway(service, host=host, port=port, reuse_port=reuse_port) as gateway:
+        workers = GatewayWorkers(build, gateway.host, gateway.port, gateway_workers - 1)
+        async with workers:
+            print(f"megaflow openai-gateway ready on {gateway.base_url}", flush=True)
+            await serve("model", service, listen=listen, scheduler=scheduler, capacity=capacity)
 
 
 async def serve_agent_command(

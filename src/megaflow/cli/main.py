@@ -360,7 +360,14 @@ def serve_scheduler(
 
 @serve_app.command("model")
 def serve_model(
-    scheduler: SchedulerAddr,
+    scheduler: Annotated[
+        str,
+        typer.Option(
+            "--scheduler",
+            help="Scheduler address host:port to register with. Empty: do not register "
+            "(e.g. a standalone OpenAI gateway).",
+        ),
+    ] = "",
     listen: Listen = "127.0.0.1:0",
     model: Annotated[
         str, typer.Option(help="'simulated' or 'openai:http://HOST:PORT[#model]'.")
@@ -371,14 +378,46 @@ def serve_model(
     capacity: Annotated[
         int, typer.Option(min=1, help="Concurrent requests, for load balancing.")
     ] = 256,
+    openai_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="host:port of an OpenAI-compatible gateway in front of this service "
+            "(/v1/chat/completions, /v1/completions, /v1/models; port 0: any free port)."
+        ),
+    ] = None,
+    gateway_workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Processes serving --openai-listen, sharing its port (SO_REUSEPORT); "
+            "each extra one runs its own copy of the Model Service (docs/architecture.md).",
+        ),
+    ] = 1,
     log_level: LogLevel = "info",
 ) -> None:
-    """A Model Service."""
-    from megaflow.cli.commands import serve_model_command
+    """A Model Service (and, with --openai-listen, its OpenAI-compatible gateway)."""
+    from megaflow.cli.commands import parse_listen, serve_model_command
 
+    if openai_listen is not None:
+        try:
+            parse_listen(openai_listen)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--openai-listen") from None
+    elif gateway_workers > 1:
+        raise typer.BadParameter("needs --openai-listen", param_hint="--gateway-workers")
     _logging(log_level)
     asyncio.run(
-        serve_model_command(listen, scheduler, model, success_rate, seed, time_scale, capacity)
+        serve_model_command(
+            listen,
+            scheduler,
+            model,
+            success_rate,
+            seed,
+            time_scale,
+            capacity,
+            openai_listen=openai_listen,
+            gateway_workers=gateway_workers,
+        )
     )
 
 

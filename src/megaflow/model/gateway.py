@@ -26,12 +26,19 @@ large, 429 no capacity (the gateway's own `max_in_flight` or a `CapacityError`),
 model unavailable, 504 no answer within `request_timeout_s`, 500 a bug.
 
 HTTP is aiohttp on both sides (design.md §5: httpx collapses under fan-out).
+
+The request path is kept lean, because with external scaffolds every model call crosses
+it: the body is parsed once (orjson) into the `GenerateRequest` the Model Service takes,
+the answer is built as a dict straight from the `GenerateResponse` and serialised once
+(orjson), there is no lock, and a task's recording appends the new turn (it does not copy
+the whole conversation again). The Model Service has no streaming RPC: a streamed answer
+is sent, as SSE chunks, once the whole answer is back. `reuse_port=True` lets several
+processes serve one port (`megaflow.model.gateway_workers`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
@@ -39,6 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import orjson
 from aiohttp import web
 from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,6 +61,7 @@ from megaflow.core.errors import (
     MegaFlowError,
     NotFoundError,
 )
+from megaflow.core.runtime import coarse_timeout_at
 from megaflow.model import gateway_codec as codec
 from megaflow.v1 import common_pb2, model_pb2
 
@@ -61,6 +70,9 @@ __all__ = ["TASK_HEADER", "Gateway", "GatewayConfig"]
 log = logging.getLogger(__name__)
 
 TASK_HEADER = "X-MegaFlow-Task"
+# Pending connections the kernel queues per listening socket (capped by somaxconn):
+# aiohttp's default of 128 drops SYNs when thousands of clients connect at once.
+LISTEN_BACKLOG = 4096
 
 
 class GatewayConfig(BaseModel):
@@ -72,7 +84,10 @@ class GatewayConfig(BaseModel):
         default=300.0, gt=0, description="Deadline of one model call through the gateway."
     )
     max_in_flight: int = Field(
-        default=4096, ge=1, description="Concurrent model calls; more are answered 429."
+        default=16_384,
+        ge=1,
+        description="Concurrent model calls; more are answered 429 (an agent task has at "
+        "most one call in flight: 10,000 concurrent tasks fit).",
     )
     max_body_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Largest request body accepted."
@@ -85,15 +100,26 @@ class GatewayConfig(BaseModel):
     )
 
 
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+def _loop_time(after_s: float) -> float:
+    return asyncio.get_running_loop().time() + after_s
+
+
 class _HttpError(Exception):
     def __init__(self, status: int, kind: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.kind, self.code = status, kind, code
 
 
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
 def _error_response(status: int, kind: str, message: str, code: str | None) -> web.Response:
     body = {"error": {"message": message, "type": kind, "code": code, "param": None}}
-    return web.json_response(body, status=status)
+    return _json(body, status)
 
 
 def _classify(error: BaseException) -> tuple[int, str, str | None]:
@@ -121,10 +147,15 @@ class Gateway:
         host: str = "127.0.0.1",
         port: int = 0,
         config: GatewayConfig | None = None,
+        *,
+        reuse_port: bool = False,
     ) -> None:
+        """`reuse_port`: bind with SO_REUSEPORT, so that other processes (gateway workers)
+        may serve the same host:port."""
         self.model_service = model_service
         self.host = host
         self.port = port
+        self.reuse_port = reuse_port
         self.config = config or GatewayConfig()
         self._keys: dict[str, str] = {}
         self._trajectories: OrderedDict[str, common_pb2.Trajectory] = OrderedDict()
@@ -166,7 +197,14 @@ class Gateway:
             return
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(
+            runner,
+            self.host,
+            self.port,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+            backlog=LISTEN_BACKLOG,
+        )
         try:
             await site.start()
         except OSError:
@@ -234,18 +272,26 @@ class Gateway:
         response: model_pb2.GenerateResponse,
         latency_s: float,
     ) -> None:
-        """Add one turn to the task's trajectory: what was new in the prompt, the answer."""
+        """Add one turn to the task's trajectory: what was new in the prompt, the answer.
+
+        A prompt at least as long as the recorded conversation is taken to extend it (its
+        new tail is appended; the conversation is not copied again each turn); a shorter
+        one (the client cut or rewrote its history) replaces it."""
         task_id = request.task_id
-        trajectory = self._trajectories.pop(task_id, None)
+        trajectories = self._trajectories
+        trajectory = trajectories.get(task_id)
         if trajectory is None:
-            trajectory = common_pb2.Trajectory(task_id=task_id)
-        self._trajectories[task_id] = trajectory  # most recently used last
-        while len(self._trajectories) > self.config.max_recorded_tasks:
-            self._trajectories.popitem(last=False)
+            trajectory = trajectories[task_id] = common_pb2.Trajectory(task_id=task_id)
+            if len(trajectories) > self.config.max_recorded_tasks:
+                trajectories.popitem(last=False)
+        else:
+            trajectories.move_to_end(task_id)  # most recently used last
         known = len(trajectory.messages)
-        delta = request.messages[known:] if len(request.messages) >= known else request.messages
-        del trajectory.messages[:]
-        trajectory.messages.extend(request.messages)
+        if len(request.messages) < known:  # the client cut or rewrote its history
+            del trajectory.messages[:]
+            known = 0
+        delta = request.messages[known:]
+        trajectory.messages.extend(delta)
         trajectory.messages.append(response.message)
         trajectory.turns.add(
             index=len(trajectory.turns),
@@ -287,7 +333,7 @@ class Gateway:
     async def _body(self, request: web.Request) -> Any:
         raw = await request.read()
         try:
-            return json.loads(raw)
+            return orjson.loads(raw)
         except ValueError as error:
             raise InvalidRequestError(f"the body is not valid JSON: {error}") from error
 
@@ -297,7 +343,8 @@ class Gateway:
         self._in_flight += 1
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self.config.request_timeout_s):
+            # coarse: one shared timer for all calls, not one timer handle per call
+            async with coarse_timeout_at(_loop_time(self.config.request_timeout_s)):
                 response = await self.model_service.generate(request)
         except TimeoutError as error:
             raise DeadlineExceededError(
@@ -314,23 +361,18 @@ class Gateway:
         request: web.Request,
         parse: Callable[[Any, str], model_pb2.GenerateRequest],
         body_of: Callable[[dict[str, Any], model_pb2.GenerateResponse], dict[str, Any]],
-        chunks_of: Callable[[dict[str, Any], model_pb2.GenerateResponse], Iterator[str]],
+        chunks_of: Callable[[dict[str, Any], model_pb2.GenerateResponse], Iterator[bytes]],
     ) -> web.StreamResponse:
         task_id = self._task_id(request)
         body = await self._body(request)
         generate_request = parse(body, task_id)
         response = await self._generate(generate_request)
         if not body.get("stream"):
-            return web.json_response(body_of(body, response))
-        stream = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await stream.prepare(request)
-        for payload in chunks_of(body, response):
-            await stream.write(f"data: {payload}\n\n".encode())
-        await stream.write(b"data: [DONE]\n\n")
-        await stream.write_eof()
-        return stream
+            return _json(body_of(body, response))
+        # The whole answer is here (the Model Service does not stream): its chunks go
+        # out in one write.
+        events = b"".join(b"data: " + chunk + b"\n\n" for chunk in chunks_of(body, response))
+        return web.Response(body=events + b"data: [DONE]\n\n", headers=_SSE_HEADERS)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, codec.chat_request, codec.chat_body, codec.chat_chunks)
@@ -346,23 +388,21 @@ class Gateway:
             {"id": m.name, "object": "model", "created": 0, "owned_by": f"megaflow:{m.backend}"}
             for m in listed.models
         ]
-        return web.json_response({"object": "list", "data": data})
+        return _json({"object": "list", "data": data})
 
     async def _get_trajectory(self, request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
         trajectory = self._trajectories.get(task_id)
         if trajectory is None:
             raise _HttpError(404, "not_found_error", f"nothing recorded for task {task_id!r}")
-        return web.json_response(
-            json_format.MessageToDict(trajectory, preserving_proto_field_name=True)
-        )
+        return _json(json_format.MessageToDict(trajectory, preserving_proto_field_name=True))
 
     async def _delete_trajectory(self, request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
         if self._trajectories.pop(task_id, None) is None:
             raise _HttpError(404, "not_found_error", f"nothing recorded for task {task_id!r}")
-        return web.json_response({"deleted": task_id})
+        return _json({"deleted": task_id})
 
     async def _health(self, request: web.Request) -> web.Response:
         health = await self.model_service.health(common_pb2.HealthRequest())
-        return web.json_response({"ok": health.ok, "detail": health.detail})
+        return _json({"ok": health.ok, "detail": health.detail})

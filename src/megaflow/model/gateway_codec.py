@@ -6,8 +6,9 @@ message holding the prompt (the Model Service only serves chats). Anything malfo
 raises `InvalidRequestError` (HTTP 400).
 
 Responses: `chat_body` / `completion_body` build the non-streaming answers and
-`chat_chunks` / `completion_chunks` the SSE chunks of a streamed one. Token ids travel
-as vLLM does it: with `"return_token_ids": true` in the request the answer carries
+`chat_chunks` / `completion_chunks` the SSE chunks (JSON bytes) of a streamed one;
+the answers are dicts built straight from the response (no protobuf JSON round trip).
+Token ids travel as vLLM does it: with `"return_token_ids": true` in the request the answer carries
 `prompt_token_ids` at the top and `token_ids` in the choice; with `"logprobs": true`
 the choice carries `logprobs.content` with one entry per completion token, named
 `token_id:<id>` (the gateway has no tokenizer to spell tokens with).
@@ -15,11 +16,13 @@ the choice carries `logprobs.content` with one entry per completion token, named
 
 from __future__ import annotations
 
-import json
+import itertools
+import secrets
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
+
+import orjson
 
 from megaflow.core.errors import InvalidRequestError
 from megaflow.model.openai_messages import (
@@ -39,6 +42,11 @@ __all__ = [
 ]
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+# Answer ids: unique per process start (random prefix) and per answer (counter), without
+# a urandom call per request as uuid4 makes.
+_ID_PREFIX = secrets.token_hex(6)
+_ID_COUNTER = itertools.count(1)
 
 
 def _text(value: Any, where: str) -> str:
@@ -60,28 +68,56 @@ def _text(value: Any, where: str) -> str:
     raise InvalidRequestError(f"{where}: content must be a string or a list of parts")
 
 
-def _message(raw: Any, i: int) -> common_pb2.ChatMessage:
-    where = f"messages[{i}]"
+def _add_message(messages: Any, raw: Any, i: int) -> None:
+    """Append `raw` (an OpenAI message) to `messages` (a repeated ChatMessage field),
+    built in place: no message object is built and then copied in."""
     if not isinstance(raw, dict):
-        raise InvalidRequestError(f"{where} must be an object")
+        raise InvalidRequestError(f"messages[{i}] must be an object")
     role = raw.get("role")
     if role not in _ROLES:
-        raise InvalidRequestError(f"{where}.role must be one of {sorted(_ROLES)}, got {role!r}")
-    message = common_pb2.ChatMessage(
+        raise InvalidRequestError(
+            f"messages[{i}].role must be one of {sorted(_ROLES)}, got {role!r}"
+        )
+    content = raw.get("content")
+    message = messages.add(
         role="system" if role == "developer" else role,
-        content=_text(raw.get("content"), where),
-        name=str(raw.get("name") or ""),
-        tool_call_id=str(raw.get("tool_call_id") or ""),
+        content=content if type(content) is str else _text(content, f"messages[{i}]"),
     )
-    calls = raw.get("tool_calls") or []
+    name, tool_call_id, calls = raw.get("name"), raw.get("tool_call_id"), raw.get("tool_calls")
+    if name:
+        message.name = str(name)
+    if tool_call_id:
+        message.tool_call_id = str(tool_call_id)
+    if not calls:
+        return
     if not isinstance(calls, list):
-        raise InvalidRequestError(f"{where}.tool_calls must be a list")
+        raise InvalidRequestError(f"messages[{i}].tool_calls must be a list")
     for j, raw_call in enumerate(calls):
         call = tool_call_from_openai(raw_call)
         if call is None or not isinstance(raw_call["function"].get("name"), str):
-            raise InvalidRequestError(f"{where}.tool_calls[{j}] needs function.name")
+            raise InvalidRequestError(f"messages[{i}].tool_calls[{j}] needs function.name")
         message.tool_calls.append(call)
-    return message
+
+
+# An agent offers the same tools on every call: their specs are built once per distinct
+# list (keyed by its JSON), not once per call.
+_TOOLS_CACHE: dict[bytes, tuple[common_pb2.ToolSpec, ...]] = {}
+_TOOLS_CACHE_MAX = 256
+
+
+def _tools(raw: list[Any]) -> tuple[common_pb2.ToolSpec, ...]:
+    try:
+        key = orjson.dumps(raw)
+    except TypeError:  # not JSON-clean (cannot come from a parsed body): no caching
+        key = b""
+    specs = _TOOLS_CACHE.get(key) if key else None
+    if specs is None:
+        specs = tuple(_tool(t, i) for i, t in enumerate(raw))
+        if key:
+            if len(_TOOLS_CACHE) >= _TOOLS_CACHE_MAX:
+                _TOOLS_CACHE.clear()
+            _TOOLS_CACHE[key] = specs
+    return specs
 
 
 def _tool(raw: Any, i: int) -> common_pb2.ToolSpec:
@@ -127,12 +163,12 @@ def chat_request(body: Any, task_id: str) -> model_pb2.GenerateRequest:
     tools = body.get("tools") or []
     if not isinstance(tools, list):
         raise InvalidRequestError("tools must be a list")
-    request = model_pb2.GenerateRequest(
-        task_id=task_id,
-        model=_model(body),
-        messages=[_message(m, i) for i, m in enumerate(messages)],
-        tools=[_tool(t, i) for i, t in enumerate(tools)],
-    )
+    request = model_pb2.GenerateRequest(task_id=task_id, model=_model(body))
+    repeated = request.messages
+    for i, raw in enumerate(messages):
+        _add_message(repeated, raw, i)
+    if tools:
+        request.tools.extend(_tools(tools))
     _sampling(body, request)
     return request
 
@@ -192,7 +228,7 @@ def _extras(body: dict[str, Any], response: model_pb2.GenerateResponse) -> dict[
 
 def _envelope(kind: str, response: model_pb2.GenerateResponse) -> dict[str, Any]:
     return {
-        "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+        "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{_ID_PREFIX}{next(_ID_COUNTER):012x}",
         "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": int(time.time()),
         "model": response.model,
@@ -241,14 +277,14 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
-def chat_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse) -> Iterator[str]:
+def chat_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse) -> Iterator[bytes]:
     """The SSE `data:` payloads of a streamed chat completion (without `[DONE]`)."""
     head = {**_envelope("chat", response), "object": "chat.completion.chunk"}
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> str:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         choice.update(more)
-        return json.dumps({**head, "choices": [choice]})
+        return orjson.dumps({**head, "choices": [choice]})
 
     # The token ids and logprobs of the whole answer ride on the first chunk.
     extra: dict[str, Any] = {}
@@ -274,13 +310,15 @@ def chat_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse) -> I
         )
     yield chunk({}, _finish(response))
     if _include_usage(body):
-        yield json.dumps({**head, "choices": [], "usage": _usage(response)})
+        yield orjson.dumps({**head, "choices": [], "usage": _usage(response)})
 
 
-def completion_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse) -> Iterator[str]:
+def completion_chunks(
+    body: dict[str, Any], response: model_pb2.GenerateResponse
+) -> Iterator[bytes]:
     """The SSE `data:` payloads of a streamed text completion (without `[DONE]`)."""
     head = _envelope("text", response)
-    yield json.dumps(
+    yield orjson.dumps(
         {
             **head,
             "choices": [
@@ -293,7 +331,7 @@ def completion_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse
             ],
         }
     )
-    yield json.dumps(
+    yield orjson.dumps(
         {
             **head,
             "choices": [
@@ -302,4 +340,4 @@ def completion_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse
         }
     )
     if _include_usage(body):
-        yield json.dumps({**head, "choices": [], "usage": _usage(response)})
+        yield orjson.dumps({**head, "choices": [], "usage": _usage(response)})
