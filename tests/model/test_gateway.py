@@ -103,6 +103,26 @@ async def test_a_tool_call_round_trip(gateway: Gateway) -> None:
     client.close()
 
 
+async def test_tool_choice_reaches_the_model(gateway: Gateway) -> None:
+    """OpenAI's `tool_choice` is passed on: "none" gets no tool call, a named function
+    gets a call of that function; a malformed one is a 400 naming the field."""
+    client = _client(gateway)
+
+    def ask(choice: Any) -> Any:
+        return client.chat.completions.create(
+            model="sim", messages=_opening(), tools=_tools(), tool_choice=choice
+        )
+
+    none = (await asyncio.to_thread(ask, "none")).choices[0]
+    assert not none.message.tool_calls and none.finish_reason == "stop"
+    named = await asyncio.to_thread(ask, {"type": "function", "function": {"name": tools.SUBMIT}})
+    (call,) = named.choices[0].message.tool_calls or []
+    assert call.function.name == tools.SUBMIT
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        await asyncio.to_thread(ask, {"type": "function"})
+    client.close()
+
+
 async def test_streaming_chat_matches_the_plain_answer(gateway: Gateway) -> None:
     client = _client(gateway)
     plain = await asyncio.to_thread(

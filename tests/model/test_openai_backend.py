@@ -381,6 +381,7 @@ async def test_request_and_response_conversion(
             common_pb2.ChatMessage(role="tool", content="a.py", tool_call_id="c1", name="bash"),
         ],
         tools=tool_specs()[:1],
+        tool_choice="bash",
         max_tokens=32,
         temperature=0.0,
     )
@@ -408,6 +409,7 @@ async def test_request_and_response_conversion(
     assert tool["type"] == "function" and tool["function"]["name"] == "bash"
     assert tool["function"]["parameters"]["required"] == ["command"]
     assert tool["function"]["description"]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "bash"}}
 
     assert resp.message.content == ""
     [call] = resp.message.tool_calls

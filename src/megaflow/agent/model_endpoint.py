@@ -118,7 +118,7 @@ class SessionModelService:
             if sent:
                 session.start_conversation()
             new = request.messages
-        session.set_tools(request.tools)
+        session.set_tools(request.tools, request.tool_choice)
         message = await session.generate(new)
         self._sent[request.task_id] = [*keys, _message_key(message)]
         turn = session.trajectory.turns[-1]

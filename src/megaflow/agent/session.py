@@ -161,10 +161,12 @@ class TaskSession:
         """Model turns taken so far (this attempt and the ones it resumed)."""
         return len(self.trajectory.turns)
 
-    def set_tools(self, tools: Sequence[common_pb2.ToolSpec]) -> None:
-        """The tools offered to the model on every following turn."""
+    def set_tools(self, tools: Sequence[common_pb2.ToolSpec], tool_choice: str = "") -> None:
+        """The tools offered to the model on every following turn, and OpenAI's
+        `tool_choice` ("" / "auto", "none", "required" or a function's name)."""
         del self._request.tools[:]
         self._request.tools.extend(tools)
+        self._request.tool_choice = tool_choice
 
     async def generate(self, messages: Sequence[common_pb2.ChatMessage]) -> common_pb2.ChatMessage:
         """One model turn: `messages` (what is new since the last turn) are added to the

@@ -169,8 +169,27 @@ def chat_request(body: Any, task_id: str) -> model_pb2.GenerateRequest:
         _add_message(repeated, raw, i)
     if tools:
         request.tools.extend(_tools(tools))
+    choice = body.get("tool_choice")
+    if choice is not None:
+        request.tool_choice = _tool_choice(choice)
     _sampling(body, request)
     return request
+
+
+def _tool_choice(raw: Any) -> str:
+    """OpenAI's `tool_choice` as `GenerateRequest.tool_choice`: "auto", "none",
+    "required", or {"type": "function", "function": {"name": X}} as X."""
+    if raw in ("auto", "none", "required"):
+        return str(raw)
+    if isinstance(raw, dict) and raw.get("type") == "function":
+        function = raw.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str) and name:
+            return name
+    raise InvalidRequestError(
+        "tool_choice must be 'auto', 'none', 'required' or "
+        "{'type': 'function', 'function': {'name': ...}}"
+    )
 
 
 def completion_request(body: Any, task_id: str) -> model_pb2.GenerateRequest:

@@ -522,6 +522,12 @@ class OpenAIBackend:
         }
         if request.tools:
             body["tools"] = [tool_to_openai(t) for t in request.tools]
+        if choice := request.tool_choice:
+            body["tool_choice"] = (
+                choice
+                if choice in ("auto", "none", "required")
+                else {"type": "function", "function": {"name": choice}}
+            )
         if request.max_tokens:
             body["max_tokens"] = request.max_tokens
         if self.config.request_logprobs:
