@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from megaflow.testing.llm_katan import DEFAULT_API_KEY, LlmKatanServer, free_port
+from megaflow.testing.processes import spawn_logged, stop_group
+from megaflow.testing.server import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -94,6 +96,30 @@ def test_a_wrong_key_is_one_clear_error(katan: LlmKatanServer, tmp_path: Path) -
     err = _one_line(proc.stderr)
     assert "rejected the API key (HTTP 401" in err and "check OPENAI_API_KEY" in err, err
     _no_task_started(tmp_path, proc)
+
+
+def test_serve_model_refuses_a_wrong_model_but_waits_for_a_server_still_starting(
+    katan: LlmKatanServer, tmp_path: Path
+) -> None:
+    """`megaflow serve model` fronting an OpenAI server: a model it does not serve is one
+    clear error at start (exit 2); a server not answering yet is not (it may be loading):
+    the service starts, and is stopped here by its PID."""
+    env = {**os.environ, "OPENAI_API_KEY": DEFAULT_API_KEY}
+    serve = [sys.executable, "-m", "megaflow.cli", "serve", "model", "--listen", "127.0.0.1:0"]
+    wrong = subprocess.run(
+        [*serve, "--model", f"openai:{katan.base_url}#gpt-nope"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert wrong.returncode == 2, wrong.stderr
+    assert "does not serve model 'gpt-nope'" in _one_line(wrong.stderr), wrong.stderr
+    absent = f"openai:http://127.0.0.1:{free_port()}#m"
+    proc = spawn_logged([*serve, "--model", absent], tmp_path / "serve.log", env=env)
+    try:
+        wait_for("the model service to start",
+                 lambda: "ready on" in (tmp_path / "serve.log").read_text(), 60,
+                 lambda: (tmp_path / "serve.log").read_text())  # fmt: skip
+    finally:
+        stop_group(proc)
 
 
 def test_a_run_whose_tasks_all_end_without_a_result_exits_1(tmp_path: Path) -> None:

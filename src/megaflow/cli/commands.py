@@ -158,14 +158,20 @@ async def run_command(
     task_specs: list[common_pb2.TaskSpec] | None = None,
     keep_images: bool = False,
     resume: str | None = None,
+    scaffold: common_pb2.ScaffoldSpec | None = None,
 ) -> RunSummary:
     """`task_specs`: run these (a loaded task set) instead of `tasks` synthetic ones; with
-    `keep_images` each keeps its own image (no --image given)."""
+    `keep_images` each keeps its own image (no --image given). `scaffold`: of every task
+    that names none."""
     placement = placement or RunPlacement()
     if task_specs is None:
         specs = run_specs(tasks, seed, placement, step_timeout_s)
     else:
         specs = place_tasks(task_specs, placement, step_timeout_s, keep_images)
+    if scaffold is not None:
+        for spec in specs:
+            if not spec.scaffold.type:
+                spec.scaffold.CopyFrom(scaffold)
     kept: list[dict[str, Any]] = []
     if resume and not scheduler:  # an earlier run's folder: keep its scored tasks
         earlier = await read_earlier(Path(resume))

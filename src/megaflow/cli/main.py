@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,6 +18,7 @@ from megaflow.env.service import EnvServiceConfig
 
 if TYPE_CHECKING:
     from megaflow.tasks.sources import LoadedTasks
+    from megaflow.v1 import common_pb2
 
 app = typer.Typer(
     help="MegaFlow: agent tasks at scale.", no_args_is_help=True, add_completion=False
@@ -142,6 +144,14 @@ def run(
             "--scheduler): run only its tasks that have no scored result, keeping the others."
         ),
     ] = None,
+    scaffold: Annotated[
+        str | None,
+        typer.Option(
+            help="The agent scaffold of every task that names none: a name (tool-agent, "
+            "mini-swe-agent, qwen-code, command, an entry point or package.module:Class) or "
+            'a JSON object {"type": NAME, ...its config}.'
+        ),
+    ] = None,
     log_level: LogLevel = "warning",
 ) -> None:
     """Run N synthetic software-engineering tasks and write trajectories and rewards.
@@ -165,6 +175,7 @@ def run(
             raise typer.Exit(2) from None
     from megaflow.cli.commands import resolve_placement, run_command
 
+    chosen = _scaffold_option(scaffold, check=not scheduler) if scaffold else None
     try:
         placement = resolve_placement(
             env=env,
@@ -207,6 +218,7 @@ def run(
                 task_specs=loaded.tasks if loaded is not None else None,
                 keep_images=image is None,
                 resume=resume,
+                scaffold=chosen,
             )
         )
     except InvalidRequestError as exc:  # e.g. another run still going in --out
@@ -229,6 +241,26 @@ def run(
     # A task without a result (infra, invalid, cancelled, never finished) fails the run.
     complete = summary.finished == summary.total and not summary.unscored
     raise typer.Exit(0 if complete else 1)
+
+
+def _scaffold_option(value: str, *, check: bool) -> common_pb2.ScaffoldSpec:
+    """--scaffold as a `ScaffoldSpec`; with `check` (the agents run here) an unknown
+    scaffold or a bad config is a usage error now, not an `invalid` result per task."""
+    from megaflow._tasks import scaffold_spec
+    from megaflow.agent.scaffold import scaffold_factory
+
+    try:
+        raw: str | dict[str, Any] = value
+        if value.lstrip().startswith(("{", "[")):
+            raw = json.loads(value)
+            if not isinstance(raw, dict):
+                raise InvalidRequestError("--scaffold JSON must be an object")
+        spec = scaffold_spec(raw)
+        if check:
+            scaffold_factory(spec)
+    except (ValueError, InvalidRequestError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--scaffold") from None
+    return spec
 
 
 def _load_task_set(path: Path, settings: str | None) -> LoadedTasks:
@@ -405,6 +437,13 @@ def serve_model(
             raise typer.BadParameter(str(exc), param_hint="--openai-listen") from None
     elif gateway_workers > 1:
         raise typer.BadParameter("needs --openai-listen", param_hint="--gateway-workers")
+    from megaflow.cli.preflight import check_model_spec
+
+    try:  # a wrong key or model name is one clear error (a server still starting is not)
+        check_model_spec(model, allow_unreachable=True)
+    except InvalidRequestError as exc:
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(2) from None
     _logging(log_level)
     asyncio.run(
         serve_model_command(
