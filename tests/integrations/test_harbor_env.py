@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -65,7 +66,7 @@ def _task(
     return files
 
 
-BINARY = bytes(range(256)) * 64
+BINARY = random.Random(16).randbytes(9 * 1024 * 1024)  # more than one 6 MiB transfer piece
 BINARY_SHA256 = hashlib.sha256(BINARY).hexdigest()
 TASKS: dict[str, tuple[dict[str, str | bytes], dict[str, float]]] = {
     # name: (files, the rewards its oracle run deserves)
@@ -154,10 +155,14 @@ TASKS: dict[str, tuple[dict[str, str | bytes], dict[str, float]]] = {
         ),
         {"reward": 1.0},
     ),
-    "big-log": (  # a verifier log larger than a step's output cap comes back whole
+    "big-log": (  # verifier output larger than a step's output cap (and than a transfer
+        # piece, 9 MiB of random bytes) comes back whole
         _task(
             solve="true\n",
-            test="seq 1 200000 > /logs/verifier/big.txt\necho 1 > /logs/verifier/reward.txt\n",
+            test="seq 1 200000 > /logs/verifier/big.txt\n"
+            "head -c 9437184 /dev/urandom > /logs/verifier/random.bin\n"
+            "sha256sum < /logs/verifier/random.bin | cut -c1-64 > /logs/verifier/random.sha256\n"
+            "echo 1 > /logs/verifier/reward.txt\n",
         ),
         {"reward": 1.0},
     ),
@@ -288,8 +293,46 @@ def test_harbor_cli_runs_tasks_in_megaflow_sandboxes(
     assert not errors, "\n".join(errors)
     want = {name: [rewards] * ATTEMPTS for name, (_, rewards) in TASKS.items()}
     assert got == want
-    # The verifier's directory came back whole (a 1.3 MB log through the tar path).
-    big = [t / "verifier/big.txt" for t in trials if t.name.startswith("big-log")]
-    assert big and all(p.read_text() == "".join(f"{i}\n" for i in range(1, 200001)) for p in big)
+    # The verifier's folder came back whole (tar through base64 pieces).
+    big = [t / "verifier" for t in trials if t.name.startswith("big-log")]
+    assert len(big) == ATTEMPTS
+    for verifier in big:
+        assert (verifier / "big.txt").read_text() == "".join(f"{i}\n" for i in range(1, 200001))
+        blob = (verifier / "random.bin").read_bytes()
+        assert len(blob) == 9 * 1024 * 1024
+        assert hashlib.sha256(blob).hexdigest() == (verifier / "random.sha256").read_text().strip()
     # Every trial's sandbox was released by the adapter's stop (the server still runs).
     assert _sandboxes(sandboxes) == 0, f"sandboxes left under {sandboxes}"
+
+
+@pytest.mark.timeout(300)
+def test_an_unreachable_server_is_a_trial_error_naming_it(
+    harbor_root: Path, tmp_path: Path, unused_tcp_port: int
+) -> None:
+    work = tmp_path / "work"
+    (work / "home").mkdir(parents=True)
+    files, _ = TASKS["hello"]
+    for rel, content in files.items():
+        path = work / "tasks/hello" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+    run = _harbor(
+        harbor_root,
+        work,
+        url,
+        "run",
+        "--path", "/work/tasks",
+        "--agent", "oracle",
+        "--env", "harbor_env:MegaFlowEnvironment",
+        "--jobs-dir", "/work/jobs",
+        "--job-name", "unreachable",
+        "--quiet",
+        "--yes",
+    )  # fmt: skip
+    results = list((work / "jobs/unreachable").glob("*/result.json"))
+    assert len(results) == 1, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    info = json.loads(results[0].read_text())["exception_info"]
+    assert info is not None
+    assert info["exception_type"] == "MegaFlowError", info
+    assert f"cannot reach MegaFlow's OpenEnv server at {url}" in info["exception_message"], info

@@ -125,9 +125,15 @@ class MegaFlowEnvironment(BaseEnvironment):  # type: ignore[misc]
         ws_url = self._url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
         self._http = aiohttp.ClientSession()
         try:
-            self._ws = await self._http.ws_connect(
-                f"{ws_url}/ws", heartbeat=20.0, max_msg_size=0, autoping=True
-            )
+            try:
+                self._ws = await self._http.ws_connect(
+                    f"{ws_url}/ws", heartbeat=20.0, max_msg_size=0, autoping=True
+                )
+            except aiohttp.ClientError as exc:
+                raise MegaFlowError(
+                    f"cannot reach MegaFlow's OpenEnv server at {self._url} (`megaflow serve "
+                    f"openenv`; set --ek url=... or $MEGAFLOW_OPENENV_URL): {exc}"
+                ) from exc
             task: dict[str, Any] = {"episode_id": self.session_id}
             if self._image:
                 task["image"] = self._image
