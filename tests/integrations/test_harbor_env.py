@@ -48,10 +48,11 @@ def _task(
     env_files: dict[str, str | bytes] | None = None,
     test_files: dict[str, str] | None = None,
     solution_files: dict[str, str | bytes] | None = None,
+    agent_timeout_s: float = 120.0,
 ) -> dict[str, str | bytes]:
     files: dict[str, str | bytes] = {
         "task.toml": 'schema_version = "1.4"\n[verifier]\ntimeout_sec = 120.0\n'
-        "[agent]\ntimeout_sec = 120.0\n" + toml,
+        f"[agent]\ntimeout_sec = {agent_timeout_s}\n" + toml,
         "instruction.md": "Do what solution/solve.sh does.\n",
         "environment/Dockerfile": "FROM debian:12\n",
         "solution/solve.sh": "#!/bin/bash\nset -e\n" + solve,
@@ -152,6 +153,15 @@ TASKS: dict[str, tuple[dict[str, str | bytes], dict[str, float]]] = {
             solve="(exec 3<>/dev/tcp/1.1.1.1/53) 2>/dev/null && echo online > net.txt "
             "|| echo offline > net.txt\n",
             test=CHECK.format(cond='[ "$(cat net.txt)" = offline ]'),
+        ),
+        {"reward": 1.0},
+    ),
+    "agent-timeout": (  # the oracle runs past the agent's timeout: Harbor cancels its exec,
+        # the command stops in the sandbox, and the verifier runs at once
+        _task(
+            solve="echo started > started.txt\nsleep 40\necho late > late.txt\n",
+            test=CHECK.format(cond="[ -f started.txt ] && [ ! -f late.txt ] && ! pgrep -x sleep"),
+            agent_timeout_s=3.0,
         ),
         {"reward": 1.0},
     ),
@@ -284,7 +294,9 @@ def test_harbor_cli_runs_tasks_in_megaflow_sandboxes(
     errors = []
     for trial in trials:
         result = json.loads((trial / "result.json").read_text())
-        if result.get("exception_info"):
+        if result.get("exception_info") and result["task_name"] == "agent-timeout":
+            assert result["exception_info"]["exception_type"] == "AgentTimeoutError", result
+        elif result.get("exception_info"):
             info = result["exception_info"]
             tail = info.get("exception_traceback", "")[-1500:]
             errors.append(f"{trial.name}: {info.get('exception_type')}: {tail}")

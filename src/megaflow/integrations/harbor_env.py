@@ -15,6 +15,9 @@ server (``megaflow serve openenv``, docs/openenv.md), one WebSocket session each
 - uploads and downloads are tar archives, base64 in files under ``/tmp`` of the
   sandbox, moved with the ``write_file``/``read_file`` actions (binary-safe, any size:
   chunks of at most ``CHUNK_BYTES``) and packed or unpacked by ``tar`` in the sandbox.
+- an ``exec`` that Harbor cancels (an agent past its timeout) sends a ``cancel``
+  message: the server stops the command in the sandbox, so the next one (the
+  verifier) runs at once, on a sandbox where the agent's command no longer runs.
 - ``stop`` closes the session: the server releases the sandbox (and does so too when
   the socket drops, or this process dies and the sandbox's lease runs out).
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -89,6 +93,7 @@ class MegaFlowEnvironment(BaseEnvironment):  # type: ignore[misc]
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._lock = asyncio.Lock()
+        self._unanswered = 0  # cancelled steps whose answer is still to come
         self._sandbox_workdir = "/workspace"
         super().__init__(*args, **kwargs)
 
@@ -190,8 +195,21 @@ class MegaFlowEnvironment(BaseEnvironment):  # type: ignore[misc]
         if ws is None or ws.closed:
             raise MegaFlowError(f"{self.session_id}: no MegaFlow session (not started, or closed)")
         async with self._lock:
+            await self._drain(ws)
             await ws.send_json({"type": kind, "data": data})
-            message = await ws.receive(timeout=wait_s)
+            try:
+                message = await ws.receive(timeout=wait_s)
+            except (asyncio.CancelledError, TimeoutError) as exc:
+                # Harbor gave up on it (an agent's timeout cancels its exec), or no answer
+                # came: stop the step in the sandbox; its answer is dropped later.
+                self._unanswered += 1
+                with contextlib.suppress(aiohttp.ClientError, ConnectionError, RuntimeError):
+                    await ws.send_json({"type": "cancel"})
+                if isinstance(exc, TimeoutError):
+                    raise MegaFlowError(
+                        f"{self.session_id}: no answer from MegaFlow in {wait_s:g}s"
+                    ) from exc
+                raise
         if message.type != aiohttp.WSMsgType.TEXT:
             raise MegaFlowError(
                 f"{self.session_id}: the MegaFlow session ended ({message.type.name}: "
@@ -205,6 +223,15 @@ class MegaFlowEnvironment(BaseEnvironment):  # type: ignore[misc]
             )
         result: dict[str, Any] = frame.get("data") or {}
         return result
+
+    async def _drain(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Read (and drop) the answers of cancelled steps: the server answers each
+        message once, in order, a cancelled step soon after the cancel."""
+        while self._unanswered:
+            message = await ws.receive(timeout=REPLY_MARGIN_S)
+            if message.type != aiohttp.WSMsgType.TEXT:
+                raise MegaFlowError(f"{self.session_id}: the MegaFlow session ended")
+            self._unanswered -= 1
 
     async def _step(self, action: dict[str, Any], wait_s: float | None) -> dict[str, Any]:
         observation: dict[str, Any] = (await self._call("step", action, wait_s=wait_s))[
