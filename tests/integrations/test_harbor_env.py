@@ -237,11 +237,11 @@ def _write_tasks(folder: Path) -> None:
 
 
 def _harbor(root: Path, work: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`harbor ARGS` in its rootfs: host network, /proc, /dev; `work` at /work; the
-    adapter alone on PYTHONPATH."""
+    """`harbor ARGS` in its rootfs (read-only: the cached copy stays as built): host
+    network, /proc, /dev; `work` at /work; the adapter alone on PYTHONPATH."""
     argv = [
         "bwrap",
-        "--bind", str(root), "/",
+        "--ro-bind", str(root), "/",
         "--proc", "/proc",
         "--dev", "/dev",
         "--tmpfs", "/tmp",

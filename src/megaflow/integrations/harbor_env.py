@@ -68,6 +68,8 @@ CHUNK_BYTES = 6 * 1024 * 1024
 """Largest base64 piece per file action (the sandbox's file actions take 8 MiB)."""
 SKIPPED_CONTEXT = ("Dockerfile", "docker-compose.yaml", "docker-compose.yml", ".dockerignore")
 """Build files of environment/ that are not copied into the workdir."""
+MEGAFLOW_IMAGES = ("docker://", "registry:", "oci:", "dir:", "tar:")
+"""Prefixes of MegaFlow image references, passed as they are (others get docker://)."""
 REPLY_MARGIN_S = 60.0
 """How much longer than a command's budget to wait for the server's answer."""
 
@@ -116,7 +118,9 @@ class MegaFlowEnvironment(BaseEnvironment):  # type: ignore[misc]
             return self._image_option
         docker_image = self.task_env_config.docker_image
         if docker_image:
-            return docker_image if "://" in docker_image else f"docker://{docker_image}"
+            if docker_image == "host" or docker_image.startswith(MEGAFLOW_IMAGES):
+                return docker_image
+            return f"docker://{docker_image}"
         return None
 
     @property
