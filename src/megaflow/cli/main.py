@@ -553,6 +553,13 @@ def serve_openenv(
     sandbox_dir: Annotated[
         Path, typer.Option(help="Where sandboxes live (embedded sandboxes).")
     ] = DEFAULT_SANDBOX_DIR,
+    writable_dir: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An absolute folder every embedded sandbox may write besides /workspace "
+            "and /tmp (repeatable; Harbor tasks need /logs, /tests, /solution).",
+        ),
+    ] = None,
     log_level: LogLevel = "info",
 ) -> None:
     """An OpenEnv-compatible environment server (HTTP and per-session WebSocket /ws):
@@ -561,7 +568,10 @@ def serve_openenv(
 
     _logging(log_level)
     config = OpenEnvConfig(image=image, max_sessions=max_sessions, idle_timeout_s=idle_timeout)
-    env_config = EnvServiceConfig(root_dir=sandbox_dir, max_environments=capacity)
+    backends = {"local": {"writable_dirs": writable_dir}} if writable_dir else {}
+    env_config = EnvServiceConfig(
+        root_dir=sandbox_dir, max_environments=capacity, backends=backends
+    )
     asyncio.run(serve(listen, config, env_address=env_address, env_config=env_config))
 
 

@@ -184,6 +184,8 @@ class Session:
         self.done = False
         self.busy = 0
         self.closed = False
+        self.current: asyncio.Task[dict[str, Any] | None] | None = None
+        """The message being answered (a ``cancel`` message cancels it)."""
         self.last_used = time.monotonic()
         self.renewed = self.last_used
 
@@ -317,6 +319,17 @@ class Session:
             await asyncio.shield(self.release())
         except Exception as exc:  # the lease reaper gets it if this fails
             log.warning("cannot release the environment of session %s: %s", self.session_id, exc)
+
+
+def _is_cancel(raw: str) -> bool:
+    """A ``{"type": "cancel"}`` message: MegaFlow's extension of OpenEnv's protocol that
+    stops the step being answered (it is answered with a ``CANCELLED`` error frame; a
+    cancel with nothing in flight is ignored, and never answered)."""
+    try:
+        message = json.loads(raw)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(message, dict) and message.get("type") == "cancel"
 
 
 def _error(message: str, code: str, **extra: Any) -> dict[str, Any]:
@@ -536,6 +549,10 @@ class OpenEnvServer:
             # Read all the time, so that pings are answered while a step runs.
             async for message in ws:
                 if message.type == WSMsgType.TEXT:
+                    if '"cancel"' in message.data and _is_cancel(message.data):
+                        if session.current is not None:
+                            session.current.cancel()
+                        continue
                     inbox.put_nowait(message.data)
                 elif message.type == WSMsgType.BINARY:
                     inbox.put_nowait(message.data.decode(errors="replace"))
@@ -559,9 +576,17 @@ class OpenEnvServer:
             if session.closed:
                 return
             session.busy += 1
+            answer = session.current = asyncio.create_task(self._answer(session, raw))
             try:
-                reply = await self._answer(session, raw)
+                reply = await answer
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # this worker is being stopped
+                    answer.cancel()
+                    raise
+                reply = _error("cancelled by a cancel message", "CANCELLED")
             finally:
+                session.current = None
                 session.busy -= 1
                 session.touch()
             if reply is None:  # `close`

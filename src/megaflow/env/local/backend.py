@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from megaflow.core.errors import InvalidRequestError
 from megaflow.env.config import EnvServiceConfig
@@ -32,6 +32,12 @@ class LocalBackendConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    writable_dirs: tuple[str, ...] = Field(
+        default=(),
+        description="Absolute folders every sandbox may write besides /workspace and /tmp "
+        "(each a private folder of the sandbox; e.g. Harbor's /logs, /tests, /solution).",
+    )
+
 
 class LocalBackend:
     """Builds `LocalSandbox`es under the service's ``root_dir``."""
@@ -42,6 +48,7 @@ class LocalBackend:
 
     def __init__(self, service: EnvServiceConfig, config: Any = None) -> None:
         self.service = service
+        self.config: LocalBackendConfig = config or LocalBackendConfig()
         self._images: ImageStore | None = None  # made on the first image other than "host"
         self._pinned: dict[str, Image] = {}  # sandbox id -> the image it runs on
 
@@ -85,6 +92,8 @@ class LocalBackend:
             limits["cpu_shares"] = spec.cpu_shares
         if spec.disk_mib:
             limits["disk_mib"] = spec.disk_mib
+        if self.config.writable_dirs:
+            limits["writable_dirs"] = self.config.writable_dirs
         root_dir = self.service.root_dir
         if spec.image == "host":
             return LocalSandbox(sandbox_id, root_dir=root_dir, **limits)

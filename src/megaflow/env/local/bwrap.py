@@ -41,12 +41,16 @@ def bwrap_argv(
     sockets: Path | None = None,
     extra_path: Sequence[str] = (),
     seccomp_fd: int | None = None,
+    writable_dirs: Sequence[tuple[Path, str]] = (),
 ) -> list[str]:
     """The bwrap argv that starts ``bash`` in a fresh sandbox.
 
     ``sockets``: a host folder bound read-only at ``/run/megaflow`` (`SOCKET_DIR`): the
     agent's unix sockets appear there (a connect needs no write access), the sandbox's
     only way to the outside.
+    ``writable_dirs``: (host folder, absolute path) pairs: more writable folders besides
+    /workspace and /tmp (e.g. Harbor's /logs, /tests, /solution), each a private host
+    folder of the sandbox.
     ``seccomp_fd``: a readable descriptor holding the BPF program of
     :mod:`megaflow.env.local.seccomp` (bwrap reads it once, at start).
     """
@@ -87,6 +91,11 @@ def bwrap_argv(
         str(inbox),
         INBOX,
         *(["--dir", SOCKET_DIR, "--ro-bind", str(sockets), SOCKET_DIR] if sockets else []),
+        *(
+            arg
+            for host, path in writable_dirs
+            for arg in ("--dir", path, "--bind", str(host), path)
+        ),
         "--tmpfs",
         "/tmp",
         "--proc",

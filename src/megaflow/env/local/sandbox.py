@@ -121,6 +121,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
         extra_path: Sequence[str] = (),
         cpu_shares: int = CPU_SHARES_DEFAULT,
         disk_mib: int = 0,
+        writable_dirs: Sequence[str] = (),
     ) -> None:
         if not _SANDBOX_ID.fullmatch(sandbox_id):
             raise InvalidRequestError(f"invalid sandbox id {sandbox_id!r}")
@@ -136,6 +137,12 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
             )
         if any(":" in p or "\0" in p or not p.startswith("/") for p in extra_path):
             raise InvalidRequestError(f"extra_path entries must be absolute: {extra_path!r}")
+        bad = [p for p in writable_dirs if not _writable_dir_ok(p)]
+        if bad:
+            raise InvalidRequestError(
+                f"writable_dirs must be absolute, normalized and outside the sandbox's own "
+                f"folders (/workspace, /tmp, /proc, /dev, /run/megaflow, /.megaflow): {bad!r}"
+            )
         super().__init__(sandbox_id)
         self._root_dir = Path(root_dir)
         self._dir = self._root_dir / sandbox_id
@@ -149,6 +156,9 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
         self._pids = pids
         self._output_bytes = output_bytes
         self._extra_path = tuple(extra_path)
+        self._writable = tuple(
+            (self._dir / "writable" / p.strip("/").replace("/", "%"), p) for p in writable_dirs
+        )
         self._cpu_shares = cpu_shares
         self._disk_mib = disk_mib
         self._frozen = False
@@ -263,6 +273,8 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
             mount_workspace(self.host_workspace, self._disk_mib)
         self._inbox.mkdir()
         self.host_socket_dir.mkdir()
+        for host, _ in self._writable:
+            host.mkdir(parents=True)
         self._cgroups = SandboxCgroups.create(
             layout,
             name,
@@ -290,6 +302,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
                 sockets=self.host_socket_dir,
                 extra_path=self._extra_path,
                 seccomp_fd=seccomp_fd,
+                writable_dirs=self._writable,
             ),
             self._cgroups.procs_files,
         )
@@ -465,3 +478,15 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
 def _sandbox_path(path: str) -> str:
     """Validate a sandbox path; relative paths are taken relative to /workspace."""
     return sandbox_path(path, WORKDIR)
+
+
+_OWN_DIRS = ("/workspace", "/tmp", "/proc", "/dev", "/run/megaflow", "/.megaflow")
+
+
+def _writable_dir_ok(path: str) -> bool:
+    """An extra writable folder: absolute, normalized, not / and not over the sandbox's own."""
+    if not path.startswith("/") or path == "/" or os.path.normpath(path) != path:
+        return False
+    return not any(
+        path == d or path.startswith(d + "/") or d.startswith(path + "/") for d in _OWN_DIRS
+    )
