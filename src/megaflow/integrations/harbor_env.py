@@ -116,7 +116,7 @@ class MegaFlowEnvironment(BaseEnvironment):  # type: ignore[misc]
     def _image(self) -> str | None:
         if self._image_option:
             return self._image_option
-        docker_image = self.task_env_config.docker_image
+        docker_image: str | None = self.task_env_config.docker_image
         if docker_image:
             if docker_image == "host" or docker_image.startswith(MEGAFLOW_IMAGES):
                 return docker_image
