@@ -15,12 +15,10 @@ import pytest
 
 from megaflow.agent.scaffold import SCAFFOLDS
 from megaflow.core.errors import ModelUnavailableError
-from megaflow.deploy.embedded import EmbeddedSystem
-from megaflow.deploy.run import RunSummary, run_batch
-from megaflow.env.service import EnvServiceConfig
+from megaflow.deploy.run import RunSummary
 from megaflow.model.backend import ModelBackend
-from megaflow.scheduler.state import SchedulerPolicy
 from megaflow.tasks.swe_synth import generate_tasks
+from megaflow.testing.embedded_runs import run_keeping_trajectories
 from megaflow.testing.scripted import ScriptedBackend
 from megaflow.testing.simulated_model import SimulatedBackend
 from megaflow.v1 import common_pb2, model_pb2
@@ -35,24 +33,9 @@ TEXT_MODE = {"config": ["mini_textbased.yaml"], "model": {"model_class": "litell
 async def _run(
     tmp_path: Path, backend: ModelBackend, tasks: list[common_pb2.TaskSpec], concurrency: int = 4
 ) -> tuple[RunSummary, dict[str, common_pb2.Trajectory]]:
-    system = EmbeddedSystem(
-        backends=[backend],
-        ledger_path=tmp_path / "ledger.sqlite",
-        env_config=EnvServiceConfig(root_dir=tmp_path / "sb"),
-        policy=SchedulerPolicy(default_max_attempts=2, retry_base_s=0.01),
+    return await run_keeping_trajectories(
+        tmp_path, backend, tasks, concurrency=concurrency, max_attempts=2
     )
-    trajectories: dict[str, common_pb2.Trajectory] = {}
-
-    def keep(event: object, summary: RunSummary) -> None:
-        trajectory = getattr(event, "trajectory", None)
-        if trajectory is not None and trajectory.task_id:
-            trajectories[trajectory.task_id] = trajectory
-
-    async with system:
-        summary = await run_batch(
-            system.scheduler, tasks, tmp_path / "out", max_concurrency=concurrency, on_event=keep
-        )
-    return summary, trajectories
 
 
 def _tasks(n: int, config: dict[str, object] | None, seed: int = 11) -> list[common_pb2.TaskSpec]:

@@ -17,12 +17,10 @@ import pytest
 from megaflow.agent.scaffold import SCAFFOLDS
 from megaflow.agent.session import TaskSession
 from megaflow.core.errors import ModelUnavailableError
-from megaflow.deploy.embedded import EmbeddedSystem
-from megaflow.deploy.run import RunSummary, run_batch
-from megaflow.env.service import EnvServiceConfig
+from megaflow.deploy.run import RunSummary
 from megaflow.model.backend import ModelBackend
-from megaflow.scheduler.state import SchedulerPolicy
 from megaflow.tasks.swe_synth import generate_tasks, reference_patch
+from megaflow.testing.embedded_runs import run_keeping_trajectories
 from megaflow.testing.scripted import ScriptedBackend
 from megaflow.v1 import common_pb2
 
@@ -99,24 +97,7 @@ def _script(tasks: list[common_pb2.TaskSpec], fail_at: int | None = None) -> Scr
 async def _run(
     tmp_path: Path, backend: ModelBackend, tasks: list[common_pb2.TaskSpec]
 ) -> tuple[RunSummary, dict[str, common_pb2.Trajectory]]:
-    system = EmbeddedSystem(
-        backends=[backend],
-        ledger_path=tmp_path / "ledger.sqlite",
-        env_config=EnvServiceConfig(root_dir=tmp_path / "sb"),
-        policy=SchedulerPolicy(default_max_attempts=3, retry_base_s=0.01),
-    )
-    trajectories: dict[str, common_pb2.Trajectory] = {}
-
-    def keep(event: object, summary: RunSummary) -> None:
-        trajectory = getattr(event, "trajectory", None)
-        if trajectory is not None and trajectory.task_id:
-            trajectories[trajectory.task_id] = trajectory
-
-    async with system:
-        summary = await run_batch(
-            system.scheduler, tasks, tmp_path / "out", max_concurrency=2, on_event=keep
-        )
-    return summary, trajectories
+    return await run_keeping_trajectories(tmp_path, backend, tasks)
 
 
 def _tasks(n: int, scaffold: str, config_json: str = "") -> list[common_pb2.TaskSpec]:

@@ -3,7 +3,6 @@ official `openai` client: models, chats with tools, streaming; stopped by PID.""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -20,6 +19,7 @@ from typer.testing import CliRunner
 from megaflow.agent import tools
 from megaflow.cli.main import app
 from megaflow.model.gateway import TASK_HEADER
+from megaflow.model.openai_messages import tool_to_openai
 from megaflow.tasks.swe_synth import generate_tasks
 from megaflow.testing.processes import ServiceProcess
 
@@ -33,17 +33,7 @@ def _free_port() -> int:
 
 
 def _tools() -> list[dict[str, Any]]:
-    return [
-        {
-            "type": "function",
-            "function": {
-                "name": s.name,
-                "description": s.description,
-                "parameters": json.loads(s.parameters_json_schema),
-            },
-        }
-        for s in tools.tool_specs()
-    ]
+    return [tool_to_openai(s) for s in tools.tool_specs()]
 
 
 def _opening() -> list[dict[str, Any]]:

@@ -410,3 +410,26 @@ async def test_an_agent_cancelled_while_it_releases_still_releases(tmp_path: Pat
         assert svc.live == 0
         await client.close()
     await model.stop()
+
+
+async def test_a_cancelled_command_line_stops_where_it_was(
+    service: SandboxEnvironmentService,
+) -> None:
+    """A step cancelled mid-command (its caller gone) stops the whole command line: the
+    shell unwinds it as the running program is killed, so the rest of the line (here
+    `echo b`) never runs. (Killing the program before signalling the shell let a busy
+    machine run the rest first.)"""
+    env_id = (await service.create_environment(env_pb2.CreateEnvironmentRequest(owner="t"))).env_id
+    for i in range(5):
+        line = f"echo a > a{i}; sleep 60; echo b > b{i}"
+        step = asyncio.ensure_future(
+            service.execute_step(env_pb2.ExecuteStepRequest(env_id=env_id, command=line))
+        )
+        await asyncio.sleep(0.05 * i)
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        check = f"ls b{i} 2>&1; pgrep -x sleep || echo no sleep"
+        reply = await service.execute_step(env_pb2.ExecuteStepRequest(env_id=env_id, command=check))
+        assert "No such file" in reply.output and "no sleep" in reply.output, (i, reply.output)
+    await service.release_environment(env_pb2.ReleaseEnvironmentRequest(env_id=env_id))

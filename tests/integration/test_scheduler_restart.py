@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from megaflow.testing.processes import ServiceProcess, kill_group, start_run
+from megaflow.testing.processes import ServiceProcess, kill_group, live_sandboxes, start_run
 from megaflow.testing.redis_server import RedisServer, redis_available
 from megaflow.testing.server import free_port, wait_for
 from megaflow.testing.simulated_model import SimulatedPolicy
@@ -35,14 +35,8 @@ CONCURRENCY = 16
 SUCCESS_RATE = 0.8
 
 
-def _sandboxes(root: Path) -> int:
-    if not root.is_dir():
-        return 0
-    return sum(1 for p in root.iterdir() if (p / "owner.json").exists())
-
-
-def _leftovers(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if (p / "owner.json").exists())
+def n_live(root: Path) -> int:
+    return len(live_sandboxes(root))
 
 
 def _lines(path: Path) -> int:
@@ -107,7 +101,7 @@ def test_scheduler_kill9_restart_the_run_continues_exactly_once(
             # crash with a quarter written and attempts holding sandboxes (on a loaded
             # machine a moment between waves can have few)
             wait_for("a quarter of the results, attempts in flight",
-                      lambda: _lines(results) >= TASKS // 4 and _sandboxes(sandboxes) >= 4, 120,
+                      lambda: _lines(results) >= TASKS // 4 and n_live(sandboxes) >= 4, 120,
                       detail)  # fmt: skip
             written_before = _lines(results)
             os.kill(procs["scheduler"].pid, signal.SIGKILL)
@@ -119,10 +113,10 @@ def test_scheduler_kill9_restart_the_run_continues_exactly_once(
             # whose CreateEnvironment was in flight releases by owner, which also undoes
             # that create (the agent never learnt its id): none is left to the env's
             # lease reaper.
-            live = _sandboxes(sandboxes)
+            live = n_live(sandboxes)
             wait_for(f"the orphaned attempts to release their sandboxes (of {live})",
-                      lambda: _sandboxes(sandboxes) == 0, 60,
-                      lambda: f"left: {_leftovers(sandboxes)}; {detail()}")  # fmt: skip
+                      lambda: n_live(sandboxes) == 0, 60,
+                      lambda: f"left: {live_sandboxes(sandboxes)}; {detail()}")  # fmt: skip
 
             procs["scheduler"] = scheduler(store, 2).start(timeout_s=60)
             restarted_s = time.monotonic() - killed_at

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 import megaflow.integrations
-from megaflow.testing.processes import ServiceProcess
+from megaflow.testing.processes import ServiceProcess, live_sandboxes, openenv_server
 
 pytestmark = pytest.mark.integration
 
@@ -179,12 +179,6 @@ TASKS: dict[str, tuple[dict[str, str | bytes], dict[str, float]]] = {
 }
 
 
-def _sandboxes(root: Path) -> int:
-    if not root.is_dir():
-        return 0
-    return sum(1 for p in root.iterdir() if (p / "owner.json").exists())
-
-
 @pytest.fixture(scope="module")
 def harbor_root() -> Path:
     """The rootfs `./dev` builds (setup_harbor). Missing is a failure, not a skip."""
@@ -203,26 +197,9 @@ def harbor_root() -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, Path]]:
     tmp = tmp_path_factory.mktemp("harbor-openenv")
-    root = tmp / "sandboxes"
     writable = [arg for path in WRITABLE for arg in ("--writable-dir", path)]
-    proc = ServiceProcess(
-        "openenv",
-        "--listen",
-        "127.0.0.1:0",
-        "--sandbox-dir",
-        str(root),
-        "--log-level",
-        "warning",
-        *writable,
-        log_path=tmp / "openenv.log",
-    )
-    proc.start(timeout_s=60.0)
-    try:
-        yield proc, root
-    finally:
-        code = proc.stop()
-        assert code == 0, proc.output()
-        assert _sandboxes(root) == 0, f"sandboxes left after the server stopped: {root}"
+    with openenv_server(tmp, *writable) as proc:
+        yield proc, tmp / "sandboxes"
 
 
 def _write_tasks(folder: Path) -> None:
@@ -314,7 +291,7 @@ def test_harbor_cli_runs_tasks_in_megaflow_sandboxes(
         assert len(blob) == 9 * 1024 * 1024
         assert hashlib.sha256(blob).hexdigest() == (verifier / "random.sha256").read_text().strip()
     # Every trial's sandbox was released by the adapter's stop (the server still runs).
-    assert _sandboxes(sandboxes) == 0, f"sandboxes left under {sandboxes}"
+    assert len(live_sandboxes(sandboxes)) == 0, f"sandboxes left under {sandboxes}"
 
 
 @pytest.mark.timeout(300)

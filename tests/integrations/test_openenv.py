@@ -30,7 +30,7 @@ from openenv.core.env_server.types import (
 
 from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.integrations.openenv import OpenEnvConfig, OpenEnvServer
-from megaflow.testing.processes import ServiceProcess, deployment
+from megaflow.testing.processes import ServiceProcess, deployment, live_sandboxes, openenv_server
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +38,11 @@ SESSIONS = 64
 PAUSE_S = 60.0
 
 
-def _sandboxes(root: Path) -> int:
-    if not root.is_dir():
-        return 0
-    return sum(1 for p in root.iterdir() if (p / "owner.json").exists())
-
-
 async def _until_no_sandbox(root: Path, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while _sandboxes(root) and time.monotonic() < deadline:
+    while len(live_sandboxes(root)) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    assert _sandboxes(root) == 0, f"sandboxes left under {root}"
+    assert len(live_sandboxes(root)) == 0, f"sandboxes left under {root}"
 
 
 class Server:
@@ -65,25 +59,8 @@ class Server:
 
 
 def _serve(tmp: Path, *args: str) -> Iterator[Server]:
-    root = tmp / "sandboxes"
-    proc = ServiceProcess(
-        "openenv",
-        "--listen",
-        "127.0.0.1:0",
-        "--sandbox-dir",
-        str(root),
-        "--log-level",
-        "warning",
-        *args,
-        log_path=tmp / "openenv.log",
-    )
-    proc.start(timeout_s=60.0)
-    try:
-        yield Server(proc, root)
-    finally:
-        code = proc.stop()
-        assert code == 0, proc.output()
-        assert _sandboxes(root) == 0, f"sandboxes left after the server stopped: {root}"
+    with openenv_server(tmp, *args) as proc:
+        yield Server(proc, tmp / "sandboxes")
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +107,7 @@ async def test_64_concurrent_sessions_and_one_kept_across_a_60s_pause(server: Se
 
     async def count_when_all_reset() -> None:
         await all_reset.wait()
-        held.append(_sandboxes(server.root))
+        held.append(len(live_sandboxes(server.root)))
 
     await asyncio.gather(count_when_all_reset(), *(session(i) for i in range(SESSIONS)))
     # Every session held its own sandbox at the same moment (and the paused one too).
@@ -202,7 +179,7 @@ async def test_a_dropped_connection_releases_its_sandbox(server: Server) -> None
     async with websockets.connect(ws_url) as ws:
         await ws.send('{"type": "reset", "data": {}}')
         assert '"observation"' in await ws.recv()
-        assert _sandboxes(server.root) == 1
+        assert len(live_sandboxes(server.root)) == 1
         ws.transport.abort()  # no close message, no close frame
     await _until_no_sandbox(server.root)
 
@@ -215,7 +192,7 @@ def idle_server(tmp_path: Path) -> Iterator[Server]:
 async def test_an_idle_session_is_released_and_told_so(idle_server: Server) -> None:
     async with idle_server.client() as env:
         await env.reset()
-        assert _sandboxes(idle_server.root) == 1
+        assert len(live_sandboxes(idle_server.root)) == 1
         await _until_no_sandbox(idle_server.root, timeout_s=15.0)
         # OpenEnv's client reconnects on its own: a new session, which has no sandbox
         # until its reset (never a silent fresh one in place of the lost state).

@@ -17,6 +17,7 @@ from megaflow.core.errors import ModelUnavailableError
 from megaflow.model.gateway import TASK_HEADER, Gateway, GatewayConfig
 from megaflow.model.latency import GpuLatencyModel, LatencyConfig
 from megaflow.model.openai import OpenAIBackend, OpenAIBackendConfig
+from megaflow.model.openai_messages import tool_to_openai
 from megaflow.model.service import ModelServiceConfig, ModelServiceImpl
 from megaflow.tasks.swe_synth import generate_tasks, parse_problem_statement
 from megaflow.testing.scripted import ScriptedBackend
@@ -42,17 +43,7 @@ def _client(gw: Gateway, api_key: str = "unused", **kw: Any) -> openai.OpenAI:
 
 
 def _tools() -> list[dict[str, Any]]:
-    return [
-        {
-            "type": "function",
-            "function": {
-                "name": s.name,
-                "description": s.description,
-                "parameters": json.loads(s.parameters_json_schema),
-            },
-        }
-        for s in tools.tool_specs()
-    ]
+    return [tool_to_openai(s) for s in tools.tool_specs()]
 
 
 def _opening() -> list[dict[str, Any]]:

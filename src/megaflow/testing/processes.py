@@ -185,3 +185,28 @@ def deployment(store: str, **services: Sequence[str]) -> Iterator[dict[str, Serv
     finally:
         for proc in reversed(list(procs.values())):
             proc.stop()
+
+
+def live_sandboxes(root: Path) -> list[str]:
+    """The local sandboxes under `root` still held (their folder has an owner file)."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "owner.json").exists())
+
+
+@contextlib.contextmanager
+def openenv_server(tmp: Path, *args: str) -> Iterator[ServiceProcess]:
+    """`megaflow serve openenv` on a free port with its sandboxes under `tmp/sandboxes`
+    (and `args`); stopped at the end, which must exit 0 and leave no sandbox."""
+    root = tmp / "sandboxes"
+    proc = ServiceProcess(
+        "openenv", "--listen", "127.0.0.1:0", "--sandbox-dir", str(root),
+        "--log-level", "warning", *args, log_path=tmp / "openenv.log",
+    )  # fmt: skip
+    proc.start(timeout_s=60.0)
+    try:
+        yield proc
+    finally:
+        code = proc.stop()
+        assert code == 0, proc.output()
+        assert not live_sandboxes(root), f"sandboxes left after the server stopped: {root}"

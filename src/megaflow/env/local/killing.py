@@ -52,12 +52,17 @@ class SandboxKilling:
         return procs.classify(procs.pids_in_namespace(ns)) if ns is not None else []
 
     def _kill_workload(self, *, signal_shell: bool) -> None:
-        """SIGKILL every process but bwrap's init and the shell; SIGUSR1 the shell."""
+        """SIGUSR1 the shell, then SIGKILL every process but bwrap's init and the shell.
+
+        In that order: the shell's trap is pending while it waits for the command it
+        runs, and runs (unwinding the command line) the moment that command dies. The
+        other way round, a shell whose child was killed could run the rest of the line
+        (``sleep 60; echo b``: the ``echo``) before the signal reached it."""
         members = self._members()
-        procs.kill(m.host_pid for m in members if m.ns_pid > procs.SHELL_NS_PID)
         if signal_shell:
             shell_pids = [m.host_pid for m in members if m.ns_pid == procs.SHELL_NS_PID]
             procs.kill(shell_pids, signal.SIGUSR1)
+        procs.kill(m.host_pid for m in members if m.ns_pid > procs.SHELL_NS_PID)
 
     def _killed_from_outside(self, shell: ShellProcess) -> str | None:
         """Why bwrap is dead when a signal neither this object nor the sandbox's own
