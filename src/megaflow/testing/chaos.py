@@ -328,29 +328,52 @@ def _run(
         run = _client(dep, out, run_log)
         dep.pgids.append(run.pid)
         deadline = started + config.run_timeout_s
-        # So that a service kill never lands before the last restart has taken work. A
-        # sandbox fault needs no floor (it does not test a restart), and under one it could
-        # be pushed past the end of the run by slow restarts, and never land.
-        floor = 0
-        for kill in schedule(config):
-            target = int(kill.at_fraction * config.tasks)
-            if kill.kind not in SANDBOX_KINDS:
-                target = max(target, floor)
+        # So that a service kill never lands before the last restart has taken work, it
+        # waits for a floor of tasks finished since. A sandbox fault tests no restart:
+        # it lands at its own point, also while a service kill waits for its floor
+        # (behind one, slow restarts could push it past the end of the run).
+        kills = schedule(config)
+        faults = [k for k in kills if k.kind in SANDBOX_KINDS]
+
+        def progress_to(target: int, what: Kill) -> None:
             while view.finished() < target and run.poll() is None:
                 _check(stop)
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"chaos run timed out before {kill}")
+                    raise TimeoutError(f"chaos run timed out before {what}")
+                if what.kind not in SANDBOX_KINDS:
+                    inject_due_faults()
                 time.sleep(0.1)
+
+        def landed(kill: Kill) -> dict[str, Any] | None:
             event: dict[str, Any] = {**kill.model_dump(), "finished": view.finished()}
             if run.poll() is not None:
                 events.append({**event, "skipped": "the run had finished"})
-                continue
+                return None
+            return event
+
+        def inject(fault: Kill) -> None:
+            if (event := landed(fault)) is None:
+                return
+            event["wall"] = time.time()
+            event.update(_inject(fault.kind, dep, rng))
+            if "sandbox" in event:
+                event["address"] = event["sandbox"]
+            events.append(event)
+
+        def inject_due_faults() -> None:
+            while faults and view.finished() >= int(faults[0].at_fraction * config.tasks):
+                inject(faults.pop(0))
+
+        floor = 0
+        for kill in kills:
             if kill.kind in SANDBOX_KINDS:
-                event["wall"] = time.time()
-                event.update(_inject(kill.kind, dep, rng))
-                if "sandbox" in event:
-                    event["address"] = event["sandbox"]
-                events.append(event)
+                if kill in faults:  # not landed early, while a service kill waited
+                    progress_to(int(kill.at_fraction * config.tasks), kill)
+                    faults.remove(kill)
+                    inject(kill)
+                continue
+            progress_to(max(int(kill.at_fraction * config.tasks), floor), kill)
+            if (event := landed(kill)) is None:
                 continue
             address = dep.procs[kill.name].address
             if kill.kind == "scheduler":
