@@ -490,6 +490,19 @@ def _message_text(message: common_pb2.ChatMessage) -> str:
     return "".join(parts)
 
 
+def _prompt_text(messages: Sequence[common_pb2.ChatMessage]) -> str:
+    """The whole conversation's text, as `_message_text` of each message joined."""
+    parts = []
+    for message in messages:
+        parts.append(message.content)
+        calls = message.tool_calls
+        if calls:
+            for call in calls:
+                parts.append(call.name)
+                parts.append(call.arguments_json)
+    return "".join(parts)
+
+
 class SimulatedBackend:
     """`ModelBackend`: the `SimulatedPolicy` answering behind a `GpuLatencyModel`."""
 
@@ -532,7 +545,7 @@ class SimulatedBackend:
             )
         except Exception as error:  # a policy bug must not pass for a task failure
             raise ModelUnavailableError(f"simulated policy failed: {error}") from error
-        prompt_ids = simulated_encode("".join(_message_text(m) for m in request.messages))
+        prompt_ids = simulated_encode(_prompt_text(request.messages))
         completion_ids = simulated_encode(_message_text(message))
         prompt_tokens, completion_tokens = len(prompt_ids), len(completion_ids)
         queue_s, service_s = await self.latency.run(
