@@ -107,14 +107,15 @@ def _digest(*parts: str) -> bytes:
 _dumps_sorted = json.JSONEncoder(sort_keys=True).encode
 
 
-@functools.lru_cache(maxsize=65_536)
+@functools.lru_cache(maxsize=16_384)
 def _call_prefix(task_id: str) -> str:
     """The task's tool-call id prefix (a digest of its id: computed once per task)."""
     return f"call_{_digest('call', task_id).hex()[:12]}_"
 
 
-# The problem statement is the same message every turn of a task: parse it once.
-_parse_statement = functools.lru_cache(maxsize=65_536)(parse_problem_statement)
+# The problem statement is the same message every turn of a task: parse it once. (The
+# cache keeps its text: bounded, so that thousands of tasks in flight hold little.)
+_parse_statement = functools.lru_cache(maxsize=4096)(parse_problem_statement)
 
 
 def edit_command(path: str, old: str, new: str) -> str:
