@@ -476,9 +476,15 @@ def simulated_decode(ids: list[int]) -> str:
     return data.rstrip(b"\0").decode(errors="replace")
 
 
+# (i * 2654435761) % 1000 depends on i % 1000 only: one table, no 64-bit products.
+_LOGPROBS = tuple(-((r * 2654435761) % 1000) / 250.0 for r in range(1000))
+
+
 def simulated_logprobs(ids: list[int]) -> list[float]:
-    """A deterministic pseudo log-probability in (-4, 0] per simulated token."""
-    return [-((i * 2654435761) % 1000) / 250.0 for i in ids]
+    """A deterministic pseudo log-probability in (-4, 0] per simulated token:
+    -((id * 2654435761) % 1000) / 250."""
+    table = _LOGPROBS
+    return [table[i % 1000] for i in ids]
 
 
 def count_tokens(text: str) -> int:
