@@ -167,3 +167,14 @@ def test_never_routes_to_an_unhealthy_replica_while_a_healthy_one_is_eligible(
     assert chosen.accepting and chosen.in_flight < chosen.capacity
     if healthy:
         assert chosen.healthy
+
+
+def test_only_has_the_effect_of_choose_with_one_eligible_replica() -> None:
+    """The Model Service's fast path (one replica that can take the call) leaves the
+    sticky map as `choose` would: the task stuck to it, most recently used, bounded."""
+    chosen, only = (Router(sticky=True, max_sticky_tasks=2) for _ in range(2))
+    for task, replica in [("a", "r0"), ("b", "r0"), ("a", "r1"), ("c", "r1"), ("a", "r1")]:
+        route = chosen.choose([ReplicaView(replica, capacity=4)], task_id=task)
+        assert route.replica == replica
+        only.only(replica, task)
+        assert list(only._affinity.items()) == list(chosen._affinity.items())

@@ -19,12 +19,12 @@ def validate_generate(request: model_pb2.GenerateRequest) -> None:
     if not request.messages:
         raise InvalidRequestError("GenerateRequest.messages is empty")
     for i, message in enumerate(request.messages):
-        if message.role not in _ROLES:
+        role = message.role  # (each read of a protobuf field makes a new str)
+        if role not in _ROLES:
             raise InvalidRequestError(
-                f"GenerateRequest.messages[{i}].role is {message.role!r}; "
-                f"expected one of {sorted(_ROLES)}"
+                f"GenerateRequest.messages[{i}].role is {role!r}; expected one of {sorted(_ROLES)}"
             )
-        if message.role == "tool" and not message.tool_call_id:
+        if role == "tool" and not message.tool_call_id:
             raise InvalidRequestError(
                 f"GenerateRequest.messages[{i}] is a tool result without tool_call_id"
             )

@@ -131,6 +131,16 @@ class Router:
                 self._affinity.popitem(last=False)
         return Route(chosen)
 
+    def only(self, replica_id: str, task_id: str = "") -> None:
+        """What `choose` does when `replica_id` is the one open replica below its
+        capacity (the caller checked): the task is (still) stuck to it. No `Route`."""
+        if self.sticky and task_id:
+            affinity = self._affinity
+            affinity[task_id] = replica_id
+            affinity.move_to_end(task_id)
+            while len(affinity) > self.max_sticky_tasks:
+                affinity.popitem(last=False)
+
     def _sticky_choice(self, task_id: str, eligible: list[ReplicaView]) -> str | None:
         target = self._affinity.get(task_id)
         if target is None:

@@ -146,17 +146,21 @@ class ModelServiceImpl:
 
     async def generate(self, request: model_pb2.GenerateRequest) -> model_pb2.GenerateResponse:
         validate_generate(request)
-        pool = self._pool(request.model)
-        self._ensure_health_task()
+        pool = self._pools.get(request.model or self.default) or self._pool(request.model)
+        if self._health_task is None:
+            self._ensure_health_task()
         started = time.monotonic()
-        deadline = started + self.config.deadline_s
+        config = self.config
+        deadline = started + config.deadline_s
         tokens = estimate_tokens(request)
         client = client_key(request)
-        wait = self._limiter.reserve(client, tokens, started, deadline - started)
-        if wait is None:
-            raise CapacityError(f"client {client!r} is over its rate limit; retry later")
-        if wait > 0:
-            await asyncio.sleep(wait)
+        limiter = self._limiter
+        if limiter.enabled:
+            wait = limiter.reserve(client, tokens, started, deadline - started)
+            if wait is None:
+                raise CapacityError(f"client {client!r} is over its rate limit; retry later")
+            if wait > 0:
+                await asyncio.sleep(wait)
         tried: set[str] = set()
         backoff = self.config.retry_backoff_s
         rounds = 0
@@ -180,7 +184,7 @@ class ModelServiceImpl:
             replica.begin(tokens)
             try:
                 # coarse: one shared timer handle, not one per request (core.runtime)
-                async with coarse_timeout_at(_loop_time(deadline)) as scope:
+                async with coarse_timeout_at(_loop_time(deadline, started)) as scope:
                     with call_scope(deadline, failover=failover):
                         response = await replica.backend.generate(request)
             except MegaFlowError as error:
@@ -215,13 +219,14 @@ class ModelServiceImpl:
             finally:
                 replica.end(tokens)
                 pool.wake_one()
-            replica.record(True, self.config.health)
+            replica.record(True, config.health)
             replica.breaker.success()
             response.replica = replica.id
             response.model_version = replica.version or response.model_version
-            if response.completion_tokens:
-                self._limiter.charge(client, response.completion_tokens, time.monotonic())
-            response.latency_s = max(response.latency_s, time.monotonic() - started)
+            now = time.monotonic()
+            if response.completion_tokens and limiter.enabled:
+                limiter.charge(client, response.completion_tokens, now)
+            response.latency_s = max(response.latency_s, now - started)
             return response
 
     async def _acquire(
@@ -235,6 +240,16 @@ class ModelServiceImpl:
     ) -> Replica | None:
         """A replica to send to, after waiting for capacity; None if all were tried."""
         router = self._routers[pool.name]
+        replicas = pool.replicas
+        if not tried and len(replicas) == 1:  # the one replica, if it can take it (fast path)
+            only = replicas[0]
+            if (
+                only.state is ReplicaState.ACTIVE
+                and only.in_flight < only.capacity
+                and time.monotonic() < deadline
+            ):
+                router.only(only.id, task_id)  # what `router.choose` would do
+                return only
         woken = False
         while True:
             if time.monotonic() >= deadline:
@@ -467,6 +482,9 @@ async def _preflight(backends: Sequence[ModelBackend], timeout_s: float) -> None
         raise
 
 
-def _loop_time(deadline: float) -> float:
-    """A `time.monotonic()` deadline on the event loop's clock."""
-    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+def _loop_time(deadline: float, now: float | None = None) -> float:
+    """A `time.monotonic()` deadline on the event loop's clock (`now`: the monotonic
+    time, if just read)."""
+    if now is None:
+        now = time.monotonic()
+    return asyncio.get_running_loop().time() + (deadline - now)

@@ -40,6 +40,7 @@ by each tool call's name and arguments, and its logprobs are deterministic stand
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -101,6 +102,22 @@ def _digest(*parts: str) -> bytes:
     return hashlib.sha256("\x00".join(parts).encode()).digest()
 
 
+# json.dumps(..., sort_keys=True) builds an encoder per call; this one is built once and
+# writes the very same text.
+_dumps_sorted = json.JSONEncoder(sort_keys=True).encode
+
+
+@functools.lru_cache(maxsize=16_384)
+def _call_prefix(task_id: str) -> str:
+    """The task's tool-call id prefix (a digest of its id: computed once per task)."""
+    return f"call_{_digest('call', task_id).hex()[:12]}_"
+
+
+# The problem statement is the same message every turn of a task: parse it once. (The
+# cache keeps its text: bounded, so that thousands of tasks in flight hold little.)
+_parse_statement = functools.lru_cache(maxsize=4096)(parse_problem_statement)
+
+
 def edit_command(path: str, old: str, new: str) -> str:
     """The shell command that does what `edit_file(path, old, new)` does."""
     return shlex.join(["python3", "-c", EDIT_SCRIPT, path, old, new])
@@ -137,9 +154,9 @@ class _Style:
     must_call: bool = False  # tool_choice "required" (or a named function)
 
 
-def _schema(spec: common_pb2.ToolSpec) -> dict[str, Any]:
+def _schema(parameters_json_schema: str) -> dict[str, Any]:
     try:
-        schema = json.loads(spec.parameters_json_schema or "{}")
+        schema = json.loads(parameters_json_schema or "{}")
     except ValueError:
         return {}
     return schema if isinstance(schema, dict) else {}
@@ -164,40 +181,50 @@ def _style(
     """Read the request the way a model does: which tools, which choice, what format."""
     instructions = []
     for message in messages:
-        if message.role == "assistant":
+        role = message.role
+        if role == "assistant":
             break
-        if message.role in ("system", "user", "developer"):
+        if role in ("system", "user", "developer"):
             instructions.append(message.content)
-    prompt = "\n".join(instructions)
+    # An agent sends the same instructions and tools every turn: the style is a pure
+    # function of them, read once (the prompt's regexes, the tools' JSON schemas).
+    specs = tuple((t.name, t.parameters_json_schema) for t in offered)
+    return _style_of("\n".join(instructions), specs, tool_choice)
+
+
+@functools.lru_cache(maxsize=4096)
+def _style_of(prompt: str, specs: tuple[tuple[str, str], ...], tool_choice: str) -> _Style:
+    """`_style` of the instructions `prompt` and the offered tools' (name, schema)."""
+    fence = _FENCE.search(prompt)
+    if not specs and fence is None and tool_choice in ("", "auto"):
+        return _Style("builtin")  # a bare request: the built-in tools, as always
     found = _SUBMIT_COMMAND.search(prompt)
     submit_command = found.group(1) if found else ""
-    fence = _FENCE.search(prompt)
     must_call = tool_choice == "required"
-    if not offered and fence is None and tool_choice in ("", "auto"):
-        return _Style("builtin")  # a bare request: the built-in tools, as always
+    offered = specs
     if tool_choice == "none":
-        offered = []
+        offered = ()
     elif tool_choice not in ("", "auto", "required"):  # one named function
-        offered = [t for t in offered if t.name == tool_choice]
+        offered = tuple(t for t in offered if t[0] == tool_choice)
         must_call = True
-    names = {t.name for t in offered}
+    names = {name for name, _ in offered}
     if _BUILTINS <= names:
         return _Style("builtin")
     if not offered:
         return _Style("text", submit_command=submit_command, fence=_fence(fence))
     style = _Style("shell", submit_command=submit_command, must_call=must_call)
-    for spec in offered:
-        schema = _schema(spec)
+    for name, parameters in offered:
+        schema = _schema(parameters)
         properties = schema.get("properties") or {}
-        if not style.submit_tool and _SUBMIT_TOOL.match(spec.name):
-            style = replace(style, submit_tool=spec.name, submit_defaults=_defaults(schema))
+        if not style.submit_tool and _SUBMIT_TOOL.match(name):
+            style = replace(style, submit_tool=name, submit_defaults=_defaults(schema))
             continue
         for param in _SHELL_PARAMS:
             kind = (properties.get(param) or {}).get("type") if param in properties else None
             if not style.shell and kind in ("string", "array"):
                 style = replace(
                     style,
-                    shell=spec.name,
+                    shell=name,
                     param=param,
                     array=kind == "array",
                     defaults=_defaults(schema, skip=param),
@@ -242,7 +269,7 @@ class SimulatedPolicy:
             (
                 statement
                 for m in messages
-                if m.role == "user" and (statement := parse_problem_statement(m.content))
+                if m.role == "user" and (statement := _parse_statement(m.content))
             ),
             None,
         )
@@ -309,9 +336,9 @@ class _Turn:
         self, text: str, tool: str, arguments: dict[str, Any] | None = None
     ) -> common_pb2.ChatMessage:
         call = common_pb2.ToolCall(
-            id=f"call_{_digest('call', self.task_id).hex()[:12]}_{self.step}",
+            id=f"{_call_prefix(self.task_id)}{self.step}",
             name=tool,
-            arguments_json=json.dumps(arguments or {}, sort_keys=True),
+            arguments_json=_dumps_sorted(arguments or {}),
         )
         return common_pb2.ChatMessage(role="assistant", content=text, tool_calls=[call])
 
@@ -449,9 +476,15 @@ def simulated_decode(ids: list[int]) -> str:
     return data.rstrip(b"\0").decode(errors="replace")
 
 
+# (i * 2654435761) % 1000 depends on i % 1000 only: one table, no 64-bit products.
+_LOGPROBS = tuple(-((r * 2654435761) % 1000) / 250.0 for r in range(1000))
+
+
 def simulated_logprobs(ids: list[int]) -> list[float]:
-    """A deterministic pseudo log-probability in (-4, 0] per simulated token."""
-    return [-((i * 2654435761) % 1000) / 250.0 for i in ids]
+    """A deterministic pseudo log-probability in (-4, 0] per simulated token:
+    -((id * 2654435761) % 1000) / 250."""
+    table = _LOGPROBS
+    return [table[i % 1000] for i in ids]
 
 
 def count_tokens(text: str) -> int:
@@ -461,6 +494,19 @@ def count_tokens(text: str) -> int:
 
 def _message_text(message: common_pb2.ChatMessage) -> str:
     parts = [message.content, *(c.name + c.arguments_json for c in message.tool_calls)]
+    return "".join(parts)
+
+
+def _prompt_text(messages: Sequence[common_pb2.ChatMessage]) -> str:
+    """The whole conversation's text, as `_message_text` of each message joined."""
+    parts = []
+    for message in messages:
+        parts.append(message.content)
+        calls = message.tool_calls
+        if calls:
+            for call in calls:
+                parts.append(call.name)
+                parts.append(call.arguments_json)
     return "".join(parts)
 
 
@@ -506,7 +552,7 @@ class SimulatedBackend:
             )
         except Exception as error:  # a policy bug must not pass for a task failure
             raise ModelUnavailableError(f"simulated policy failed: {error}") from error
-        prompt_ids = simulated_encode("".join(_message_text(m) for m in request.messages))
+        prompt_ids = simulated_encode(_prompt_text(request.messages))
         completion_ids = simulated_encode(_message_text(message))
         prompt_tokens, completion_tokens = len(prompt_ids), len(completion_ids)
         queue_s, service_s = await self.latency.run(
