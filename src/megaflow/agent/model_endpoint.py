@@ -157,6 +157,10 @@ class SessionModelService:
         return model_pb2.ListReplicasResponse()
 
 
+_ACCEPT_TURNS = 8
+"""Loop turns a stopping endpoint waits for connections accepted just before it stopped."""
+
+
 def _bind_unix(path: Path) -> socket.socket:
     """A listening unix socket at `path`, however long the path (bound through
     /proc/self/fd so the 108-byte limit of socket addresses does not apply)."""
@@ -235,6 +239,13 @@ class TaskModelEndpoint:
         self._unlink()  # first: no new connection can reach the socket by its path
         try:
             if runner is not None:
+                # Stop accepting, then let connections accepted just before (asyncio makes
+                # their transports a few loop turns later) reach the server, so that the
+                # cleanup closes them too instead of leaving them to the collector.
+                for site in list(runner.sites):
+                    await site.stop()
+                for _ in range(_ACCEPT_TURNS):
+                    await asyncio.sleep(0)
                 await runner.cleanup()
         finally:
             self.gateway.revoke_key(self.api_key)
