@@ -356,26 +356,34 @@ class _AnswersNever(SandboxEnvironmentService):
         raise AssertionError("unreachable")
 
 
-async def test_an_agent_cancelled_while_its_environment_is_made_leaves_none(
-    tmp_path: Path,
+async def _cancel_an_agent_when(
+    svc: SandboxEnvironmentService, reached: asyncio.Event, timeout_s: float
 ) -> None:
-    svc = _AnswersNever(EnvServiceConfig(root_dir=tmp_path / "sb", max_environments=2))
-    _AnswersNever.made = asyncio.Event()
+    """Run one task's agent against `svc` over gRPC; cancel it when `svc` sets `reached`
+    (with one sandbox held); then no sandbox may be left."""
     model = ModelServiceImpl([SimulatedBackend.fast()])
     task = generate_tasks(1, seed=2)[0]
     async with svc, GrpcServer("127.0.0.1:0", {"env": svc}) as server:
         client = EnvironmentServiceClient(server.address)
         agent = TaskSession(task, "attempt-1", env=client, model=model, limits=AgentLimits())
         run = asyncio.ensure_future(agent.run())
-        await asyncio.wait_for(_AnswersNever.made.wait(), 30)
+        await asyncio.wait_for(reached.wait(), timeout_s)
         assert svc.live == 1
         run.cancel()
         with pytest.raises(asyncio.CancelledError):
             await run
-        # the lease (task timeout + scoring + 60 s) would have kept it for half an hour
         assert svc.live == 0
         await client.close()
     await model.stop()
+
+
+async def test_an_agent_cancelled_while_its_environment_is_made_leaves_none(
+    tmp_path: Path,
+) -> None:
+    # (the lease, task timeout + scoring + 60 s, would have kept it for half an hour)
+    _AnswersNever.made = asyncio.Event()
+    svc = _AnswersNever(EnvServiceConfig(root_dir=tmp_path / "sb", max_environments=2))
+    await _cancel_an_agent_when(svc, _AnswersNever.made, 30)
 
 
 class _SlowRelease(SandboxEnvironmentService):
@@ -394,22 +402,9 @@ class _SlowRelease(SandboxEnvironmentService):
 async def test_an_agent_cancelled_while_it_releases_still_releases(tmp_path: Path) -> None:
     """The attempt's caller goes away just as it finished and is releasing: the release
     call completes (then the cancellation is raised), not cut off in flight."""
-    svc = _SlowRelease(EnvServiceConfig(root_dir=tmp_path / "sb", max_environments=2))
     _SlowRelease.asked = asyncio.Event()
-    model = ModelServiceImpl([SimulatedBackend.fast()])
-    task = generate_tasks(1, seed=2)[0]
-    async with svc, GrpcServer("127.0.0.1:0", {"env": svc}) as server:
-        client = EnvironmentServiceClient(server.address)
-        agent = TaskSession(task, "attempt-1", env=client, model=model, limits=AgentLimits())
-        run = asyncio.ensure_future(agent.run())
-        await asyncio.wait_for(_SlowRelease.asked.wait(), 60)
-        assert svc.live == 1
-        run.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await run
-        assert svc.live == 0
-        await client.close()
-    await model.stop()
+    svc = _SlowRelease(EnvServiceConfig(root_dir=tmp_path / "sb", max_environments=2))
+    await _cancel_an_agent_when(svc, _SlowRelease.asked, 60)
 
 
 async def test_a_cancelled_command_line_stops_where_it_was(
