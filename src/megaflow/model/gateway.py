@@ -31,19 +31,22 @@ The request path is kept lean, because with external scaffolds every model call 
 it: the body is parsed once (orjson) into the `GenerateRequest` the Model Service takes,
 the answer is built as a dict straight from the `GenerateResponse` and serialised once
 (orjson), there is no lock, and a task's recording appends the new turn (it does not copy
-the whole conversation again). The Model Service has no streaming RPC: a streamed answer
-is sent, as SSE chunks, once the whole answer is back. `reuse_port=True` lets several
+the whole conversation again). `stream: true` is answered incrementally: each chunk of
+the Model Service's `generate_stream` goes out as SSE as soon as it arrives (text
+deltas, then the tool calls, the finish reason and the usage with the last chunk), and
+the task's recorded turn is the same as a non-streamed call's. `reuse_port=True` lets several
 processes serve one port (`megaflow.model.gateway_workers`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -63,6 +66,7 @@ from megaflow.core.errors import (
 )
 from megaflow.core.runtime import coarse_timeout_at
 from megaflow.model import gateway_codec as codec
+from megaflow.model.backend import whole_answer_chunk
 from megaflow.v1 import common_pb2, model_pb2
 
 __all__ = ["TASK_HEADER", "Gateway", "GatewayConfig"]
@@ -361,25 +365,100 @@ class Gateway:
         request: web.Request,
         parse: Callable[[Any, str], model_pb2.GenerateRequest],
         body_of: Callable[[dict[str, Any], model_pb2.GenerateResponse], dict[str, Any]],
-        chunks_of: Callable[[dict[str, Any], model_pb2.GenerateResponse], Iterator[bytes]],
+        encoder: type[codec.StreamEncoder],
     ) -> web.StreamResponse:
         task_id = self._task_id(request)
         body = await self._body(request)
         generate_request = parse(body, task_id)
+        if body.get("stream"):
+            return await self._stream(request, body, generate_request, encoder)
         response = await self._generate(generate_request)
-        if not body.get("stream"):
-            return _json(body_of(body, response))
-        # The whole answer is here (the Model Service does not stream): its chunks go
-        # out in one write.
-        events = b"".join(b"data: " + chunk + b"\n\n" for chunk in chunks_of(body, response))
-        return web.Response(body=events + b"data: [DONE]\n\n", headers=_SSE_HEADERS)
+        return _json(body_of(body, response))
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        generate_request: model_pb2.GenerateRequest,
+        encoder_class: type[codec.StreamEncoder],
+    ) -> web.StreamResponse:
+        """Send the answer as SSE chunks while the Model Service produces it.
+
+        A failure before the first chunk is an ordinary error answer (its HTTP status);
+        one after it ends the stream with an OpenAI-style `data: {"error": ...}` event
+        (no `[DONE]`). A client that goes away closes the service's stream, which stops
+        the generation."""
+        if self._in_flight >= self.config.max_in_flight:
+            raise CapacityError(f"the gateway has {self._in_flight} calls in flight; retry later")
+        stream = getattr(self.model_service, "generate_stream", None)
+        chunks: AsyncIterator[model_pb2.GenerateChunk] = (
+            stream(generate_request)
+            if stream is not None
+            else _whole_answer(self.model_service, generate_request)
+        )
+        self._in_flight += 1
+        started = time.monotonic()
+        deadline = _loop_time(self.config.request_timeout_s)
+        response: web.StreamResponse | None = None
+        try:
+            chunk = await self._next_chunk(chunks, deadline)
+            response = web.StreamResponse(headers=_SSE_HEADERS)
+            await response.prepare(request)
+            encoder = encoder_class(body, generate_request.model)
+            while True:
+                payloads = encoder.feed(chunk)
+                if payloads:
+                    await response.write(b"".join(b"data: " + p + b"\n\n" for p in payloads))
+                if chunk.HasField("final"):
+                    break
+                transport = request.transport
+                if transport is None or transport.is_closing():  # also for chunks not sent
+                    raise ConnectionResetError("the client closed the connection")
+                chunk = await self._next_chunk(chunks, deadline)
+            await response.write(b"data: [DONE]\n\n")
+            if generate_request.task_id:
+                self._record(generate_request, chunk.final, time.monotonic() - started)
+            await response.write_eof()
+            return response
+        except (MegaFlowError, TimeoutError) as error:
+            if response is None:
+                raise  # nothing sent yet: an ordinary error answer
+            _, kind, code = _classify(error)
+            event = {"error": {"message": str(error), "type": kind, "code": code, "param": None}}
+            with contextlib.suppress(ConnectionError):
+                await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+                await response.write_eof()
+            return response
+        except ConnectionError:  # the client went away: stop generating for it
+            log.debug("client left a streamed answer (task %r)", generate_request.task_id)
+            assert response is not None
+            return response
+        finally:
+            self._in_flight -= 1
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    async def _next_chunk(
+        self, chunks: AsyncIterator[model_pb2.GenerateChunk], deadline: float
+    ) -> model_pb2.GenerateChunk:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await anext(chunks)
+        except TimeoutError as error:
+            raise DeadlineExceededError(
+                f"no answer from the model within {self.config.request_timeout_s:g}s"
+            ) from error
+        except StopAsyncIteration:
+            raise InfrastructureError("the model's stream ended without its last chunk") from None
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, codec.chat_request, codec.chat_body, codec.chat_chunks)
+        return await self._serve(request, codec.chat_request, codec.chat_body, codec.ChatStream)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(
-            request, codec.completion_request, codec.completion_body, codec.completion_chunks
+            request, codec.completion_request, codec.completion_body, codec.CompletionStream
         )
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -406,3 +485,10 @@ class Gateway:
     async def _health(self, request: web.Request) -> web.Response:
         health = await self.model_service.health(common_pb2.HealthRequest())
         return _json({"ok": health.ok, "detail": health.detail})
+
+
+async def _whole_answer(
+    service: ModelService, request: model_pb2.GenerateRequest
+) -> AsyncIterator[model_pb2.GenerateChunk]:
+    """A Model Service without `generate_stream`: its whole answer as one chunk."""
+    yield whole_answer_chunk(await service.generate(request))

@@ -5,13 +5,18 @@ Requests: `chat_request` turns a `/v1/chat/completions` body into a `GenerateReq
 message holding the prompt (the Model Service only serves chats). Anything malformed
 raises `InvalidRequestError` (HTTP 400).
 
-Responses: `chat_body` / `completion_body` build the non-streaming answers and
-`chat_chunks` / `completion_chunks` the SSE chunks (JSON bytes) of a streamed one;
-the answers are dicts built straight from the response (no protobuf JSON round trip).
+Responses: `chat_body` / `completion_body` build the non-streaming answers, built as
+dicts straight from the response (no protobuf JSON round trip). A streamed answer is
+encoded by a `StreamEncoder` (`ChatStream`, `CompletionStream`): it turns each
+`GenerateChunk` of the Model Service's stream into the SSE `data:` payloads of the
+OpenAI API as it arrives: a role chunk, content deltas, then (with the last chunk) the
+tool calls, the finish reason and, with `stream_options.include_usage`, the usage.
 Token ids travel as vLLM does it: with `"return_token_ids": true` in the request the answer carries
 `prompt_token_ids` at the top and `token_ids` in the choice; with `"logprobs": true`
 the choice carries `logprobs.content` with one entry per completion token, named
-`token_id:<id>` (the gateway has no tokenizer to spell tokens with).
+`token_id:<id>` (the gateway has no tokenizer to spell tokens with). Streamed, each
+chunk carries the ids and logprobs of the tokens that arrived with it (tokens without
+text, e.g. of tool calls, ride on the next chunk sent).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -33,11 +37,12 @@ from megaflow.model.openai_messages import (
 from megaflow.v1 import common_pb2, model_pb2
 
 __all__ = [
+    "ChatStream",
+    "CompletionStream",
+    "StreamEncoder",
     "chat_body",
-    "chat_chunks",
     "chat_request",
     "completion_body",
-    "completion_chunks",
     "completion_request",
 ]
 
@@ -225,14 +230,16 @@ def _finish(response: model_pb2.GenerateResponse) -> str:
 
 
 def _logprobs(response: model_pb2.GenerateResponse) -> dict[str, Any] | None:
-    if not response.completion_logprobs:
+    return _logprob_block(response.completion_token_ids, response.completion_logprobs)
+
+
+def _logprob_block(ids: Any, logprobs: Any) -> dict[str, Any] | None:
+    if not logprobs:
         return None
     return {
         "content": [
             {"token": f"token_id:{tid}", "logprob": lp, "bytes": None, "top_logprobs": []}
-            for tid, lp in zip(
-                response.completion_token_ids, response.completion_logprobs, strict=False
-            )
+            for tid, lp in zip(ids, logprobs, strict=False)
         ]
     }
 
@@ -296,27 +303,94 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
-def chat_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse) -> Iterator[bytes]:
-    """The SSE `data:` payloads of a streamed chat completion (without `[DONE]`)."""
-    head = {**_envelope("chat", response), "object": "chat.completion.chunk"}
+class StreamEncoder:
+    """Turns a Model Service stream (`GenerateChunk`s) into OpenAI SSE payloads, chunk
+    by chunk; `feed` returns the JSON payloads (without `data: ` and `[DONE]`) that a
+    chunk makes."""
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        choice.update(more)
-        return orjson.dumps({**head, "choices": [choice]})
+    kind = ""
 
-    # The token ids and logprobs of the whole answer ride on the first chunk.
-    extra: dict[str, Any] = {}
-    if body.get("logprobs"):
-        extra["logprobs"] = _logprobs(response)
-    if body.get("return_token_ids"):
-        extra["token_ids"] = list(response.completion_token_ids)
-    yield chunk({"role": "assistant", "content": ""}, **extra)
-    if response.message.content:
-        yield chunk({"content": response.message.content})
-    for i, call in enumerate(response.message.tool_calls):
-        yield chunk(
-            {
+    def __init__(self, body: dict[str, Any], model: str) -> None:
+        self.body = body
+        self.want_logprobs = bool(body.get("logprobs"))
+        self.want_ids = bool(body.get("return_token_ids"))
+        self.include_usage = _include_usage(body)
+        self.head: dict[str, Any] = {
+            "id": f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-"
+            f"{_ID_PREFIX}{next(_ID_COUNTER):012x}",
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": None,
+        }
+        self._ids: list[int] = []  # tokens not sent yet (they came without text)
+        self._logprobs: list[float] = []
+        self.started = False
+
+    def _take_tokens(self, choice: dict[str, Any]) -> dict[str, Any]:
+        """Attach the pending tokens' ids / logprobs (as asked) to `choice`."""
+        if self._ids or self._logprobs:
+            if self.want_logprobs:
+                choice["logprobs"] = _logprob_block(self._ids, self._logprobs)
+            if self.want_ids:
+                choice["token_ids"] = self._ids
+            self._ids, self._logprobs = [], []
+        return choice
+
+    def _payload(self, choices: list[dict[str, Any]], **more: Any) -> bytes:
+        return orjson.dumps({**self.head, "choices": choices, **more})
+
+    def feed(self, chunk: model_pb2.GenerateChunk) -> list[bytes]:
+        self._ids.extend(chunk.token_ids)
+        self._logprobs.extend(chunk.logprobs)
+        out = self._feed(chunk)
+        if chunk.HasField("final") and self.include_usage:
+            out.append(self._payload([], usage=_usage(chunk.final)))
+        return out
+
+    def _feed(self, chunk: model_pb2.GenerateChunk) -> list[bytes]:
+        raise NotImplementedError
+
+    def _final(self, response: model_pb2.GenerateResponse) -> None:
+        self.head["model"] = response.model or self.head["model"]
+        self.head["system_fingerprint"] = response.model_version
+
+
+class ChatStream(StreamEncoder):
+    """`chat.completion.chunk`s: role, content deltas, tool calls, finish (and usage)."""
+
+    kind = "chat"
+
+    def _choice(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return self._take_tokens(
+            {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        )
+
+    def _feed(self, chunk: model_pb2.GenerateChunk) -> list[bytes]:
+        out = []
+        final = chunk.final if chunk.HasField("final") else None
+        if final is not None:
+            self._final(final)
+        if not self.started:
+            self.started = True
+            out.append(
+                self._payload(
+                    [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "finish_reason": None,
+                            "logprobs": None,
+                        }
+                    ]
+                )
+            )
+        if chunk.text:
+            out.append(self._payload([self._choice({"content": chunk.text})]))
+        if final is None:
+            return out
+        for i, call in enumerate(final.message.tool_calls):
+            delta = {
                 "tool_calls": [
                     {
                         "index": i,
@@ -326,37 +400,30 @@ def chat_chunks(body: dict[str, Any], response: model_pb2.GenerateResponse) -> I
                     }
                 ]
             }
+            out.append(self._payload([self._choice(delta)]))
+        out.append(self._payload([self._choice({}, _finish(final))]))
+        return out
+
+
+class CompletionStream(StreamEncoder):
+    """`text_completion` chunks: text deltas, then the finish (and usage)."""
+
+    kind = "text"
+
+    def __init__(self, body: dict[str, Any], model: str) -> None:
+        super().__init__(body, model)
+        self.want_logprobs = False  # (the completions API's logprobs are another shape)
+
+    def _choice(self, text: str, finish: str | None = None) -> dict[str, Any]:
+        return self._take_tokens(
+            {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         )
-    yield chunk({}, _finish(response))
-    if _include_usage(body):
-        yield orjson.dumps({**head, "choices": [], "usage": _usage(response)})
 
-
-def completion_chunks(
-    body: dict[str, Any], response: model_pb2.GenerateResponse
-) -> Iterator[bytes]:
-    """The SSE `data:` payloads of a streamed text completion (without `[DONE]`)."""
-    head = _envelope("text", response)
-    yield orjson.dumps(
-        {
-            **head,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": response.message.content,
-                    "finish_reason": None,
-                    "logprobs": None,
-                }
-            ],
-        }
-    )
-    yield orjson.dumps(
-        {
-            **head,
-            "choices": [
-                {"index": 0, "text": "", "finish_reason": _finish(response), "logprobs": None}
-            ],
-        }
-    )
-    if _include_usage(body):
-        yield orjson.dumps({**head, "choices": [], "usage": _usage(response)})
+    def _feed(self, chunk: model_pb2.GenerateChunk) -> list[bytes]:
+        out = []
+        if chunk.text:
+            out.append(self._payload([self._choice(chunk.text)]))
+        if chunk.HasField("final"):
+            self._final(chunk.final)
+            out.append(self._payload([self._choice("", _finish(chunk.final))]))
+        return out

@@ -17,6 +17,10 @@ id) whose previous turn is cached pays prefill only for the new suffix; when it
 finishes, its `prompt + completion` tokens become the cached prefix for that key. The
 cache is LRU, bounded in tokens; `prefix_hit_rate()` reports hits / keyed requests.
 
+Streaming (`stream`): the same slot, KV and times, but the prefill comes first and
+then the completion tokens one after another at the decode rate, reported as they are
+produced (a few tokens per wake-up when one token takes under `min_step_s`).
+
 Everything runs on the event loop (one timer per running request, one future per
 waiting one), so thousands of concurrent requests are cheap. With `time_scale=0`
 nothing sleeps. Times are monotonic-clock seconds. `utilisation()` is busy slot-time /
@@ -26,9 +30,11 @@ nothing sleeps. Times are monotonic-clock seconds. `utilisation()` is busy slot-
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections import OrderedDict, deque
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -185,6 +191,55 @@ class GpuLatencyModel:
             self._busy_done += ended - started
             self._release(kv)
         return Served(started - arrived, ended - started, delay)
+
+    async def stream(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        prefix_key: str | None = None,
+        *,
+        min_step_s: float = 0.005,
+    ) -> AsyncGenerator[int, None]:
+        """`serve`, token by token: yields 0 once a slot is held, then after the prefill
+        the number of completion tokens produced so far, as they are produced (the
+        last value is `completion_tokens`). The slot is held until the iterator ends or
+        is closed (`aclose()`, e.g. when the caller is cancelled)."""
+        loop = asyncio.get_running_loop()
+        arrived = time.monotonic()
+        if self._first is None:
+            self._first = arrived
+        self._requests += 1
+        kv = max(prompt_tokens, 0) + max(completion_tokens, 0) if self.config.kv_tokens else 0
+        await self._acquire(loop, kv)
+        started = time.monotonic()
+        self._in_flight += 1
+        self._busy_starts += started - self._epoch
+        try:
+            yield 0
+            c = self.config
+            cached = self._lookup(prefix_key, prompt_tokens)
+            scale = self.jitter_factor() * c.time_scale
+            prefill = self.service_time(prompt_tokens, 0, cached) * scale
+            per_token = self.service_time(0, 1, 0, self._in_flight) - c.overhead_s
+            per_token *= scale
+            if prefill > 0:
+                await asyncio.sleep(prefill)
+            total = max(completion_tokens, 0)
+            step = max(1, math.ceil(min_step_s / per_token)) if per_token > 0 else max(total, 1)
+            done = 0
+            while done < total:
+                n = min(step, total - done)
+                if per_token > 0:
+                    await asyncio.sleep(per_token * n)
+                done += n
+                yield done
+            self._remember(prefix_key, prompt_tokens + completion_tokens)
+        finally:
+            ended = time.monotonic()
+            self._in_flight -= 1
+            self._busy_starts -= started - self._epoch
+            self._busy_done += ended - started
+            self._release(kv)
 
     # -- admission ------------------------------------------------------------------------
 

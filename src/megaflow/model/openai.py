@@ -32,6 +32,15 @@ is left. When the service says another healthy replica can take the call
 Final errors (400, 401, 403, 404, 422...) are never retried. `retry_stats()` counts
 retries, retried calls, recovered calls and calls that gave up.
 
+Streaming (`generate_stream`): the same chat with `stream: true` (and
+`stream_options.include_usage`); each SSE event with new content or tokens is handed
+on as a `GenerateChunk` as it arrives, tool-call deltas are assembled, and the last
+chunk carries the whole answer. Failures before the first chunk is handed on (an HTTP
+error status, a refused connection, a stream that breaks before any token) are retried
+exactly as `generate`'s; once a chunk has gone out, a failure (the connection drops, an
+`error` event, the stream ends without `[DONE]`) ends the stream with
+`ModelUnavailableError` at once: a silent retry would repeat text the caller has.
+
 `preflight()` / `check_upstream()`: GET /v1/models with a short timeout, before any
 task starts; every way that fails (unreachable, no or wrong key, unknown model) is one
 `InvalidRequestError` that names the cause.
@@ -54,6 +63,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -513,13 +523,15 @@ class OpenAIBackend:
                 logger.info("OpenAI backend at %s: using upstream model %r", url, self.model)
         return self.model
 
-    def _payload(self, request: model_pb2.GenerateRequest) -> bytes:
+    def _payload(self, request: model_pb2.GenerateRequest, *, stream: bool = False) -> bytes:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": [message_to_openai(m) for m in request.messages],
             "temperature": request.temperature,
-            "stream": False,
+            "stream": stream,
         }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
         if request.tools:
             body["tools"] = [tool_to_openai(t) for t in request.tools]
         if choice := request.tool_choice:
@@ -648,6 +660,62 @@ class OpenAIBackend:
                 self._recovered += 1
             return response
 
+    async def generate_stream(
+        self, request: model_pb2.GenerateRequest
+    ) -> AsyncIterator[model_pb2.GenerateChunk]:
+        """`generate`, streamed from the upstream's SSE (see the module docstring)."""
+        start = time.monotonic()
+        self._requests += 1
+        self._in_flight += 1
+        try:
+            if not request.messages:
+                raise InvalidRequestError("a GenerateRequest needs at least one message")
+            if not self.model:
+                await self.resolve_model()
+            payload = self._payload(request, stream=True)
+            retry = 0
+            scope = current_call()
+            deadline = scope.deadline
+            if self.config.call_timeout_s is not None:
+                own = self._clock() + self.config.call_timeout_s
+                deadline = own if deadline is None else min(deadline, own)
+            while True:
+                timeout_s = self.config.request_timeout_s
+                if deadline is not None:
+                    timeout_s = max(min(timeout_s, deadline - self._clock()), 0.001)
+                attempt = _SseAttempt(self, timeout_s)
+                try:
+                    async for chunk in attempt.run(payload):
+                        if chunk.HasField("final"):
+                            chunk.final.latency_s = time.monotonic() - start
+                            if retry:
+                                self._recovered += 1
+                        yield chunk
+                    return
+                except ModelUnavailableError as error:
+                    if attempt.sent or self._closed:
+                        raise  # text went out: no retry (it would repeat it)
+                    delay = self._retry_delay(
+                        error, retry, attempt.retry_after, deadline, scope.failover
+                    )
+                    if delay is None:
+                        if not scope.failover:
+                            self._gave_up += 1
+                        raise
+                    if retry == 0:
+                        self._retried_calls += 1
+                    retry += 1
+                    self._retries += 1
+                    logger.debug(
+                        "%s: stream retry %d in %.2fs after: %s", self.name, retry, delay, error
+                    )
+                    await self._sleep(delay)
+        except BaseException:
+            self._failures += 1
+            raise
+        finally:
+            self._in_flight -= 1
+
     def _retry_delay(
         self,
         error: ModelUnavailableError,
@@ -725,3 +793,144 @@ class OpenAIBackend:
         session, self._session = self._session, None
         if session is not None and not session.closed:
             await session.close()
+
+
+class _SseAttempt:
+    """One streamed chat call upstream: parses the SSE events into `GenerateChunk`s
+    (`sent`: whether one has been handed on; `retry_after`: the header of an error)."""
+
+    def __init__(self, backend: OpenAIBackend, timeout_s: float) -> None:
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.sent = False
+        self.retry_after: float | None = None
+
+    async def run(self, payload: bytes) -> AsyncIterator[model_pb2.GenerateChunk]:
+        backend = self.backend
+        url = backend.chat_url
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.timeout_s, sock_read=self.timeout_s
+        )
+        try:
+            async with asyncio.timeout(self.timeout_s + 1.0):  # until the answer's head
+                response = await backend._get_session().post(url, data=payload, timeout=timeout)
+        except TimeoutError as exc:
+            raise ModelUnavailableError(
+                f"POST {url} timed out after {self.timeout_s:g}s with no answer"
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise ModelUnavailableError(f"cannot connect to {url}: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise ModelUnavailableError(
+                f"POST {url} failed: {str(exc) or type(exc).__name__}"
+            ) from exc
+        try:
+            if response.status >= 400:
+                self.retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                raw = await self._read(response)
+                _raise_for_status(url, response.status, raw)
+            async for chunk in self._events(response):
+                yield chunk
+                self.sent = True
+        finally:
+            response.close()
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ModelUnavailableError(f"{self.backend.chat_url}: no error body: {exc}") from exc
+
+    def _broken(self, why: str) -> ModelUnavailableError:
+        where = "after the stream began" if self.sent else "before any token"
+        return ModelUnavailableError(f"{self.backend.chat_url}: stream failed {where}: {why}")
+
+    async def _events(
+        self, response: aiohttp.ClientResponse
+    ) -> AsyncIterator[model_pb2.GenerateChunk]:
+        backend = self.backend
+        url = backend.chat_url
+        text: list[str] = []
+        ids: list[int] = []
+        logprobs: list[float] = []
+        prompt_ids: list[int] = []
+        calls: dict[int, dict[str, str]] = {}
+        finish = ""
+        role = "assistant"
+        usage: Any = None
+        done = False
+        try:
+            async for raw_line in response.content:
+                line = raw_line.strip()
+                if not line.startswith(b"data:"):
+                    continue  # blank lines, comments, `event:` fields
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    break
+                try:
+                    event = json.loads(data)
+                except ValueError as exc:
+                    raise self._broken(f"malformed event {_excerpt(data)!r}") from exc
+                if not isinstance(event, dict):
+                    raise self._broken(f"malformed event {_excerpt(data)!r}")
+                if "error" in event:
+                    raise self._broken(f"error event: {_upstream_error_message(data)}")
+                usage = event.get("usage") or usage
+                prompt_ids = prompt_ids or _int_list(event.get("prompt_token_ids"))
+                choices = event.get("choices") or []
+                choice = choices[0] if isinstance(choices, list) and choices else None
+                if not isinstance(choice, dict):
+                    continue
+                finish = str(choice.get("finish_reason") or finish)
+                delta = choice.get("delta")
+                delta = delta if isinstance(delta, dict) else {}
+                role = str(delta.get("role") or role)
+                piece = delta.get("content")
+                piece = piece if isinstance(piece, str) else ""
+                for raw_call in delta.get("tool_calls") or []:
+                    if not isinstance(raw_call, dict):
+                        raise self._broken(f"malformed tool call delta {raw_call!r}")
+                    slot = calls.setdefault(
+                        int(raw_call.get("index", len(calls))), {"id": "", "name": "", "args": ""}
+                    )
+                    slot["id"] = str(raw_call.get("id") or slot["id"])
+                    function = raw_call.get("function") or {}
+                    slot["name"] += str(function.get("name") or "")
+                    slot["args"] += str(function.get("arguments") or "")
+                new_ids, new_logprobs = _completion_tokens(choice)
+                if piece or new_ids or new_logprobs:
+                    text.append(piece)
+                    ids.extend(new_ids)
+                    logprobs.extend(new_logprobs)
+                    yield model_pb2.GenerateChunk(
+                        text=piece, token_ids=new_ids, logprobs=new_logprobs
+                    )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._broken(str(exc) or type(exc).__name__) from exc
+        if not done:
+            raise self._broken("the stream ended before `data: [DONE]`")
+        tool_calls = _tool_calls_from_openai(
+            url,
+            [
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["args"]},
+                }
+                for _, c in sorted(calls.items())
+            ],
+        )
+        final = model_pb2.GenerateResponse(
+            prompt_token_ids=prompt_ids,
+            completion_token_ids=ids,
+            completion_logprobs=logprobs,
+            message=common_pb2.ChatMessage(role=role, content="".join(text), tool_calls=tool_calls),
+            model=backend.name,
+            model_version=backend.version,
+            prompt_tokens=_token_count(usage, "prompt_tokens"),
+            completion_tokens=_token_count(usage, "completion_tokens"),
+            finish_reason=finish,
+        )
+        yield model_pb2.GenerateChunk(final=final)

@@ -21,6 +21,14 @@ A `generate` call:
        the caller's own retry policy takes over; `InvalidRequestError` and other final
        errors are raised at once
     4. tag the response with the `replica` and `model_version` that served it
+
+`generate_stream` is the same call answered as `GenerateChunk`s while the backend
+produces them (`megaflow.model.backend.stream_backend`): steps 1-3 alike until the
+first chunk, so a failure before it is retried (on another replica, or by the backend's
+own retry policy) as in `generate`; from the first chunk on the stream is committed to
+its replica, and a failure ends the stream with that error (it still counts against the
+replica), never a retry that would repeat text already sent. Closing the stream early
+(the caller went away) closes the backend's stream, which stops the generation.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from megaflow.core.errors import (
     CapacityError,
@@ -46,7 +54,7 @@ from megaflow.model.admission import (
     estimate_tokens,
     validate_generate,
 )
-from megaflow.model.backend import ModelBackend
+from megaflow.model.backend import ModelBackend, stream_backend
 from megaflow.model.factory import backend_from_spec, spec_of
 from megaflow.model.latency import LatencyConfig
 from megaflow.model.openai import OpenAIBackend
@@ -228,6 +236,136 @@ class ModelServiceImpl:
                 limiter.charge(client, response.completion_tokens, now)
             response.latency_s = max(response.latency_s, now - started)
             return response
+
+    async def generate_stream(
+        self, request: model_pb2.GenerateRequest
+    ) -> AsyncIterator[model_pb2.GenerateChunk]:
+        """`generate`, answered incrementally (see the module docstring)."""
+        validate_generate(request)
+        pool = self._pools.get(request.model or self.default) or self._pool(request.model)
+        if self._health_task is None:
+            self._ensure_health_task()
+        started = time.monotonic()
+        config = self.config
+        deadline = started + config.deadline_s
+        tokens = estimate_tokens(request)
+        client = client_key(request)
+        limiter = self._limiter
+        if limiter.enabled:
+            wait = limiter.reserve(client, tokens, started, deadline - started)
+            if wait is None:
+                raise CapacityError(f"client {client!r} is over its rate limit; retry later")
+            if wait > 0:
+                await asyncio.sleep(wait)
+        tried: set[str] = set()
+        backoff = config.retry_backoff_s
+        rounds = 0
+        last: MegaFlowError | None = None
+        while True:
+            replica = await self._acquire(pool, request.task_id, tokens, tried, deadline, last)
+            if replica is None:  # every replica failed this request
+                rounds += 1
+                if rounds >= config.retry_rounds and last is not None:
+                    raise last
+                tried.clear()
+                await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0.0)))
+                backoff = min(backoff * 2, 1.0)
+                continue
+            failover = len(pool.replicas) > 1 and any(
+                v.healthy and v.accepting and v.id != replica.id and v.id not in tried
+                for v in pool.views()
+            )
+            replica.breaker.acquire()
+            replica.begin(tokens)
+            chunks = stream_backend(replica.backend, request)
+            # Before the first chunk: failures are retried exactly as in `generate`.
+            try:
+                first = await self._next_chunk(pool, chunks, deadline, failover, last)
+            except BaseException as error:
+                replica.end(tokens)
+                pool.wake_one()
+                await _close(chunks)
+                if not isinstance(error, MegaFlowError) or not error.retryable:
+                    replica.breaker.release()
+                    raise
+                last = error
+                tried.add(replica.id)
+                self._count_failure(pool, replica, error)
+                log.info("replica %s failed a request (%s); retrying elsewhere", replica.id, error)
+                continue
+            # From the first chunk on, the stream is this replica's: no retry.
+            finished = False
+            try:
+                chunk = first
+                while True:
+                    if chunk.HasField("final"):
+                        response = chunk.final
+                        finished = True
+                        replica.record(True, config.health)
+                        replica.breaker.success()
+                        response.replica = replica.id
+                        response.model_version = replica.version or response.model_version
+                        now = time.monotonic()
+                        if response.completion_tokens and limiter.enabled:
+                            limiter.charge(client, response.completion_tokens, now)
+                        response.latency_s = max(response.latency_s, now - started)
+                        yield chunk
+                        return
+                    yield chunk
+                    chunk = await self._next_chunk(pool, chunks, deadline, False, None)
+            except MegaFlowError as error:
+                if not finished:
+                    if error.retryable:
+                        self._count_failure(pool, replica, error)
+                    else:
+                        replica.breaker.release()
+                raise
+            except BaseException:  # cancelled, or the caller closed the stream
+                if not finished:
+                    replica.breaker.release()
+                raise
+            finally:
+                replica.end(tokens)
+                pool.wake_one()
+                await _close(chunks)
+
+    async def _next_chunk(
+        self,
+        pool: ModelPool,
+        chunks: AsyncIterator[model_pb2.GenerateChunk],
+        deadline: float,
+        failover: bool,
+        last: MegaFlowError | None,
+    ) -> model_pb2.GenerateChunk:
+        """The backend's next chunk within the call's deadline."""
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                with call_scope(deadline, failover=failover):
+                    return await anext(chunks)
+        except StopAsyncIteration:
+            raise ModelUnavailableError(
+                f"model {pool.name!r}: the backend's stream ended without a final chunk"
+            ) from None
+        except TimeoutError as error:
+            if time.monotonic() >= deadline:
+                raise DeadlineExceededError(
+                    f"model {pool.name!r}: no answer within {self.config.deadline_s:g}s"
+                    + (f" (last error: {last})" if last else "")
+                ) from error
+            raise
+
+    def _count_failure(self, pool: ModelPool, replica: Replica, error: MegaFlowError) -> None:
+        """A retryable failure against `replica` (health and circuit breaker)."""
+        opened = replica.breaker.failure()
+        if replica.record(False, self.config.health) or opened:
+            pool.wake_all()
+        if opened:
+            log.warning(
+                "replica %s: circuit breaker open for %gs after: %s",
+                replica.id,
+                replica.breaker.config.cooldown_s,
+                error,
+            )
 
     async def _acquire(
         self,
@@ -480,6 +618,14 @@ async def _preflight(backends: Sequence[ModelBackend], timeout_s: float) -> None
             with contextlib.suppress(Exception):
                 await backend.close()
         raise
+
+
+async def _close(chunks: AsyncIterator[model_pb2.GenerateChunk]) -> None:
+    """Close a backend's stream (stops its generation); its errors are not the caller's."""
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
 
 
 def _loop_time(deadline: float, now: float | None = None) -> float:

@@ -113,6 +113,26 @@ class ModelServiceClient(GrpcClient):
     ) -> model_pb2.GenerateResponse:
         return await self._unary("Generate", request, model_pb2.GenerateResponse, timeout_s)
 
+    async def generate_stream(
+        self, request: model_pb2.GenerateRequest, timeout_s: float | None = None
+    ) -> AsyncIterator[model_pb2.GenerateChunk]:
+        """`GenerateStream`: the answer's chunks as the service sends them, the whole
+        stream within one deadline (`timeout_s`, default the client's). Closing the
+        iterator early (or cancelling its consumer) cancels the call, and with it the
+        generation on the server."""
+        call = self._channel.unary_stream(
+            f"/{self._service}/GenerateStream",
+            request_serializer=model_pb2.GenerateRequest.SerializeToString,
+            response_deserializer=model_pb2.GenerateChunk.FromString,
+        )(request, timeout=timeout_s or self.timeout_s)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as error:
+            raise _translate(self.address, error) from None
+        finally:
+            call.cancel()  # a no-op once the call has ended
+
     async def list_models(
         self, request: model_pb2.ListModelsRequest, timeout_s: float | None = None
     ) -> model_pb2.ListModelsResponse:

@@ -40,13 +40,15 @@ by each tool call's name and arguments, and its logprobs are deterministic stand
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import json
 import re
 import shlex
+import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -541,8 +543,10 @@ class SimulatedBackend:
         latency = GpuLatencyModel(LatencyConfig(slots=slots, time_scale=0.0))
         return cls(name, version, success_rate, seed, latency)
 
-    async def generate(self, request: model_pb2.GenerateRequest) -> model_pb2.GenerateResponse:
-        """The policy's next message, after queueing and service on the latency model."""
+    def _answer(
+        self, request: model_pb2.GenerateRequest
+    ) -> tuple[common_pb2.ChatMessage, list[int], list[int]]:
+        """The policy's next message, the prompt's and the message's token ids."""
         if not request.messages:
             raise InvalidRequestError("generate needs at least one message")
         task_id = request.task_id or _anonymous_task_id(request.messages)
@@ -553,17 +557,22 @@ class SimulatedBackend:
         except Exception as error:  # a policy bug must not pass for a task failure
             raise ModelUnavailableError(f"simulated policy failed: {error}") from error
         prompt_ids = simulated_encode(_prompt_text(request.messages))
-        completion_ids = simulated_encode(_message_text(message))
-        prompt_tokens, completion_tokens = len(prompt_ids), len(completion_ids)
-        queue_s, service_s = await self.latency.run(
-            prompt_tokens, completion_tokens, prefix_key=request.task_id or None
-        )
+        return message, prompt_ids, simulated_encode(_message_text(message))
+
+    def _response(
+        self,
+        message: common_pb2.ChatMessage,
+        prompt_ids: list[int],
+        completion_ids: list[int],
+        queue_s: float,
+        service_s: float,
+    ) -> model_pb2.GenerateResponse:
         return model_pb2.GenerateResponse(
             message=message,
             model=self.name,
             model_version=self.version,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(completion_ids),
             finish_reason="tool_calls" if message.tool_calls else "stop",
             queue_s=queue_s,
             latency_s=queue_s + service_s,
@@ -571,6 +580,60 @@ class SimulatedBackend:
             completion_token_ids=completion_ids,
             completion_logprobs=simulated_logprobs(completion_ids),
         )
+
+    async def generate(self, request: model_pb2.GenerateRequest) -> model_pb2.GenerateResponse:
+        """The policy's next message, after queueing and service on the latency model."""
+        message, prompt_ids, completion_ids = self._answer(request)
+        queue_s, service_s = await self.latency.run(
+            len(prompt_ids), len(completion_ids), prefix_key=request.task_id or None
+        )
+        return self._response(message, prompt_ids, completion_ids, queue_s, service_s)
+
+    async def generate_stream(
+        self, request: model_pb2.GenerateRequest
+    ) -> AsyncIterator[model_pb2.GenerateChunk]:
+        """`generate`, streamed: the answer's tokens as the latency model produces them
+        (after the prefill, one per decode step). The content's text goes out with the
+        tokens that spell it (4 UTF-8 bytes per simulated token, cut at whole
+        characters); the tokens of tool calls come without text, and the tool calls
+        themselves in the last chunk's `final`, as `generate` returns them."""
+        message, prompt_ids, completion_ids = self._answer(request)
+        logprobs = simulated_logprobs(completion_ids)
+        content = message.content.encode()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        arrived = time.monotonic()
+        queue_s = 0.0
+        sent = 0  # tokens handed out
+        spelt = 0  # content bytes handed out
+        pending: model_pb2.GenerateChunk | None = None
+        produced = self.latency.stream(
+            len(prompt_ids), len(completion_ids), prefix_key=request.task_id or None
+        )
+        try:
+            async for done in produced:
+                if done == 0:
+                    queue_s = time.monotonic() - arrived
+                    continue
+                upto = min(4 * done, len(content))
+                text = ""
+                if upto > spelt:
+                    text = decoder.decode(content[spelt:upto], final=upto == len(content))
+                    spelt = upto
+                if pending is not None:
+                    yield pending
+                pending = model_pb2.GenerateChunk(
+                    text=text, token_ids=completion_ids[sent:done], logprobs=logprobs[sent:done]
+                )
+                sent = done
+        finally:
+            await produced.aclose()
+        ended = time.monotonic()
+        final = self._response(
+            message, prompt_ids, completion_ids, queue_s, ended - arrived - queue_s
+        )
+        last = pending or model_pb2.GenerateChunk()
+        last.final.CopyFrom(final)
+        yield last
 
     def stats(self) -> model_pb2.ModelStats:
         """Utilisation and load of the latency model."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from megaflow.v1 import common_pb2 as megaflow_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17megaflow/v1/model.proto\x12\x0bmegaflow.v1\x1a\x18megaflow/v1/common.proto\"\xd4\x01\n\x0fGenerateRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.megaflow.v1.ChatMessage\x12$\n\x05tools\x18\x04 \x03(\x0b\x32\x15.megaflow.v1.ToolSpec\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x01\x12\x13\n\x0btool_choice\x18\x07 \x01(\t\x12\x11\n\tclient_id\x18\x10 \x01(\t\"\xb6\x02\n\x10GenerateResponse\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.megaflow.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\x12\x11\n\tlatency_s\x18\x08 \x01(\x01\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12\x1c\n\x14\x63ompletion_token_ids\x18\n \x03(\r\x12\x1b\n\x13\x63ompletion_logprobs\x18\x0b \x03(\x02\x12\x0f\n\x07replica\x18\x0c \x01(\t\"\x13\n\x11ListModelsRequest\";\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.megaflow.v1.ModelInfo\"V\n\nModelStats\x12\x13\n\x0butilisation\x18\x01 \x01(\x01\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x0e\n\x06queued\x18\x03 \x01(\r\x12\x10\n\x08requests\x18\x04 \x01(\x04\"\x8c\x01\n\x14UpdateWeightsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rbackend_specs\x18\x03 \x03(\t\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\x10\n\x08replicas\x18\x05 \x01(\r\x12\x17\n\x0f\x64rain_timeout_s\x18\x06 \x01(\x01\"\x84\x01\n\x15UpdateWeightsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x03(\t\x12\x0f\n\x07retired\x18\x05 \x03(\t\x12\x0e\n\x06swap_s\x18\x06 \x01(\x01\"\xc8\x01\n\x0bReplicaInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\r\n\x05state\x18\x06 \x01(\t\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x08 \x01(\r\x12\x10\n\x08requests\x18\t \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\n \x01(\x04\x12\x13\n\x0butilisation\x18\x0b \x01(\x01\"$\n\x13ListReplicasRequest\x12\r\n\x05model\x18\x01 \x01(\t\"B\n\x14ListReplicasResponse\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.megaflow.v1.ReplicaInfo2\x96\x03\n\x0cModelService\x12G\n\x08Generate\x12\x1c.megaflow.v1.GenerateRequest\x1a\x1d.megaflow.v1.GenerateResponse\x12M\n\nListModels\x12\x1e.megaflow.v1.ListModelsRequest\x1a\x1f.megaflow.v1.ListModelsResponse\x12\x41\n\x06Health\x12\x1a.megaflow.v1.HealthRequest\x1a\x1b.megaflow.v1.HealthResponse\x12V\n\rUpdateWeights\x12!.megaflow.v1.UpdateWeightsRequest\x1a\".megaflow.v1.UpdateWeightsResponse\x12S\n\x0cListReplicas\x12 .megaflow.v1.ListReplicasRequest\x1a!.megaflow.v1.ListReplicasResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17megaflow/v1/model.proto\x12\x0bmegaflow.v1\x1a\x18megaflow/v1/common.proto\"\xd4\x01\n\x0fGenerateRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.megaflow.v1.ChatMessage\x12$\n\x05tools\x18\x04 \x03(\x0b\x32\x15.megaflow.v1.ToolSpec\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x01\x12\x13\n\x0btool_choice\x18\x07 \x01(\t\x12\x11\n\tclient_id\x18\x10 \x01(\t\"\xb6\x02\n\x10GenerateResponse\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.megaflow.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\x12\x11\n\tlatency_s\x18\x08 \x01(\x01\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12\x1c\n\x14\x63ompletion_token_ids\x18\n \x03(\r\x12\x1b\n\x13\x63ompletion_logprobs\x18\x0b \x03(\x02\x12\x0f\n\x07replica\x18\x0c \x01(\t\"p\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12,\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x1d.megaflow.v1.GenerateResponse\"\x13\n\x11ListModelsRequest\";\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.megaflow.v1.ModelInfo\"V\n\nModelStats\x12\x13\n\x0butilisation\x18\x01 \x01(\x01\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x0e\n\x06queued\x18\x03 \x01(\r\x12\x10\n\x08requests\x18\x04 \x01(\x04\"\x8c\x01\n\x14UpdateWeightsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rbackend_specs\x18\x03 \x03(\t\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\x10\n\x08replicas\x18\x05 \x01(\r\x12\x17\n\x0f\x64rain_timeout_s\x18\x06 \x01(\x01\"\x84\x01\n\x15UpdateWeightsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x03(\t\x12\x0f\n\x07retired\x18\x05 \x03(\t\x12\x0e\n\x06swap_s\x18\x06 \x01(\x01\"\xc8\x01\n\x0bReplicaInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\r\n\x05state\x18\x06 \x01(\t\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x08 \x01(\r\x12\x10\n\x08requests\x18\t \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\n \x01(\x04\x12\x13\n\x0butilisation\x18\x0b \x01(\x01\"$\n\x13ListReplicasRequest\x12\r\n\x05model\x18\x01 \x01(\t\"B\n\x14ListReplicasResponse\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.megaflow.v1.ReplicaInfo2\xe4\x03\n\x0cModelService\x12G\n\x08Generate\x12\x1c.megaflow.v1.GenerateRequest\x1a\x1d.megaflow.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.megaflow.v1.GenerateRequest\x1a\x1a.megaflow.v1.GenerateChunk0\x01\x12M\n\nListModels\x12\x1e.megaflow.v1.ListModelsRequest\x1a\x1f.megaflow.v1.ListModelsResponse\x12\x41\n\x06Health\x12\x1a.megaflow.v1.HealthRequest\x1a\x1b.megaflow.v1.HealthResponse\x12V\n\rUpdateWeights\x12!.megaflow.v1.UpdateWeightsRequest\x1a\".megaflow.v1.UpdateWeightsResponse\x12S\n\x0cListReplicas\x12 .megaflow.v1.ListReplicasRequest\x1a!.megaflow.v1.ListReplicasResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,24 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=279
   _globals['_GENERATERESPONSE']._serialized_start=282
   _globals['_GENERATERESPONSE']._serialized_end=592
-  _globals['_LISTMODELSREQUEST']._serialized_start=594
-  _globals['_LISTMODELSREQUEST']._serialized_end=613
-  _globals['_MODELINFO']._serialized_start=615
-  _globals['_MODELINFO']._serialized_end=674
-  _globals['_LISTMODELSRESPONSE']._serialized_start=676
-  _globals['_LISTMODELSRESPONSE']._serialized_end=736
-  _globals['_MODELSTATS']._serialized_start=738
-  _globals['_MODELSTATS']._serialized_end=824
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=827
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=967
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=970
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1102
-  _globals['_REPLICAINFO']._serialized_start=1105
-  _globals['_REPLICAINFO']._serialized_end=1305
-  _globals['_LISTREPLICASREQUEST']._serialized_start=1307
-  _globals['_LISTREPLICASREQUEST']._serialized_end=1343
-  _globals['_LISTREPLICASRESPONSE']._serialized_start=1345
-  _globals['_LISTREPLICASRESPONSE']._serialized_end=1411
-  _globals['_MODELSERVICE']._serialized_start=1414
-  _globals['_MODELSERVICE']._serialized_end=1820
+  _globals['_GENERATECHUNK']._serialized_start=594
+  _globals['_GENERATECHUNK']._serialized_end=706
+  _globals['_LISTMODELSREQUEST']._serialized_start=708
+  _globals['_LISTMODELSREQUEST']._serialized_end=727
+  _globals['_MODELINFO']._serialized_start=729
+  _globals['_MODELINFO']._serialized_end=788
+  _globals['_LISTMODELSRESPONSE']._serialized_start=790
+  _globals['_LISTMODELSRESPONSE']._serialized_end=850
+  _globals['_MODELSTATS']._serialized_start=852
+  _globals['_MODELSTATS']._serialized_end=938
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=941
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1081
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1084
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1216
+  _globals['_REPLICAINFO']._serialized_start=1219
+  _globals['_REPLICAINFO']._serialized_end=1419
+  _globals['_LISTREPLICASREQUEST']._serialized_start=1421
+  _globals['_LISTREPLICASREQUEST']._serialized_end=1457
+  _globals['_LISTREPLICASRESPONSE']._serialized_start=1459
+  _globals['_LISTREPLICASRESPONSE']._serialized_end=1525
+  _globals['_MODELSERVICE']._serialized_start=1528
+  _globals['_MODELSERVICE']._serialized_end=2012
 # @@protoc_insertion_point(module_scope)
