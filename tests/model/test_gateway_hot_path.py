@@ -76,6 +76,23 @@ async def test_recording_keeps_the_most_recently_used_tasks(gateway: Gateway) ->
     assert a is not None and len(a.turns) == 2 and c is not None
 
 
+async def test_a_reused_task_id_keeps_a_bounded_number_of_turns() -> None:
+    """A client that tags every call with the same task id (the gateway bench's r-0..r-63)
+    does not grow the record without bound: the most recent turns are kept, indices go on."""
+    service = ModelServiceImpl([SimulatedBackend.fast()])
+    async with Gateway(service, config=GatewayConfig(max_recorded_turns=8)) as gw:
+        for _ in range(30):
+            await _chat(gw, "reused", OPENING)
+        recorded = gw.trajectory("reused")
+        assert recorded is not None
+        assert 6 <= len(recorded.turns) <= 8
+        assert recorded.turns[-1].index == 29  # the last call is the 30th turn
+        indices = [t.index for t in recorded.turns]
+        assert indices == list(range(30 - len(indices), 30))  # the most recent, in order
+        assert [m.role for m in recorded.messages] == ["system", "user", "assistant"]
+    await service.stop()
+
+
 def test_tool_specs_are_shared_per_list_but_every_request_has_its_own() -> None:
     tools = [
         {

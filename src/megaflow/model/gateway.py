@@ -18,7 +18,8 @@ Which task a call belongs to: the `X-MegaFlow-Task: <task id>` header, else
 `Authorization: Bearer <key>` with a key from `issue_key(task_id)`. A call with
 neither (or an unknown key) is served but not recorded, unless `require_key` is set,
 when it gets 401. Only calls tied to a task are recorded; the gateway keeps the
-`max_recorded_tasks` most recently used tasks.
+`max_recorded_tasks` most recently used tasks, and of each the most recent
+`max_recorded_turns` turns (so memory stays bounded even when clients reuse task ids).
 
 Errors are OpenAI-style JSON, `{"error": {"message", "type", "code", "param"}}`:
 400 malformed request, 401 missing key, 404 unknown model or route, 413 body too
@@ -101,6 +102,14 @@ class GatewayConfig(BaseModel):
     )
     max_recorded_tasks: int = Field(
         default=10_000, ge=1, description="Tasks whose trajectories are kept (LRU)."
+    )
+    max_recorded_turns: int = Field(
+        default=1_000,
+        ge=4,
+        description="Turns kept per task: a task id that keeps being reused (a client "
+        "tagging every call with the same id) keeps its most recent turns; past the bound "
+        "the oldest quarter is dropped at once (amortised), and `turns[].index` keeps "
+        "counting.",
     )
 
 
@@ -297,8 +306,12 @@ class Gateway:
         delta = request.messages[known:]
         trajectory.messages.extend(delta)
         trajectory.messages.append(response.message)
-        trajectory.turns.add(
-            index=len(trajectory.turns),
+        turns = trajectory.turns
+        index = turns[-1].index + 1 if turns else 0
+        if len(turns) >= self.config.max_recorded_turns:  # drop the oldest quarter at once
+            del turns[: len(turns) - self.config.max_recorded_turns * 3 // 4]
+        turns.add(
+            index=index,
             prompt_delta=delta,
             response=response.message,
             model_version=response.model_version,
