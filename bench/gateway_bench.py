@@ -207,16 +207,17 @@ async def _load_rate(args: argparse.Namespace) -> dict[str, Any]:
     body = json.dumps({"model": "simulated", "messages": _opening()}).encode()
     headers = {"Content-Type": "application/json"}
     samples: list[float] = []
-    errors = retried = 0
+    errors = retried = answered = 0  # answered: warm-up included (the server's CPU/request)
     start = time.perf_counter()
     window_start, window_end = start + args.warmup, start + args.warmup + args.duration
 
     async def connection(session: Any, i: int) -> None:
-        nonlocal errors, retried
+        nonlocal errors, retried, answered
         while (t0 := time.perf_counter()) < window_end:
             try:
                 _, retries = await _post(session, url, body, headers | {TASK_HEADER: f"r-{i}"})
                 retried += retries
+                answered += 1
             except Exception:
                 errors += 1
                 continue
@@ -229,7 +230,7 @@ async def _load_rate(args: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(connection(session, i) for i in range(args.concurrency)))
     return {"count": len(samples), "window_s": args.duration, "errors": errors,
-            "retried": retried, "latencies": samples}  # fmt: skip
+            "retried": retried, "answered": answered, "latencies": samples}  # fmt: skip
 
 
 async def _load_tasks(args: argparse.Namespace) -> dict[str, Any]:
@@ -295,14 +296,41 @@ def _collect(proc: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
     return result
 
 
-def _rate(url: str, concurrency: int, warmup: float, duration: float) -> dict[str, float]:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and its live descendants (gateway
+    workers), from /proc; 0.0 where /proc cannot tell."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def _rate(
+    url: str, concurrency: int, warmup: float, duration: float, server_pid: int | None = None
+) -> dict[str, float]:
+    """One load run; with `server_pid`, also the server's CPU time per answered request
+    (its user + system time over the whole run / every request answered, warm-up
+    included): the figure that does not swing with the shared machine's load."""
+    cpu0 = _cpu_s(server_pid) if server_pid else 0.0
     proc = _loader(
         "--url", url, "--concurrency", str(concurrency),
         "--warmup", str(warmup), "--duration", str(duration),
     )  # fmt: skip
     r = _collect(proc, warmup + duration + 90)
+    cpu = _cpu_s(server_pid) - cpu0 if server_pid else float("nan")
     lat = r["latencies"] or [float("nan")]
+    answered = r.get("answered") or r["count"]
     return {
+        "cpu_us": cpu / answered * 1e6 if answered else float("nan"),
         "rps": r["count"] / r["window_s"],
         "p50": pct(lat, 50),
         "p99": pct(lat, 99),
@@ -314,6 +342,11 @@ def _rate(url: str, concurrency: int, warmup: float, duration: float) -> dict[st
 def _median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     """Of several rounds, the one with the median throughput (its latencies with it)."""
     return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+
+
+def _median_cpu(runs: list[dict[str, float]]) -> float:
+    """The median of the rounds' server CPU per request (microseconds)."""
+    return sorted(r["cpu_us"] for r in runs)[len(runs) // 2]
 
 
 def _many_tasks(url: str, tasks: int, calls: int, loaders: int, bound_s: float) -> dict[str, float]:
@@ -410,16 +443,20 @@ async def run(quick: bool = False) -> dict[str, float]:
                     for name in names:
                         runs[name].append(
                             await asyncio.to_thread(
-                                _rate, urls[name], concurrency, warmup, duration
+                                _rate, urls[name], concurrency, warmup, duration, procs[name].pid
                             )
                         )
                 measured = {name: _median_run(r) for name, r in runs.items()}
+                cpu = {name: _median_cpu(r) for name, r in runs.items()}
                 base = measured["bare"]
                 for name, m in measured.items():
+                    figures[f"{name}_c{concurrency}_cpu_us"] = cpu[name]
                     rows.append(
                         (
                             f"{labels[name]}, concurrency {concurrency}",
                             f"{m['rps']:,.0f}/s",
+                            f"{cpu[name]:,.0f} us",
+                            f"{cpu['bare'] / cpu[name]:.2f}x",
                             ms(m["p50"]),
                             ms(m["p99"]),
                             f"{m['rps'] / base['rps']:.2f}x",
@@ -435,8 +472,8 @@ async def run(quick: bool = False) -> dict[str, float]:
                 "OpenAI gateway against a bare aiohttp server (zero-latency simulated model; "
                 "load generator in its own process)",
                 rows,
-                ("figure", "requests/s", "p50", "p99", "throughput vs bare", "p99 vs bare",
-                 "errors / retried"),
+                ("figure", "requests/s", "server CPU/request", "bare CPU / this CPU", "p50",
+                 "p99", "throughput vs bare", "p99 vs bare", "errors / retried"),
             )  # fmt: skip
             many = await asyncio.to_thread(
                 _many_tasks, urls["gateway"], tasks, calls, loaders, bound_s
