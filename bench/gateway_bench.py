@@ -389,6 +389,60 @@ async def _inproc_rate(n: int, concurrency: int) -> float:
     return rate
 
 
+async def _streaming(calls: int, concurrency: int, time_scale: float = 1.0) -> dict[str, float]:
+    """Time to the first content chunk of a streamed answer against the time to the
+    whole answer, plain and streamed, through an in-process gateway over the simulated
+    model with its default GPU latency model (decode 4 ms a token, `time_scale`)."""
+    import aiohttp
+
+    from megaflow.model.gateway import Gateway
+    from megaflow.model.latency import GpuLatencyModel, LatencyConfig
+    from megaflow.model.service import ModelServiceImpl
+    from megaflow.testing.simulated_model import SimulatedBackend
+
+    latency = GpuLatencyModel(LatencyConfig(time_scale=time_scale))
+    service = ModelServiceImpl([SimulatedBackend(latency=latency)])
+    first: list[float] = []
+    whole_streamed: list[float] = []
+    whole_plain: list[float] = []
+    chunks: list[int] = []
+    counter = iter(range(calls))
+    async with Gateway(service) as gateway, aiohttp.ClientSession() as session:
+        url = gateway.base_url + "/chat/completions"
+
+        async def worker() -> None:
+            for i in counter:
+                body = {"model": "simulated", "messages": _opening()}
+                headers = {TASK_HEADER: f"s-{i}"}
+                t0 = time.perf_counter()
+                async with session.post(url, json=body, headers=headers) as resp:
+                    await resp.read()
+                whole_plain.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                seen = 0
+                async with session.post(
+                    url, json={**body, "stream": True}, headers=headers
+                ) as resp:
+                    async for line in resp.content:
+                        if line.startswith(b"data: {") and b'"content":"' in line:
+                            if b'"content":""' in line:
+                                continue  # the role chunk
+                            if not seen:
+                                first.append(time.perf_counter() - t0)
+                            seen += 1
+                whole_streamed.append(time.perf_counter() - t0)
+                chunks.append(seen)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await service.stop()
+    return {
+        "first_chunk_p50": pct(first, 50),
+        "streamed_whole_p50": pct(whole_streamed, 50),
+        "plain_whole_p50": pct(whole_plain, 50),
+        "content_chunks_p50": pct([float(c) for c in chunks], 50),
+    }
+
+
 def _capture_answer(url: str, path: Path) -> None:
     """What the gateway answers to the load's request, for the bare server to send."""
     import urllib.request
@@ -497,6 +551,21 @@ async def run(quick: bool = False) -> dict[str, float]:
         finally:
             for proc in reversed(list(procs.values())):
                 proc.stop()
+    stream = await _streaming(40 if quick else 200, 8)
+    figures.update({f"stream_{k}": v for k, v in stream.items()})
+    print_table(
+        "Streaming (simulated model, decode 4 ms a token; in-process gateway, concurrency 8)",
+        [
+            (
+                ms(stream["first_chunk_p50"]),
+                ms(stream["streamed_whole_p50"]),
+                ms(stream["plain_whole_p50"]),
+                f"{stream['content_chunks_p50']:.0f}",
+            )
+        ],
+        ("first content chunk p50", "whole streamed answer p50", "plain answer p50",
+         "content chunks per answer"),
+    )  # fmt: skip
     inproc = await _inproc_rate(2_000 if quick else 10_000, 64)
     figures["inproc_c64_rps"] = inproc
     print(f"reference: in-process ModelServiceImpl.generate, concurrency 64: {inproc:,.0f}/s")

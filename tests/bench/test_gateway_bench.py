@@ -57,3 +57,10 @@ def test_server_cpu_counts_the_process_and_its_children() -> None:
 def test_the_median_round_is_reported() -> None:
     rounds = [{"rps": 3.0, "p99": 1.0}, {"rps": 1.0, "p99": 9.0}, {"rps": 2.0, "p99": 5.0}]
     assert gb._median_run(rounds) == {"rps": 2.0, "p99": 5.0}
+
+
+async def test_the_streaming_figures_are_measured() -> None:
+    figures = await gb._streaming(calls=4, concurrency=2)
+    assert figures["content_chunks_p50"] > 1  # the answer came in pieces
+    assert 0 < figures["first_chunk_p50"] and 0 < figures["streamed_whole_p50"]
+    assert figures["plain_whole_p50"] > 0

@@ -114,6 +114,11 @@ class GatewayConfig(BaseModel):
 
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_TRAJECTORIES = "/v1/megaflow/trajectories/"
+
+
+def _not_found() -> web.Response:  # what aiohttp's router answers to an unknown path
+    return web.Response(status=404, text="404: Not Found")
 
 
 def _loop_time(after_s: float) -> float:
@@ -173,7 +178,7 @@ class Gateway:
         self._keys: dict[str, str] = {}
         self._trajectories: OrderedDict[str, common_pb2.Trajectory] = OrderedDict()
         self._in_flight = 0
-        self._runner: web.AppRunner | None = None
+        self._runner: web.BaseRunner | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -205,10 +210,15 @@ class Gateway:
         return app
 
     async def start(self) -> None:
-        """Listen on `host:port` (port 0: a free port, then stored in `port`)."""
+        """Listen on `host:port` (port 0: a free port, then stored in `port`).
+
+        Served by aiohttp's low-level server (`web.Server`) with the gateway's own
+        dispatch on (method, path): the same routes and answers as `app()`, without the
+        application's router, middleware chain and per-request match objects."""
         if self._runner is not None:
             return
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        server = web.Server(self._dispatch, request_factory=self._make_request, access_log=None)
+        runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(
             runner,
@@ -227,6 +237,61 @@ class Gateway:
         if runner.addresses:
             self.port = int(runner.addresses[0][1])
         log.info("OpenAI gateway on %s", self.base_url)
+
+    def _make_request(
+        self,
+        message: Any,
+        payload: Any,
+        protocol: Any,
+        writer: Any,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        return web.BaseRequest(
+            message,
+            payload,
+            protocol,
+            writer,
+            task,
+            asyncio.get_running_loop(),
+            client_max_size=self.config.max_body_bytes,
+        )
+
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Route one request (what `app()`'s router does, for the routes it has)."""
+        method, path = request.method, request.path
+        if path == "/v1/chat/completions":
+            handler = self._chat if method == "POST" else None
+            allowed = "POST"
+        elif path == "/v1/completions":
+            handler = self._completions if method == "POST" else None
+            allowed = "POST"
+        elif path == "/v1/models" or path == "/health":
+            handler = (
+                (self._models if path == "/v1/models" else self._health)
+                if method
+                in (
+                    "GET",
+                    "HEAD",
+                )
+                else None
+            )
+            allowed = "GET,HEAD"
+        elif path.startswith(_TRAJECTORIES) and "/" not in path[len(_TRAJECTORIES) :]:
+            task_id = path[len(_TRAJECTORIES) :]
+            if not task_id:
+                return _not_found()
+            if method in ("GET", "HEAD"):
+                return await self._guarded(request, lambda r: self._trajectory_answer(task_id))
+            if method == "DELETE":
+                return await self._guarded(request, lambda r: self._delete_answer(task_id))
+            handler, allowed = None, "GET,HEAD,DELETE"
+        else:
+            return _not_found()
+        if handler is None:
+            return web.Response(
+                status=405, text="405: Method Not Allowed", headers={"Allow": allowed}
+            )
+        return await self._guarded(request, handler)
 
     async def stop(self) -> None:
         """Stop listening and close open connections."""
@@ -263,7 +328,7 @@ class Gateway:
         """Hand over and forget the record of `task_id`."""
         return self._trajectories.pop(task_id, None)
 
-    def _task_id(self, request: web.Request) -> str:
+    def _task_id(self, request: web.BaseRequest) -> str:
         header = request.headers.get(TASK_HEADER, "").strip()
         if header:
             return header
@@ -326,28 +391,32 @@ class Gateway:
 
     # -- handlers -------------------------------------------------------------------------
 
-    def _wrap(self, handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
+    def _wrap(self, handler: Callable[[Any], Any]) -> Callable[[web.Request], Any]:
         async def wrapped(request: web.Request) -> web.StreamResponse:
-            try:
-                response: web.StreamResponse = await handler(request)
-                return response
-            except _HttpError as error:
-                return _error_response(error.status, error.kind, str(error), error.code)
-            except web.HTTPRequestEntityTooLarge:
-                limit = self.config.max_body_bytes
-                return _error_response(
-                    413, "invalid_request_error", f"body over {limit} bytes", None
-                )
-            except MegaFlowError as error:
-                status, kind, code = _classify(error)
-                return _error_response(status, kind, str(error), code)
-            except Exception as error:
-                log.exception("gateway bug on %s %s", request.method, request.path)
-                return _error_response(500, "internal_error", f"internal error: {error}", None)
+            return await self._guarded(request, handler)
 
         return wrapped
 
-    async def _body(self, request: web.Request) -> Any:
+    async def _guarded(
+        self, request: web.BaseRequest, handler: Callable[[Any], Any]
+    ) -> web.StreamResponse:
+        """`handler(request)`, its errors answered OpenAI-style."""
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except _HttpError as error:
+            return _error_response(error.status, error.kind, str(error), error.code)
+        except web.HTTPRequestEntityTooLarge:
+            limit = self.config.max_body_bytes
+            return _error_response(413, "invalid_request_error", f"body over {limit} bytes", None)
+        except MegaFlowError as error:
+            status, kind, code = _classify(error)
+            return _error_response(status, kind, str(error), code)
+        except Exception as error:
+            log.exception("gateway bug on %s %s", request.method, request.path)
+            return _error_response(500, "internal_error", f"internal error: {error}", None)
+
+    async def _body(self, request: web.BaseRequest) -> Any:
         raw = await request.read()
         try:
             return orjson.loads(raw)
@@ -375,7 +444,7 @@ class Gateway:
 
     async def _serve(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         parse: Callable[[Any, str], model_pb2.GenerateRequest],
         body_of: Callable[[dict[str, Any], model_pb2.GenerateResponse], dict[str, Any]],
         encoder: type[codec.StreamEncoder],
@@ -390,7 +459,7 @@ class Gateway:
 
     async def _stream(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         body: dict[str, Any],
         generate_request: model_pb2.GenerateRequest,
         encoder_class: type[codec.StreamEncoder],
@@ -466,15 +535,15 @@ class Gateway:
         except StopAsyncIteration:
             raise InfrastructureError("the model's stream ended without its last chunk") from None
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _chat(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self._serve(request, codec.chat_request, codec.chat_body, codec.ChatStream)
 
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
+    async def _completions(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self._serve(
             request, codec.completion_request, codec.completion_body, codec.CompletionStream
         )
 
-    async def _models(self, request: web.Request) -> web.Response:
+    async def _models(self, request: web.BaseRequest) -> web.Response:
         listed = await self.model_service.list_models(model_pb2.ListModelsRequest())
         data = [
             {"id": m.name, "object": "model", "created": 0, "owned_by": f"megaflow:{m.backend}"}
@@ -483,19 +552,23 @@ class Gateway:
         return _json({"object": "list", "data": data})
 
     async def _get_trajectory(self, request: web.Request) -> web.Response:
-        task_id = request.match_info["task_id"]
+        return await self._trajectory_answer(request.match_info["task_id"])
+
+    async def _trajectory_answer(self, task_id: str) -> web.Response:
         trajectory = self._trajectories.get(task_id)
         if trajectory is None:
             raise _HttpError(404, "not_found_error", f"nothing recorded for task {task_id!r}")
         return _json(json_format.MessageToDict(trajectory, preserving_proto_field_name=True))
 
     async def _delete_trajectory(self, request: web.Request) -> web.Response:
-        task_id = request.match_info["task_id"]
+        return await self._delete_answer(request.match_info["task_id"])
+
+    async def _delete_answer(self, task_id: str) -> web.Response:
         if self._trajectories.pop(task_id, None) is None:
             raise _HttpError(404, "not_found_error", f"nothing recorded for task {task_id!r}")
         return _json({"deleted": task_id})
 
-    async def _health(self, request: web.Request) -> web.Response:
+    async def _health(self, request: web.BaseRequest) -> web.Response:
         health = await self.model_service.health(common_pb2.HealthRequest())
         return _json({"ok": health.ok, "detail": health.detail})
 
