@@ -126,3 +126,38 @@ async def test_answer_ids_are_unique() -> None:
     await service.stop()
     ids = [a["id"] for a in answers]
     assert len(set(ids)) == len(ids) and all(i.startswith("chatcmpl-") for i in ids)
+
+
+async def test_the_low_level_dispatch_answers_as_the_router_did() -> None:
+    """The gateway serves without web.Application: unknown paths, wrong methods, HEAD,
+    the trajectory routes and the body limit answer as aiohttp's router made them."""
+    service = ModelServiceImpl([SimulatedBackend.fast()])
+    config = GatewayConfig(max_body_bytes=2048)
+    async with Gateway(service, config=config) as gw, aiohttp.ClientSession() as session:
+        async with session.get(gw.url + "/v1/nothing") as resp:
+            assert (resp.status, await resp.text()) == (404, "404: Not Found")
+        async with session.get(gw.base_url + "/chat/completions") as resp:
+            assert resp.status == 405 and resp.headers["Allow"] == "POST"
+        async with session.head(gw.url + "/health") as resp:
+            assert resp.status == 200
+        async with session.post(
+            gw.base_url + "/chat/completions", data=b"{" + b" " * 4096 + b"}"
+        ) as resp:
+            assert resp.status == 413
+            assert (await resp.json())["error"]["type"] == "invalid_request_error"
+        await _chat(gw, "t/1", OPENING)
+        path = gw.base_url + "/megaflow/trajectories/t/1"  # a slash in the id: not a route
+        async with session.get(path) as resp:
+            assert resp.status == 404
+        path = gw.base_url + "/megaflow/trajectories/t%3A1"
+        async with session.get(path) as resp:
+            assert resp.status == 404  # nothing recorded under "t:1"
+            assert (await resp.json())["error"]["type"] == "not_found_error"
+        await _chat(gw, "t-2", OPENING)
+        async with session.get(gw.base_url + "/megaflow/trajectories/t-2") as resp:
+            assert resp.status == 200 and (await resp.json())["task_id"] == "t-2"
+        async with session.delete(gw.base_url + "/megaflow/trajectories/t-2") as resp:
+            assert (await resp.json()) == {"deleted": "t-2"}
+        async with session.put(gw.base_url + "/megaflow/trajectories/t-2") as resp:
+            assert resp.status == 405
+    await service.stop()
