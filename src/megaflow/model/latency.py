@@ -222,16 +222,19 @@ class GpuLatencyModel:
             prefill = self.service_time(prompt_tokens, 0, cached) * scale
             per_token = self.service_time(0, 1, 0, self._in_flight) - c.overhead_s
             per_token *= scale
+            # Each token is due at a fixed time from the start (no drift from late wake-ups).
+            begun = loop.time()
             if prefill > 0:
                 await asyncio.sleep(prefill)
             total = max(completion_tokens, 0)
             step = max(1, math.ceil(min_step_s / per_token)) if per_token > 0 else max(total, 1)
             done = 0
             while done < total:
-                n = min(step, total - done)
+                done += min(step, total - done)
                 if per_token > 0:
-                    await asyncio.sleep(per_token * n)
-                done += n
+                    delay = begun + prefill + per_token * done - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
                 yield done
             self._remember(prefix_key, prompt_tokens + completion_tokens)
         finally:

@@ -605,7 +605,6 @@ class SimulatedBackend:
         queue_s = 0.0
         sent = 0  # tokens handed out
         spelt = 0  # content bytes handed out
-        pending: model_pb2.GenerateChunk | None = None
         produced = self.latency.stream(
             len(prompt_ids), len(completion_ids), prefix_key=request.task_id or None
         )
@@ -619,9 +618,7 @@ class SimulatedBackend:
                 if upto > spelt:
                     text = decoder.decode(content[spelt:upto], final=upto == len(content))
                     spelt = upto
-                if pending is not None:
-                    yield pending
-                pending = model_pb2.GenerateChunk(
+                yield model_pb2.GenerateChunk(
                     text=text, token_ids=completion_ids[sent:done], logprobs=logprobs[sent:done]
                 )
                 sent = done
@@ -631,9 +628,7 @@ class SimulatedBackend:
         final = self._response(
             message, prompt_ids, completion_ids, queue_s, ended - arrived - queue_s
         )
-        last = pending or model_pb2.GenerateChunk()
-        last.final.CopyFrom(final)
-        yield last
+        yield model_pb2.GenerateChunk(final=final)
 
     def stats(self) -> model_pb2.ModelStats:
         """Utilisation and load of the latency model."""
