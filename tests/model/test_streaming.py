@@ -441,3 +441,29 @@ async def test_service_stream_failover_before_first_chunk() -> None:
             assert chunks[-1].final.replica.endswith("/1")
     finally:
         await service.stop()
+
+
+async def test_a_model_service_without_streaming_is_streamed_whole() -> None:
+    """A Model Service with no `generate_stream` (an older one, a wrapper): the gateway
+    still answers `stream: true`, with the whole answer as one content chunk."""
+
+    class PlainOnly:
+        def __init__(self, inner: ModelServiceImpl) -> None:
+            self.inner = inner
+
+        async def generate(self, request: model_pb2.GenerateRequest) -> model_pb2.GenerateResponse:
+            return await self.inner.generate(request)
+
+    inner = ModelServiceImpl([SimulatedBackend.fast(name="sim", version="v")])
+    gateway = Gateway(PlainOnly(inner))  # type: ignore[arg-type]
+    await gateway.start()
+    try:
+        body = {"model": "sim", "messages": _opening(), "tools": _tools()}
+        plain, chunks = await _plain_and_streamed(gateway, "/chat/completions", body)
+        contents = [c["delta"]["content"] for ch in chunks for c in ch["choices"]
+                    if c["delta"].get("content")]  # fmt: skip
+        assert contents == [plain["choices"][0]["message"]["content"]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    finally:
+        await gateway.stop()
+        await inner.stop()

@@ -512,8 +512,9 @@ class Gateway:
                 await response.write_eof()
             return response
         except ConnectionError:  # the client went away: stop generating for it
+            if response is None:
+                raise  # not the client's connection (nothing was sent to it yet)
             log.debug("client left a streamed answer (task %r)", generate_request.task_id)
-            assert response is not None
             return response
         finally:
             self._in_flight -= 1
