@@ -148,7 +148,12 @@ def _log_time(stamp: str) -> float:
 class Deployment:
     """The service processes of one chaos run, by name; restarts keep their settings."""
 
-    def __init__(self, workdir: Path, config: ChaosConfig, store: str) -> None:
+    def __init__(
+        self, workdir: Path, config: ChaosConfig, store: str, same_address: tuple[str, ...] = ()
+    ) -> None:
+        """`same_address`: the services (by name) that listen on a fixed address, so that
+        a restart comes back where it was (a host restarted in place); the others take a
+        free port at each start."""
         self.workdir = workdir
         self.config = config
         self.store = store
@@ -157,11 +162,16 @@ class Deployment:
         self.pgids: list[int] = []
         self.env_pids: list[int] = []
         self.starts: dict[str, int] = {}
+        self.fixed = {name: f"127.0.0.1:{free_port()}" for name in same_address}
 
     def sandbox_dir(self, name: str) -> Path:
         return self.workdir / f"sandboxes-{name}"
 
     def _argv(self, name: str) -> tuple[str, ...]:
+        listen = ("--listen", self.fixed[name]) if name in self.fixed else ()
+        return (*self._service_argv(name), *listen)
+
+    def _service_argv(self, name: str) -> tuple[str, ...]:
         sched = ("--scheduler", self.address)
         if name == "scheduler":
             return ("--listen", self.address, "--store", self.store)
