@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from megaflow.core import jitter
 from megaflow.core.errors import (
     InvalidRequestError,
     MegaFlowError,
@@ -408,7 +409,7 @@ class SchedulerServiceImpl:
                 detail=r.message,
             ),
         )
-        await asyncio.sleep(r.delay_s)
+        await asyncio.sleep(jitter.spread(r.delay_s, 0.5))  # retries of one outage spread out
         self._feed(s.RetryDue(self._stimulus("retry"), r.task_id))
 
     async def _wake(self, delay_s: float) -> None:
