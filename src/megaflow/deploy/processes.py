@@ -96,7 +96,9 @@ async def _register_forever(
                 log.info("%s at %s registered with scheduler %s", kind, address, scheduler)
                 failing = False
                 registered.set()
-            await asyncio.sleep(jitter.spread(max(0.0, interval - (time.monotonic() - started))))
+            await asyncio.sleep(
+                jitter.spread(max(0.0, interval - (time.monotonic() - started)), 0.1)
+            )
     finally:
         await client.close()
 
