@@ -26,6 +26,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -254,11 +255,13 @@ def _status_counters(address: str) -> dict[str, int]:
         return {}
 
 
-def _inject(kind: str, dep: Deployment, rng: random.Random) -> dict[str, Any]:
+def _inject(
+    kind: str, dep: Deployment, rng: random.Random, give_up: Callable[[], bool]
+) -> dict[str, Any]:
     dirs, pids = dep.env_processes()
     if kind == "sandbox":
-        return kill_sandbox(rng, dirs, pids)
-    return hang_sandbox(rng, dirs, pids)
+        return kill_sandbox(rng, dirs, pids, give_up)
+    return hang_sandbox(rng, dirs, pids, give_up)
 
 
 def _client(dep: Deployment, out: Path, log: Path) -> subprocess.Popen[str]:
@@ -344,6 +347,26 @@ def _run(
         # (behind one, slow restarts could push it past the end of the run).
         kills = schedule(config)
         faults = [k for k in kills if k.kind in SANDBOX_KINDS]
+        # Every fault fires at a point of the run's progress, never at a time: a loaded
+        # machine makes the run slower, not the faults rarer. A fault pushed back (by
+        # the floor after a restart, or while it waits for a sandbox in use) fires at
+        # the latest while a full round of tasks is still to finish (`last_call`), so
+        # that it still lands while the run goes.
+        last_call = max(1, config.tasks - config.concurrency)
+        seen = {"at": 0.0, "finished": 0}
+
+        def finished() -> int:  # the ledger, read at most every 0.1 s
+            if time.monotonic() - seen["at"] > 0.1:
+                seen.update(at=time.monotonic(), finished=view.finished())
+            return int(seen["finished"])
+
+        def too_late_for(point: int) -> Callable[[], bool]:
+            """A sandbox fault waits for a sandbox in use (during a step of a task)
+            until the run got this far past its point."""
+            limit = min(point + max(config.min_gap, 2), last_call)
+            return lambda: run.poll() is not None or finished() >= limit
+
+        floor = 0
 
         def progress_to(target: int, what: Kill) -> None:
             while view.finished() < target and run.poll() is None:
@@ -357,7 +380,9 @@ def _run(
         def landed(kill: Kill) -> dict[str, Any] | None:
             event: dict[str, Any] = {**kill.model_dump(), "finished": view.finished()}
             if run.poll() is not None:
-                events.append({**event, "skipped": "the run had finished"})
+                point = int(kill.at_fraction * config.tasks)
+                why = f"the run had finished before its point ({point} results, floor {floor})"
+                events.append({**event, "skipped": why})
                 return None
             return event
 
@@ -365,7 +390,8 @@ def _run(
             if (event := landed(fault)) is None:
                 return
             event["wall"] = time.time()
-            event.update(_inject(fault.kind, dep, rng))
+            point = int(fault.at_fraction * config.tasks)
+            event.update(_inject(fault.kind, dep, rng, too_late_for(point)))
             if "sandbox" in event:
                 event["address"] = event["sandbox"]
             events.append(event)
@@ -374,7 +400,6 @@ def _run(
             while faults and view.finished() >= int(faults[0].at_fraction * config.tasks):
                 inject(faults.pop(0))
 
-        floor = 0
         for kill in kills:
             if kill.kind in SANDBOX_KINDS:
                 if kill in faults:  # not landed early, while a service kill waited
@@ -382,7 +407,7 @@ def _run(
                     faults.remove(kill)
                     inject(kill)
                 continue
-            progress_to(max(int(kill.at_fraction * config.tasks), floor), kill)
+            progress_to(min(max(int(kill.at_fraction * config.tasks), floor), last_call), kill)
             if (event := landed(kill)) is None:
                 continue
             address = dep.procs[kill.name].address
