@@ -81,7 +81,7 @@ class Backoff:
         self.retries = 0
 
     def ceiling(self) -> float:
-        return min(self.cap, self.base * 2 ** min(self.retries, 60))
+        return min(self.cap, self.base * 2.0 ** min(self.retries, 60))
 
     def next(self) -> float:
         ceiling = self.ceiling()
