@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from megaflow.testing.chaos_checks import (
     KINDS,
+    MORE_KINDS,
     SANDBOX_KINDS,
     SERVICE_KINDS,
     check_all,
@@ -50,6 +51,7 @@ from megaflow.testing.server import free_port
 
 __all__ = [
     "KINDS",
+    "MORE_KINDS",
     "ChaosConfig",
     "ChaosStopped",
     "check_all",
@@ -78,6 +80,18 @@ class ChaosConfig(BaseModel):
     store: Literal["sqlite", "redis", "etcd"] = Field(
         "sqlite",
         description="The scheduler's and agents' store: a SQLite file, redis-server or etcd.",
+    )
+    env_hangs: int = Field(
+        0,
+        ge=0,
+        description="Env hosts stopped (SIGSTOP) until the scheduler drops them, then "
+        "continued (SIGCONT): a host that hangs instead of dying.",
+    )
+    store_restarts: int = Field(
+        0,
+        ge=0,
+        description="kill -9s of the store's server (redis-server or etcd), each restarted "
+        "at once on its data (not with the SQLite store).",
     )
     window: tuple[float, float] = Field(
         (0.1, 0.75), description="Kills happen at these fractions of tasks finished."
@@ -117,6 +131,14 @@ def schedule(config: ChaosConfig) -> list[Kill]:
         for kind in SANDBOX_KINDS
         for _ in range(config.sandbox_faults)
     ]
+    kills += [  # (drawn after the others: the CI suite's schedule stays as it was)
+        Kill(kind="env_hang", name=f"env{rng.randint(1, 2)}",
+             at_fraction=round(rng.uniform(low, high), 3))
+        for _ in range(config.env_hangs)
+    ] + [
+        Kill(kind="store", name="store", at_fraction=round(rng.uniform(low, high), 3))
+        for _ in range(config.store_restarts)
+    ]  # fmt: skip
     return sorted(kills, key=lambda k: k.at_fraction)
 
 
@@ -234,6 +256,27 @@ def _detection(workdir: Path, address: str, killed_wall: float) -> dict[str, flo
     return found
 
 
+def _registered(address: str) -> set[str] | None:
+    """The addresses of the services the scheduler places on; None if it does not answer."""
+    import asyncio
+
+    from megaflow.rpc.clients import SchedulerServiceClient
+    from megaflow.v1 import scheduler_pb2
+
+    async def ask() -> set[str]:
+        client = SchedulerServiceClient(address, timeout_s=5.0)
+        try:
+            status = await client.status(scheduler_pb2.StatusRequest())
+            return {svc.address for svc in status.services}
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(ask())
+    except Exception:
+        return None
+
+
 def _status_counters(address: str) -> dict[str, int]:
     """The scheduler's failure counters (since it started); {} when it does not answer."""
     import asyncio
@@ -307,13 +350,16 @@ def run_chaos(
     """
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
+        server: RedisServer | EtcdServer | None = None
         if config.store == "redis":
-            url = stack.enter_context(RedisServer(workdir)).url
+            server = stack.enter_context(RedisServer(workdir))
+            url = server.url
         elif config.store == "etcd":
-            url = stack.enter_context(EtcdServer(workdir)).url
+            server = stack.enter_context(EtcdServer(workdir))
+            url = server.url
         else:
             url = str(workdir / "ledger.sqlite")
-        figures = _run(workdir, config, url, stop)
+        figures = _run(workdir, config, url, stop, server)
         if config.compare_undisturbed:
             figures["undisturbed_exit"] = _undisturbed(workdir, config, stop)
             figures["sandbox_dirs"].append(str(workdir / "sandboxes-undisturbed"))
@@ -323,7 +369,11 @@ def run_chaos(
 
 
 def _run(
-    workdir: Path, config: ChaosConfig, store: str, stop: threading.Event | None
+    workdir: Path,
+    config: ChaosConfig,
+    store: str,
+    stop: threading.Event | None,
+    server: RedisServer | EtcdServer | None = None,
 ) -> dict[str, Any]:
     out = workdir / "out"
     dep = Deployment(workdir, config, store)
@@ -396,6 +446,33 @@ def _run(
                 event["address"] = event["sandbox"]
             events.append(event)
 
+        def more_fault(kill: Kill) -> dict[str, Any]:
+            if kill.kind == "store":
+                if server is None:
+                    return {"skipped": "the SQLite store has no server to kill"}
+                down_at = time.monotonic()
+                server.kill()
+                server.restart(timeout_s=60.0)
+                return {"wall": time.time(), "back_s": round(time.monotonic() - down_at, 2)}
+            # an env host that hangs: stopped until the scheduler dropped it (it stops
+            # heartbeating, its calls never answer), then continued
+            proc = dep.procs[kill.name]
+            address, stopped_at = proc.address, time.monotonic()
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                while (seen := _registered(dep.address)) is None or address in seen:
+                    _check(stop)
+                    if time.monotonic() > deadline or run.poll() is not None:
+                        break
+                    time.sleep(0.2)
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            return {
+                "address": address,
+                "wall": time.time() - (time.monotonic() - stopped_at),
+                "stopped_s": round(time.monotonic() - stopped_at, 2),
+            }
+
         def inject_due_faults() -> None:
             while faults and view.finished() >= int(faults[0].at_fraction * config.tasks):
                 inject(faults.pop(0))
@@ -409,6 +486,11 @@ def _run(
                 continue
             progress_to(min(max(int(kill.at_fraction * config.tasks), floor), last_call), kill)
             if (event := landed(kill)) is None:
+                continue
+            if kill.kind in MORE_KINDS:
+                event.update(more_fault(kill))
+                floor = view.finished() + config.min_gap
+                events.append(event)
                 continue
             address = dep.procs[kill.name].address
             if kill.kind == "scheduler":
