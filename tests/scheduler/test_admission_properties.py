@@ -62,6 +62,7 @@ class Running:
 class Model:
     def __init__(self) -> None:
         self.state = s.SchedulerState(POLICY)
+        self.now = 0.0  # the clock passed with every event (a fallen host is out until later)
         self.specs: dict[str, tuple[common_pb2.TaskSpec, str]] = {}  # task -> (spec, run)
         self.caps: dict[str, int] = {}
         self.running: dict[str, Running] = {}
@@ -89,7 +90,7 @@ class Model:
 
     def apply(self, event: s.Event) -> None:
         dispatched: list[Running] = []
-        for instruction in self.state.handle(event):
+        for instruction in self.state.handle(event, self.now):
             match instruction:
                 case s.Dispatch():
                     assert instruction.task_id not in self.running, "assigned twice"
@@ -259,8 +260,12 @@ def test_admission_invariants_hold_under_any_interleaving(script: list[tuple]) -
             tid = sorted(m.retries)[x % len(m.retries)]
             m.retries.discard(tid)
             m.apply(s.RetryDue("due", tid))
+    # every host back, and past its time out of placement, so that every task can finish
+    m.now += 3600.0
     for address in ("a:2", "e:2"):
-        m.join(address)  # every host back, so that every task can finish
+        m.join(address)
+    m.now += 3600.0  # ...and past the time a host that came back waits before it is used
+    m.apply(s.Wake("later"))
     for _ in range(2000):
         if m.running:
             tid, r = next(iter(m.running.items()))

@@ -26,6 +26,7 @@ INFRA = common_pb2.ERROR_KIND_INFRA
 class Model:
     def __init__(self) -> None:
         self.state = s.SchedulerState(s.SchedulerPolicy(default_max_attempts=3))
+        self.now = 0.0  # the clock passed with every event (a fallen host is out until later)
         self.running: dict[str, str] = {}  # task_id -> current attempt id
         self.finished: dict[str, int] = {}  # task_id -> times finished
         self.retries: set[str] = set()
@@ -35,7 +36,7 @@ class Model:
 
     def apply(self, event: s.Event) -> None:
         before = {key: svc.in_flight for key, svc in self.state.services.items()}
-        for instruction in self.state.handle(event):
+        for instruction in self.state.handle(event, self.now):
             match instruction:
                 case s.Dispatch():
                     assert instruction.task_id not in self.running, "assigned twice"
@@ -153,9 +154,12 @@ def test_invariants_hold_under_any_interleaving(script: list[tuple[str, object, 
             task_id = sorted(m.retries)[x % len(m.retries)]
             m.retries.discard(task_id)
             m.apply(s.RetryDue(sid, task_id))
-    # Every service set aside heartbeats again (alive after all).
+    # Every service set aside heartbeats again (alive after all), past its time out.
+    m.now += 3600.0
     for (kind, address), svc in list(m.state.suspect.items()):
         m.apply(s.ServiceJoined("back", kind, address, svc.capacity, heartbeats=True))
+    m.now += 3600.0  # ...and past the time a host that came back waits before it is used
+    m.apply(s.Wake("later"))
     # Drain: complete every running attempt and fire every pending retry until quiet.
     for _ in range(1000):
         if m.running:

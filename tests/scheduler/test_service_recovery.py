@@ -180,3 +180,29 @@ async def test_stopping_the_lease_keeper_as_a_renewal_completes_stops_it() -> No
     keeper.cancel()  # ...in the same loop iteration as the stop
     done, _ = await asyncio.wait([keeper], timeout=2)
     assert keeper in done and keeper.cancelled()
+
+
+async def test_a_ledger_write_waits_out_a_store_outage_and_a_bad_one_raises(
+    tmp_path: Path,
+) -> None:
+    """A transition's write that finds the store unreachable (its server killed, then
+    restarted) is retried until the store is back: were it dropped, its task would
+    never finish (seen with redis-server killed mid-run)."""
+    from megaflow.core.errors import ServiceUnavailableError
+
+    scheduler = SchedulerServiceImpl(SqliteLedger(tmp_path / "l.sqlite"), ServiceResolver())
+    calls: list[int] = []
+
+    async def flaky() -> None:
+        calls.append(1)
+        if len(calls) < 4:
+            raise ServiceUnavailableError("redis redis://127.0.0.1:1/0: pipeline: refused")
+
+    await asyncio.wait_for(scheduler._durable("finish", flaky), 30)
+    assert len(calls) == 4
+
+    async def invalid() -> None:
+        raise InvalidRequestError("not a store outage")
+
+    with pytest.raises(InvalidRequestError):
+        await scheduler._durable("finish", invalid)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from megaflow.core import jitter
 from megaflow.core.errors import MegaFlowError
 from megaflow.core.runtime import GcTuner
 from megaflow.rpc.clients import SchedulerServiceClient
@@ -65,7 +66,7 @@ async def _register_forever(
     failed for a while would otherwise wait out gRPC's reconnect backoff); each call
     times out within one interval (at most 5 s), so the loop can never hang."""
     client = SchedulerServiceClient(scheduler, timeout_s=5.0)
-    backoff = RETRY_MIN_S
+    backoff = jitter.Backoff(RETRY_MIN_S, interval, floor=RETRY_MIN_S / 5)
     failing = False
     try:
         while True:
@@ -86,16 +87,18 @@ async def _register_forever(
                 failing = True
                 await client.close()
                 client = SchedulerServiceClient(scheduler, timeout_s=5.0)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, interval)
+                backoff.cap = interval
+                await asyncio.sleep(backoff.next())  # jittered: no restart stampede
                 continue
             interval = reply.heartbeat_interval_s or interval
-            backoff = RETRY_MIN_S
+            backoff.reset()
             if failing or not registered.is_set():
                 log.info("%s at %s registered with scheduler %s", kind, address, scheduler)
                 failing = False
                 registered.set()
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            await asyncio.sleep(
+                jitter.spread(max(0.0, interval - (time.monotonic() - started)), 0.1)
+            )
     finally:
         await client.close()
 

@@ -39,6 +39,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from megaflow.core import jitter
 from megaflow.core.errors import (
     CapacityError,
     DeadlineExceededError,
@@ -180,7 +181,8 @@ class ModelServiceImpl:
                 if rounds >= self.config.retry_rounds and last is not None:
                     raise last  # retryable: the caller (agent, scheduler) decides what next
                 tried.clear()  # pause, then another round over all replicas
-                await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0.0)))
+                left = max(deadline - time.monotonic(), 0.0)
+                await asyncio.sleep(min(jitter.full(backoff), left))
                 backoff = min(backoff * 2, 1.0)
                 continue
             # Another healthy replica could take a retry: the backend hands it over.

@@ -17,6 +17,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from megaflow.core import jitter
 from megaflow.core.errors import (
     CancelledTaskError,
     DeadlineExceededError,
@@ -286,7 +287,7 @@ class SchedulerServiceClient(GrpcClient):
             if not reconnect_for_s or now - down_since > reconnect_for_s:
                 raise error
             log.warning("event stream of run %s broke (%s); reconnecting", request.run_id, error)
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(jitter.full(backoff))  # jittered: watchers do not reconnect in step
             backoff = min(backoff * 2, 5.0)
             await self.reconnect()
 

@@ -29,6 +29,30 @@ class SchedulerPolicy(BaseModel):
         "its attempts ended with the loss of their worker (agent or env service died or went "
         "silent); 0 = never. One poison task then cannot take the fleet down forever.",
     )
+    host_backoff_base_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="A service found down (unreachable, or silent) stays out of placement "
+        "at least this long after its first fall, doubling with each fall in a row "
+        "(jittered), even if it re-registers sooner; a completed attempt on it resets it.",
+    )
+    host_backoff_max_s: float = Field(
+        default=30.0, ge=0, description="Longest a fallen service is kept out of placement."
+    )
+    host_rejoin_s: float = Field(
+        default=2.5,
+        ge=0,
+        description="A service that comes back after being down is placed this long after "
+        "it re-registers: the clients' channels to it wait out gRPC's reconnect backoff "
+        "(at most 2 s, `megaflow.rpc.server.CHANNEL_OPTIONS`) and would fail at once.",
+    )
+    max_outage_retries: int = Field(
+        default=20,
+        ge=0,
+        description="Attempts lost to an outage (a service of the attempt unreachable or "
+        "lost) are retried without counting towards max_attempts, up to this many per "
+        "task: the task waits for a host instead of burning its attempts.",
+    )
     pools: dict[str, int] = Field(
         default_factory=dict,
         description="Named resource pools (semaphores): name -> max concurrent attempts. "

@@ -25,8 +25,9 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+from megaflow.core import jitter
 from megaflow.core.errors import (
     InvalidRequestError,
     MegaFlowError,
@@ -334,7 +335,9 @@ class SchedulerServiceImpl:
 
     async def _attempt(self, d: s.Dispatch) -> None:
         spec = self.state.tasks[d.task_id].spec
-        await self.ledger.mark_running(d.task_id, d.attempt, d.attempt_id)
+        await self._durable(
+            "mark_running", lambda: self.ledger.mark_running(d.task_id, d.attempt, d.attempt_id)
+        )
         self._publish(
             d.run_id,
             scheduler_pb2.TaskEvent(
@@ -398,7 +401,9 @@ class SchedulerServiceImpl:
             del self._running[attempt_id]
 
     async def _retry(self, r: s.ScheduleRetry) -> None:
-        await self.ledger.mark_retrying(r.task_id, r.attempt, r.message)
+        await self._durable(
+            "mark_retrying", lambda: self.ledger.mark_retrying(r.task_id, r.attempt, r.message)
+        )
         self._publish(
             r.run_id,
             scheduler_pb2.TaskEvent(
@@ -408,15 +413,34 @@ class SchedulerServiceImpl:
                 detail=r.message,
             ),
         )
-        await asyncio.sleep(r.delay_s)
+        await asyncio.sleep(jitter.spread(r.delay_s, 0.5))  # retries of one outage spread out
         self._feed(s.RetryDue(self._stimulus("retry"), r.task_id))
+
+    async def _durable(self, what: str, write: Callable[[], Awaitable[object]]) -> None:
+        """`write` to the ledger, again and again (jittered backoff, at most 2 s apart)
+        while the store is unreachable (its server killed or restarting): a transition
+        the state machine has made must reach the ledger, or its task is never finished.
+        The ledger's writes are idempotent (a repeated `finish` or `mark_*` of the same
+        attempt changes nothing)."""
+        backoff = jitter.Backoff(0.05, 2.0, floor=0.01)
+        while True:
+            try:
+                await write()
+                return
+            except MegaFlowError as error:
+                if not error.retryable:
+                    raise
+                if not backoff.retries:
+                    log.warning("ledger %s failed (%s); retrying until the store is back",
+                                what, error)  # fmt: skip
+                await asyncio.sleep(backoff.next())
 
     async def _wake(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         self._feed(s.Wake(self._stimulus("wake")))
 
     async def _finish(self, f: s.Finish) -> None:
-        await self.ledger.finish(f.task_id, f.result, f.trajectory)
+        await self._durable("finish", lambda: self.ledger.finish(f.task_id, f.result, f.trajectory))
         event = scheduler_pb2.TaskEvent(
             type=scheduler_pb2.EVENT_TYPE_TASK_FINISHED,
             task_id=f.task_id,

@@ -114,7 +114,9 @@ class _Task:
     placement: tuple[Service, ...] = ()
     ready_at: float = 0.0
     class_key: Hashable = None
-    losses: tuple[str, ...] = ()  # causes of the attempts that ended with their worker lost
+    # (host, cause) of the attempts that ended with their worker lost
+    losses: tuple[tuple[str, str], ...] = ()
+    outages: int = 0  # attempts lost to an outage, not counted towards max_attempts
     progress: int = 0  # the latest checkpoint number an attempt resumed from
 
 
@@ -158,6 +160,11 @@ class SchedulerState:
         self._rng = random.Random(self.policy.seed)
         # Services an attempt lost contact with, out of placement until they heartbeat.
         self.suspect: dict[tuple[ServiceKind, str], Service] = {}
+        # Services that fell, until one of their attempts completes (`failures.Down`),
+        # and those back in `suspect` waiting for their time out to end.
+        self.down: dict[tuple[ServiceKind, str], failures.Down] = {}
+        self.rejoin_at: dict[tuple[ServiceKind, str], float] = {}
+        self.jitter = random.Random(self.policy.seed + 1)
         self.terminal: dict[int, int] = {}  # state -> tasks finished (gone from `tasks`)
         self.late_results = 0  # outcomes of attempts no longer current, discarded
         self.services_lost = 0
@@ -221,6 +228,8 @@ class SchedulerState:
                 if at <= self.now:
                     del self._rate_ready_at[model]
                     self.queue.unblock(("rate", model))
+        if self.rejoin_at and failures.restore_due(self):
+            self.queue.unblock(HOSTS)
         out: list[Instruction] = []
         match event:
             case TasksSubmitted():
@@ -235,6 +244,7 @@ class SchedulerState:
                     result = common_pb2.TaskResult()
                     result.CopyFrom(event.result)
                     result.attempts = task.attempt
+                    failures.survived(self, task.placement)
                     self._release(task)
                     out += self._finish(task, result, event.trajectory)
                 else:
@@ -255,6 +265,8 @@ class SchedulerState:
                 self._wake_pending = INF  # the outstanding wake fired; ask again if need be
         out += self._schedule()
         wake = min(self._rate_ready_at.values()) if self._rate_ready_at else INF
+        if self.rejoin_at:
+            wake = min(wake, *self.rejoin_at.values())
         if wake < self._wake_pending:
             self._wake_pending = wake
             out.append(WakeAt(max(wake - self.now, 0.0)))
@@ -288,37 +300,38 @@ class SchedulerState:
             self._enqueue(task)
 
     def _join(self, event: ServiceJoined) -> None:
-        existing = self._kinds[event.kind].get(event.address)
-        if existing is None and self.suspect:  # alive after all: back into placement
-            existing = self.suspect.pop((event.kind, event.address), None)
-            if existing is not None:
-                self._kinds[event.kind][event.address] = existing
-        if existing is not None:
-            existing.update(
+        key = (event.kind, event.address)
+        svc = self._kinds[event.kind].get(event.address) or self.suspect.get(key)
+        if svc is not None:
+            svc.update(
                 event.capacity, None if event.resources is None else Offer.of(event.resources)
             )
         else:
             svc = Service(event.kind, event.address, event.capacity, Offer.of(event.resources))
             svc.heartbeats = event.heartbeats
-            self._kinds[event.kind][event.address] = svc
-            self.services[(event.kind, event.address)] = svc
+            self.services[key] = svc
+        failures.joined(self, svc)  # alive: back into placement, unless still down
         self.queue.unblock(HOSTS)
 
     def _failed(self, event: AttemptFailed) -> list[Instruction]:
-        task = self.tasks[event.task_id]
-        if event.worker_lost or failures.unreachable_worker(
-            self, task.placement, event.unreachable
-        ):
-            task.losses += (f"{event.attempt_id}: {event.message[:300]}",)
-            limit = self.policy.quarantine_after
-            if limit and len(task.losses) >= limit:
+        task, policy = self.tasks[event.task_id], self.policy
+        down = failures.set_aside(self, task.placement, event.unreachable)
+        worker = failures.lost_worker(down)
+        if worker is not None or event.worker_lost:
+            host = worker.address if worker is not None else event.attempt_id
+            task.losses += ((host, f"{event.attempt_id}: {event.message[:300]}"),)
+            if failures.poisoned(task, policy.quarantine_after):
                 self._release(task)
                 self.quarantined += 1
                 return self._finish(task, failures.quarantine_result(task, event), None)
         self._release(task)
-        if event.retryable and task.attempt < task.max_attempts:
+        outage = bool(down or event.worker_lost) and task.outages < policy.max_outage_retries
+        if outage:  # not the task's fault: it waits for a host, its attempts are kept
+            task.outages += 1
+        if event.retryable and task.attempt - task.outages < task.max_attempts:
             task.state = common_pb2.TASK_STATE_PENDING
-            delay = min(self.policy.retry_base_s * 2 ** (task.attempt - 1), self.policy.retry_max_s)
+            n = 0 if outage else task.attempt - task.outages - 1
+            delay = min(policy.retry_base_s * 2**n, policy.retry_max_s)
             return [ScheduleRetry(task.run_id, event.task_id, task.attempt, delay, event.message)]
         exhausted = event.retryable
         result = common_pb2.TaskResult(

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from megaflow.testing.chaos_checks import (
     KINDS,
+    MORE_KINDS,
     SANDBOX_KINDS,
     SERVICE_KINDS,
     check_all,
@@ -49,6 +51,7 @@ from megaflow.testing.server import free_port
 
 __all__ = [
     "KINDS",
+    "MORE_KINDS",
     "ChaosConfig",
     "ChaosStopped",
     "check_all",
@@ -77,6 +80,18 @@ class ChaosConfig(BaseModel):
     store: Literal["sqlite", "redis", "etcd"] = Field(
         "sqlite",
         description="The scheduler's and agents' store: a SQLite file, redis-server or etcd.",
+    )
+    env_hangs: int = Field(
+        0,
+        ge=0,
+        description="Env hosts stopped (SIGSTOP) until the scheduler drops them, then "
+        "continued (SIGCONT): a host that hangs instead of dying.",
+    )
+    store_restarts: int = Field(
+        0,
+        ge=0,
+        description="kill -9s of the store's server (redis-server or etcd), each restarted "
+        "at once on its data (not with the SQLite store).",
     )
     window: tuple[float, float] = Field(
         (0.1, 0.75), description="Kills happen at these fractions of tasks finished."
@@ -116,6 +131,14 @@ def schedule(config: ChaosConfig) -> list[Kill]:
         for kind in SANDBOX_KINDS
         for _ in range(config.sandbox_faults)
     ]
+    kills += [  # (drawn after the others: the CI suite's schedule stays as it was)
+        Kill(kind="env_hang", name=f"env{rng.randint(1, 2)}",
+             at_fraction=round(rng.uniform(low, high), 3))
+        for _ in range(config.env_hangs)
+    ] + [
+        Kill(kind="store", name="store", at_fraction=round(rng.uniform(low, high), 3))
+        for _ in range(config.store_restarts)
+    ]  # fmt: skip
     return sorted(kills, key=lambda k: k.at_fraction)
 
 
@@ -148,7 +171,12 @@ def _log_time(stamp: str) -> float:
 class Deployment:
     """The service processes of one chaos run, by name; restarts keep their settings."""
 
-    def __init__(self, workdir: Path, config: ChaosConfig, store: str) -> None:
+    def __init__(
+        self, workdir: Path, config: ChaosConfig, store: str, same_address: tuple[str, ...] = ()
+    ) -> None:
+        """`same_address`: the services (by name) that listen on a fixed address, so that
+        a restart comes back where it was (a host restarted in place); the others take a
+        free port at each start."""
         self.workdir = workdir
         self.config = config
         self.store = store
@@ -157,11 +185,16 @@ class Deployment:
         self.pgids: list[int] = []
         self.env_pids: list[int] = []
         self.starts: dict[str, int] = {}
+        self.fixed = {name: f"127.0.0.1:{free_port()}" for name in same_address}
 
     def sandbox_dir(self, name: str) -> Path:
         return self.workdir / f"sandboxes-{name}"
 
     def _argv(self, name: str) -> tuple[str, ...]:
+        listen = ("--listen", self.fixed[name]) if name in self.fixed else ()
+        return (*self._service_argv(name), *listen)
+
+    def _service_argv(self, name: str) -> tuple[str, ...]:
         sched = ("--scheduler", self.address)
         if name == "scheduler":
             return ("--listen", self.address, "--store", self.store)
@@ -223,6 +256,27 @@ def _detection(workdir: Path, address: str, killed_wall: float) -> dict[str, flo
     return found
 
 
+def _registered(address: str) -> set[str] | None:
+    """The addresses of the services the scheduler places on; None if it does not answer."""
+    import asyncio
+
+    from megaflow.rpc.clients import SchedulerServiceClient
+    from megaflow.v1 import scheduler_pb2
+
+    async def ask() -> set[str]:
+        client = SchedulerServiceClient(address, timeout_s=5.0)
+        try:
+            status = await client.status(scheduler_pb2.StatusRequest())
+            return {svc.address for svc in status.services}
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(ask())
+    except Exception:
+        return None
+
+
 def _status_counters(address: str) -> dict[str, int]:
     """The scheduler's failure counters (since it started); {} when it does not answer."""
     import asyncio
@@ -244,11 +298,13 @@ def _status_counters(address: str) -> dict[str, int]:
         return {}
 
 
-def _inject(kind: str, dep: Deployment, rng: random.Random) -> dict[str, Any]:
+def _inject(
+    kind: str, dep: Deployment, rng: random.Random, give_up: Callable[[], bool]
+) -> dict[str, Any]:
     dirs, pids = dep.env_processes()
     if kind == "sandbox":
-        return kill_sandbox(rng, dirs, pids)
-    return hang_sandbox(rng, dirs, pids)
+        return kill_sandbox(rng, dirs, pids, give_up)
+    return hang_sandbox(rng, dirs, pids, give_up)
 
 
 def _client(dep: Deployment, out: Path, log: Path) -> subprocess.Popen[str]:
@@ -294,13 +350,16 @@ def run_chaos(
     """
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
+        server: RedisServer | EtcdServer | None = None
         if config.store == "redis":
-            url = stack.enter_context(RedisServer(workdir)).url
+            server = stack.enter_context(RedisServer(workdir))
+            url = server.url
         elif config.store == "etcd":
-            url = stack.enter_context(EtcdServer(workdir)).url
+            server = stack.enter_context(EtcdServer(workdir))
+            url = server.url
         else:
             url = str(workdir / "ledger.sqlite")
-        figures = _run(workdir, config, url, stop)
+        figures = _run(workdir, config, url, stop, server)
         if config.compare_undisturbed:
             figures["undisturbed_exit"] = _undisturbed(workdir, config, stop)
             figures["sandbox_dirs"].append(str(workdir / "sandboxes-undisturbed"))
@@ -310,7 +369,11 @@ def run_chaos(
 
 
 def _run(
-    workdir: Path, config: ChaosConfig, store: str, stop: threading.Event | None
+    workdir: Path,
+    config: ChaosConfig,
+    store: str,
+    stop: threading.Event | None,
+    server: RedisServer | EtcdServer | None = None,
 ) -> dict[str, Any]:
     out = workdir / "out"
     dep = Deployment(workdir, config, store)
@@ -334,6 +397,26 @@ def _run(
         # (behind one, slow restarts could push it past the end of the run).
         kills = schedule(config)
         faults = [k for k in kills if k.kind in SANDBOX_KINDS]
+        # Every fault fires at a point of the run's progress, never at a time: a loaded
+        # machine makes the run slower, not the faults rarer. A fault pushed back (by
+        # the floor after a restart, or while it waits for a sandbox in use) fires at
+        # the latest while a full round of tasks is still to finish (`last_call`), so
+        # that it still lands while the run goes.
+        last_call = max(1, config.tasks - config.concurrency)
+        seen = {"at": 0.0, "finished": 0}
+
+        def finished() -> int:  # the ledger, read at most every 0.1 s
+            if time.monotonic() - seen["at"] > 0.1:
+                seen.update(at=time.monotonic(), finished=view.finished())
+            return int(seen["finished"])
+
+        def too_late_for(point: int) -> Callable[[], bool]:
+            """A sandbox fault waits for a sandbox in use (during a step of a task)
+            until the run got this far past its point."""
+            limit = min(point + max(config.min_gap, 2), last_call)
+            return lambda: run.poll() is not None or finished() >= limit
+
+        floor = 0
 
         def progress_to(target: int, what: Kill) -> None:
             while view.finished() < target and run.poll() is None:
@@ -347,7 +430,9 @@ def _run(
         def landed(kill: Kill) -> dict[str, Any] | None:
             event: dict[str, Any] = {**kill.model_dump(), "finished": view.finished()}
             if run.poll() is not None:
-                events.append({**event, "skipped": "the run had finished"})
+                point = int(kill.at_fraction * config.tasks)
+                why = f"the run had finished before its point ({point} results, floor {floor})"
+                events.append({**event, "skipped": why})
                 return None
             return event
 
@@ -355,16 +440,43 @@ def _run(
             if (event := landed(fault)) is None:
                 return
             event["wall"] = time.time()
-            event.update(_inject(fault.kind, dep, rng))
+            point = int(fault.at_fraction * config.tasks)
+            event.update(_inject(fault.kind, dep, rng, too_late_for(point)))
             if "sandbox" in event:
                 event["address"] = event["sandbox"]
             events.append(event)
+
+        def more_fault(kill: Kill) -> dict[str, Any]:
+            if kill.kind == "store":
+                if server is None:
+                    return {"skipped": "the SQLite store has no server to kill"}
+                down_at = time.monotonic()
+                server.kill()
+                server.restart(timeout_s=60.0)
+                return {"wall": time.time(), "back_s": round(time.monotonic() - down_at, 2)}
+            # an env host that hangs: stopped until the scheduler dropped it (it stops
+            # heartbeating, its calls never answer), then continued
+            proc = dep.procs[kill.name]
+            address, stopped_at = proc.address, time.monotonic()
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                while (seen := _registered(dep.address)) is None or address in seen:
+                    _check(stop)
+                    if time.monotonic() > deadline or run.poll() is not None:
+                        break
+                    time.sleep(0.2)
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            return {
+                "address": address,
+                "wall": time.time() - (time.monotonic() - stopped_at),
+                "stopped_s": round(time.monotonic() - stopped_at, 2),
+            }
 
         def inject_due_faults() -> None:
             while faults and view.finished() >= int(faults[0].at_fraction * config.tasks):
                 inject(faults.pop(0))
 
-        floor = 0
         for kill in kills:
             if kill.kind in SANDBOX_KINDS:
                 if kill in faults:  # not landed early, while a service kill waited
@@ -372,8 +484,13 @@ def _run(
                     faults.remove(kill)
                     inject(kill)
                 continue
-            progress_to(max(int(kill.at_fraction * config.tasks), floor), kill)
+            progress_to(min(max(int(kill.at_fraction * config.tasks), floor), last_call), kill)
             if (event := landed(kill)) is None:
+                continue
+            if kill.kind in MORE_KINDS:
+                event.update(more_fault(kill))
+                floor = view.finished() + config.min_gap
+                events.append(event)
                 continue
             address = dep.procs[kill.name].address
             if kill.kind == "scheduler":

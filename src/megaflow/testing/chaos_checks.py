@@ -27,6 +27,10 @@ SERVICE_KINDS = ("scheduler", "agent", "env", "model")
 SANDBOX_KINDS = ("sandbox", "hang")
 """Sandbox faults: bwrap killed from outside; the sandbox frozen from outside."""
 KINDS = SERVICE_KINDS + SANDBOX_KINDS
+MORE_KINDS = ("env_hang", "store")
+"""The slower suite's faults: an env host stopped (SIGSTOP) until the scheduler drops
+it, then continued (SIGCONT); the store's server (redis-server, etcd) killed -9 and
+restarted on its data."""
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -166,18 +170,22 @@ def report(figures: dict[str, Any]) -> dict[str, Any]:
         "succeeded": sum(r["status"] == "succeeded" for r in results),
         "failed": sum(r["status"] != "succeeded" for r in results),
         "failed_infra": sum(r["error_kind"] == "infra" for r in results),
-        "faults": {k: sum(e["kind"] == k for e in done) for k in KINDS},
+        "faults": {
+            k: sum(e["kind"] == k for e in done)
+            for k in KINDS + MORE_KINDS
+            if k in KINDS or any(e["kind"] == k for e in figures["events"])
+        },
         "faults_skipped": len(figures["events"]) - len(done),
         "detected_s": {
             k: [e["detected_s"] for e in done if e["kind"] == k and "detected_s" in e]
-            for k in KINDS
-            if k != "scheduler"
+            for k in KINDS + MORE_KINDS
+            if k not in ("scheduler", "store")
         },
         "lost_s": [e["lost_s"] for e in done if "lost_s" in e],
         "undetected": {
             k: sum(e["kind"] == k and "detected_s" not in e for e in watched)
-            for k in KINDS
-            if k != "scheduler"
+            for k in KINDS + MORE_KINDS
+            if k not in ("scheduler", "store")
         },
         "scheduler_back_s": [e["back_s"] for e in done if e["kind"] == "scheduler"],
         "retried_tasks": sum(r["attempts"] >= 2 for r in results),

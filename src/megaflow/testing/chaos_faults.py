@@ -81,12 +81,40 @@ def _pick(
     return (rng.choice(sandboxes), False) if sandboxes else (None, False)
 
 
+def _wait_for(
+    find: Callable[[], tuple[list[SandboxRef], list[SandboxRef]]],
+    give_up: Callable[[], bool],
+    poll_s: float = 0.005,
+) -> tuple[list[SandboxRef], list[SandboxRef]]:
+    """(candidates, in use) once one in use appears, or once `give_up()` (a point of
+    the run's progress, never a clock: a loaded machine only makes the wait longer)."""
+    while True:
+        candidates, in_use = find()
+        if in_use or give_up():
+            return candidates, in_use
+        time.sleep(poll_s)
+
+
+def _never() -> bool:
+    return True
+
+
 def kill_sandbox(
-    rng: random.Random, sandbox_dirs: dict[str, Path], env_pids: dict[str, int]
+    rng: random.Random,
+    sandbox_dirs: dict[str, Path],
+    env_pids: dict[str, int],
+    give_up: Callable[[], bool] = _never,
 ) -> dict[str, Any]:
-    """SIGKILL the bwrap of a live sandbox (one in use where there is one)."""
-    sandboxes = [s for s in live_sandboxes(sandbox_dirs, env_pids) if s.bwrap is not None]
-    target, in_use = _pick(rng, sandboxes, [s for s in sandboxes if s.frozen or s.busy])
+    """SIGKILL the bwrap of a live sandbox: one in use (suspended by its env service
+    while its agent waits for the model, or running a command), waited for until
+    `give_up()` says the run got too far (default: at once), then any live one."""
+
+    def find() -> tuple[list[SandboxRef], list[SandboxRef]]:
+        live = [s for s in live_sandboxes(sandbox_dirs, env_pids) if s.bwrap is not None]
+        return live, [s for s in live if s.frozen or s.busy]
+
+    sandboxes, busy = _wait_for(find, give_up)
+    target, in_use = _pick(rng, sandboxes, busy)
     if target is None or target.bwrap is None:
         return {"skipped": "no live sandbox"}
     with contextlib.suppress(ProcessLookupError):
@@ -98,22 +126,21 @@ def hang_sandbox(
     rng: random.Random,
     sandbox_dirs: dict[str, Path],
     env_pids: dict[str, int],
-    *,
-    look_s: float = 10.0,
+    give_up: Callable[[], bool] = _never,
 ) -> dict[str, Any]:
-    """Freeze a running sandbox from outside: one running a command, looked for during
-    ``look_s``, else any running one (a pooled one: its next claim probes it)."""
-    deadline = time.monotonic() + look_s
-    while True:
+    """Freeze a running sandbox from outside: one running a command (during a step of a
+    task), waited for until `give_up()`, else any running one (a pooled one: its next
+    claim probes it)."""
+
+    def find() -> tuple[list[SandboxRef], list[SandboxRef]]:
         running = [
             s
             for s in live_sandboxes(sandbox_dirs, env_pids)
             if s.freezer is not None and not s.frozen
         ]
-        busy = [s for s in running if s.busy]
-        if busy or time.monotonic() > deadline:
-            break
-        time.sleep(0.005)
+        return running, [s for s in running if s.busy]
+
+    running, busy = _wait_for(find, give_up)
     target, in_use = _pick(rng, running, busy)
     if target is None or target.freezer is None:
         return {"skipped": "no running sandbox with a freezer"}
