@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -40,12 +41,18 @@ from aetcd import rpc
 from aetcd.transactions import Delete, Get, Put  # type: ignore[import-untyped]
 
 from megaflow.core.errors import InvalidRequestError, ServiceUnavailableError
-from megaflow.store.etcd_keys import Keys, decode_checkpoint, encode_checkpoint
+from megaflow.store.etcd_keys import (
+    Keys,
+    StoredCheckpoint,
+    decode_stored,
+    encode_checkpoint,
+)
 from megaflow.store.ledger import (
     Checkpoint,
     LedgerRow,
     RunRow,
     TaskRow,
+    check_append,
     check_lease_args,
     check_new_tasks,
     check_result,
@@ -57,6 +64,7 @@ T = TypeVar("T")
 DEFAULT_MAX_REQUEST_BYTES = 1_572_864  # etcd's --max-request-bytes default (1.5 MiB)
 _MARGIN = 16_384  # keys, headers and framing of one request
 _TXN_OPS = 128  # etcd's --max-txn-ops default
+COMPACT_RECORDS = 32  # appended checkpoint records folded into c/<task> every so many
 _MAX_CAS = 1000  # compare-and-swap retries before giving up (heavy contention)
 
 
@@ -374,23 +382,37 @@ class EtcdLedger:
 
     # -- checkpoints ------------------------------------------------------------------
 
-    async def save_checkpoint(self, task_id: str, attempt_id: str, data: bytes) -> bool:
-        data = bytes(data)
-        self._fits(f"task {task_id!r}'s checkpoint", len(data))
+    async def save_checkpoint(
+        self, task_id: str, attempt_id: str, data: bytes, *, head: bytes = b"", after: int = 0
+    ) -> bool:
+        check_append(after)
+        data, head = bytes(data), bytes(head)
+        self._fits(f"task {task_id!r}'s checkpoint", len(data) + len(head))
         if not attempt_id:
             return False
         tx, ckey = self._client.transactions, self.keys.checkpoint(task_id)
+        records = self.keys.records(task_id)
         for _ in range(_MAX_CAS):
             old = await self._get(ckey)
             rev = old.mod_revision if old is not None else 0
-            seq = decode_checkpoint(old.value).seq + 1 if old is not None else 1
+            stored = decode_stored(old.value) if old is not None else None
+            seq = stored.checkpoint.seq + 1 if stored is not None else 1
             compare = [
                 tx.value(self.keys.attempt(task_id)) == attempt_id.encode(),  # fencing
                 tx.create(self.keys.final(task_id)) == 0,
                 tx.mod(ckey) == rev,
             ]
-            packed = encode_checkpoint(Checkpoint(attempt_id, data, seq, time.time()))
-            ok, replies = await self._txn(compare, [Put(ckey, packed)], [Get(ckey)])
+            if not after:  # a whole log: one record
+                value = Checkpoint(attempt_id, data + head, seq, time.time())
+                ops = [
+                    Put(ckey, encode_checkpoint(value, n=1, head_len=len(head))),
+                    Delete(records, range_end=_prefix_end(records)),
+                ]
+            elif stored is None or stored.checkpoint.attempt_id != attempt_id or stored.n != after:
+                return False  # not this attempt's log as the caller knows it
+            else:
+                ops = await self._append(task_id, stored, seq, data, head)
+            ok, replies = await self._txn(compare, ops, [Get(ckey)])
             if ok:
                 return True
             (kvs,) = replies
@@ -398,9 +420,43 @@ class EtcdLedger:
                 return False  # fenced: stale attempt or terminal task
         raise ServiceUnavailableError(f"etcd {self.url}: too much contention on {ckey!r}")
 
+    async def _append(
+        self, task_id: str, stored: StoredCheckpoint, seq: int, data: bytes, head: bytes
+    ) -> list[Any]:
+        """The operations that append ``data`` to the log of ``stored`` as its record
+        n+1: a key of its own, or, every ``COMPACT_RECORDS`` records, folded with the
+        ones before it into c/<task> (while that fits one request)."""
+        n, attempt_id = stored.n + 1, stored.checkpoint.attempt_id
+        ckey, records = self.keys.checkpoint(task_id), self.keys.records(task_id)
+        if stored.n % COMPACT_RECORDS == 0:
+            kvs = await self._range(records)
+            base = b"".join([stored.base, *(kv.value for kv in kvs), data])
+            if len(base) + len(head) <= self.max_request_bytes - _MARGIN:
+                value = Checkpoint(attempt_id, base + head, seq, time.time())
+                return [
+                    Put(ckey, encode_checkpoint(value, n=n, head_len=len(head))),
+                    Delete(records, range_end=_prefix_end(records)),
+                ]
+        value = Checkpoint(attempt_id, stored.base + head, seq, time.time())
+        return [
+            Put(ckey, encode_checkpoint(value, n=n, head_len=len(head))),
+            Put(self.keys.record(task_id, n), data),
+        ]
+
     async def load_checkpoint(self, task_id: str) -> Checkpoint | None:
-        got = await self._get(self.keys.checkpoint(task_id))
-        return None if got is None else decode_checkpoint(got.value)
+        ckey, records = self.keys.checkpoint(task_id), self.keys.records(task_id)
+        tx = self._client.transactions
+        # one read transaction: c/<task> and its records as of one revision
+        ok, replies = await self._txn(
+            [tx.version(ckey) > 0], [Get(ckey), Get(records, range_end=_prefix_end(records))], []
+        )
+        if not ok:
+            return None
+        (kvs,), appended = replies
+        stored = decode_stored(kvs[0])
+        rest = [value for value, _ in appended]
+        data = b"".join([stored.base, *rest, stored.checkpoint.data[len(stored.base) :]])
+        return dataclasses.replace(stored.checkpoint, data=data)
 
     # -- leases -----------------------------------------------------------------------
 

@@ -15,13 +15,16 @@ fall under another run's prefix):
     d/<run>/<task>      empty, once the task is terminal (counted by runs())
     runs/<run>          JSON: seq cap total
     seq, runseq         counters
-    c/<task>            the latest checkpoint: JSON header, newline, data
+    c/<task>            the latest checkpoint: JSON header (aid seq at n hl), newline,
+                        its log's first record(s), then its head (the last hl bytes)
+    cr/<task>/<n>       the log's records appended since (folded into c/ every few)
     l/<name>            the lease holder, attached to an etcd lease
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from megaflow.store.ledger import Checkpoint
@@ -86,18 +89,51 @@ class Keys:
     def checkpoint(self, task_id: str) -> bytes:
         return self._k(f"c/{task_id}")
 
+    def records(self, task_id: str) -> bytes:
+        return self._k(f"cr/{quote(task_id, safe='')}/")
+
+    def record(self, task_id: str, n: int) -> bytes:
+        return self.records(task_id) + f"{n:010d}".encode()
+
     def lease(self, name: str) -> bytes:
         return self._k(f"l/{name}")
 
 
-def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
-    head = {"aid": checkpoint.attempt_id, "seq": checkpoint.seq, "at": checkpoint.saved_at}
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """The value of c/<task>: the checkpoint, the first record(s) of its log and its head
+    apart, and how many records its log has (the rest are under cr/<task>/)."""
+
+    checkpoint: Checkpoint  # data: the log's first record(s) then the head
+    n: int
+    head_len: int
+
+    @property
+    def base(self) -> bytes:
+        data = self.checkpoint.data
+        return data[: len(data) - self.head_len]
+
+
+def encode_checkpoint(checkpoint: Checkpoint, *, n: int = 1, head_len: int = 0) -> bytes:
+    head = {
+        "aid": checkpoint.attempt_id,
+        "seq": checkpoint.seq,
+        "at": checkpoint.saved_at,
+        "n": n,
+        "hl": head_len,
+    }
     return json.dumps(head).encode() + b"\n" + checkpoint.data
 
 
-def decode_checkpoint(raw: bytes) -> Checkpoint:
+def decode_stored(raw: bytes) -> StoredCheckpoint:
     head, _, data = raw.partition(b"\n")
     fields = json.loads(head)
-    return Checkpoint(
+    checkpoint = Checkpoint(
         attempt_id=fields["aid"], data=data, seq=int(fields["seq"]), saved_at=float(fields["at"])
     )
+    return StoredCheckpoint(checkpoint, int(fields.get("n", 1)), int(fields.get("hl", 0)))
+
+
+def decode_checkpoint(raw: bytes) -> Checkpoint:
+    """The value of c/<task> alone (a checkpoint whose log has one record)."""
+    return decode_stored(raw).checkpoint
