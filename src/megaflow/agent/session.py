@@ -51,10 +51,10 @@ from megaflow.agent.checkpoint import (
     CheckpointWriter,
     Encoded,
     Mark,
+    Record,
     ReplayMismatch,
     StaleAttemptError,
     check_resumable,
-    Record,
     conversation,
     record,
 )
