@@ -28,6 +28,7 @@ BENCHES = {
     "chaos": "chaos_bench",
     "repo": "repo_bench",
     "mini-swe-agent": "mini_swe_agent_bench",
+    "checkpoint": "checkpoint_bench",
 }
 
 

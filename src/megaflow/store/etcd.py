@@ -129,9 +129,10 @@ class EtcdLedger:
         )
         return ok, replies
 
-    async def _range(self, prefix: bytes, page: int = 500) -> list[Any]:
-        """Every key-value under ``prefix``, in key order, read in pages."""
-        end, start, out = _prefix_end(prefix), prefix, []
+    async def _range(self, prefix: bytes, page: int = 500, end: bytes = b"") -> list[Any]:
+        """Every key-value under ``prefix`` (or from it to ``end``), in key order, read in
+        pages."""
+        end, start, out = end or _prefix_end(prefix), prefix, []
         while True:
             request: Any = rpc.RangeRequest(key=start, range_end=end, limit=page)
             reply = await self._rpc("range", functools.partial(self._read, request))
@@ -403,10 +404,11 @@ class EtcdLedger:
                 tx.mod(ckey) == rev,
             ]
             if not after:  # a whole log: one record
-                value = Checkpoint(attempt_id, data + head, seq, time.time())
+                value = Checkpoint(attempt_id, head, seq, time.time())
                 ops = [
                     Put(ckey, encode_checkpoint(value, n=1, head_len=len(head))),
-                    Delete(records, range_end=_prefix_end(records)),
+                    Put(self.keys.record(task_id, 1), data),
+                    Delete(self.keys.record(task_id, 2), range_end=_prefix_end(records)),
                 ]
             elif stored is None or stored.checkpoint.attempt_id != attempt_id or stored.n != after:
                 return False  # not this attempt's log as the caller knows it
@@ -424,24 +426,26 @@ class EtcdLedger:
         self, task_id: str, stored: StoredCheckpoint, seq: int, data: bytes, head: bytes
     ) -> list[Any]:
         """The operations that append ``data`` to the log of ``stored`` as its record
-        n+1: a key of its own, or, every ``COMPACT_RECORDS`` records, folded with the
-        ones before it into c/<task> (while that fits one request)."""
-        n, attempt_id = stored.n + 1, stored.checkpoint.attempt_id
-        ckey, records = self.keys.checkpoint(task_id), self.keys.records(task_id)
-        if stored.n % COMPACT_RECORDS == 0:
-            kvs = await self._range(records)
-            base = b"".join([stored.base, *(kv.value for kv in kvs), data])
-            if len(base) + len(head) <= self.max_request_bytes - _MARGIN:
-                value = Checkpoint(attempt_id, base + head, seq, time.time())
-                return [
-                    Put(ckey, encode_checkpoint(value, n=n, head_len=len(head))),
-                    Delete(records, range_end=_prefix_end(records)),
-                ]
-        value = Checkpoint(attempt_id, stored.base + head, seq, time.time())
-        return [
-            Put(ckey, encode_checkpoint(value, n=n, head_len=len(head))),
-            Put(self.keys.record(task_id, n), data),
+        n+1 under cr/<task>/ and replace the head in c/<task> (which holds no record, so
+        that etcd's history of it stays small). Every ``COMPACT_RECORDS`` records, the
+        ones appended since the last fold and this one become one key (while that fits
+        one request): a record's bytes are written twice at most."""
+        n, records = stored.n + 1, self.keys.records(task_id)
+        value = Checkpoint(stored.checkpoint.attempt_id, stored.base + head, seq, time.time())
+        ops = [
+            Put(self.keys.checkpoint(task_id), encode_checkpoint(value, n=n, head_len=len(head)))
         ]
+        if stored.n >= COMPACT_RECORDS and stored.n % COMPACT_RECORDS == 0:
+            first = stored.n - COMPACT_RECORDS + 2
+            kvs = await self._range(self.keys.record(task_id, first), end=_prefix_end(records))
+            chunk = b"".join([*(kv.value for kv in kvs), data])
+            if len(chunk) <= self.max_request_bytes - _MARGIN:
+                return [
+                    *ops,
+                    Delete(self.keys.record(task_id, first + 1), range_end=_prefix_end(records)),
+                    Put(self.keys.record(task_id, first), chunk),
+                ]
+        return [*ops, Put(self.keys.record(task_id, n), data)]
 
     async def load_checkpoint(self, task_id: str) -> Checkpoint | None:
         ckey, records = self.keys.checkpoint(task_id), self.keys.records(task_id)

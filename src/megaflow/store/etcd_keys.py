@@ -16,8 +16,9 @@ fall under another run's prefix):
     runs/<run>          JSON: seq cap total
     seq, runseq         counters
     c/<task>            the latest checkpoint: JSON header (aid seq at n hl), newline,
-                        its log's first record(s), then its head (the last hl bytes)
-    cr/<task>/<n>       the log's records appended since (folded into c/ every few)
+                        its head (the last hl bytes; before checkpoint logs: all of it)
+    cr/<task>/<n>       the log's record n (from 1); every few, the records appended
+                        since the last fold, folded into one value at the first's key
     l/<name>            the lease holder, attached to an etcd lease
 """
 
