@@ -192,6 +192,23 @@ async def test_racing_checkpoints_get_distinct_increasing_seqs(backend: Backend)
     assert latest is not None and latest.seq == 10
 
 
+async def test_the_first_start_of_a_task_is_kept_across_attempts_and_reopen(
+    backend: Backend,
+) -> None:
+    ledger = await backend.ledger()
+    await ledger.add_tasks("r", [_spec("a")])
+    assert [row.started_at for row in await ledger.unfinished()] == [0.0]
+    before = time.time()
+    await ledger.mark_running("a", 1, "a#1")
+    (row,) = await ledger.unfinished()
+    assert before - 1.0 <= row.started_at <= time.time() + 1.0
+    await ledger.mark_retrying("a", 1, "lost")
+    await ledger.mark_running("a", 2, "a#2")
+    await ledger.close()
+    reopened = await backend.ledger()
+    assert [r.started_at for r in await reopened.unfinished()] == [row.started_at]
+
+
 async def test_checkpoint_logs_append_records_compact_and_are_fenced(backend: Backend) -> None:
     """An append adds a record to this attempt's log (and replaces the head); a load
     joins the records then the head, across compactions and a reopen; an append onto a

@@ -276,6 +276,8 @@ class EtcdLedger:
             self._state(task_id, 2, attempt),
             Put(self.keys.attempt(task_id), attempt_id.encode()),
         ]
+        if attempt == 1:  # the task starts: its deadline counts from now
+            success.append(Put(self.keys.started(task_id), repr(time.time()).encode()))
         await self._txn(self._alive(task_id), success, [])
 
     async def mark_retrying(self, task_id: str, attempt: int, error: str) -> None:
@@ -361,7 +363,14 @@ class EtcdLedger:
             [
                 key
                 for i in ids
-                for key in (k.task(i), k.spec(i), k.state(i), k.attempt(i), k.final(i))
+                for key in (
+                    k.task(i),
+                    k.spec(i),
+                    k.state(i),
+                    k.attempt(i),
+                    k.final(i),
+                    k.started(i),
+                )
             ]
         )
         rows = []
@@ -377,6 +386,7 @@ class EtcdLedger:
                     state=state["state"],
                     attempts=state["attempts"],
                     attempt_id=found.get(k.attempt(i), b"").decode(),
+                    started_at=float(found.get(k.started(i), b"0")),
                 )
             )
         return rows

@@ -15,6 +15,7 @@ fall under another run's prefix):
     d/<run>/<task>      empty, once the task is terminal (counted by runs())
     runs/<run>          JSON: seq cap total
     seq, runseq         counters
+    s0/<task>           when its first attempt was marked running (Unix time, text)
     c/<task>            the latest checkpoint: JSON header (aid seq at n hl), newline,
                         its head (the last hl bytes; before checkpoint logs: all of it)
     cr/<task>/<n>       the log's record n (from 1); every few, the records appended
@@ -50,6 +51,9 @@ class Keys:
 
     def state(self, task_id: str) -> bytes:
         return self._k(f"st/{task_id}")
+
+    def started(self, task_id: str) -> bytes:
+        return self._k(f"s0/{task_id}")
 
     def attempt(self, task_id: str) -> bytes:
         return self._k(f"a/{task_id}")

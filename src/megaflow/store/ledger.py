@@ -14,6 +14,9 @@ Semantics every backend keeps:
   :class:`~megaflow.core.errors.InvalidRequestError`; it also records the run: its cap
   (``max_concurrency``, kept from an earlier call when 0) and ``total`` (summed).
 - ``mark_running`` / ``mark_retrying`` have no effect on an unknown or terminal task.
+  ``mark_running`` of attempt 1 (or of a task never started) records when the task
+  started (``TaskRow.started_at``, the store's clock): deadlines count from it, across
+  scheduler restarts.
   ``mark_retrying`` clears the current attempt id (the attempt is presumed dead).
 - ``finish`` commits a terminal state (SUCCEEDED or FAILED) exactly once: concurrent
   racing calls see exactly one True. False for an unknown or already terminal task.
@@ -78,6 +81,7 @@ class TaskRow:
     state: int  # common_pb2.TaskState: PENDING or RUNNING
     attempts: int
     attempt_id: str  # the current attempt ('' while pending)
+    started_at: float = 0.0  # Unix time its first attempt was marked running (0: never)
 
 
 @dataclass(frozen=True)

@@ -235,7 +235,7 @@ class RedisLedger:
 
     async def unfinished(self) -> list[TaskRow]:
         ids = await self._names("unfinished", lambda: self.client.zrange(f"{self.prefix}:u", 0, -1))
-        fields = ["run", "spec", "state", "attempts", "aid"]
+        fields = ["run", "spec", "state", "attempts", "aid", "st"]
         rows = await self._hashes([self._key("t", i) for i in ids], fields)
         return [
             TaskRow(
@@ -244,6 +244,7 @@ class RedisLedger:
                 state=int(r[2]),
                 attempts=int(r[3]),
                 attempt_id=r[4].decode(),
+                started_at=float(r[5] or 0),
             )
             for r in rows
             if r[0] is not None and int(r[2]) not in (3, 4)

@@ -3,7 +3,7 @@
 Keys are built inside the scripts from the prefix (``ARGV[1]``), so the ledger needs a
 standalone Redis (not Redis Cluster). Layout under prefix ``P``:
 
-    P:t:<task>   hash   run seq spec state attempts aid ekind err result traj at
+    P:t:<task>   hash   run seq spec state attempts aid ekind err result traj at st
     P:rt:<run>   list   the run's task ids in submission order
     P:r:<run>    hash   seq cap total terminal
     P:runs       zset   run ids by run seq
@@ -53,6 +53,7 @@ local k = ARGV[1] .. ':t:' .. ARGV[2]
 local st = redis.call('HGET', k, 'state')
 if not st or st == '3' or st == '4' then return 0 end
 redis.call('HSET', k, 'state', 2, 'attempts', ARGV[3], 'aid', ARGV[4], 'at', ARGV[5])
+if ARGV[3] == '1' or not redis.call('HGET', k, 'st') then redis.call('HSET', k, 'st', ARGV[5]) end
 return 1
 """
 

@@ -89,6 +89,7 @@ _CHECKPOINT_COLUMNS = {
     "head": "BLOB NOT NULL DEFAULT x''",
     "n": "INTEGER NOT NULL DEFAULT 1",
 }
+_TASK_COLUMNS = {"started_at": "REAL NOT NULL DEFAULT 0"}
 COMPACT_RECORDS = 32  # appended records folded into `data` once a log has this many
 
 _NOT_TERMINAL = f"state NOT IN ({TERMINAL_STATES[0]}, {TERMINAL_STATES[1]})"
@@ -164,6 +165,10 @@ class SqliteLedger:
             for column, kind in _CHECKPOINT_COLUMNS.items():
                 if column not in have:  # a ledger from before checkpoint logs
                     db.execute(f"ALTER TABLE checkpoints ADD COLUMN {column} {kind}")
+            have = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+            for column, kind in _TASK_COLUMNS.items():
+                if column not in have:  # a ledger from before absolute deadlines
+                    db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
             self._db = db
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ledger")
@@ -226,11 +231,13 @@ class SqliteLedger:
         await self._call(add, several=True)
 
     async def mark_running(self, task_id: str, attempt: int, attempt_id: str) -> None:
+        now = time.time()
         await self._call(
             lambda db: db.execute(
-                "UPDATE tasks SET state=?, attempts=?, attempt_id=?, updated_at=? "
+                "UPDATE tasks SET state=?, attempts=?, attempt_id=?, updated_at=?, "
+                "started_at=CASE WHEN ?=1 OR started_at=0 THEN ? ELSE started_at END "
                 f"WHERE task_id=? AND {_NOT_TERMINAL}",
-                (common_pb2.TASK_STATE_RUNNING, attempt, attempt_id, time.time(), task_id),
+                (common_pb2.TASK_STATE_RUNNING, attempt, attempt_id, now, attempt, now, task_id),
             )
         )
 
@@ -315,7 +322,7 @@ class SqliteLedger:
     async def unfinished(self) -> list[TaskRow]:
         rows = await self._call(
             lambda db: db.execute(
-                "SELECT run_id, spec, state, attempts, attempt_id FROM tasks "
+                "SELECT run_id, spec, state, attempts, attempt_id, started_at FROM tasks "
                 f"WHERE {_NOT_TERMINAL} ORDER BY seq"
             ).fetchall()
         )
@@ -326,6 +333,7 @@ class SqliteLedger:
                 state=r[2],
                 attempts=r[3],
                 attempt_id=r[4],
+                started_at=r[5],
             )
             for r in rows
         ]
