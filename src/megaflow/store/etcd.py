@@ -14,10 +14,14 @@ Limits, said plainly:
   :class:`~megaflow.core.errors.InvalidRequestError` before anything is sent, and so
   does the server's own "request is too large" answer; nothing is written. Store big
   trajectories as artifacts (a directory or fsspec URL) and finish with a reference.
-- etcd allows 128 operations per transaction, so ``add_tasks`` writes a large
-  submission in several transactions. A duplicate id found in any of them undoes the
-  ones already written; a crash of the caller in the middle can leave a prefix of an
-  unacknowledged submission recorded.
+- etcd allows 128 operations per transaction, so ``add_tasks`` writes a submission
+  of more than a transaction's worth of tasks in several, and still atomically: it
+  first records the submission (``sub/<token>``: its run, ids and first seq), then
+  writes the tasks' keys in chunks, then commits with one transaction that records the
+  run and deletes the submission record. Readers (``run``, ``runs``, ``unfinished``)
+  hide the tasks of an uncommitted submission; a duplicate id undoes the chunks; a
+  submission its caller never committed (a crash) is rolled back by ``unfinished``,
+  which a starting scheduler calls under its lease (the only submitter).
 
 Every call has a timeout (``timeout_s``); an unreachable or timed-out etcd raises
 :class:`~megaflow.core.errors.ServiceUnavailableError`.
@@ -30,8 +34,10 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -60,6 +66,7 @@ from megaflow.store.ledger import (
 from megaflow.v1 import common_pb2
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 1_572_864  # etcd's --max-request-bytes default (1.5 MiB)
 _MARGIN = 16_384  # keys, headers and framing of one request
@@ -208,7 +215,7 @@ class EtcdLedger:
                 size = 0
             chunks[-1].append(n)
             size += len(spec) + 256
-        k = self.keys
+        k, tx = self.keys, self._client.transactions
 
         def ops(n: int) -> list[Any]:  # no state key yet: pending, 0 attempts
             seq, task_id = base + n + 1, ids[n]
@@ -219,30 +226,103 @@ class EtcdLedger:
                 Put(k.run_task(run_id, seq), task_id.encode()),
             ]
 
+        def taken(chunk: list[int]) -> list[Any]:
+            return [tx.create(k.task(ids[n])) == 0 for n in chunk]
+
+        if len(chunks) == 1:  # one transaction: the tasks and the run together
+            (chunk,) = chunks
+            if not await self._record_run(
+                run_id,
+                len(ids),
+                max_concurrency,
+                taken(chunk),
+                [op for n in chunk for op in ops(n)],
+            ):
+                await self._refuse_taken(ids)
+            return
+        token = uuid.uuid4().hex
+        record = {"run": run_id, "ids": ids, "seq": base + 1, "at": time.time()}
+        sub = k.submission(token)
+        blob = json.dumps(record).encode()
+        self._fits("the submission's record", len(blob))
+        await self._txn([], [Put(sub, blob)], [])
+
         async def write(chunk: list[int]) -> bool:
-            compare = [self._client.transactions.create(k.task(ids[n])) == 0 for n in chunk]
-            ok, _ = await self._txn(compare, [op for n in chunk for op in ops(n)], [])
+            ok, _ = await self._txn(taken(chunk), [op for n in chunk for op in ops(n)], [])
             return bool(ok)
 
         written = await asyncio.gather(*(write(c) for c in chunks), return_exceptions=True)
-        if not all(w is True for w in written):
-            undo = [op.key for c, w in zip(chunks, written, strict=True) if w is True
-                    for n in c for op in ops(n)]  # fmt: skip
-            for start in range(0, len(undo), _TXN_OPS):
-                await self._txn([], [Delete(key) for key in undo[start : start + _TXN_OPS]], [])
-            error = next((w for w in written if isinstance(w, BaseException)), None)
-            if error is not None:
-                raise error
-            done = {key for key in undo}
-            taken = [i for i in ids if k.task(i) not in done]
-            found = await self._values([k.task(i) for i in taken])
-            raise InvalidRequestError(
-                f"task ids already submitted: {[i for i in taken if k.task(i) in found][:5]}"
-            )
-        await self._record_run(run_id, len(ids), max_concurrency)
+        if all(w is True for w in written) and await self._record_run(
+            run_id, len(ids), max_concurrency, [tx.version(sub) > 0], [Delete(sub)]
+        ):
+            return
+        undo = [op.key for c, w in zip(chunks, written, strict=True) if w is True
+                for n in c for op in ops(n)]  # fmt: skip
+        await self._delete(undo)
+        await self._txn([], [Delete(sub)], [])
+        error = next((w for w in written if isinstance(w, BaseException)), None)
+        if error is not None:
+            raise error
+        await self._refuse_taken(
+            [ids[n] for c, w in zip(chunks, written, strict=True) if w is not True for n in c]
+        )
 
-    async def _record_run(self, run_id: str, count: int, max_concurrency: int) -> None:
+    async def _refuse_taken(self, ids: list[str]) -> None:
+        found = await self._values([self.keys.task(i) for i in ids])
+        raise InvalidRequestError(
+            f"task ids already submitted: {[i for i in ids if self.keys.task(i) in found][:5]}"
+        )
+
+    async def _delete(self, keys: list[bytes]) -> None:
+        for start in range(0, len(keys), _TXN_OPS):
+            await self._txn([], [Delete(key) for key in keys[start : start + _TXN_OPS]], [])
+
+    async def _open_submissions(self) -> list[dict[str, Any]]:
+        return [
+            json.loads(kv.value) | {"key": kv.key}
+            for kv in await self._range(self.keys.submissions)
+        ]
+
+    async def _hidden(self) -> set[str]:
+        """The ids of tasks in submissions not committed (not yet, or never)."""
+        return {i for sub in await self._open_submissions() for i in sub["ids"]}
+
+    async def _roll_back_submissions(self) -> None:
+        """Undo every submission that was not committed (its caller crashed)."""
+        k = self.keys
+        for sub in await self._open_submissions():
+            ids, run_id = sub["ids"], sub["run"]
+            mine = await self._values([k.task(i) for i in ids])
+            keys: list[bytes] = []
+            for n, task_id in enumerate(ids):
+                head = mine.get(k.task(task_id))
+                if head is None or json.loads(head)["seq"] != sub["seq"] + n:
+                    continue  # not written by this submission
+                seq = sub["seq"] + n
+                keys += [
+                    k.task(task_id),
+                    k.spec(task_id),
+                    k.unfinished(seq),
+                    k.run_task(run_id, seq),
+                ]
+            await self._delete(keys)
+            await self._txn([], [Delete(sub["key"])], [])
+            log.warning(
+                "rolled back an uncommitted submission of %d tasks to run %r", len(ids), run_id
+            )
+
+    async def _record_run(
+        self,
+        run_id: str,
+        count: int,
+        max_concurrency: int,
+        compare: list[Any],
+        success: list[Any],
+    ) -> bool:
+        """Record ``count`` more tasks of the run, in one transaction with ``success``
+        when ``compare`` holds; False (nothing written) when it does not."""
         key = self.keys.run(run_id)
+        tx = self._client.transactions
 
         async def record(got: Any) -> bool | None:
             if got is None:
@@ -253,11 +333,17 @@ class EtcdLedger:
                 run["total"] += count
                 run["cap"] = max_concurrency or run["cap"]
             rev = got.mod_revision if got is not None else 0
-            compare = [self._client.transactions.mod(key) == rev]
-            ok, _ = await self._txn(compare, [Put(key, json.dumps(run).encode())], [])
-            return True if ok else None
+            ok, replies = await self._txn(
+                [*compare, tx.mod(key) == rev],
+                [*success, Put(key, json.dumps(run).encode())],
+                [Get(key)],
+            )
+            if ok:
+                return True
+            (kvs,) = replies
+            return False if (kvs[0][1].mod_revision if kvs else 0) == rev else None
 
-        await self._cas(key, record)
+        return await self._cas(key, record)
 
     def _alive(self, task_id: str) -> list[Any]:
         """Compares: the task exists and is not terminal."""
@@ -317,7 +403,9 @@ class EtcdLedger:
 
     async def run(self, run_id: str) -> list[LedgerRow]:
         k = self.keys
+        hidden = await self._hidden()
         ids = [kv.value.decode() for kv in await self._range(k.run_tasks(run_id))]
+        ids = [i for i in ids if i not in hidden]
         wanted = [
             key for i in ids for key in (k.state(i), k.error(i), k.result(i), k.trajectory(i))
         ]
@@ -357,6 +445,9 @@ class EtcdLedger:
         return int(reply.count)
 
     async def unfinished(self) -> list[TaskRow]:
+        """Also rolls back the submissions never committed: call it (as a starting
+        scheduler does, under its lease) only while nobody submits."""
+        await self._roll_back_submissions()
         k = self.keys
         ids = [kv.value.decode() for kv in await self._range(k.unfinished_all)]
         found = await self._values(

@@ -20,6 +20,8 @@ fall under another run's prefix):
                         its head (the last hl bytes; before checkpoint logs: all of it)
     cr/<task>/<n>       the log's record n (from 1); every few, the records appended
                         since the last fold, folded into one value at the first's key
+    sub/<token>         a submission of several transactions not yet committed (JSON: run
+                        ids seq): its tasks are hidden from readers until it is
     l/<name>            the lease holder, attached to an etcd lease
 """
 
@@ -39,6 +41,7 @@ class Keys:
         self.run_seq = self._k("runseq")
         self.runs = self._k("runs/")
         self.unfinished_all = self._k("u/")
+        self.submissions = self._k("sub/")
 
     def _k(self, tail: str) -> bytes:
         return (self.base + tail).encode()
@@ -99,6 +102,9 @@ class Keys:
 
     def record(self, task_id: str, n: int) -> bytes:
         return self.records(task_id) + f"{n:010d}".encode()
+
+    def submission(self, token: str) -> bytes:
+        return self.submissions + token.encode()
 
     def lease(self, name: str) -> bytes:
         return self._k(f"l/{name}")
