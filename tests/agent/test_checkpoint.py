@@ -152,6 +152,13 @@ async def test_a_resumed_attempt_continues_from_the_checkpoint(tmp_path: Path) -
     assert result.reward == baseline.result.reward == 1.0
     # one continuous history: the same turns and conversation as the undisturbed run
     assert _responses(trajectory) == _responses(baseline.trajectory)
+    # what the checkpoint left out of its turns (format 3) is restored: token ids, tool output
+    for turn, undisturbed in zip(trajectory.turns, baseline.trajectory.turns, strict=True):
+        assert turn.prompt_token_ids == undisturbed.prompt_token_ids
+        assert list(turn.prompt_delta) == list(undisturbed.prompt_delta)
+        assert (turn.reused_prompt_ids, list(turn.observation_of)) == (0, [])
+    stored = common_pb2.AgentCheckpoint.FromString(checkpoint.data).trajectory.turns
+    assert stored[1].reused_prompt_ids > 0 and any(stored[1].observation_of)  # left out
     assert [t.index for t in trajectory.turns] == list(range(len(trajectory.turns)))
     assert [m.content for m in trajectory.messages] == [
         m.content for m in baseline.trajectory.messages

@@ -167,19 +167,28 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first items `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+
+
 def compact(turn: common_pb2.Turn, before: common_pb2.Turn | None) -> common_pb2.Turn:
     """`turn` as a checkpoint holds it: without what repeats `before` (the turn before
-    it): the prompt's token ids that were `before`'s prompt and completion, and tool
+    it): the prompt's first token ids, as many as it shares with `before`'s prompt then
+    completion, and tool
     output that is one of `before`'s actions' observations (see `expand`)."""
     if before is None:
         return turn
     out = common_pb2.Turn()
     out.CopyFrom(turn)
     prefix = [*before.prompt_token_ids, *before.completion_token_ids]
-    ids = turn.prompt_token_ids
-    if prefix and len(ids) >= len(prefix) and ids[: len(prefix)] == prefix:
-        del out.prompt_token_ids[: len(prefix)]
-        out.reused_prompt_ids = len(prefix)
+    reused = _shared(prefix, turn.prompt_token_ids)
+    if reused:  # the context so far, less what the chat template renders differently
+        del out.prompt_token_ids[:reused]
+        out.reused_prompt_ids = reused
     observations = {a.observation: i for i, a in enumerate(before.actions) if a.observation}
     found = [observations.get(m.content, -1) + 1 if m.content else 0 for m in turn.prompt_delta]
     if any(found):

@@ -711,7 +711,8 @@ class Turn(_message.Message):
     reused_prompt_ids: _builtins.int
     """In a checkpoint only (AgentCheckpoint format 3; restored on resume): what repeats the
     turn before is left out. prompt_token_ids lacks its first `reused_prompt_ids` ids (the
-    previous turn's prompt_token_ids then completion_token_ids); a prompt_delta message
+    first ids of the previous turn's prompt_token_ids then completion_token_ids, the ones
+    they share); a prompt_delta message
     whose `observation_of` entry is n > 0 lacks its content (the previous turn's action
     n-1's observation).
     """
