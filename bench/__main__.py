@@ -29,6 +29,7 @@ BENCHES = {
     "repo": "repo_bench",
     "mini-swe-agent": "mini_swe_agent_bench",
     "stampede": "stampede_bench",
+    "checkpoint": "checkpoint_bench",
 }
 
 

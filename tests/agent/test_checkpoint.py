@@ -19,8 +19,10 @@ from megaflow.agent.checkpoint import (
     Encoded,
     Mark,
     StaleAttemptError,
+    check_resumable,
     encode,
     is_pure_read,
+    record,
 )
 from megaflow.agent.service import AgentServiceImpl
 from megaflow.agent.tool_agent import SYSTEM_PROMPT
@@ -150,6 +152,13 @@ async def test_a_resumed_attempt_continues_from_the_checkpoint(tmp_path: Path) -
     assert result.reward == baseline.result.reward == 1.0
     # one continuous history: the same turns and conversation as the undisturbed run
     assert _responses(trajectory) == _responses(baseline.trajectory)
+    # what the checkpoint left out of its turns (format 3) is restored: token ids, tool output
+    for turn, undisturbed in zip(trajectory.turns, baseline.trajectory.turns, strict=True):
+        assert turn.prompt_token_ids == undisturbed.prompt_token_ids
+        assert list(turn.prompt_delta) == list(undisturbed.prompt_delta)
+        assert (turn.reused_prompt_ids, list(turn.observation_of)) == (0, [])
+    stored = common_pb2.AgentCheckpoint.FromString(checkpoint.data).trajectory.turns
+    assert stored[1].reused_prompt_ids > 0 and any(stored[1].observation_of)  # left out
     assert [t.index for t in trajectory.turns] == list(range(len(trajectory.turns)))
     assert [m.content for m in trajectory.messages] == [
         m.content for m in baseline.trajectory.messages
@@ -255,12 +264,20 @@ async def test_checkpoint_interval_is_configurable(tmp_path: Path, every: int) -
 
 
 def test_incremental_encoding_equals_the_message_built_whole() -> None:
+    """A checkpoint, once resume restores its turns (`expand`), is the trajectory as it
+    was; it leaves out the prompt token ids and tool output that repeat the turn before."""
     trajectory = common_pb2.Trajectory(task_id="t", attempt_id="t#2")
     trajectory.resumptions.add(at_turn=1, from_attempt_id="t#1", attempt_id="t#2")
     cache = Encoded()
+    context: list[int] = [7, 2**20]
     for n in range(1, 4):
         trajectory.messages.add(role="user", content=f"m{n}")
-        trajectory.turns.add(index=n - 1, prompt_token_ids=[n, 2**20], model_version="v")
+        turn = trajectory.turns.add(index=n - 1, prompt_token_ids=context, model_version="v")
+        turn.completion_token_ids.extend([n, n + 1])
+        turn.prompt_delta.add(role="tool", content=f"output of turn {n - 2}" * 50)
+        turn.prompt_delta.add(role="user", content="not an observation")
+        turn.actions.add(kind="execute", command="ls", observation=f"output of turn {n - 1}" * 50)
+        context = [*context, n, n + 1, 100 + n]
         pending = [common_pb2.ChatMessage(role="tool", content=f"obs{n}")]
         mark = Mark(n, pending, 10 * n, n, 1.5 * n, "v")
         trajectory.turns.add(index=n, model_version="a turn not yet complete")
@@ -270,7 +287,7 @@ def test_incremental_encoding_equals_the_message_built_whole() -> None:
         whole.CopyFrom(trajectory)
         whole.ClearField("messages")  # rebuilt from the turns on resume
         expected = common_pb2.AgentCheckpoint(
-            format=2,
+            format=3,
             task_id="t",
             attempt_id="t#2",
             trajectory=whole,
@@ -281,8 +298,44 @@ def test_incremental_encoding_equals_the_message_built_whole() -> None:
             elapsed_s=1.5 * n,
             model_version="v",
         )
-        assert common_pb2.AgentCheckpoint.FromString(data) == expected
+        stored = common_pb2.AgentCheckpoint.FromString(data)
+        assert len(data) < expected.ByteSize() or n == 1
+        check_resumable(stored, "t", max_steps=10)  # restores the turns in place
+        assert stored == expected
     assert len(cache.turns) == 3  # each turn serialised once
+    assert len(data) < expected.ByteSize() - 2 * 50 * len("output of turn 1")
+
+
+def test_a_format_2_checkpoint_still_resumes() -> None:
+    old = common_pb2.AgentCheckpoint(format=2, task_id="t", attempt_id="t#1", steps=1)
+    old.trajectory.task_id = "t"
+    old.trajectory.turns.add(index=0, prompt_token_ids=[1, 2])
+    check_resumable(old, "t", max_steps=10)
+    assert list(old.trajectory.turns[0].prompt_token_ids) == [1, 2]
+
+
+def test_appended_records_then_the_head_parse_as_the_whole_checkpoint() -> None:
+    """What the store returns for a log (its records joined, then the latest head) is the
+    checkpoint `encode` builds whole; each write after the first carries only its new
+    turns, so the bytes written grow linearly with the turns."""
+    trajectory = common_pb2.Trajectory(task_id="t", attempt_id="t#2")
+    trajectory.resumptions.add(at_turn=1, from_attempt_id="t#1", attempt_id="t#2")
+    cache, log, head, sent = Encoded(), [b""], b"", []
+    for n in range(1, 40):
+        trajectory.turns.add(index=n - 1, prompt_token_ids=[n] * 50, model_version="v")
+        mark = Mark(n, [common_pb2.ChatMessage(role="tool", content=f"o{n}")], n, n, 0.5, "v")
+        write = record(trajectory, mark, cache)
+        assert write.after == (n - 1 if n > 1 else 0)
+        log = [write.data] if write.after == 0 else [*log, write.data]
+        head = write.head
+        sent.append(len(write.data))
+        write.stored()
+        assert common_pb2.AgentCheckpoint.FromString(
+            b"".join(log) + head
+        ) == common_pb2.AgentCheckpoint.FromString(encode(trajectory, mark, Encoded()))
+    assert max(sent[1:]) < 2 * min(sent[1:])  # one turn each, not the whole history
+    write.lost()  # a write that failed: the next one is whole again
+    assert record(trajectory, mark, cache).after == 0
 
 
 @pytest.mark.parametrize(

@@ -192,6 +192,58 @@ async def test_racing_checkpoints_get_distinct_increasing_seqs(backend: Backend)
     assert latest is not None and latest.seq == 10
 
 
+async def test_the_first_start_of_a_task_is_kept_across_attempts_and_reopen(
+    backend: Backend,
+) -> None:
+    ledger = await backend.ledger()
+    await ledger.add_tasks("r", [_spec("a")])
+    assert [row.started_at for row in await ledger.unfinished()] == [0.0]
+    before = time.time()
+    await ledger.mark_running("a", 1, "a#1")
+    (row,) = await ledger.unfinished()
+    assert before - 1.0 <= row.started_at <= time.time() + 1.0
+    await ledger.mark_retrying("a", 1, "lost")
+    await ledger.mark_running("a", 2, "a#2")
+    await ledger.close()
+    reopened = await backend.ledger()
+    assert [r.started_at for r in await reopened.unfinished()] == [row.started_at]
+
+
+async def test_checkpoint_logs_append_records_compact_and_are_fenced(backend: Backend) -> None:
+    """An append adds a record to this attempt's log (and replaces the head); a load
+    joins the records then the head, across compactions and a reopen; an append onto a
+    log that is not the one the caller knows (another attempt's, another length) or by a
+    stale attempt is refused, and a full save starts the log over."""
+    ledger = await backend.ledger()
+    await ledger.add_tasks("r", [_spec("a")])
+    await ledger.mark_running("a", 1, "a#1")
+    assert await ledger.save_checkpoint("a", "a#1", b"r1", head=b"h1", after=1) is False  # no log
+    assert await ledger.save_checkpoint("a", "a#1", b"r1\x00", head=b"h1") is True
+    records = [b"r1\x00"]
+    for n in range(1, 80):  # past two compactions of every backend
+        record = f"[{n}]".encode() + b"\x00\xff" * (n % 3)
+        assert await ledger.save_checkpoint("a", "a#1", record, head=b"h%d" % n, after=n) is True
+        records.append(record)
+    latest = await ledger.load_checkpoint("a")
+    assert latest is not None
+    assert (latest.data, latest.seq) == (b"".join(records) + b"h79", 80)
+    assert await ledger.save_checkpoint("a", "a#1", b"x", after=79) is False  # 80 records now
+    assert await ledger.save_checkpoint("a", "a#1", b"x", after=81) is False
+    await ledger.mark_retrying("a", 1, "worker lost")
+    await ledger.mark_running("a", 2, "a#2")
+    assert await ledger.save_checkpoint("a", "a#1", b"zombie", after=80) is False
+    assert await ledger.save_checkpoint("a", "a#2", b"x", after=80) is False  # a#1's log
+    assert await ledger.load_checkpoint("a") == latest
+    assert await ledger.save_checkpoint("a", "a#2", b"new", head=b"H") is True
+    assert await ledger.save_checkpoint("a", "a#2", b"+1", head=b"H2", after=1) is True
+    await ledger.close()
+    reopened = await backend.ledger()
+    again = await reopened.load_checkpoint("a")
+    assert again is not None and (again.attempt_id, again.data) == ("a#2", b"new+1H2")
+    with pytest.raises(InvalidRequestError):
+        await reopened.save_checkpoint("a", "a#2", b"x", after=-1)
+
+
 async def test_leases_are_exclusive_renewable_and_released_by_their_holder(
     backend: Backend,
 ) -> None:

@@ -68,3 +68,67 @@ async def test_the_servers_own_refusal_is_a_clear_error_too(etcd: EtcdServer, si
         assert row.spec.task_id == "a"
     finally:
         await ledger.close()
+
+
+async def test_a_submission_cut_between_its_transactions_is_never_half_applied(
+    etcd: EtcdServer,
+) -> None:
+    """add_tasks of more tasks than one transaction holds, its caller dying after the
+    first chunk is written: another ledger (a restarted scheduler) sees none of the
+    submission, its recovery rolls it back, and the same ids can be submitted again."""
+    specs = [common_pb2.TaskSpec(task_id=f"t{i}", problem_statement="p") for i in range(100)]
+    ledger = EtcdLedger(etcd.url, timeout_s=10.0)
+    await ledger.open()
+    chunks_written = 0
+    crashed = asyncio.Event()
+    real_txn = ledger._txn
+
+    async def txn(compare: list[object], success: list[object], failure: list[object]) -> object:
+        nonlocal chunks_written
+        if crashed.is_set():
+            await asyncio.Event().wait()  # the process is gone: nothing more reaches etcd
+        reply = await real_txn(compare, success, failure)
+        if len(success) >= 4 * 8:  # a chunk of tasks
+            chunks_written += 1
+            crashed.set()
+        return reply
+
+    ledger._txn = txn  # type: ignore[method-assign]
+    submitting = asyncio.create_task(ledger.add_tasks("r", specs))
+    await asyncio.wait_for(crashed.wait(), 10)
+    await asyncio.sleep(0.2)  # the other chunks in flight land or not
+    submitting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submitting
+    await ledger.close()
+    assert chunks_written >= 1
+
+    restarted = EtcdLedger(etcd.url, timeout_s=10.0)
+    await restarted.open()
+    try:
+        assert await restarted.run("r") == []  # hidden before recovery
+        assert await restarted.runs() == []
+        assert await restarted.unfinished() == []  # and rolled back by it
+        await restarted.add_tasks("r", specs)  # the same ids again: accepted
+        assert [row.spec.task_id for row in await restarted.unfinished()] == [
+            s.task_id for s in specs
+        ]
+        (run,) = await restarted.runs()
+        assert run.total == 100
+    finally:
+        await restarted.close()
+
+
+async def test_a_duplicate_in_a_large_submission_writes_nothing(etcd: EtcdServer) -> None:
+    ledger = EtcdLedger(etcd.url, timeout_s=10.0)
+    await ledger.open()
+    try:
+        await ledger.add_tasks("r", [common_pb2.TaskSpec(task_id="t77")])
+        specs = [common_pb2.TaskSpec(task_id=f"t{i}") for i in range(100)]
+        with pytest.raises(InvalidRequestError, match="t77"):
+            await ledger.add_tasks("r", specs)
+        assert [row.task_id for row in await ledger.run("r")] == ["t77"]
+        (run,) = await ledger.runs()
+        assert run.total == 1
+    finally:
+        await ledger.close()

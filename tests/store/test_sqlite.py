@@ -106,3 +106,45 @@ async def test_without_group_commit_every_call_is_its_own_transaction(tmp_path: 
     await asyncio.gather(*(ledger.mark_running(f"t{i}", 1, f"t{i}#1") for i in range(50)))
     assert ledger.transactions - before == 50
     await ledger.close()
+
+
+async def test_a_ledger_from_before_checkpoint_logs_opens_and_its_checkpoint_loads(
+    tmp_path: Path,
+) -> None:
+    """A ledger file written by the previous schema (a checkpoint as one whole value, no
+    first-start time) is migrated on open: its checkpoint loads as it was, appends work
+    after the attempt's next whole write, and its tasks read as never started."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    ledger = SqliteLedger(path)
+    await ledger.open()
+    await ledger.add_tasks("r", [_spec("a")])
+    await ledger.mark_running("a", 1, "a#1")
+    await ledger.close()
+    db = sqlite3.connect(path)  # back to the old schema, with an old whole checkpoint
+    db.execute("DROP TABLE checkpoints")
+    db.execute("DROP TABLE checkpoint_records")
+    db.execute(
+        "CREATE TABLE checkpoints (task_id TEXT PRIMARY KEY, attempt_id TEXT NOT NULL, "
+        "data BLOB NOT NULL, seq INTEGER NOT NULL, saved_at REAL NOT NULL)"
+    )
+    db.execute("ALTER TABLE tasks DROP COLUMN started_at")
+    db.execute("INSERT INTO checkpoints VALUES ('a', 'a#1', x'00ff01', 4, 1.5)")
+    db.commit()
+    db.close()
+    reopened = SqliteLedger(path)
+    await reopened.open()
+    try:
+        old = await reopened.load_checkpoint("a")
+        assert old is not None and (old.data, old.seq, old.attempt_id) == (
+            b"\x00\xff\x01",
+            4,
+            "a#1",
+        )
+        assert [row.started_at for row in await reopened.unfinished()] == [0.0]
+        assert await reopened.save_checkpoint("a", "a#1", b"+", head=b"h", after=1)
+        again = await reopened.load_checkpoint("a")
+        assert again is not None and again.data == b"\x00\xff\x01+h"
+    finally:
+        await reopened.close()

@@ -12,6 +12,16 @@ and cached; a checkpoint is the cached turns joined (protobuf repeated fields
 concatenate on the wire) plus a small header. The conversation (`messages`) is left
 out: it is the turns' prompt deltas and responses, rebuilt on resume.
 
+Writes are incremental too (`CheckpointConfig.append`): the store keeps a checkpoint as
+a log of records plus a head (`TaskLedger.save_checkpoint`). An attempt's first write
+is a whole one (its trajectory so far as one record); each later write appends only
+the turns completed since (a `trajectory` field holding just them) and replaces the
+head (the counters and pending messages). Joined, the records then the head parse as
+the whole `AgentCheckpoint` (protobuf merges repeated `trajectory` fields by appending
+their turns; the head's scalars come once). So a task sends O(turns) bytes to the store
+over its life, not O(turns²). A write that failed or was refused for another reason
+than fencing is followed by a whole one (the log might not be what the writer thinks).
+
 A write the store refuses means the attempt is no longer the task's current one (the
 scheduler moved on): the writer tells the agent, which stops with
 `StaleAttemptError`. A write that fails (store down, timeout) is logged and skipped:
@@ -40,7 +50,8 @@ from megaflow.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: turns carry their environment actions (SessionAction)
+FORMAT = 3  # 2: turns carry their environment actions (SessionAction); 3: compacted turns
+FORMATS = (2, 3)  # what resume reads
 REPLAY = "replay"
 
 
@@ -63,6 +74,11 @@ class CheckpointConfig(BaseModel):
     )
     max_batch: int = Field(
         default=256, ge=1, description="Most checkpoints encoded and written per batch."
+    )
+    append: bool = Field(
+        default=True,
+        description="Append each checkpoint's new turns to the stored log (False: rewrite the "
+        "whole checkpoint every time, O(turns^2) bytes over a task).",
     )
     coalesce_s: float = Field(
         default=0.1,
@@ -95,9 +111,32 @@ class Mark:
 
 @dataclass(slots=True)
 class Encoded:
-    """Serialised turns of a trajectory, each encoded once (a finished turn never changes)."""
+    """Serialised turns of a trajectory, each encoded once (a finished turn never changes),
+    and what of them the store holds: `logged` turns in a log of `records` records
+    (0: nothing known to be stored, the next write is a whole one)."""
 
     turns: list[bytes] = field(default_factory=list)
+    logged: int = 0
+    records: int = 0
+
+
+@dataclass(slots=True)
+class Record:
+    """One checkpoint write: `data` is the whole log (`after` 0) or the record appended
+    to a log of `after` records; `head` replaces the head."""
+
+    data: bytes
+    head: bytes
+    after: int
+    turns: int  # the trajectory's turns the log holds once this is written
+    cache: Encoded
+
+    def stored(self) -> None:
+        self.cache.logged, self.cache.records = self.turns, self.after + 1
+
+    def lost(self) -> None:
+        """Not stored, or maybe stored: the next write is a whole one."""
+        self.cache.logged = self.cache.records = 0
 
 
 class Checkpointable(Protocol):
@@ -109,7 +148,7 @@ class Checkpointable(Protocol):
     @property
     def attempt_id(self) -> str: ...
 
-    def checkpoint_bytes(self) -> bytes: ...
+    def checkpoint_record(self, append: bool) -> Record: ...
 
     def on_stale(self) -> None: ...
 
@@ -128,18 +167,65 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def encode(trajectory: common_pb2.Trajectory, mark: Mark, cache: Encoded) -> bytes:
-    """The `AgentCheckpoint` of `trajectory` as it was at `mark`, serialised.
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first items `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
 
-    `trajectory.messages` is left out: it is the turns' prompt deltas and responses in
-    order (`conversation`), rebuilt on resume, so a checkpoint is about half the size."""
-    turns = trajectory.turns
-    for i in range(len(cache.turns), mark.turns):
-        cache.turns.append(_field(4, turns[i].SerializeToString()))
-    head = common_pb2.Trajectory(task_id=trajectory.task_id, attempt_id=trajectory.attempt_id)
-    head.resumptions.extend(trajectory.resumptions)
-    body = b"".join((head.SerializeToString(), *cache.turns[: mark.turns]))
-    checkpoint = common_pb2.AgentCheckpoint(
+
+def compact(turn: common_pb2.Turn, before: common_pb2.Turn | None) -> common_pb2.Turn:
+    """`turn` as a checkpoint holds it: without what repeats `before` (the turn before
+    it): the prompt's first token ids, as many as it shares with `before`'s prompt then
+    completion, and tool
+    output that is one of `before`'s actions' observations (see `expand`)."""
+    if before is None:
+        return turn
+    out = common_pb2.Turn()
+    out.CopyFrom(turn)
+    prefix = [*before.prompt_token_ids, *before.completion_token_ids]
+    reused = _shared(prefix, turn.prompt_token_ids)
+    if reused:  # the context so far, less what the chat template renders differently
+        del out.prompt_token_ids[:reused]
+        out.reused_prompt_ids = reused
+    observations = {a.observation: i for i, a in enumerate(before.actions) if a.observation}
+    found = [observations.get(m.content, -1) + 1 if m.content else 0 for m in turn.prompt_delta]
+    if any(found):
+        out.observation_of.extend(found)
+        for message, n in zip(out.prompt_delta, found, strict=True):
+            if n:
+                message.content = ""
+    return out
+
+
+def expand(turns: Sequence[common_pb2.Turn]) -> None:
+    """Restore in place what `compact` left out of each turn."""
+    before: common_pb2.Turn | None = None
+    for turn in turns:
+        if turn.reused_prompt_ids or turn.observation_of:
+            if before is None or turn.reused_prompt_ids > len(before.prompt_token_ids) + len(
+                before.completion_token_ids
+            ):
+                raise ReplayMismatch(f"turn {turn.index} refers to a turn the checkpoint lacks")
+            if turn.reused_prompt_ids:
+                prefix = [*before.prompt_token_ids, *before.completion_token_ids]
+                ids = [*prefix[: turn.reused_prompt_ids], *turn.prompt_token_ids]
+                turn.ClearField("prompt_token_ids")
+                turn.prompt_token_ids.extend(ids)
+            for message, n in zip(turn.prompt_delta, turn.observation_of, strict=False):
+                if n:
+                    if n > len(before.actions):
+                        raise ReplayMismatch(f"turn {turn.index}: no action {n - 1} before it")
+                    message.content = before.actions[n - 1].observation
+            turn.reused_prompt_ids = 0
+            turn.ClearField("observation_of")
+        before = turn
+
+
+def _head(trajectory: common_pb2.Trajectory, mark: Mark) -> bytes:
+    """The `AgentCheckpoint` fields other than its trajectory."""
+    return common_pb2.AgentCheckpoint(
         format=FORMAT,
         task_id=trajectory.task_id,
         attempt_id=trajectory.attempt_id,
@@ -149,8 +235,36 @@ def encode(trajectory: common_pb2.Trajectory, mark: Mark, cache: Encoded) -> byt
         completion_tokens=mark.completion_tokens,
         elapsed_s=mark.elapsed_s,
         model_version=mark.model_version,
-    )
-    return checkpoint.SerializeToString() + _field(4, body)
+    ).SerializeToString()
+
+
+def record(
+    trajectory: common_pb2.Trajectory, mark: Mark, cache: Encoded, *, append: bool = True
+) -> Record:
+    """The write that brings the stored checkpoint to `trajectory` as it was at `mark`:
+    the turns since the last stored write appended (`append` and the log is known), or
+    the whole trajectory."""
+    turns = trajectory.turns
+    for i in range(len(cache.turns), mark.turns):
+        turn = compact(turns[i], turns[i - 1] if i else None)
+        cache.turns.append(_field(4, turn.SerializeToString()))
+    head = _head(trajectory, mark)
+    if append and cache.records and cache.logged <= mark.turns:
+        body = b"".join(cache.turns[cache.logged : mark.turns])
+        return Record(_field(4, body), head, cache.records, mark.turns, cache)
+    top = common_pb2.Trajectory(task_id=trajectory.task_id, attempt_id=trajectory.attempt_id)
+    top.resumptions.extend(trajectory.resumptions)
+    body = b"".join((top.SerializeToString(), *cache.turns[: mark.turns]))
+    return Record(_field(4, body), head, 0, mark.turns, cache)
+
+
+def encode(trajectory: common_pb2.Trajectory, mark: Mark, cache: Encoded) -> bytes:
+    """The whole `AgentCheckpoint` of `trajectory` as it was at `mark`, serialised.
+
+    `trajectory.messages` is left out: it is the turns' prompt deltas and responses in
+    order (`conversation`), rebuilt on resume, so a checkpoint is about half the size."""
+    whole = record(trajectory, mark, Encoded(cache.turns), append=False)
+    return whole.data + whole.head
 
 
 def conversation(turns: Sequence[common_pb2.Turn]) -> list[common_pb2.ChatMessage]:
@@ -183,9 +297,10 @@ def is_pure_read(command: str) -> bool:
 
 
 def check_resumable(checkpoint: common_pb2.AgentCheckpoint, task_id: str, max_steps: int) -> None:
-    """ReplayMismatch when `checkpoint` cannot continue `task_id` at all."""
-    if checkpoint.format != FORMAT:
-        raise ReplayMismatch(f"checkpoint format {checkpoint.format} (expected {FORMAT})")
+    """ReplayMismatch when `checkpoint` cannot continue `task_id` at all; else its turns
+    are restored in place to what the attempt that wrote it had (`expand`)."""
+    if checkpoint.format not in FORMATS:
+        raise ReplayMismatch(f"checkpoint format {checkpoint.format} (expected one of {FORMATS})")
     if checkpoint.task_id != task_id or checkpoint.trajectory.task_id != task_id:
         raise ReplayMismatch(f"checkpoint is of task {checkpoint.task_id!r}, not {task_id!r}")
     turns = checkpoint.trajectory.turns
@@ -193,6 +308,7 @@ def check_resumable(checkpoint: common_pb2.AgentCheckpoint, task_id: str, max_st
         raise ReplayMismatch(f"checkpoint has {len(turns)} turns (steps={checkpoint.steps})")
     if checkpoint.env_snapshot_uri:
         raise ReplayMismatch("checkpoint needs an environment snapshot; only replay is supported")
+    expand(turns)
 
 
 class CheckpointWriter:
@@ -216,6 +332,7 @@ class CheckpointWriter:
         self.refused = 0
         self.failed = 0
         self.batches = 0
+        self.bytes_sent = 0  # checkpoint bytes sent to the store
 
     def offer(self, agent: Checkpointable) -> None:
         """`agent` has a newer state: write it soon (replacing any unwritten older one)."""
@@ -257,9 +374,9 @@ class CheckpointWriter:
         if not done.done():
             done.set_result(None)
 
-    def _encode(self, agent: Checkpointable, done: asyncio.Future[None]) -> bytes | None:
+    def _encode(self, agent: Checkpointable, done: asyncio.Future[None]) -> Record | None:
         try:
-            return agent.checkpoint_bytes()
+            return agent.checkpoint_record(self.config.append)
         except Exception:  # a bug must not stop the other agents' checkpoints
             self.failed += 1
             log.exception("checkpoint of %s not encoded", agent.attempt_id)
@@ -271,7 +388,7 @@ class CheckpointWriter:
             await asyncio.sleep(self.config.coalesce_s)
         while self._dirty:
             batch = list(itertools.islice(self._dirty, self.config.max_batch))
-            writes: list[tuple[Checkpointable, bytes, asyncio.Future[None]]] = []
+            writes: list[tuple[Checkpointable, Record, asyncio.Future[None]]] = []
             try:
                 for i, agent in enumerate(batch):
                     if i and i % self.ENCODE_CHUNK == 0:
@@ -293,12 +410,14 @@ class CheckpointWriter:
                     await asyncio.gather(*(self._save(a, data, done) for a, data, done in writes))
             except TimeoutError:
                 self.failed += len(writes)
+                for _, data, _ in writes:
+                    data.lost()
                 log.warning("%d checkpoints not written in time", len(writes))
 
     async def _save(
         self,
         agent: Checkpointable,
-        data: bytes | None,
+        data: Record | None,
         done: asyncio.Future[None],
         *,
         final: bool = False,
@@ -306,22 +425,46 @@ class CheckpointWriter:
         if data is None:
             return
         try:
-            stored = await self.store.save_checkpoint(agent.task_id, agent.attempt_id, data)
+            stored = await self._store(agent, data)
         except (MegaFlowError, OSError, TimeoutError, RuntimeError) as error:  # RuntimeError:
             # the store is closed (shutting down)
             self.failed += 1
+            data.lost()
             log.warning("checkpoint of %s not written: %s", agent.attempt_id, error)
             return
-        except Exception:  # a bug must not stop the other agents' checkpoints
-            self.failed += 1
+        except BaseException as error:
+            data.lost()  # cancelled (a batch's deadline) or a bug: maybe written
+            if not isinstance(error, Exception):
+                raise
+            self.failed += 1  # a bug must not stop the other agents' checkpoints
             log.exception("checkpoint of %s not written", agent.attempt_id)
             return
         finally:
             self._end(agent, done)
         if stored:
+            data.stored()
             self.written += 1
             return
         self.refused += 1  # also a write still in flight when the result was committed
         log.debug("checkpoint of %s refused: the attempt is not current", agent.attempt_id)
         if not final:
             agent.on_stale()
+
+    async def _store(self, agent: Checkpointable, data: Record) -> bool:
+        """Write `data`; an append the store refuses is followed by the whole checkpoint
+        (the stored log is not the one this writer knows: a refusal of that means fenced)."""
+        task_id, attempt_id = agent.task_id, agent.attempt_id
+        self.bytes_sent += len(data.data) + len(data.head)
+        if await self.store.save_checkpoint(
+            task_id, attempt_id, data.data, head=data.head, after=data.after
+        ):
+            return True
+        if not data.after:
+            return False
+        data.lost()
+        whole = agent.checkpoint_record(False)
+        self.bytes_sent += len(whole.data) + len(whole.head)
+        if await self.store.save_checkpoint(task_id, attempt_id, whole.data, head=whole.head):
+            data.after, data.turns = 0, whole.turns
+            return True
+        return False

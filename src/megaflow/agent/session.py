@@ -51,11 +51,12 @@ from megaflow.agent.checkpoint import (
     CheckpointWriter,
     Encoded,
     Mark,
+    Record,
     ReplayMismatch,
     StaleAttemptError,
     check_resumable,
     conversation,
-    encode,
+    record,
 )
 from megaflow.agent.replay import Replay
 from megaflow.agent.scaffold import Scaffold, default_scaffold
@@ -331,10 +332,10 @@ class TaskSession:
     def task_id(self) -> str:
         return self.task.task_id
 
-    def checkpoint_bytes(self) -> bytes:
-        """The latest marked state as a serialised `AgentCheckpoint`."""
+    def checkpoint_record(self, append: bool) -> Record:
+        """The write that stores the latest marked state (see `checkpoint.record`)."""
         assert self._mark is not None
-        return encode(self.trajectory, self._mark, self._encoded)
+        return record(self.trajectory, self._mark, self._encoded, append=append)
 
     def on_stale(self) -> None:
         """The store refused our checkpoint: another attempt owns the task. Stop."""

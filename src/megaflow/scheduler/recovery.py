@@ -8,6 +8,12 @@
   RunTask call died with the old scheduler: it is marked retrying first, which clears
   its current attempt id, so the old attempt (should its agent loop still run) can no
   longer store a checkpoint, and only the new scheduler's attempt can be finished.
+- **Deadlines** (`recover`): a task's deadline is absolute: its first start (the ledger
+  keeps it, `TaskRow.started_at`) plus its `budgets.task_timeout_s`. A recovered task
+  past it ends as the agent ends a task whose deadline passed (FAILED, error kind TASK,
+  reward 0), so a task cannot outlive its budget by a scheduler crash. (Tasks without a
+  `task_timeout_s` of their own run under the agent's default, which the scheduler does
+  not know: the agent's own clock, carried in checkpoints, bounds them.)
 - **Replay** (`finished_event`): the TASK_FINISHED event of a terminal ledger row, so a
   watcher (re)connecting gets every result from the ledger, not from memory.
 """
@@ -106,13 +112,41 @@ class RecoveredRun:
     tasks: list[TaskRow]
 
 
-async def recover(ledger: TaskLedger) -> list[RecoveredRun]:
-    """The runs with unfinished tasks (submission order), their RUNNING tasks fenced."""
+def past_deadline(row: TaskRow, now: float) -> bool:
+    """Whether `row`'s absolute deadline (first start + `task_timeout_s`) has passed."""
+    budget = row.spec.budgets.task_timeout_s
+    return budget > 0 and row.started_at > 0 and now >= row.started_at + budget
+
+
+def timed_out(row: TaskRow) -> common_pb2.TaskResult:
+    """The outcome of a task whose deadline passed (what the agent reports for one)."""
+    budget = row.spec.budgets.task_timeout_s
+    return common_pb2.TaskResult(
+        task_id=row.spec.task_id,
+        state=common_pb2.TASK_STATE_FAILED,
+        error_kind=common_pb2.ERROR_KIND_TASK,
+        error=f"task deadline of {budget:.0f}s passed (counted from its start, "
+        "across a scheduler restart)",
+        has_reward=True,
+        reward=0.0,
+        attempts=row.attempts,
+    )
+
+
+async def recover(ledger: TaskLedger, now: float | None = None) -> list[RecoveredRun]:
+    """The runs with unfinished tasks (submission order), their RUNNING tasks fenced;
+    tasks past their deadline (at `now`, Unix time) are finished as timed out."""
     runs = await ledger.runs()
     by_run: dict[str, list[TaskRow]] = {}
+    expired: list[TaskRow] = []
+    now = time.time() if now is None else now
     for row in await ledger.unfinished():
+        if past_deadline(row, now):
+            expired.append(row)
+            continue
         by_run.setdefault(row.run_id, []).append(row)
     running = [row for rows in by_run.values() for row in rows if row.attempt_id]
+    running += [row for row in expired if row.attempt_id]
     for i in range(0, len(running), _FENCE_CHUNK):
         await asyncio.gather(
             *(
@@ -124,6 +158,15 @@ async def recover(ledger: TaskLedger) -> list[RecoveredRun]:
                 for row in running[i : i + _FENCE_CHUNK]
             )
         )
+    for i in range(0, len(expired), _FENCE_CHUNK):
+        await asyncio.gather(
+            *(
+                ledger.finish(row.spec.task_id, timed_out(row), None)
+                for row in expired[i : i + _FENCE_CHUNK]
+            )
+        )
+    if expired:
+        log.warning("%d recovered tasks were past their deadline: ended as timed out", len(expired))
     out = [RecoveredRun(run, by_run[run.run_id]) for run in runs if run.run_id in by_run]
     if out:
         log.warning(

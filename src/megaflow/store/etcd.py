@@ -14,10 +14,14 @@ Limits, said plainly:
   :class:`~megaflow.core.errors.InvalidRequestError` before anything is sent, and so
   does the server's own "request is too large" answer; nothing is written. Store big
   trajectories as artifacts (a directory or fsspec URL) and finish with a reference.
-- etcd allows 128 operations per transaction, so ``add_tasks`` writes a large
-  submission in several transactions. A duplicate id found in any of them undoes the
-  ones already written; a crash of the caller in the middle can leave a prefix of an
-  unacknowledged submission recorded.
+- etcd allows 128 operations per transaction, so ``add_tasks`` writes a submission
+  of more than a transaction's worth of tasks in several, and still atomically: it
+  first records the submission (``sub/<token>``: its run, ids and first seq), then
+  writes the tasks' keys in chunks, then commits with one transaction that records the
+  run and deletes the submission record. Readers (``run``, ``runs``, ``unfinished``)
+  hide the tasks of an uncommitted submission; a duplicate id undoes the chunks; a
+  submission its caller never committed (a crash) is rolled back by ``unfinished``,
+  which a starting scheduler calls under its lease (the only submitter).
 
 Every call has a timeout (``timeout_s``); an unreachable or timed-out etcd raises
 :class:`~megaflow.core.errors.ServiceUnavailableError`.
@@ -27,10 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
+import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -40,12 +47,18 @@ from aetcd import rpc
 from aetcd.transactions import Delete, Get, Put  # type: ignore[import-untyped]
 
 from megaflow.core.errors import InvalidRequestError, ServiceUnavailableError
-from megaflow.store.etcd_keys import Keys, decode_checkpoint, encode_checkpoint
+from megaflow.store.etcd_keys import (
+    Keys,
+    StoredCheckpoint,
+    decode_stored,
+    encode_checkpoint,
+)
 from megaflow.store.ledger import (
     Checkpoint,
     LedgerRow,
     RunRow,
     TaskRow,
+    check_append,
     check_lease_args,
     check_new_tasks,
     check_result,
@@ -53,10 +66,12 @@ from megaflow.store.ledger import (
 from megaflow.v1 import common_pb2
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 1_572_864  # etcd's --max-request-bytes default (1.5 MiB)
 _MARGIN = 16_384  # keys, headers and framing of one request
 _TXN_OPS = 128  # etcd's --max-txn-ops default
+COMPACT_RECORDS = 32  # appended checkpoint records folded into c/<task> every so many
 _MAX_CAS = 1000  # compare-and-swap retries before giving up (heavy contention)
 
 
@@ -121,9 +136,10 @@ class EtcdLedger:
         )
         return ok, replies
 
-    async def _range(self, prefix: bytes, page: int = 500) -> list[Any]:
-        """Every key-value under ``prefix``, in key order, read in pages."""
-        end, start, out = _prefix_end(prefix), prefix, []
+    async def _range(self, prefix: bytes, page: int = 500, end: bytes = b"") -> list[Any]:
+        """Every key-value under ``prefix`` (or from it to ``end``), in key order, read in
+        pages."""
+        end, start, out = end or _prefix_end(prefix), prefix, []
         while True:
             request: Any = rpc.RangeRequest(key=start, range_end=end, limit=page)
             reply = await self._rpc("range", functools.partial(self._read, request))
@@ -199,7 +215,7 @@ class EtcdLedger:
                 size = 0
             chunks[-1].append(n)
             size += len(spec) + 256
-        k = self.keys
+        k, tx = self.keys, self._client.transactions
 
         def ops(n: int) -> list[Any]:  # no state key yet: pending, 0 attempts
             seq, task_id = base + n + 1, ids[n]
@@ -210,30 +226,103 @@ class EtcdLedger:
                 Put(k.run_task(run_id, seq), task_id.encode()),
             ]
 
+        def taken(chunk: list[int]) -> list[Any]:
+            return [tx.create(k.task(ids[n])) == 0 for n in chunk]
+
+        if len(chunks) == 1:  # one transaction: the tasks and the run together
+            (chunk,) = chunks
+            if not await self._record_run(
+                run_id,
+                len(ids),
+                max_concurrency,
+                taken(chunk),
+                [op for n in chunk for op in ops(n)],
+            ):
+                await self._refuse_taken(ids)
+            return
+        token = uuid.uuid4().hex
+        record = {"run": run_id, "ids": ids, "seq": base + 1, "at": time.time()}
+        sub = k.submission(token)
+        blob = json.dumps(record).encode()
+        self._fits("the submission's record", len(blob))
+        await self._txn([], [Put(sub, blob)], [])
+
         async def write(chunk: list[int]) -> bool:
-            compare = [self._client.transactions.create(k.task(ids[n])) == 0 for n in chunk]
-            ok, _ = await self._txn(compare, [op for n in chunk for op in ops(n)], [])
+            ok, _ = await self._txn(taken(chunk), [op for n in chunk for op in ops(n)], [])
             return bool(ok)
 
         written = await asyncio.gather(*(write(c) for c in chunks), return_exceptions=True)
-        if not all(w is True for w in written):
-            undo = [op.key for c, w in zip(chunks, written, strict=True) if w is True
-                    for n in c for op in ops(n)]  # fmt: skip
-            for start in range(0, len(undo), _TXN_OPS):
-                await self._txn([], [Delete(key) for key in undo[start : start + _TXN_OPS]], [])
-            error = next((w for w in written if isinstance(w, BaseException)), None)
-            if error is not None:
-                raise error
-            done = {key for key in undo}
-            taken = [i for i in ids if k.task(i) not in done]
-            found = await self._values([k.task(i) for i in taken])
-            raise InvalidRequestError(
-                f"task ids already submitted: {[i for i in taken if k.task(i) in found][:5]}"
-            )
-        await self._record_run(run_id, len(ids), max_concurrency)
+        if all(w is True for w in written) and await self._record_run(
+            run_id, len(ids), max_concurrency, [tx.version(sub) > 0], [Delete(sub)]
+        ):
+            return
+        undo = [op.key for c, w in zip(chunks, written, strict=True) if w is True
+                for n in c for op in ops(n)]  # fmt: skip
+        await self._delete(undo)
+        await self._txn([], [Delete(sub)], [])
+        error = next((w for w in written if isinstance(w, BaseException)), None)
+        if error is not None:
+            raise error
+        await self._refuse_taken(
+            [ids[n] for c, w in zip(chunks, written, strict=True) if w is not True for n in c]
+        )
 
-    async def _record_run(self, run_id: str, count: int, max_concurrency: int) -> None:
+    async def _refuse_taken(self, ids: list[str]) -> None:
+        found = await self._values([self.keys.task(i) for i in ids])
+        raise InvalidRequestError(
+            f"task ids already submitted: {[i for i in ids if self.keys.task(i) in found][:5]}"
+        )
+
+    async def _delete(self, keys: list[bytes]) -> None:
+        for start in range(0, len(keys), _TXN_OPS):
+            await self._txn([], [Delete(key) for key in keys[start : start + _TXN_OPS]], [])
+
+    async def _open_submissions(self) -> list[dict[str, Any]]:
+        return [
+            json.loads(kv.value) | {"key": kv.key}
+            for kv in await self._range(self.keys.submissions)
+        ]
+
+    async def _hidden(self) -> set[str]:
+        """The ids of tasks in submissions not committed (not yet, or never)."""
+        return {i for sub in await self._open_submissions() for i in sub["ids"]}
+
+    async def _roll_back_submissions(self) -> None:
+        """Undo every submission that was not committed (its caller crashed)."""
+        k = self.keys
+        for sub in await self._open_submissions():
+            ids, run_id = sub["ids"], sub["run"]
+            mine = await self._values([k.task(i) for i in ids])
+            keys: list[bytes] = []
+            for n, task_id in enumerate(ids):
+                head = mine.get(k.task(task_id))
+                if head is None or json.loads(head)["seq"] != sub["seq"] + n:
+                    continue  # not written by this submission
+                seq = sub["seq"] + n
+                keys += [
+                    k.task(task_id),
+                    k.spec(task_id),
+                    k.unfinished(seq),
+                    k.run_task(run_id, seq),
+                ]
+            await self._delete(keys)
+            await self._txn([], [Delete(sub["key"])], [])
+            log.warning(
+                "rolled back an uncommitted submission of %d tasks to run %r", len(ids), run_id
+            )
+
+    async def _record_run(
+        self,
+        run_id: str,
+        count: int,
+        max_concurrency: int,
+        compare: list[Any],
+        success: list[Any],
+    ) -> bool:
+        """Record ``count`` more tasks of the run, in one transaction with ``success``
+        when ``compare`` holds; False (nothing written) when it does not."""
         key = self.keys.run(run_id)
+        tx = self._client.transactions
 
         async def record(got: Any) -> bool | None:
             if got is None:
@@ -244,11 +333,17 @@ class EtcdLedger:
                 run["total"] += count
                 run["cap"] = max_concurrency or run["cap"]
             rev = got.mod_revision if got is not None else 0
-            compare = [self._client.transactions.mod(key) == rev]
-            ok, _ = await self._txn(compare, [Put(key, json.dumps(run).encode())], [])
-            return True if ok else None
+            ok, replies = await self._txn(
+                [*compare, tx.mod(key) == rev],
+                [*success, Put(key, json.dumps(run).encode())],
+                [Get(key)],
+            )
+            if ok:
+                return True
+            (kvs,) = replies
+            return False if (kvs[0][1].mod_revision if kvs else 0) == rev else None
 
-        await self._cas(key, record)
+        return await self._cas(key, record)
 
     def _alive(self, task_id: str) -> list[Any]:
         """Compares: the task exists and is not terminal."""
@@ -267,6 +362,8 @@ class EtcdLedger:
             self._state(task_id, 2, attempt),
             Put(self.keys.attempt(task_id), attempt_id.encode()),
         ]
+        if attempt == 1:  # the task starts: its deadline counts from now
+            success.append(Put(self.keys.started(task_id), repr(time.time()).encode()))
         await self._txn(self._alive(task_id), success, [])
 
     async def mark_retrying(self, task_id: str, attempt: int, error: str) -> None:
@@ -306,7 +403,9 @@ class EtcdLedger:
 
     async def run(self, run_id: str) -> list[LedgerRow]:
         k = self.keys
+        hidden = await self._hidden()
         ids = [kv.value.decode() for kv in await self._range(k.run_tasks(run_id))]
+        ids = [i for i in ids if i not in hidden]
         wanted = [
             key for i in ids for key in (k.state(i), k.error(i), k.result(i), k.trajectory(i))
         ]
@@ -346,13 +445,23 @@ class EtcdLedger:
         return int(reply.count)
 
     async def unfinished(self) -> list[TaskRow]:
+        """Also rolls back the submissions never committed: call it (as a starting
+        scheduler does, under its lease) only while nobody submits."""
+        await self._roll_back_submissions()
         k = self.keys
         ids = [kv.value.decode() for kv in await self._range(k.unfinished_all)]
         found = await self._values(
             [
                 key
                 for i in ids
-                for key in (k.task(i), k.spec(i), k.state(i), k.attempt(i), k.final(i))
+                for key in (
+                    k.task(i),
+                    k.spec(i),
+                    k.state(i),
+                    k.attempt(i),
+                    k.final(i),
+                    k.started(i),
+                )
             ]
         )
         rows = []
@@ -368,29 +477,45 @@ class EtcdLedger:
                     state=state["state"],
                     attempts=state["attempts"],
                     attempt_id=found.get(k.attempt(i), b"").decode(),
+                    started_at=float(found.get(k.started(i), b"0")),
                 )
             )
         return rows
 
     # -- checkpoints ------------------------------------------------------------------
 
-    async def save_checkpoint(self, task_id: str, attempt_id: str, data: bytes) -> bool:
-        data = bytes(data)
-        self._fits(f"task {task_id!r}'s checkpoint", len(data))
+    async def save_checkpoint(
+        self, task_id: str, attempt_id: str, data: bytes, *, head: bytes = b"", after: int = 0
+    ) -> bool:
+        check_append(after)
+        data, head = bytes(data), bytes(head)
+        self._fits(f"task {task_id!r}'s checkpoint", len(data) + len(head))
         if not attempt_id:
             return False
         tx, ckey = self._client.transactions, self.keys.checkpoint(task_id)
+        records = self.keys.records(task_id)
         for _ in range(_MAX_CAS):
             old = await self._get(ckey)
             rev = old.mod_revision if old is not None else 0
-            seq = decode_checkpoint(old.value).seq + 1 if old is not None else 1
+            stored = decode_stored(old.value) if old is not None else None
+            seq = stored.checkpoint.seq + 1 if stored is not None else 1
             compare = [
                 tx.value(self.keys.attempt(task_id)) == attempt_id.encode(),  # fencing
                 tx.create(self.keys.final(task_id)) == 0,
                 tx.mod(ckey) == rev,
             ]
-            packed = encode_checkpoint(Checkpoint(attempt_id, data, seq, time.time()))
-            ok, replies = await self._txn(compare, [Put(ckey, packed)], [Get(ckey)])
+            if not after:  # a whole log: one record
+                value = Checkpoint(attempt_id, head, seq, time.time())
+                ops = [
+                    Put(ckey, encode_checkpoint(value, n=1, head_len=len(head))),
+                    Put(self.keys.record(task_id, 1), data),
+                    Delete(self.keys.record(task_id, 2), range_end=_prefix_end(records)),
+                ]
+            elif stored is None or stored.checkpoint.attempt_id != attempt_id or stored.n != after:
+                return False  # not this attempt's log as the caller knows it
+            else:
+                ops = await self._append(task_id, stored, seq, data, head)
+            ok, replies = await self._txn(compare, ops, [Get(ckey)])
             if ok:
                 return True
             (kvs,) = replies
@@ -398,9 +523,45 @@ class EtcdLedger:
                 return False  # fenced: stale attempt or terminal task
         raise ServiceUnavailableError(f"etcd {self.url}: too much contention on {ckey!r}")
 
+    async def _append(
+        self, task_id: str, stored: StoredCheckpoint, seq: int, data: bytes, head: bytes
+    ) -> list[Any]:
+        """The operations that append ``data`` to the log of ``stored`` as its record
+        n+1 under cr/<task>/ and replace the head in c/<task> (which holds no record, so
+        that etcd's history of it stays small). Every ``COMPACT_RECORDS`` records, the
+        ones appended since the last fold and this one become one key (while that fits
+        one request): a record's bytes are written twice at most."""
+        n, records = stored.n + 1, self.keys.records(task_id)
+        value = Checkpoint(stored.checkpoint.attempt_id, stored.base + head, seq, time.time())
+        ops = [
+            Put(self.keys.checkpoint(task_id), encode_checkpoint(value, n=n, head_len=len(head)))
+        ]
+        if stored.n >= COMPACT_RECORDS and stored.n % COMPACT_RECORDS == 0:
+            first = stored.n - COMPACT_RECORDS + 2
+            kvs = await self._range(self.keys.record(task_id, first), end=_prefix_end(records))
+            chunk = b"".join([*(kv.value for kv in kvs), data])
+            if len(chunk) <= self.max_request_bytes - _MARGIN:
+                return [
+                    *ops,
+                    Delete(self.keys.record(task_id, first + 1), range_end=_prefix_end(records)),
+                    Put(self.keys.record(task_id, first), chunk),
+                ]
+        return [*ops, Put(self.keys.record(task_id, n), data)]
+
     async def load_checkpoint(self, task_id: str) -> Checkpoint | None:
-        got = await self._get(self.keys.checkpoint(task_id))
-        return None if got is None else decode_checkpoint(got.value)
+        ckey, records = self.keys.checkpoint(task_id), self.keys.records(task_id)
+        tx = self._client.transactions
+        # one read transaction: c/<task> and its records as of one revision
+        ok, replies = await self._txn(
+            [tx.version(ckey) > 0], [Get(ckey), Get(records, range_end=_prefix_end(records))], []
+        )
+        if not ok:
+            return None
+        (kvs,), appended = replies
+        stored = decode_stored(kvs[0])
+        rest = [value for value, _ in appended]
+        data = b"".join([stored.base, *rest, stored.checkpoint.data[len(stored.base) :]])
+        return dataclasses.replace(stored.checkpoint, data=data)
 
     # -- leases -----------------------------------------------------------------------
 

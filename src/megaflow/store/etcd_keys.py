@@ -15,13 +15,20 @@ fall under another run's prefix):
     d/<run>/<task>      empty, once the task is terminal (counted by runs())
     runs/<run>          JSON: seq cap total
     seq, runseq         counters
-    c/<task>            the latest checkpoint: JSON header, newline, data
+    s0/<task>           when its first attempt was marked running (Unix time, text)
+    c/<task>            the latest checkpoint: JSON header (aid seq at n hl), newline,
+                        its head (the last hl bytes; before checkpoint logs: all of it)
+    cr/<task>/<n>       the log's record n (from 1); every few, the records appended
+                        since the last fold, folded into one value at the first's key
+    sub/<token>         a submission of several transactions not yet committed (JSON: run
+                        ids seq): its tasks are hidden from readers until it is
     l/<name>            the lease holder, attached to an etcd lease
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from megaflow.store.ledger import Checkpoint
@@ -34,6 +41,7 @@ class Keys:
         self.run_seq = self._k("runseq")
         self.runs = self._k("runs/")
         self.unfinished_all = self._k("u/")
+        self.submissions = self._k("sub/")
 
     def _k(self, tail: str) -> bytes:
         return (self.base + tail).encode()
@@ -46,6 +54,9 @@ class Keys:
 
     def state(self, task_id: str) -> bytes:
         return self._k(f"st/{task_id}")
+
+    def started(self, task_id: str) -> bytes:
+        return self._k(f"s0/{task_id}")
 
     def attempt(self, task_id: str) -> bytes:
         return self._k(f"a/{task_id}")
@@ -86,18 +97,54 @@ class Keys:
     def checkpoint(self, task_id: str) -> bytes:
         return self._k(f"c/{task_id}")
 
+    def records(self, task_id: str) -> bytes:
+        return self._k(f"cr/{quote(task_id, safe='')}/")
+
+    def record(self, task_id: str, n: int) -> bytes:
+        return self.records(task_id) + f"{n:010d}".encode()
+
+    def submission(self, token: str) -> bytes:
+        return self.submissions + token.encode()
+
     def lease(self, name: str) -> bytes:
         return self._k(f"l/{name}")
 
 
-def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
-    head = {"aid": checkpoint.attempt_id, "seq": checkpoint.seq, "at": checkpoint.saved_at}
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """The value of c/<task>: the checkpoint, the first record(s) of its log and its head
+    apart, and how many records its log has (the rest are under cr/<task>/)."""
+
+    checkpoint: Checkpoint  # data: the log's first record(s) then the head
+    n: int
+    head_len: int
+
+    @property
+    def base(self) -> bytes:
+        data = self.checkpoint.data
+        return data[: len(data) - self.head_len]
+
+
+def encode_checkpoint(checkpoint: Checkpoint, *, n: int = 1, head_len: int = 0) -> bytes:
+    head = {
+        "aid": checkpoint.attempt_id,
+        "seq": checkpoint.seq,
+        "at": checkpoint.saved_at,
+        "n": n,
+        "hl": head_len,
+    }
     return json.dumps(head).encode() + b"\n" + checkpoint.data
 
 
-def decode_checkpoint(raw: bytes) -> Checkpoint:
+def decode_stored(raw: bytes) -> StoredCheckpoint:
     head, _, data = raw.partition(b"\n")
     fields = json.loads(head)
-    return Checkpoint(
+    checkpoint = Checkpoint(
         attempt_id=fields["aid"], data=data, seq=int(fields["seq"]), saved_at=float(fields["at"])
     )
+    return StoredCheckpoint(checkpoint, int(fields.get("n", 1)), int(fields.get("hl", 0)))
+
+
+def decode_checkpoint(raw: bytes) -> Checkpoint:
+    """The value of c/<task> alone (a checkpoint whose log has one record)."""
+    return decode_stored(raw).checkpoint

@@ -14,6 +14,9 @@ Semantics every backend keeps:
   :class:`~megaflow.core.errors.InvalidRequestError`; it also records the run: its cap
   (``max_concurrency``, kept from an earlier call when 0) and ``total`` (summed).
 - ``mark_running`` / ``mark_retrying`` have no effect on an unknown or terminal task.
+  ``mark_running`` of attempt 1 (or of a task never started) records when the task
+  started (``TaskRow.started_at``, the store's clock): deadlines count from it, across
+  scheduler restarts.
   ``mark_retrying`` clears the current attempt id (the attempt is presumed dead).
 - ``finish`` commits a terminal state (SUCCEEDED or FAILED) exactly once: concurrent
   racing calls see exactly one True. False for an unknown or already terminal task.
@@ -21,6 +24,14 @@ Semantics every backend keeps:
   current attempt (set by ``mark_running``) and the task is not terminal, so a worker
   presumed dead cannot overwrite its successor's checkpoint. Each stored checkpoint
   gets the next ``seq`` of its task; ``load_checkpoint`` returns the latest.
+- A checkpoint is a *log* of records plus a *head* (both opaque bytes); what
+  ``load_checkpoint`` returns is the records joined, then the head. A full save
+  (``after=0``) replaces the log with one record; an append (``after=n``) adds a record
+  only while the stored checkpoint is this attempt's and its log holds ``n`` records
+  (False otherwise: the caller saves a full one), and replaces the head. So a writer
+  sends each part of its state once (O(turns) bytes over a task's life, not
+  O(turns²)); each backend compacts the records of a log by itself. A checkpoint
+  stored before logs existed (one whole value) loads as it was.
 - Leases: ``acquire_lease`` is True when the lease was free, expired, or already held
   by ``holder`` (which renews it for ``ttl_s`` more); ``release_lease`` only by the
   holder. Expiry uses the store's clock (etcd rounds ``ttl_s`` up to whole seconds and
@@ -70,6 +81,7 @@ class TaskRow:
     state: int  # common_pb2.TaskState: PENDING or RUNNING
     attempts: int
     attempt_id: str  # the current attempt ('' while pending)
+    started_at: float = 0.0  # Unix time its first attempt was marked running (0: never)
 
 
 @dataclass(frozen=True)
@@ -119,9 +131,15 @@ class TaskLedger(Protocol):
         """Every task not yet terminal, in submission order."""
         ...
 
-    async def save_checkpoint(self, task_id: str, attempt_id: str, data: bytes) -> bool:
+    async def save_checkpoint(
+        self, task_id: str, attempt_id: str, data: bytes, *, head: bytes = b"", after: int = 0
+    ) -> bool:
         """Store ``data`` as the task's latest checkpoint if ``attempt_id`` is its current
-        attempt and it is not terminal; False (nothing stored) otherwise."""
+        attempt and it is not terminal; False (nothing stored) otherwise.
+
+        ``after=0``: ``data`` is the whole log (one record). ``after=n > 0``: ``data`` is
+        appended as the log's next record, only if the stored checkpoint is this
+        attempt's and its log has ``n`` records. Either way ``head`` replaces the head."""
         ...
 
     async def load_checkpoint(self, task_id: str) -> Checkpoint | None: ...
@@ -155,6 +173,11 @@ def check_result(result: common_pb2.TaskResult) -> None:
         raise InvalidRequestError(
             f"finish needs a terminal state (SUCCEEDED or FAILED), got {result.state}"
         )
+
+
+def check_append(after: int) -> None:
+    if after < 0:
+        raise InvalidRequestError(f"checkpoint after must be >= 0, got {after}")
 
 
 def check_lease_args(name: str, holder: str, ttl_s: float | None = None) -> None:

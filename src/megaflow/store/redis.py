@@ -37,6 +37,7 @@ from megaflow.store.ledger import (
     LedgerRow,
     RunRow,
     TaskRow,
+    check_append,
     check_lease_args,
     check_new_tasks,
     check_result,
@@ -234,7 +235,7 @@ class RedisLedger:
 
     async def unfinished(self) -> list[TaskRow]:
         ids = await self._names("unfinished", lambda: self.client.zrange(f"{self.prefix}:u", 0, -1))
-        fields = ["run", "spec", "state", "attempts", "aid"]
+        fields = ["run", "spec", "state", "attempts", "aid", "st"]
         rows = await self._hashes([self._key("t", i) for i in ids], fields)
         return [
             TaskRow(
@@ -243,6 +244,7 @@ class RedisLedger:
                 state=int(r[2]),
                 attempts=int(r[3]),
                 attempt_id=r[4].decode(),
+                started_at=float(r[5] or 0),
             )
             for r in rows
             if r[0] is not None and int(r[2]) not in (3, 4)
@@ -250,16 +252,26 @@ class RedisLedger:
 
     # -- checkpoints ------------------------------------------------------------------
 
-    async def save_checkpoint(self, task_id: str, attempt_id: str, data: bytes) -> bool:
-        args = [task_id, attempt_id, bytes(data), repr(time.time())]
+    async def save_checkpoint(
+        self, task_id: str, attempt_id: str, data: bytes, *, head: bytes = b"", after: int = 0
+    ) -> bool:
+        check_append(after)
+        args = [task_id, attempt_id, bytes(data), repr(time.time()), bytes(head), after]
         return bool(await self._script("SAVE_CHECKPOINT", args))
 
     async def load_checkpoint(self, task_id: str) -> Checkpoint | None:
-        (row,) = await self._hashes([self._key("c", task_id)], ["aid", "data", "seq", "at"])
+        async def read() -> list[Any]:  # MULTI: the hash and its log as of one moment
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hmget(self._key("c", task_id), ["aid", "data", "seq", "at", "head"])
+                pipe.get(self._key("cl", task_id))
+                return list(await pipe.execute())
+
+        row, log = await self._guard("checkpoint", read)
         if row[0] is None:
             return None
+        data = b"".join([bytes(row[1]), bytes(log or b""), bytes(row[4] or b"")])
         return Checkpoint(
-            attempt_id=row[0].decode(), data=bytes(row[1]), seq=int(row[2]), saved_at=float(row[3])
+            attempt_id=row[0].decode(), data=data, seq=int(row[2]), saved_at=float(row[3])
         )
 
     # -- leases -----------------------------------------------------------------------

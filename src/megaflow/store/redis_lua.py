@@ -3,13 +3,15 @@
 Keys are built inside the scripts from the prefix (``ARGV[1]``), so the ledger needs a
 standalone Redis (not Redis Cluster). Layout under prefix ``P``:
 
-    P:t:<task>   hash   run seq spec state attempts aid ekind err result traj at
+    P:t:<task>   hash   run seq spec state attempts aid ekind err result traj at st
     P:rt:<run>   list   the run's task ids in submission order
     P:r:<run>    hash   seq cap total terminal
     P:runs       zset   run ids by run seq
     P:u          zset   unfinished task ids by task seq
     P:seq, P:runseq     counters
-    P:c:<task>   hash   aid data seq at (the latest checkpoint)
+    P:c:<task>   hash   aid data seq at head n (the latest checkpoint: data is its log's
+                        first record, head its head, n the records in its log)
+    P:cl:<task>  string the log's records appended since its first (APPEND: O(record))
     P:l:<name>   string the lease holder, with a PX expiry
 """
 
@@ -51,6 +53,7 @@ local k = ARGV[1] .. ':t:' .. ARGV[2]
 local st = redis.call('HGET', k, 'state')
 if not st or st == '3' or st == '4' then return 0 end
 redis.call('HSET', k, 'state', 2, 'attempts', ARGV[3], 'aid', ARGV[4], 'at', ARGV[5])
+if ARGV[3] == '1' or not redis.call('HGET', k, 'st') then redis.call('HSET', k, 'st', ARGV[5]) end
 return 1
 """
 
@@ -81,8 +84,18 @@ local p, id, aid = ARGV[1], ARGV[2], ARGV[3]
 local v = redis.call('HMGET', p .. ':t:' .. id, 'state', 'aid')
 if not v[1] or v[1] == '3' or v[1] == '4' or aid == '' or v[2] ~= aid then return 0 end
 local c = p .. ':c:' .. id
+local after = tonumber(ARGV[7])
+if after > 0 then
+  local cur = redis.call('HMGET', c, 'aid', 'n')
+  if cur[1] ~= aid or tonumber(cur[2] or '1') ~= after then return 0 end
+  redis.call('APPEND', p .. ':cl:' .. id, ARGV[4])
+  redis.call('HINCRBY', c, 'seq', 1)
+  redis.call('HSET', c, 'at', ARGV[5], 'head', ARGV[6], 'n', after + 1)
+  return 1
+end
+redis.call('DEL', p .. ':cl:' .. id)
 redis.call('HINCRBY', c, 'seq', 1)
-redis.call('HSET', c, 'aid', aid, 'data', ARGV[4], 'at', ARGV[5])
+redis.call('HSET', c, 'aid', aid, 'data', ARGV[4], 'at', ARGV[5], 'head', ARGV[6], 'n', 1)
 return 1
 """
 

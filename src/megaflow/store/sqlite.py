@@ -29,6 +29,7 @@ from megaflow.store.ledger import (
     LedgerRow,
     RunRow,
     TaskRow,
+    check_append,
     check_lease_args,
     check_new_tasks,
     check_result,
@@ -68,12 +69,28 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     seq         INTEGER NOT NULL,
     saved_at    REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS checkpoint_records (
+    task_id     TEXT NOT NULL,
+    n           INTEGER NOT NULL,
+    data        BLOB NOT NULL,
+    PRIMARY KEY (task_id, n)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases (
     name        TEXT PRIMARY KEY,
     holder      TEXT NOT NULL,
     expires_at  REAL NOT NULL
 );
 """
+
+# Columns added to `checkpoints` since the first schema (ALTER TABLE on open):
+# head: the checkpoint's head; n: records in its log (data = the compacted first ones,
+# checkpoint_records the rest, appended since).
+_CHECKPOINT_COLUMNS = {
+    "head": "BLOB NOT NULL DEFAULT x''",
+    "n": "INTEGER NOT NULL DEFAULT 1",
+}
+_TASK_COLUMNS = {"started_at": "REAL NOT NULL DEFAULT 0"}
+COMPACT_RECORDS = 32  # appended records folded into `data` once a log has this many
 
 _NOT_TERMINAL = f"state NOT IN ({TERMINAL_STATES[0]}, {TERMINAL_STATES[1]})"
 
@@ -144,6 +161,14 @@ class SqliteLedger:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # acknowledged = on disk
             db.executescript(_SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(checkpoints)")}
+            for column, kind in _CHECKPOINT_COLUMNS.items():
+                if column not in have:  # a ledger from before checkpoint logs
+                    db.execute(f"ALTER TABLE checkpoints ADD COLUMN {column} {kind}")
+            have = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+            for column, kind in _TASK_COLUMNS.items():
+                if column not in have:  # a ledger from before absolute deadlines
+                    db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
             self._db = db
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ledger")
@@ -206,11 +231,13 @@ class SqliteLedger:
         await self._call(add, several=True)
 
     async def mark_running(self, task_id: str, attempt: int, attempt_id: str) -> None:
+        now = time.time()
         await self._call(
             lambda db: db.execute(
-                "UPDATE tasks SET state=?, attempts=?, attempt_id=?, updated_at=? "
+                "UPDATE tasks SET state=?, attempts=?, attempt_id=?, updated_at=?, "
+                "started_at=CASE WHEN ?=1 OR started_at=0 THEN ? ELSE started_at END "
                 f"WHERE task_id=? AND {_NOT_TERMINAL}",
-                (common_pb2.TASK_STATE_RUNNING, attempt, attempt_id, time.time(), task_id),
+                (common_pb2.TASK_STATE_RUNNING, attempt, attempt_id, now, attempt, now, task_id),
             )
         )
 
@@ -295,7 +322,7 @@ class SqliteLedger:
     async def unfinished(self) -> list[TaskRow]:
         rows = await self._call(
             lambda db: db.execute(
-                "SELECT run_id, spec, state, attempts, attempt_id FROM tasks "
+                "SELECT run_id, spec, state, attempts, attempt_id, started_at FROM tasks "
                 f"WHERE {_NOT_TERMINAL} ORDER BY seq"
             ).fetchall()
         )
@@ -306,40 +333,97 @@ class SqliteLedger:
                 state=r[2],
                 attempts=r[3],
                 attempt_id=r[4],
+                started_at=r[5],
             )
             for r in rows
         ]
 
     # -- checkpoints ------------------------------------------------------------------
 
-    async def save_checkpoint(self, task_id: str, attempt_id: str, data: bytes) -> bool:
-        data = bytes(data)
+    async def save_checkpoint(
+        self, task_id: str, attempt_id: str, data: bytes, *, head: bytes = b"", after: int = 0
+    ) -> bool:
+        check_append(after)
+        data, head = bytes(data), bytes(head)
+        if after:
+            return await self._call(
+                lambda db: self._append(db, task_id, attempt_id, data, head, after), several=True
+            )
 
         def save(db: sqlite3.Connection) -> bool:
             if not attempt_id:
                 return False
-            cursor = db.execute(  # one statement: stored only while the attempt is current
-                "INSERT INTO checkpoints (task_id, attempt_id, data, seq, saved_at) "
-                "SELECT ?,?,?,1,? WHERE EXISTS (SELECT 1 FROM tasks WHERE task_id=? AND "
+            cursor = db.execute(  # stored only while the attempt is current
+                "INSERT INTO checkpoints (task_id, attempt_id, data, seq, saved_at, head, n) "
+                "SELECT ?,?,?,1,?,?,1 WHERE EXISTS (SELECT 1 FROM tasks WHERE task_id=? AND "
                 f"attempt_id=? AND {_NOT_TERMINAL}) ON CONFLICT(task_id) DO UPDATE SET "
                 "attempt_id=excluded.attempt_id, data=excluded.data, seq=seq+1, "
-                "saved_at=excluded.saved_at",
-                (task_id, attempt_id, data, time.time(), task_id, attempt_id),
+                "saved_at=excluded.saved_at, head=excluded.head, n=1",
+                (task_id, attempt_id, data, time.time(), head, task_id, attempt_id),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            db.execute("DELETE FROM checkpoint_records WHERE task_id=?", (task_id,))
+            return True
 
-        return await self._call(save)
+        return await self._call(save, several=True)
+
+    @staticmethod
+    def _append(
+        db: sqlite3.Connection, task_id: str, attempt_id: str, data: bytes, head: bytes, after: int
+    ) -> bool:
+        cursor = db.execute(  # fenced, and only onto this attempt's log of `after` records
+            "UPDATE checkpoints SET head=?, n=n+1, seq=seq+1, saved_at=? "
+            "WHERE task_id=? AND attempt_id=? AND n=? AND EXISTS (SELECT 1 FROM tasks "
+            f"WHERE task_id=? AND attempt_id=? AND {_NOT_TERMINAL})",
+            (head, time.time(), task_id, attempt_id, after, task_id, attempt_id),
+        )
+        if cursor.rowcount != 1:
+            return False
+        db.execute(
+            "INSERT INTO checkpoint_records (task_id, n, data) VALUES (?,?,?)",
+            (task_id, after + 1, data),
+        )
+        records = (
+            [
+                bytes(r[0])
+                for r in db.execute(
+                    "SELECT data FROM checkpoint_records WHERE task_id=? ORDER BY n", (task_id,)
+                ).fetchall()
+            ]
+            if after % COMPACT_RECORDS == 0
+            else []
+        )
+        if records:  # fold the appended records into the log's first value
+            (base,) = db.execute(
+                "SELECT data FROM checkpoints WHERE task_id=?", (task_id,)
+            ).fetchone()
+            db.execute(
+                "UPDATE checkpoints SET data=? WHERE task_id=?",
+                (bytes(base) + b"".join(records), task_id),
+            )
+            db.execute("DELETE FROM checkpoint_records WHERE task_id=?", (task_id,))
+        return True
 
     async def load_checkpoint(self, task_id: str) -> Checkpoint | None:
-        row = await self._call(
-            lambda db: db.execute(
-                "SELECT attempt_id, data, seq, saved_at FROM checkpoints WHERE task_id=?",
+        def load(db: sqlite3.Connection) -> tuple[Any, list[Any]] | None:
+            row = db.execute(
+                "SELECT attempt_id, data, seq, saved_at, head FROM checkpoints WHERE task_id=?",
                 (task_id,),
             ).fetchone()
-        )
-        if row is None:
+            if row is None:
+                return None
+            records = db.execute(
+                "SELECT data FROM checkpoint_records WHERE task_id=? ORDER BY n", (task_id,)
+            ).fetchall()
+            return row, records
+
+        got = await self._call(load)
+        if got is None:
             return None
-        return Checkpoint(attempt_id=row[0], data=bytes(row[1]), seq=row[2], saved_at=row[3])
+        row, records = got
+        data = b"".join([bytes(row[1]), *(bytes(r[0]) for r in records), bytes(row[4])])
+        return Checkpoint(attempt_id=row[0], data=data, seq=row[2], saved_at=row[3])
 
     # -- leases -----------------------------------------------------------------------
 

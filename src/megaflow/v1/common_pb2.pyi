@@ -698,6 +698,8 @@ class Turn(_message.Message):
     COMPLETION_LOGPROBS_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
     ACTIONS_FIELD_NUMBER: _builtins.int
+    REUSED_PROMPT_IDS_FIELD_NUMBER: _builtins.int
+    OBSERVATION_OF_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     model_version: _builtins.str
     prompt_tokens: _builtins.int
@@ -706,6 +708,14 @@ class Turn(_message.Message):
     env_latency_s: _builtins.float
     replica: _builtins.str
     """which model replica served the turn"""
+    reused_prompt_ids: _builtins.int
+    """In a checkpoint only (AgentCheckpoint format 3; restored on resume): what repeats the
+    turn before is left out. prompt_token_ids lacks its first `reused_prompt_ids` ids (the
+    first ids of the previous turn's prompt_token_ids then completion_token_ids, the ones
+    they share); a prompt_delta message
+    whose `observation_of` entry is n > 0 lacks its content (the previous turn's action
+    n-1's observation).
+    """
     @_builtins.property
     def prompt_delta(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """messages added to the conversation before this model call"""
@@ -732,6 +742,8 @@ class Turn(_message.Message):
         in order.
         """
 
+    @_builtins.property
+    def observation_of(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -749,10 +761,12 @@ class Turn(_message.Message):
         completion_logprobs: _abc.Iterable[_builtins.float] | None = ...,
         replica: _builtins.str = ...,
         actions: _abc.Iterable[Global___SessionAction] | None = ...,
+        reused_prompt_ids: _builtins.int = ...,
+        observation_of: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "completion_logprobs", b"completion_logprobs", "completion_token_ids", b"completion_token_ids", "completion_tokens", b"completion_tokens", "env_latency_s", b"env_latency_s", "index", b"index", "model_latency_s", b"model_latency_s", "model_version", b"model_version", "observations", b"observations", "prompt_delta", b"prompt_delta", "prompt_token_ids", b"prompt_token_ids", "prompt_tokens", b"prompt_tokens", "replica", b"replica", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "completion_logprobs", b"completion_logprobs", "completion_token_ids", b"completion_token_ids", "completion_tokens", b"completion_tokens", "env_latency_s", b"env_latency_s", "index", b"index", "model_latency_s", b"model_latency_s", "model_version", b"model_version", "observation_of", b"observation_of", "observations", b"observations", "prompt_delta", b"prompt_delta", "prompt_token_ids", b"prompt_token_ids", "prompt_tokens", b"prompt_tokens", "replica", b"replica", "response", b"response", "reused_prompt_ids", b"reused_prompt_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -863,7 +877,7 @@ class AgentCheckpoint(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     ENV_SNAPSHOT_URI_FIELD_NUMBER: _builtins.int
     format: _builtins.int
-    """checkpoint format version (1)"""
+    """checkpoint format version (2; 3: compacted turns)"""
     task_id: _builtins.str
     attempt_id: _builtins.str
     """the attempt that wrote it"""
