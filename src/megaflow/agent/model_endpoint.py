@@ -226,7 +226,7 @@ def _bind_loopback() -> socket.socket:
 
 class TaskModelEndpoint:
     """The OpenAI-compatible endpoint of one task, on a unix socket in its sandbox's host
-    socket folder (see the module docstring)."""
+    socket folder, or on a loopback TCP port (see the module docstring)."""
 
     def __init__(
         self,
