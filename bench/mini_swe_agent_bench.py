@@ -6,14 +6,16 @@ config (``mini_textbased.yaml``), answered by the same simulated policy in its t
 format with no modelled GPU latency (so the figures are the plumbing, not a model):
 
 - **on its own**: its `LocalEnvironment` (a fresh ``bash -c`` subprocess per command,
-  in a temporary folder holding the task's files, with the sandbox's ``PATH``) and a
-  model object that asks the policy directly (`PolicyModel`, mini-swe-agent's own text
-  parsing);
-- **through MegaFlow**: the ``mini-swe-agent`` scaffold in the embedded system: each
-  model call through `TaskSession.generate` (the model service, the turn recorded with
-  token ids and logprobs), each command in a local sandbox's persistent shell through
-  `TaskSession.execute`, both bridged from the agent's thread to the event loop; the
-  task's sandbox creation, hidden-test scoring and release are outside the steps.
+  in a temporary folder holding the task's files, with the sandbox's ``PATH``) and its
+  own ``LitellmTextbasedModel`` calling a bare OpenAI-compatible aiohttp server
+  (`PolicyServer`, on this process's event loop) that answers with the policy — as it
+  would call a model server;
+- **through MegaFlow**: the ``mini-swe-agent`` scaffold in the embedded system: the same
+  litellm model class calling the task's gateway endpoint over loopback HTTP, answered
+  by `TaskSession.generate` (the model service, the turn recorded with token ids and
+  logprobs), each command in a local sandbox's persistent shell through
+  `TaskSession.execute`, bridged from the agent's thread to the event loop; the task's
+  sandbox creation, hidden-test scoring and release are outside the steps.
 
 Two workloads: ``echo`` (20 steps of ``echo hi``, then submit: what is left of a step is
 the plumbing) and ``swe-synth`` (the simulated policy solving the task: read, edit,
@@ -36,17 +38,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from minisweagent.agents.default import DefaultAgent
 from minisweagent.environments.local import LocalEnvironment
-from minisweagent.models.utils.actions_text import format_observation_messages, parse_regex_actions
+from minisweagent.models import get_model
 
 from bench.stats import ms, pct, print_table
-from megaflow.agent.mini_swe_agent import (
-    TEXT_ACTION_REGEX,
-    TEXT_FORMAT_ERROR,
-    MiniSweAgentConfig,
-    _to_proto,
-)
+from megaflow.agent.mini_swe_agent import MiniSweAgentConfig  # sets litellm offline first
 from megaflow.deploy.embedded import EmbeddedSystem
 from megaflow.deploy.run import run_batch
 from megaflow.env.local.shell import SAFE_PATH
@@ -105,48 +103,59 @@ def _kind(message: dict[str, Any]) -> str:
     return "test" if "unittest" in command else "edit"
 
 
-class PolicyModel:
-    """mini-swe-agent's `Model` protocol answered by the simulated policy in-process."""
+class PolicyServer:
+    """A bare OpenAI-compatible chat server (aiohttp, on this process's event loop) that
+    answers with the policy: what mini-swe-agent on its own talks to, standing in for a
+    model server. The API key is the task id."""
 
-    def __init__(self, policy: Any, task_id: str) -> None:
+    def __init__(self, policy: Any) -> None:
         self.policy = policy
-        self.task_id = task_id
-        self.config = MiniSweAgentConfig.model_validate(CONFIG).merged["model"]
+        self.runner: web.AppRunner | None = None
+        self.port = 0
 
-    def query(self, messages: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
-        reply = self.policy.next_message(self.task_id, [_to_proto(m) for m in messages])
-        actions = parse_regex_actions(
-            reply.content,
-            action_regex=TEXT_ACTION_REGEX,
-            format_error_template=TEXT_FORMAT_ERROR,
-            template_kwargs={"finish_reason": "stop"},
-        )
-        extra = {"actions": actions, "cost": 0.0, "timestamp": time.time()}
-        return {"role": "assistant", "content": reply.content, "extra": extra}
-
-    def format_message(self, **kwargs: Any) -> dict[str, Any]:
-        return dict(kwargs)
-
-    def format_observation_messages(
-        self,
-        message: dict[str, Any],
-        outputs: list[dict[str, Any]],
-        template_vars: dict[str, Any] | None = None,
-    ) -> list[dict[str, Any]]:
-        template = self.config["observation_template"]
-        return format_observation_messages(
-            outputs, observation_template=template, template_vars=template_vars
+    async def _chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        task_id = request.headers.get("Authorization", "")[7:]
+        messages = [_to_proto(m) for m in body["messages"]]
+        reply = self.policy.next_message(task_id, messages)
+        return web.json_response(
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body.get("model", ""),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": reply.content},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
         )
 
-    def get_template_vars(self, **kwargs: Any) -> dict[str, Any]:
-        return dict(self.config) | kwargs
+    async def __aenter__(self) -> PolicyServer:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.port = int(self.runner.addresses[0][1])
+        return self
 
-    def serialize(self) -> dict[str, Any]:
-        return {}
+    async def __aexit__(self, *exc: object) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
 
 
-def _standalone_task(task: common_pb2.TaskSpec, policy: Any, root: Path) -> float:
-    """One task by mini-swe-agent alone; its wall time."""
+def _to_proto(message: dict[str, Any]) -> common_pb2.ChatMessage:
+    return common_pb2.ChatMessage(role=message["role"], content=message.get("content") or "")
+
+
+def _standalone_task(task: common_pb2.TaskSpec, port: int, root: Path) -> float:
+    """One task by mini-swe-agent alone (its litellm model, against `PolicyServer`); its
+    wall time."""
     folder = Path(tempfile.mkdtemp(dir=root))
     for rel, content in task.files.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +165,19 @@ def _standalone_task(task: common_pb2.TaskSpec, policy: Any, root: Path) -> floa
     # pyenv shim would put ~0.3 s of bash before every python3).
     env_vars = {**merged["environment"].get("env", {}), "PATH": SAFE_PATH, "LD_PRELOAD": ""}
     env = LocalEnvironment(**{**merged["environment"], "cwd": str(folder), "env": env_vars})
-    agent = TimedAgent(PolicyModel(policy, task.task_id), env, **merged["agent"])
+    model = get_model(
+        config={
+            **merged["model"],
+            "model_name": "openai/policy",
+            "cost_tracking": "ignore_errors",
+            "model_kwargs": {
+                "api_base": f"http://127.0.0.1:{port}/v1",
+                "api_key": task.task_id,
+                "max_retries": 0,
+            },
+        }
+    )
+    agent = TimedAgent(model, env, **merged["agent"])
     t0 = time.perf_counter()
     info = agent.run(task.problem_statement)
     assert info.get("exit_status") == "Submitted", info
@@ -167,12 +188,13 @@ async def _standalone(
     tasks: list[common_pb2.TaskSpec], concurrency: int, root: Path, policy: Any
 ) -> float:
     loop = asyncio.get_running_loop()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:  # one thread a task, as MegaFlow
-        t0 = time.perf_counter()
-        await asyncio.gather(
-            *(loop.run_in_executor(pool, _standalone_task, t, policy, root) for t in tasks)
-        )
-        return time.perf_counter() - t0
+    async with PolicyServer(policy) as server:
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:  # a thread a task, as MegaFlow
+            t0 = time.perf_counter()
+            await asyncio.gather(
+                *(loop.run_in_executor(pool, _standalone_task, t, server.port, root) for t in tasks)
+            )
+            return time.perf_counter() - t0
 
 
 async def _megaflow(
@@ -212,8 +234,11 @@ def _row(label: str, part: str) -> tuple[str, ...]:
     )
 
 
-async def run(quick: bool = False) -> dict[str, Any]:
-    n, rounds = (4, 1) if quick else (16, 3)
+async def run(
+    quick: bool = False, tasks: int | None = None, rounds: int | None = None
+) -> dict[str, Any]:
+    """`tasks` and `rounds` override the defaults (16 x 3; quick: 4 x 1)."""
+    n, rounds = (4, 1) if quick else (tasks or 16, rounds or 3)
     figures: dict[str, Any] = {
         "tasks": n,
         "rounds": rounds,
@@ -223,6 +248,11 @@ async def run(quick: bool = False) -> dict[str, Any]:
     walls: dict[str, list[float]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="mf-mini-bench-") as tmp:
         root = Path(tmp)
+        # Warm-up, not counted: litellm's import and first call (seconds) land here.
+        _CURRENT["label"] = "warm-up"
+        (root / "warm-up").mkdir()
+        await _standalone(generate_tasks(1, seed=21), 1, root / "warm-up", EchoPolicy())
+        _SAMPLES.pop("warm-up", None)
         # Rounds, the two ways alternating which goes first: the machine's load drifts.
         for r in range(rounds):
             ways = ("standalone", "megaflow") if r % 2 == 0 else ("megaflow", "standalone")

@@ -1,7 +1,8 @@
 """mini-swe-agent (PyPI, pinned, unmodified) as a scaffold: its agent loop drives real
 `swe-synth` tasks through the embedded system (real local sandboxes, the hidden tests),
-its commands through the session's step API and its model calls through the session, so
-every turn is recorded with token ids and logprobs; its config passes through."""
+its commands through the session's step API and its model calls by its own litellm
+model class over HTTP to the task's gateway endpoint, so every turn is recorded with
+token ids and logprobs; its config passes through."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from megaflow.agent import mini_swe_agent as scaffold_module
+from megaflow.agent.model_endpoint import TaskModelEndpoint
 from megaflow.agent.scaffold import SCAFFOLDS
 from megaflow.core.errors import ModelUnavailableError
 from megaflow.deploy.run import RunSummary
@@ -50,8 +53,35 @@ def _threads() -> set[str]:
     return {t.name for t in threading.enumerate() if t.name.startswith("mini-swe-agent:")}
 
 
-async def test_text_mode_drives_tasks_to_hidden_test_rewards(tmp_path: Path) -> None:
-    """12 tasks, mini-swe-agent's text-based config, the simulated model in its format."""
+async def _threads_end() -> None:
+    """The threads of mini-swe-agent's loops end (the scaffold does not wait for them:
+    a thread ends at its next step, or when its model call in flight fails)."""
+    for _ in range(100):
+        if not _threads():
+            return
+        await asyncio.sleep(0.1)
+    assert not _threads()
+
+
+@pytest.fixture
+def endpoints(monkeypatch: pytest.MonkeyPatch) -> list[TaskModelEndpoint]:
+    """Every task model endpoint the scaffold opens, kept for the test to inspect."""
+    opened: list[TaskModelEndpoint] = []
+
+    class Recorded(TaskModelEndpoint):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            opened.append(self)
+
+    monkeypatch.setattr(scaffold_module, "TaskModelEndpoint", Recorded)
+    return opened
+
+
+async def test_text_mode_drives_tasks_to_hidden_test_rewards(
+    tmp_path: Path, endpoints: list[TaskModelEndpoint]
+) -> None:
+    """12 tasks, mini-swe-agent's text-based config, the simulated model in its format;
+    every model call an HTTP request of its litellm model to the task's endpoint."""
     assert "mini-swe-agent" in SCAFFOLDS.names()
     backend = SimulatedBackend.fast(success_rate=0.5, seed=4)
     tasks = _tasks(12, TEXT_MODE)
@@ -81,7 +111,17 @@ async def test_text_mode_drives_tasks_to_hidden_test_rewards(tmp_path: Path) -> 
         # mini-swe-agent's observation template, fed back as user messages
         observations = [m for m in trajectory.messages if m.role == "user"][1:]
         assert observations and observations[0].content.startswith("<returncode>0</returncode>")
-    assert not _threads()
+        # ... and noted as each turn's observations, as the built-in agent's
+        assert [len(t.observations) for t in turns] == [1, 1, 1, 0]  # submit: no observation
+        assert turns[0].observations[0] == observations[0]
+    # Each task's calls crossed its own HTTP endpoint (loopback TCP, the task's key): as
+    # many requests reached the gateway's model service as turns were recorded.
+    assert sorted(e.session.task_id for e in endpoints) == sorted(t.task_id for t in tasks)
+    for endpoint in endpoints:
+        task_id = endpoint.session.task_id
+        assert endpoint.listen == "tcp" and endpoint.port > 0
+        assert dict(endpoint.service.calls) == {task_id: len(trajectories[task_id].turns)}
+    await _threads_end()
 
 
 async def test_default_config_uses_its_bash_tool(tmp_path: Path) -> None:
@@ -114,6 +154,25 @@ async def test_its_swebench_config_runs_with_the_tasks_workdir(tmp_path: Path) -
     assert "export BASH_ENV=/root/.bashrc" in commands[0] and commands[-1].endswith(f"{SUBMIT}\n)")
 
 
+async def test_its_cost_limit_counts_the_prices_of_its_model_registry(tmp_path: Path) -> None:
+    """cost_limit (its own) with a price from its litellm_model_registry (litellm's cost
+    calculation, as mini-swe-agent uses it): 1 output token costs 1, the limit is 1, so
+    it stops after one turn; the scaffold still submits and the tests score it."""
+    registry = tmp_path / "registry.json"
+    name = "megaflow-test-priced"  # its own name: litellm's registry is process-wide
+    price = {"input_cost_per_token": 0.0, "output_cost_per_token": 1.0}
+    entry = {**price, "litellm_provider": "openai", "mode": "chat"}
+    registry.write_text(json.dumps({f"openai/{name}": entry}))
+    model = {**TEXT_MODE["model"], "model_name": name, "litellm_model_registry": str(registry)}
+    config = {**TEXT_MODE, "model": model, "agent": {"cost_limit": 1.0}}
+    tasks = _tasks(1, config, seed=19)
+    backend = SimulatedBackend.fast(success_rate=1.0, seed=4)
+    summary, trajectories = await _run(tmp_path, backend, tasks)
+    (record,) = summary.records
+    assert record["status"] == "succeeded" and record["reward"] == 0.0  # read, no fix
+    assert len(trajectories[tasks[0].task_id].turns) == 1
+
+
 async def test_its_step_limit_ends_the_run_and_the_tests_score_it(tmp_path: Path) -> None:
     """step_limit 2 (its own limit): it stops before testing; the scaffold still submits."""
     backend = SimulatedBackend.fast(success_rate=1.0, seed=4)
@@ -131,6 +190,16 @@ async def test_its_step_limit_ends_the_run_and_the_tests_score_it(tmp_path: Path
         ({"environment": {"timeout": -1}}, "environment.timeout: Input should be greater than 0"),
         ({"config": ["no_such_config.yaml"]}, "mini-swe-agent config 'no_such_config.yaml'"),
         ({"agnet": {}}, "agnet: Extra inputs are not permitted"),
+        (
+            {"model": {"model_class": "openrouter"}},
+            "model.model_class: mini-swe-agent's 'openrouter' (minisweagent.models."
+            "openrouter_model.OpenRouterModel) does not call an OpenAI chat endpoint",
+        ),
+        ({"model": {"model_class": "litellm_response"}}, "MegaFlow serves 'litellm', "),
+        ({"model": {"model_class": "my.missing.Model"}}, "no such class 'my.missing.Model'"),
+        ({"model": {"model_class": "json.JSONDecoder"}}, "'json.JSONDecoder' is not a litellm"),
+        ({"model": {"cost_tracking": "never"}}, "model.cost_tracking: Input should be"),
+        ({"model": {"output_cost_per_token": 1}}, "model.output_cost_per_token: prices are"),
     ],
 )
 async def test_a_bad_config_is_invalid_and_names_the_field(
@@ -163,8 +232,12 @@ async def test_format_errors_and_subshells_behave_as_in_mini_swe_agent(tmp_path:
     (record,) = summary.records
     assert record["status"] == "succeeded" and record["reward"] == 0.0  # nothing fixed
     trajectory = trajectories[tasks[0].task_id]
-    users = [m.content for m in trajectory.messages if m.role == "user"]
-    assert "EXACTLY ONE action in triple backticks, found 0 actions" in users[1]
+    # mini-swe-agent drops the bad reply and sends its format-error message: the model
+    # sees exactly that (the session starts a new conversation, recorded whole).
+    second = trajectory.turns[1].prompt_delta
+    assert [m.role for m in second] == ["system", "user", "user"]
+    assert "EXACTLY ONE action in triple backticks, found 0 actions" in second[2].content
+    assert "I forgot the block." not in [m.content for m in second]
     assert not trajectory.turns[0].actions  # the format error ran nothing
     first, second = trajectory.turns[1].actions[0], trajectory.turns[2].actions[0]
     assert first.observation.strip() == "/workspace/tests"
@@ -181,7 +254,7 @@ async def test_the_sessions_budgets_still_apply(tmp_path: Path) -> None:
     (record,) = summary.records
     assert record["status"] == "failed" and record["error_kind"] == "task"
     assert record["reward"] == 0.0 and "step limit of 3" in record["error"]
-    assert not _threads()
+    await _threads_end()
 
 
 async def test_the_task_deadline_stops_its_thread(tmp_path: Path) -> None:
@@ -196,11 +269,7 @@ async def test_the_task_deadline_stops_its_thread(tmp_path: Path) -> None:
     assert record["status"] == "failed" and record["error_kind"] == "task"
     assert "deadline" in record["error"]
     assert backend.calls[tasks[0].task_id] == 1
-    for _ in range(50):
-        if not _threads():
-            break
-        await asyncio.sleep(0.1)
-    assert not _threads()
+    await _threads_end()
 
 
 class _FailsOnce(SimulatedBackend):

@@ -5,64 +5,76 @@
         "model": {"model_class": "litellm_textbased"}, "agent": {"step_limit": 30}}'
 
 mini-swe-agent's own agent class (``DefaultAgent``, or the ``agent.agent_class`` the config
-names, through its ``get_agent``) runs with two adapters in place of its litellm model and
-its local/docker environment (design.md §9: in-process adapters call the session):
+names, through its ``get_agent``) runs with its own model class and one adapter, for its
+environment:
 
-- `SessionModel.query(messages)` sends what is new in mini-swe-agent's conversation to
-  `TaskSession.generate`, so every turn is recorded like the built-in agent's (token ids,
-  logprobs, model version). The session's conversation only grows: a reply that had a
-  format error stays in it (mini-swe-agent drops it from its own list and adds its
-  format-error message), and an agent class that rewrites earlier messages is refused
-  (a scaffold error: ``invalid``). The answer is parsed by mini-swe-agent's own functions: its
-  ``bash`` tool call (``parse_toolcall_actions``; the default, as ``LitellmModel``) or, for
-  a text-based model class (``model_class`` naming ``*textbased*``, or an ``action_regex``),
-  one fenced block (``parse_regex_actions``, as ``LitellmTextbasedModel``). Observations are
-  formatted by its own templates and functions too.
-- `SessionEnvironment.execute(action)` runs the command in the task's sandbox through
-  `TaskSession.execute` (the step API), in a subshell ``( ... )`` as mini-swe-agent's
-  environments run each action in a new one (``cd`` and variables do not persist), with
-  the config's ``env`` exported and its ``cwd``; the output's first line
-  ``COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`` ends the run as in its ``LocalEnvironment``.
+- **Model: its own litellm class, through MegaFlow's gateway.** The model is made by its
+  ``get_model`` from the config's model section: its ``LitellmModel`` (``bash`` tool calls,
+  the default) or ``LitellmTextbasedModel`` (one fenced block per answer), or a subclass
+  of them. Its ``model_name`` has the ``openai/`` provider and its ``model_kwargs`` carry
+  ``api_base``/``api_key`` of the task's own OpenAI endpoint (`TaskModelEndpoint` with
+  ``listen="tcp"``: MegaFlow's gateway on a loopback port, with a random key that ties
+  every call to the task). So each of its model calls is an HTTP request from litellm
+  to the gateway, answered by `TaskSession.generate`: every turn is recorded like the
+  built-in agent's (token ids, logprobs, model version, replica) and counts against the
+  task's budgets. A model class that calls another service (openrouter, portkey,
+  requesty, its Responses-API class) is refused when the task is accepted.
+- **Environment:** `SessionEnvironment.execute(action)` runs the command in the task's
+  sandbox through `TaskSession.execute` (the step API), in a subshell ``( ... )`` as
+  mini-swe-agent's environments run each action in a new one (``cd`` and variables do
+  not persist), with the config's ``env`` exported and its ``cwd``; the output's first
+  line ``COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT`` ends the run as in its
+  ``LocalEnvironment``.
 
 Its config passes through (`MiniSweAgentConfig`): ``config`` is a list of mini-swe-agent
 config specs, merged the way its ``mini -c`` merges them (a file of its config folder such
 as ``default.yaml`` or ``mini_textbased.yaml``, a path, or ``key.path=value``); then the
 ``agent``, ``model`` and ``environment`` sections are merged on top. The agent section is
-validated by mini-swe-agent's ``AgentConfig`` when the task is accepted, so a bad field is
-an ``invalid`` result naming it. Prompts and templates, ``step_limit``, ``cost_limit``,
-``wall_time_limit_seconds`` and the observation/format-error templates work as in
-mini-swe-agent; its litellm settings (``model_name``, ``model_kwargs``, ...) are ignored:
-the task's model answers. Cost is ``prompt_tokens * input_cost_per_token +
-completion_tokens * output_cost_per_token`` (both 0 by default, so ``cost_limit`` only
-bites when they are set). The session's own budgets (steps, tokens, the task deadline)
-still apply and end the task as for any scaffold.
+validated by mini-swe-agent's ``AgentConfig`` and the model section by its model class's
+config when the task is accepted, so a bad field is an ``invalid`` result naming it.
+Prompts and templates, ``step_limit``, ``cost_limit``, ``wall_time_limit_seconds`` and the
+observation/format-error templates work as in mini-swe-agent. Its ``model_kwargs`` pass
+through to litellm and the gateway (except where the model is: ``api_base``,
+``base_url``, ``api_key``, ``custom_llm_provider`` are MegaFlow's). ``model_name`` is the
+name litellm knows the model by (its provider replaced by ``openai/``; default: the
+task's model); the task's model answers whatever it says. Cost is litellm's: a model
+litellm has no price for costs 0 (``cost_tracking`` defaults to ``ignore_errors``), so
+``cost_limit`` bites when prices are given as mini-swe-agent takes them, in a
+``litellm_model_registry`` file naming ``openai/<model_name>`` (process-wide, as litellm's
+registry is). The session's own budgets (steps, tokens, the task
+deadline) still apply and end the task as for any scaffold.
+
+Process settings, set on import unless already set: ``LITELLM_LOCAL_MODEL_COST_MAP=True``
+and ``LITELLM_OFFLINE_MODE=true`` (litellm uses its bundled price map and fetches nothing
+from the internet), ``MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT=1`` (mini-swe-agent does not
+retry a failed model call: a call the session fails has ended the task, and MegaFlow
+retries attempts itself), ``MSWEA_SILENT_STARTUP=1``. litellm's own client retries are
+off (``max_retries: 0``) unless the model_kwargs say otherwise.
 
 When mini-swe-agent's run returns (submitted, its step or cost limit, repeated format
 errors), the scaffold calls `TaskSession.submit`: the hidden tests give the reward, as
 mini-swe-agent's SWE-bench runner evaluates whatever the agent left.
 
 Threads: mini-swe-agent's loop is synchronous, so it runs in a thread of its own (one per
-task: a shared pool would cap the tasks running at once); each model call and command is
-sent to the event loop with ``asyncio.run_coroutine_threadsafe`` and waited for with a
-timeout (the task's deadline). When the task is cancelled (its deadline, a stale attempt,
-shutdown), the call in flight is cancelled and every later call raises `_Stopped`, so the
-thread's loop ends at its next step; the scaffold does not wait for the thread. An
-exception of the session (an infrastructure error, `TaskOutcome` for a budget) passes
-through mini-swe-agent's loop, which re-raises it, and is classified by the session.
+task: a shared pool would cap the tasks running at once). Its model calls are blocking
+HTTP requests from that thread, served by the endpoint on the task's event loop; each
+command is sent to the loop with ``asyncio.run_coroutine_threadsafe`` and waited for with
+a timeout (the task's deadline). When the task is cancelled (its deadline, a stale
+attempt, shutdown) or the model side ends it (a budget, a model failure: the endpoint's
+``error``), the command in flight is cancelled, every later command raises `_Stopped`,
+and the endpoint closes (a model call in flight fails), so the thread's loop ends at its
+next step; the scaffold does not wait for the thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import os
 import platform
 import shlex
 import threading
-import time
 from collections.abc import Coroutine
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import (
@@ -74,25 +86,20 @@ from pydantic import (
     model_validator,
 )
 
+from megaflow.agent.model_endpoint import TaskModelEndpoint
 from megaflow.core.errors import InvalidRequestError
-from megaflow.v1 import common_pb2
 
-os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")  # no banner on import
+# Before litellm is imported (by mini-swe-agent's model classes): see the module doc.
+os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")
+os.environ.setdefault("MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
 from minisweagent.agents import get_agent
 from minisweagent.agents.default import AgentConfig
 from minisweagent.config import get_config_from_spec
 from minisweagent.environments.local import LocalEnvironment
-from minisweagent.exceptions import FormatError
-from minisweagent.models.utils.actions_text import (
-    format_observation_messages,
-    parse_regex_actions,
-)
-from minisweagent.models.utils.actions_toolcall import (
-    BASH_TOOL,
-    format_toolcall_observation_messages,
-    parse_toolcall_actions,
-)
+from minisweagent.models import _MODEL_CLASS_MAPPING, get_model, get_model_class
 from minisweagent.utils.serialize import recursive_merge
 
 if TYPE_CHECKING:
@@ -101,42 +108,63 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 DEFAULT_CONFIG = "default.yaml"
-DEFAULT_AGENT = "minisweagent.agents.default.DefaultAgent"
 """mini-swe-agent's own default config file (of its `DefaultAgent`)."""
-TEXT_ACTION_REGEX = r"```mswea_bash_command\s*\n(.*?)\n```"
-"""`LitellmTextbasedModelConfig.action_regex` of mini-swe-agent 2.4.6 (copied: importing
-that module imports litellm, seconds of start-up for nothing)."""
-TEXT_FORMAT_ERROR = (
-    "Please always provide EXACTLY ONE action in triple backticks, "
-    "found {{actions|length}} actions."
-)
-"""`LitellmTextbasedModelConfig.format_error_template` of mini-swe-agent 2.4.6."""
+DEFAULT_AGENT = "minisweagent.agents.default.DefaultAgent"
+LITELLM = "minisweagent.models.litellm_model.LitellmModel"
+LITELLM_TEXTBASED = "minisweagent.models.litellm_textbased_model.LitellmTextbasedModel"
+LITELLM_RESPONSE = "minisweagent.models.litellm_response_model.LitellmResponseModel"
+MODEL_CLASSES = ("litellm", "litellm_textbased")
+"""Its model classes that MegaFlow serves (by short name; a subclass by dotted path)."""
+OURS = ("api_base", "base_url", "api_key", "custom_llm_provider")
+"""model_kwargs MegaFlow sets: where the model is."""
+PRICES = ("input_cost_per_token", "output_cost_per_token")
+"""Keys of the model section MegaFlow took before its model calls went through litellm."""
 CALL_MARGIN_S = 30.0
 """How much longer than the task's deadline a bridged call may take before it is abandoned."""
 
 
-class MiniModelConfig(BaseModel):
-    """The ``model`` section: what mini-swe-agent's model classes read besides litellm's
-    settings (``model_name``, ``model_kwargs``, ... are accepted and ignored)."""
+def _model_class(name: str) -> type:
+    """mini-swe-agent's model class `name` (a short name or a dotted path), if MegaFlow can
+    serve it (its litellm chat classes and their subclasses); else a ValueError."""
+    served = f"MegaFlow serves {', '.join(map(repr, MODEL_CLASSES))} or a subclass of them"
+    full = _MODEL_CLASS_MAPPING.get(name, name) if name else LITELLM
+    if full not in (LITELLM, LITELLM_TEXTBASED) and name in _MODEL_CLASS_MAPPING:
+        raise ValueError(
+            f"model.model_class: mini-swe-agent's {name!r} ({full}) does not call an "
+            f"OpenAI chat endpoint through litellm; {served}"
+        )
+    try:
+        cls = get_model_class("", full)
+    except ValueError:
+        raise ValueError(f"model.model_class: no such class {name!r}; {served}") from None
+    import litellm
+    from minisweagent.models.litellm_model import LitellmModel
+    from minisweagent.models.litellm_response_model import LitellmResponseModel
 
-    model_config = ConfigDict(extra="ignore")
+    litellm.suppress_debug_info = True  # no "Provider List" print per unpriced model call
 
-    model_class: str = ""
-    action_regex: str | None = None
-    observation_template: str = (
-        "{% if output.exception_info %}<exception>{{output.exception_info}}</exception>\n"
-        "{% endif %}<returncode>{{output.returncode}}</returncode>\n<output>\n"
-        "{{output.output}}</output>"
+    if not isinstance(cls, type) or not issubclass(cls, LitellmModel):
+        raise ValueError(f"model.model_class: {name!r} is not a litellm model class; {served}")
+    if issubclass(cls, LitellmResponseModel):
+        raise ValueError(
+            f"model.model_class: {name!r} uses the Responses API, which the gateway does "
+            f"not serve; {served}"
+        )
+    return cls
+
+
+def _model_config_class(cls: type) -> type[BaseModel]:
+    from minisweagent.models.litellm_model import LitellmModelConfig
+    from minisweagent.models.litellm_textbased_model import (
+        LitellmTextbasedModel,
+        LitellmTextbasedModelConfig,
     )
-    format_error_template: str | None = None
-    multimodal_regex: str = ""
-    input_cost_per_token: float = Field(default=0.0, ge=0.0)
-    output_cost_per_token: float = Field(default=0.0, ge=0.0)
 
-    @property
-    def text_based(self) -> bool:
-        """Actions in fenced blocks (a ``*textbased*`` class or an ``action_regex``)."""
-        return "textbased" in self.model_class.lower() or self.action_regex is not None
+    return (
+        LitellmTextbasedModelConfig
+        if issubclass(cls, LitellmTextbasedModel)
+        else (LitellmModelConfig)
+    )
 
 
 class MiniEnvironmentConfig(BaseModel):
@@ -182,7 +210,19 @@ class MiniSweAgentConfig(BaseModel):
         if agent.get("agent_class", "default") in ("default", DEFAULT_AGENT):
             fields = {k: v for k, v in agent.items() if k != "agent_class"}
             _validated(AgentConfig, fields, "agent")
-        _validated(MiniModelConfig, merged.get("model") or {}, "model")
+        model = dict(merged.get("model") or {})
+        model_class = model.get("model_class", "")
+        if not isinstance(model_class, str):
+            raise ValueError("model.model_class: must be a string")
+        cls = _model_class(model_class)
+        fields = {k: v for k, v in model.items() if k != "model_class"}
+        _validated(_model_config_class(cls), {**fields, "model_name": "openai/x"}, "model")
+        for key in PRICES:
+            if key in model:
+                raise ValueError(
+                    f"model.{key}: prices are litellm's: name the model (model.model_name) "
+                    "in a litellm_model_registry file"
+                )
         _validated(MiniEnvironmentConfig, merged.get("environment") or {}, "environment")
         self._merged = merged
         return self
@@ -208,6 +248,25 @@ def _validated(cls: type[BaseModel], data: dict[str, Any], section: str) -> Base
             f"{'.'.join([section, *map(str, e['loc'])])}: {e['msg']}" for e in error.errors()
         )
         raise ValueError(problems) from None
+
+
+def model_section(
+    merged: dict[str, Any], model: str, base_url: str, api_key: str, timeout_s: float
+) -> dict[str, Any]:
+    """The model section given to mini-swe-agent's `get_model`: the config's, pointed at
+    the task's endpoint (see the module doc)."""
+    section = dict(merged.get("model") or {})
+    kwargs = {k: v for k, v in dict(section.get("model_kwargs") or {}).items() if k not in OURS}
+    kwargs.setdefault("max_retries", 0)
+    kwargs.setdefault("timeout", timeout_s)
+    kwargs |= {"api_base": base_url, "api_key": api_key}
+    section["model_kwargs"] = kwargs
+    # The name litellm knows it by (its price lookup); the task's model answers anyway.
+    name = str(section.get("model_name") or "").split("/", 1)[-1] or model or "megaflow"
+    section["model_name"] = f"openai/{name}"
+    section.setdefault("cost_tracking", "ignore_errors")
+    section.setdefault("model_class", "litellm")
+    return section
 
 
 class _Stopped(Exception):
@@ -254,154 +313,6 @@ class _Bridge:
             self.stopped.set()
             if self._in_flight is not None:
                 self._in_flight.cancel()
-
-
-def _text(content: Any) -> str:
-    """A mini-swe-agent message's content as text (multimodal parts joined)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return "" if content is None else str(content)
-
-
-def _to_proto(message: dict[str, Any]) -> common_pb2.ChatMessage:
-    proto = common_pb2.ChatMessage(
-        role=str(message.get("role", "user")),
-        content=_text(message.get("content")),
-        tool_call_id=str(message.get("tool_call_id") or ""),
-    )
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        proto.tool_calls.add(
-            id=str(call.get("id", "")),
-            name=str(function.get("name", "")),
-            arguments_json=str(function.get("arguments", "")),
-        )
-    return proto
-
-
-class SessionModel:
-    """mini-swe-agent's `Model` protocol, answered by `TaskSession.generate`."""
-
-    def __init__(self, session: TaskSession, bridge: _Bridge, config: MiniModelConfig) -> None:
-        self.session = session
-        self.bridge = bridge
-        self.config = config
-        self._seen: list[dict[str, Any]] = []  # its messages already sent to the session
-        self._last: dict[str, Any] | None = None  # our last answer (the session has it)
-        self._calls = 0
-
-    def query(self, messages: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
-        seen = self._seen
-        if len(messages) < len(seen) or any(
-            a is not b for a, b in zip(seen, messages[: len(seen)], strict=True)
-        ):
-            # The session's conversation only grows (what the model saw is what is recorded).
-            raise RuntimeError("mini-swe-agent's agent rewrote its earlier messages")
-        new = [m for m in messages[len(seen) :] if m is not self._last]
-        self._seen = list(messages)
-        index = self._calls
-        self._calls += 1
-        reply, usage = self.bridge.call(self._generate([_to_proto(m) for m in new], index))
-        prompt_tokens, completion_tokens, model_version = usage
-        cost = (
-            prompt_tokens * self.config.input_cost_per_token
-            + completion_tokens * self.config.output_cost_per_token
-        )
-        extra: dict[str, Any] = {
-            "cost": cost,
-            "model_version": model_version,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "timestamp": time.time(),
-        }
-        finish_reason = "tool_calls" if reply.tool_calls else "stop"
-        message: dict[str, Any] = {"role": "assistant", "content": reply.content, "extra": extra}
-        if reply.tool_calls:
-            message["tool_calls"] = [
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments_json},
-                }
-                for c in reply.tool_calls
-            ]
-        try:
-            extra["actions"] = self._parse(reply, finish_reason)
-        except FormatError as error:  # as mini-swe-agent's models: keep the cost
-            error.messages[0].setdefault("extra", {}).update(
-                cost=cost, model_response=reply.content
-            )
-            self._last = None
-            raise
-        self._last = message
-        return message
-
-    async def _generate(
-        self, new: list[common_pb2.ChatMessage], index: int
-    ) -> tuple[common_pb2.ChatMessage, tuple[int, int, str]]:
-        reply = await self.session.generate(new)
-        turns = self.session.trajectory.turns
-        turn = turns[index] if index < len(turns) else turns[-1]
-        return reply, (turn.prompt_tokens, turn.completion_tokens, turn.model_version)
-
-    def _parse(self, reply: common_pb2.ChatMessage, finish_reason: str) -> list[dict[str, Any]]:
-        config = self.config
-        if config.text_based:
-            return parse_regex_actions(
-                reply.content,
-                action_regex=config.action_regex or TEXT_ACTION_REGEX,
-                format_error_template=config.format_error_template or TEXT_FORMAT_ERROR,
-                template_kwargs={"finish_reason": finish_reason},
-            )
-        calls = [
-            SimpleNamespace(
-                id=c.id, function=SimpleNamespace(name=c.name, arguments=c.arguments_json)
-            )
-            for c in reply.tool_calls
-        ]
-        return parse_toolcall_actions(
-            calls,
-            format_error_template=config.format_error_template or "{{ error }}",
-            template_kwargs={"finish_reason": finish_reason},
-        )
-
-    def format_message(self, **kwargs: Any) -> dict[str, Any]:
-        return dict(kwargs)
-
-    def format_observation_messages(
-        self,
-        message: dict[str, Any],
-        outputs: list[dict[str, Any]],
-        template_vars: dict[str, Any] | None = None,
-    ) -> list[dict[str, Any]]:
-        config = self.config
-        if config.text_based:
-            observations = format_observation_messages(
-                outputs,
-                observation_template=config.observation_template,
-                template_vars=template_vars,
-                multimodal_regex=config.multimodal_regex,
-            )
-        else:
-            observations = format_toolcall_observation_messages(
-                actions=message.get("extra", {}).get("actions", []),
-                outputs=outputs,
-                observation_template=config.observation_template,
-                template_vars=template_vars,
-                multimodal_regex=config.multimodal_regex,
-            )
-        for observation in observations:
-            self.bridge.post(self.session.observe, _to_proto(observation))
-        return observations
-
-    def get_template_vars(self, **kwargs: Any) -> dict[str, Any]:
-        return self.config.model_dump() | kwargs
-
-    def serialize(self) -> dict[str, Any]:
-        model = {"model": self.config.model_dump(mode="json"), "model_type": "megaflow.session"}
-        return {"info": {"config": model}}
 
 
 class SessionEnvironment:
@@ -462,8 +373,9 @@ class SessionEnvironment:
 
 
 class MiniSweAgentScaffold:
-    """mini-swe-agent's agent, unmodified, in a thread; model and commands through the
-    session (see the module doc)."""
+    """mini-swe-agent's agent and model class, unmodified, in a thread: its model calls
+    through the task's gateway endpoint, its commands through the session (see the
+    module doc)."""
 
     Config = MiniSweAgentConfig
 
@@ -473,50 +385,55 @@ class MiniSweAgentScaffold:
 
     async def run(self, session: TaskSession) -> None:
         merged = self.config.merged
-        model_config = MiniModelConfig.model_validate(merged.get("model") or {})
         env_config = MiniEnvironmentConfig.model_validate(merged.get("environment") or {})
         loop = asyncio.get_running_loop()
-        bridge = _Bridge(loop, session.task_timeout_s + CALL_MARGIN_S)
-        if model_config.text_based:
-            session.set_tools([])
-        else:
-            function: dict[str, Any] = dict(BASH_TOOL["function"])  # type: ignore[arg-type]
-            schema = json.dumps(function["parameters"])
-            name, description = function["name"], function["description"]
-            bash = common_pb2.ToolSpec(
-                name=name, description=description, parameters_json_schema=schema
+        timeout_s = session.task_timeout_s + CALL_MARGIN_S
+        bridge = _Bridge(loop, timeout_s)
+        async with TaskModelEndpoint(session, listen="tcp", record_observations=True) as endpoint:
+            section = model_section(
+                merged, session.task.model, endpoint.base_url, endpoint.api_key, timeout_s
             )
-            session.set_tools([bash])
-        model = SessionModel(session, bridge, model_config)
-        env = SessionEnvironment(session, bridge, env_config)
-        agent = get_agent(model, env, dict(merged.get("agent") or {}), default_type="default")
-        done: asyncio.Future[dict[str, Any]] = loop.create_future()
+            model = get_model(config=section)
+            env = SessionEnvironment(session, bridge, env_config)
+            agent = get_agent(model, env, dict(merged.get("agent") or {}), default_type="default")
+            done: asyncio.Future[dict[str, Any]] = loop.create_future()
 
-        def settle(result: Any, error: BaseException | None) -> None:
-            if done.done():
-                return
-            if error is not None:
-                done.set_exception(error)
-            else:
-                done.set_result(result if isinstance(result, dict) else {})
+            def settle(result: Any, error: BaseException | None) -> None:
+                if done.done():
+                    return
+                if error is not None:
+                    done.set_exception(error)
+                else:
+                    done.set_result(result if isinstance(result, dict) else {})
 
-        def main() -> None:
+            def main() -> None:
+                try:
+                    result, error = agent.run(session.task.problem_statement), None
+                except BaseException as exc:  # handed to the loop, raised there
+                    result, error = None, exc
+                try:
+                    loop.call_soon_threadsafe(settle, result, error)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
+
+            thread = threading.Thread(
+                target=main, name=f"mini-swe-agent:{session.task_id}", daemon=True
+            )
+            failed: asyncio.Future[Any] = asyncio.ensure_future(endpoint.failed.wait())
+            thread.start()
             try:
-                result, error = agent.run(session.task.problem_statement), None
-            except BaseException as exc:  # handed to the loop, raised there
-                result, error = None, exc
-            try:
-                loop.call_soon_threadsafe(settle, result, error)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
-
-        thread = threading.Thread(
-            target=main, name=f"mini-swe-agent:{session.task_id}", daemon=True
-        )
-        thread.start()
-        try:
-            self.info = await done
-        except BaseException:
-            bridge.stop()  # cancelled, or mini-swe-agent raised: its thread ends now
-            raise
+                waited: set[asyncio.Future[Any]] = {done, failed}
+                await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+                if endpoint.error is not None:  # the model side ended the task
+                    raise endpoint.error
+                self.info = done.result()
+            except BaseException:
+                bridge.stop()  # cancelled, or it raised: its thread ends now
+                if not done.done():
+                    done.cancel()
+                elif not done.cancelled():
+                    done.exception()  # retrieved: raised as the endpoint's error instead
+                raise
+            finally:
+                failed.cancel()
         await session.submit()

@@ -1,4 +1,5 @@
-"""A task's model endpoint for programs inside its sandbox (CLI agents).
+"""A task's model endpoint: for programs inside its sandbox (CLI agents), or on the host
+(mini-swe-agent's litellm model, ``listen="tcp"``).
 
     async with TaskModelEndpoint(session) as endpoint:
         # endpoint.socket_path: a unix socket in the sandbox's host socket folder, seen
@@ -8,6 +9,10 @@
         ...                     # run the CLI agent in the sandbox
         endpoint.error          # what ended the task from the model side, if anything
 
+    async with TaskModelEndpoint(session, listen="tcp") as endpoint:
+        # endpoint.base_url:    http://127.0.0.1:<port>/v1, a loopback port of this task
+        # endpoint.api_key:     the task's key (nothing is written to a file)
+
 The endpoint is MegaFlow's OpenAI-compatible gateway (`megaflow.model.gateway`), served
 on a unix socket instead of TCP, over a `ModelService` adapter (`SessionModelService`)
 that answers each call through the task's `TaskSession.generate`: every turn is
@@ -16,12 +21,17 @@ logprobs, model version, replica), and counts against its step and token budgets
 
 A sandbox has no network; its only way out is the socket the agent puts in the folder
 the sandbox sees read-only as ``/run/megaflow`` (`Capabilities.host_sockets`). One
-endpoint serves one task (its socket, its key) and is removed when the task ends.
+endpoint serves one task (its socket, its key) and is removed when the task ends. A
+scaffold that runs on the host (mini-swe-agent) takes ``listen="tcp"``: a loopback port
+of its own (any backend; only a caller with the task's random key is served).
 
 The CLI sends its whole conversation on every call; the session wants what is new. When
 a call extends the conversation the session holds (same messages, then more), only the
 new messages are passed; a call that does not (the CLI compacted its history, or made a
 side call) starts a new conversation in the session (`TaskSession.start_conversation`).
+With ``record_observations``, the messages a continuing call adds after the model's last
+answer (tool results, or user messages) are also noted as that turn's observations
+(`TaskSession.observe`), as the built-in agent's are.
 """
 
 from __future__ import annotations
@@ -31,9 +41,10 @@ import contextlib
 import json
 import os
 import socket
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -73,12 +84,21 @@ class SessionModelService:
     step or token budget is spent: `TaskOutcome`) or that fails for the platform (a
     `MegaFlowError`) is answered with an error and remembered in `error`, which also
     sets `failed`: the scaffold stops the CLI and ends the task with that error.
+    `calls` counts the calls of each task that reached the service (through the
+    gateway); `record_observations`: see the module doc.
     """
 
-    def __init__(self, sessions: dict[str, TaskSession] | None = None) -> None:
+    def __init__(
+        self,
+        sessions: dict[str, TaskSession] | None = None,
+        *,
+        record_observations: bool = False,
+    ) -> None:
         self.sessions: dict[str, TaskSession] = dict(sessions or {})
+        self.record_observations = record_observations
         self.error: BaseException | None = None
         self.failed = asyncio.Event()
+        self.calls: Counter[str] = Counter()
         self._lock = asyncio.Lock()
         self._sent: dict[str, list[tuple[Any, ...]]] = {}  # task id -> its conversation
 
@@ -90,6 +110,7 @@ class SessionModelService:
 
     async def generate(self, request: model_pb2.GenerateRequest) -> model_pb2.GenerateResponse:
         session = self._session(request.task_id)
+        self.calls[request.task_id] += 1
         if self.error is not None:
             raise CancelledTaskError(f"the task has ended: {self.error}")
         async with self._lock:
@@ -114,6 +135,10 @@ class SessionModelService:
         sent = self._sent.get(request.task_id, [])
         if sent and keys[: len(sent)] == sent:
             new: Sequence[common_pb2.ChatMessage] = request.messages[len(sent) :]
+            if self.record_observations:
+                for message in new:
+                    if message.role in ("tool", "user"):
+                        session.observe(message)
         else:
             if sent:
                 session.start_conversation()
@@ -179,9 +204,29 @@ def _bind_unix(path: Path) -> socket.socket:
     return sock
 
 
+async def _close_after(request: web.Request, response: web.StreamResponse) -> None:
+    # The header, so that the client closes its side too (aiohttp does not send it once
+    # the response is being prepared).
+    response.force_close()
+    response.headers["Connection"] = "close"
+
+
+def _bind_loopback() -> socket.socket:
+    """A listening TCP socket on a free port of 127.0.0.1."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class TaskModelEndpoint:
     """The OpenAI-compatible endpoint of one task, on a unix socket in its sandbox's host
-    socket folder (see the module docstring)."""
+    socket folder, or on a loopback TCP port (see the module docstring)."""
 
     def __init__(
         self,
@@ -189,24 +234,40 @@ class TaskModelEndpoint:
         *,
         config: GatewayConfig | None = None,
         name: str = SOCKET_NAME,
+        listen: Literal["unix", "tcp"] = "unix",
+        record_observations: bool = False,
     ) -> None:
-        if not session.host_socket_dir:
+        """`listen`: ``unix``, a socket in the sandbox's socket folder (for programs in
+        the sandbox); ``tcp``, a free loopback port (for a scaffold on the host)."""
+        if listen not in ("unix", "tcp"):
+            raise InvalidRequestError(f"listen must be 'unix' or 'tcp', not {listen!r}")
+        self.listen = listen
+        if listen == "unix" and not session.host_socket_dir:
             raise InvalidRequestError(
                 "this task's sandbox cannot take a socket from the agent (its backend does "
                 "not declare the host_sockets capability): run CLI agents on a backend that "
                 "does, such as local"
             )
         self.session = session
-        self.service = SessionModelService({session.task_id: session})
+        self.service = SessionModelService(
+            {session.task_id: session}, record_observations=record_observations
+        )
         self.gateway = Gateway(
             self.service, config=config or GatewayConfig(require_key=True, max_recorded_tasks=1)
         )
         self.api_key = self.gateway.issue_key(session.task_id)
-        self.socket_path = Path(session.host_socket_dir) / name
+        folder = Path(session.host_socket_dir or ".")
+        self.socket_path = folder / name
         self.sandbox_socket = f"{SOCKET_DIR}/{name}"
-        self.key_path = Path(session.host_socket_dir) / KEY_NAME
+        self.key_path = folder / KEY_NAME
         self.sandbox_key_file = f"{SOCKET_DIR}/{KEY_NAME}"
+        self.port = 0  # with listen="tcp", once started
         self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        """With ``listen="tcp"``: what to give an OpenAI client (``http://127.0.0.1:PORT/v1``)."""
+        return f"http://127.0.0.1:{self.port}/v1"
 
     @property
     def error(self) -> BaseException | None:
@@ -219,14 +280,25 @@ class TaskModelEndpoint:
         return self.service.failed
 
     async def start(self) -> None:
-        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.api_key)
-        runner = web.AppRunner(self.gateway.app(), access_log=None, handle_signals=False)
+        if self.listen == "unix":
+            fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.api_key)
+        app = self.gateway.app()
+        if self.listen == "tcp":
+            # One connection per call: a client's pool keeps no connection to this port
+            # once the task is over (litellm caches its clients past the task).
+            app.on_response_prepare.append(_close_after)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            site = web.SockSite(runner, _bind_unix(self.socket_path))
+            if self.listen == "unix":
+                site: web.BaseSite = web.SockSite(runner, _bind_unix(self.socket_path))
+            else:
+                site = web.SockSite(runner, _bind_loopback())
             await site.start()
+            if self.listen == "tcp":
+                self.port = int(runner.addresses[0][1])
         except BaseException:
             await runner.cleanup()
             self._unlink()
@@ -252,6 +324,8 @@ class TaskModelEndpoint:
             self.gateway.pop_trajectory(self.session.task_id)  # the session has the record
 
     def _unlink(self) -> None:
+        if self.listen != "unix":
+            return
         for path in (self.socket_path, self.key_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
