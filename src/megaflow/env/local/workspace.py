@@ -38,17 +38,17 @@ def check_relative(path: str) -> tuple[str, ...]:
     return parts
 
 
-def write_files(root: Path, files: Mapping[str, bytes]) -> None:
+def write_files(root: Path, files: Mapping[str, bytes], owner: int | None = None) -> None:
     """Write ``files`` (relative path -> content) under ``root``, creating folders.
 
     Every component is opened with ``O_NOFOLLOW``: a symlink anywhere on the way is an
     error, so nothing is written outside ``root``. ENOSPC (workspace quota) becomes an
-    InvalidRequestError.
+    InvalidRequestError. ``owner``: the uid (and gid) given every file and folder made.
     """
     checked = [(check_relative(path), bytes(data)) for path, data in files.items()]
     for parts, data in checked:
         try:
-            _write_one(root, parts, data)
+            _write_one(root, parts, data, owner)
         except OSError as exc:
             where = "/".join(parts)
             if exc.errno == errno.ENOSPC:
@@ -58,21 +58,26 @@ def write_files(root: Path, files: Mapping[str, bytes]) -> None:
             raise InvalidRequestError(f"put_files {where!r}: {exc.strerror}") from exc
 
 
-def _write_one(root: Path, parts: tuple[str, ...], data: bytes) -> None:
+def _write_one(root: Path, parts: tuple[str, ...], data: bytes, owner: int | None) -> None:
     nofollow_dir = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(root, nofollow_dir)
     try:
         for part in parts[:-1]:
+            made = True
             try:
                 os.mkdir(part, 0o755, dir_fd=fd)
             except FileExistsError:
-                pass
+                made = False
             next_fd = os.open(part, nofollow_dir, dir_fd=fd)
             os.close(fd)
             fd = next_fd
+            if made and owner is not None:
+                os.fchown(fd, owner, owner)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         out = os.open(parts[-1], flags, 0o644, dir_fd=fd)
         try:
+            if owner is not None:
+                os.fchown(out, owner, owner)
             view = memoryview(data)
             while view:
                 view = view[os.write(out, view) :]
@@ -151,8 +156,16 @@ def clear(root: Path) -> None:
             os.unlink(entry.path)
 
 
-def unpack(root: Path, archive: bytes) -> None:
-    """Replace ``root``'s content with ``archive`` (checked first; then cleared, extracted)."""
+def give_to(root: Path, owner: int) -> None:
+    """Make ``owner`` (uid and gid) own everything under ``root`` (symlinks themselves)."""
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(folder, name), owner, owner)
+
+
+def unpack(root: Path, archive: bytes, owner: int | None = None) -> None:
+    """Replace ``root``'s content with ``archive`` (checked first; then cleared, extracted;
+    then, with ``owner``, owned by that uid and gid)."""
     check_archive(archive)
     clear(root)
     try:
@@ -164,3 +177,5 @@ def unpack(root: Path, archive: bytes) -> None:
         if exc.errno == errno.ENOSPC:
             raise InvalidRequestError("restore: the archive does not fit the workspace") from exc
         raise
+    if owner is not None:
+        give_to(root, owner)
