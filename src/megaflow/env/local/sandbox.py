@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import os
 import re
 import secrets
@@ -255,10 +256,19 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
         async with self._lock:
             await self._ready_shell()
             upload = self._inbox / new_nonce()
-            if len(data) > 256 * 1024:
-                await asyncio.to_thread(upload.write_bytes, data)
-            else:
-                upload.write_bytes(data)
+            try:
+                if len(data) > 256 * 1024:
+                    await asyncio.to_thread(upload.write_bytes, data)
+                else:
+                    upload.write_bytes(data)
+            except OSError as exc:
+                upload.unlink(missing_ok=True)
+                if exc.errno == errno.ENOSPC:
+                    raise InvalidRequestError(
+                        f"write_file {path!r}: no space left on device (the sandbox's disk "
+                        "quota is full)"
+                    ) from exc
+                raise
             code = f"__mf_write {ansi_c_quote(target)} {INBOX}/{upload.name}"
             try:
                 ex = await self._exchange(lambda n: command_line(code, n), FILE_OP_TIMEOUT_S, 65536)
