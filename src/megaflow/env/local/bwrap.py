@@ -64,8 +64,6 @@ def bwrap_argv(
     :mod:`megaflow.env.local.seccomp` (bwrap reads it once, at start).
     ``tmp``: a host folder (the sandbox's quota'd tmpfs) bound as ``/tmp``; None: a
     private tmpfs of bwrap's.
-
-    Bind sources are host paths here; :func:`bind_fds` turns them into descriptors.
     """
     argv = [
         BWRAP,
@@ -160,39 +158,6 @@ def bwrap_argv(
         INIT_SCRIPT,
     ]
     return argv
-
-
-_BIND_OPTIONS = {"--bind": "--bind-fd", "--ro-bind": "--ro-bind-fd"}
-
-
-def bind_fds(argv: Sequence[str]) -> tuple[list[str], list[int]]:
-    """``argv`` with each ``--bind``/``--ro-bind`` source opened here (``O_PATH``) and
-    passed as ``--bind-fd``/``--ro-bind-fd``: the unprivileged bwrap needs no access to
-    the folders on the way. Returns the new argv and the descriptors (the caller passes
-    them to the child, then closes them). ``/dev`` and ``/proc`` sources stay paths. Options
-    after ``--`` are left alone."""
-    out: list[str] = []
-    fds: list[int] = []
-    i = 0
-    try:
-        while i < len(argv):
-            arg = argv[i]
-            if arg == "--":
-                out += argv[i:]
-                break
-            if arg in _BIND_OPTIONS and not argv[i + 1].startswith(("/dev/", "/proc/")):
-                fd = os.open(argv[i + 1], os.O_PATH | os.O_CLOEXEC)
-                fds.append(fd)
-                out += [_BIND_OPTIONS[arg], str(fd), argv[i + 2]]
-                i += 3
-                continue
-            out.append(arg)
-            i += 1
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return out, fds
 
 
 def image_has_bash(image_root: Path) -> bool:

@@ -34,7 +34,6 @@ from megaflow.env.local import workspace
 from megaflow.env.local.bwrap import (
     INBOX,
     WORKDIR,
-    bind_fds,
     bwrap_argv,
     image_has_bash,
     launcher_argv,
@@ -342,27 +341,26 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
                 os.write(write_end, program)  # < 1 KiB: fits in the pipe buffer
             finally:
                 os.close(write_end)
-        bind_fd_list: list[int] = []
+        argv = launcher_argv(
+            bwrap_argv(
+                image_root=self._image_root,
+                workspace=self.host_workspace,
+                inbox=self._inbox,
+                hostname="sandbox",
+                sockets=self.host_socket_dir,
+                extra_path=self._extra_path,
+                seccomp_fd=seccomp_fd,
+                writable_dirs=self._writable,
+                tmp=self._tmp,
+            ),
+            self._cgroups.procs_files,
+            self.uid,
+        )
         try:
-            bwrap, bind_fd_list = bind_fds(
-                bwrap_argv(
-                    image_root=self._image_root,
-                    workspace=self.host_workspace,
-                    inbox=self._inbox,
-                    hostname="sandbox",
-                    sockets=self.host_socket_dir,
-                    extra_path=self._extra_path,
-                    seccomp_fd=seccomp_fd,
-                    writable_dirs=self._writable,
-                    tmp=self._tmp,
-                )
-            )
-            argv = launcher_argv(bwrap, self._cgroups.procs_files, self.uid)
-            pass_fds = [*bind_fd_list, *([] if seccomp_fd is None else [seccomp_fd])]
-            shell = await ShellProcess.spawn(argv, pass_fds)
+            shell = await ShellProcess.spawn(argv, () if seccomp_fd is None else (seccomp_fd,))
         finally:
-            for fd in [*bind_fd_list, *([] if seccomp_fd is None else [seccomp_fd])]:
-                os.close(fd)
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
         self._shell = shell
         self._killed_bwrap = False
         self._oom_kills_at_spawn = self._cgroups.oom_kills()
