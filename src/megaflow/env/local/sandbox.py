@@ -333,6 +333,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
 
     async def _spawn(self) -> None:
         """Start bwrap + bash and wait until the shell answers."""
+        searchable(self._root_dir)  # again: someone may have closed it meanwhile
         program = filter_program()
         seccomp_fd: int | None = None
         if program is not None:  # a pipe per spawn: bwrap reads the program from it

@@ -16,9 +16,11 @@ import errno
 import io
 import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 from collections.abc import Mapping
+from typing import IO
 from pathlib import Path, PurePosixPath
 
 from megaflow.core.errors import InvalidRequestError
@@ -87,19 +89,61 @@ def _write_one(root: Path, parts: tuple[str, ...], data: bytes, owner: int | Non
         os.close(fd)
 
 
+TAR = "/usr/bin/tar"
+_PACK_CHUNK = 1 << 20
+
+
 def pack(root: Path, max_bytes: int = MAX_SNAPSHOT_BYTES) -> bytes:
-    """A tar archive of everything under ``root`` (paths relative, symlinks as links)."""
-    buf = io.BytesIO()
+    """A tar archive of everything under ``root`` (paths relative, symlinks as links).
 
-    def limit(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        if buf.tell() + info.size > max_bytes:
-            raise InvalidRequestError(f"workspace snapshot exceeds {max_bytes} bytes")
-        return info
+    GNU tar writes it (``--sparse``: a sparse file costs the archive only its data, not
+    its apparent size; read back by tarfile, which extracts it sparse again), streamed
+    into a temporary file that may spill to disk, never more than ``max_bytes``: a
+    bigger workspace fails the snapshot with InvalidRequestError as soon as the archive
+    passes the cap, before it is read into memory.
+    """
+    names = sorted(os.listdir(root))
+    with tempfile.TemporaryFile(prefix="megaflow-snapshot-") as out:
+        if names:
+            _tar_into(root, names, out, max_bytes)
+        else:  # an empty archive, as tarfile writes it
+            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT):
+                pass
+        out.seek(0)
+        return out.read()
 
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for entry in sorted(os.listdir(root)):
-            tar.add(root / entry, arcname=entry, recursive=True, filter=limit)
-    return buf.getvalue()
+
+def _tar_into(root: Path, names: list[str], out: IO[bytes], max_bytes: int) -> None:
+    argv = [
+        TAR, "--create", "--file=-", "--sparse", "--format=posix", "--numeric-owner",
+        "--recursion", f"--directory={root}",
+        "--null", "--verbatim-files-from", "--files-from=-",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(b"\0".join(os.fsencode(n) for n in names) + b"\0")
+        proc.stdin.close()
+        written = 0
+        while chunk := proc.stdout.read(_PACK_CHUNK):
+            written += len(chunk)
+            if written > max_bytes:
+                raise InvalidRequestError(
+                    f"workspace snapshot exceeds {max_bytes} bytes (sparse files count only "
+                    "their data): remove large files from the workspace or snapshot less"
+                )
+            out.write(chunk)
+        errors = proc.stderr.read(65536)
+        if proc.wait() not in (0, 1):  # 1: a file changed while read (frozen: rare)
+            raise OSError(f"tar failed: {errors.decode(errors='replace').strip()[-500:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def _restore_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
