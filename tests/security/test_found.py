@@ -57,8 +57,7 @@ async def test_root_only_host_files_unreadable(
 
 async def test_proc_keys_and_timer_list_reveal_nothing(arena: Arena) -> None:
     r = await arena.step(
-        "for f in /proc/keys /proc/key-users /proc/timer_list; do cat $f 2>/dev/null; done "
-        "| wc -c"
+        "for f in /proc/keys /proc/key-users /proc/timer_list; do cat $f 2>/dev/null; done | wc -c"
     )
     assert r.output.split()[-1] == "0", r.output
     await arena.assert_contained()

@@ -115,9 +115,7 @@ class SandboxFeatures:
             raise InvalidRequestError("restore archive must be bytes")
         async with self._lock:
             self._check_running()
-            await asyncio.to_thread(
-                workspace.unpack, self.host_workspace, bytes(archive), self.uid
-            )
+            await asyncio.to_thread(workspace.unpack, self.host_workspace, bytes(archive), self.uid)
 
     def _check_running(self) -> None:
         if self._state != "running":

@@ -20,8 +20,8 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Mapping
-from typing import IO
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from megaflow.core.errors import InvalidRequestError
 
