@@ -334,6 +334,7 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
     async def _spawn(self) -> None:
         """Start bwrap + bash and wait until the shell answers."""
         searchable(self._root_dir)  # again: someone may have closed it meanwhile
+        searchable(self._image_root)  # e.g. in an image cache under a 0700 home
         program = filter_program()
         seccomp_fd: int | None = None
         if program is not None:  # a pipe per spawn: bwrap reads the program from it
