@@ -332,7 +332,19 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
         )
 
     async def _spawn(self) -> None:
-        """Start bwrap + bash and wait until the shell answers."""
+        """Start bwrap + bash and wait until the shell answers.
+
+        The unprivileged bwrap resolves its bind sources by path: a parent folder that
+        someone closed meanwhile (pytest resets its 0700 base folder at every session
+        start, for one) is opened again, and the start tried once more."""
+        try:
+            await self._spawn_once()
+        except SandboxError as exc:
+            if "Can't find source path" not in str(exc) or "Permission denied" not in str(exc):
+                raise
+            await self._spawn_once()
+
+    async def _spawn_once(self) -> None:
         searchable(self._root_dir)  # again: someone may have closed it meanwhile
         searchable(self._image_root)  # e.g. in an image cache under a 0700 home
         program = filter_program()
