@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 
 from megaflow.core.errors import InvalidRequestError
+from megaflow.env.config import EnvServiceConfig
 from megaflow.env.local import LocalSandbox, procs
+from megaflow.env.local.backend import LocalBackend, LocalBackendConfig
 from megaflow.env.local.quota import default_disk_mib, default_tmp_mib, inodes_for
 from megaflow.env.local.sandbox import SANDBOX_UID
 from megaflow.env.local.workspace import pack
+from megaflow.env.registry import SandboxSpec
 
 pytestmark = pytest.mark.integration
 
@@ -144,3 +147,19 @@ def test_snapshot_over_the_cap_fails_clearly(tmp_path: Path) -> None:
 def test_root_uid_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="unprivileged"):
         LocalSandbox("x", root_dir=tmp_path, uid=0)
+
+
+async def test_backend_settings_change_the_defaults(tmp_path: Path) -> None:
+    backend = LocalBackend(
+        EnvServiceConfig(root_dir=tmp_path / "sb"),
+        LocalBackendConfig(disk_mib=24, tmp_mib=12, sandbox_uid=SANDBOX_UID + 1),
+    )
+    spec = SandboxSpec("local", "host", "", 128, 64, 65_536, 0, 0)
+    sb = await backend.build("cfg", spec)
+    await sb.start()
+    try:
+        r = await sb.execute("df -m /workspace /tmp | tail -2 | awk '{print $2}'", 10)
+        assert r.output.split() == ["24", "12"], r.output
+        assert sb.host_workspace.stat().st_uid == SANDBOX_UID + 1  # type: ignore[attr-defined]
+    finally:
+        await sb.stop()
