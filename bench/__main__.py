@@ -17,6 +17,7 @@ from megaflow.core.allocator import current, preload
 # name -> module of bench/ whose `run(quick=...)` coroutine prints and returns figures
 BENCHES = {
     "env": "env_bench",
+    "local-quota": "local_quota_bench",
     "docker": "docker_bench",
     "model": "model_bench",
     "gateway": "gateway_bench",

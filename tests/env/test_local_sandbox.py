@@ -129,7 +129,13 @@ async def test_host_mounts_unchanged(tmp_path: Path) -> None:
     sb = LocalSandbox("mnt", root_dir=tmp_path)
     await sb.start()
     assert (await sb.execute("echo hi", 10)).output == "hi\n"
-    assert Path("/proc/self/mounts").read_text() == before
+    # Only the sandbox's own quota tmpfs mounts (its folder and its /tmp) are added.
+    added = set(Path("/proc/self/mounts").read_text().splitlines()) - set(before.splitlines())
+    assert sorted(line.split()[1] for line in added) == [
+        str(tmp_path / "mnt"),
+        str(tmp_path / "mnt" / "tmp"),
+    ]
+    assert all("nosuid,nodev" in line for line in added)
     await sb.stop()
     assert Path("/proc/self/mounts").read_text() == before
 

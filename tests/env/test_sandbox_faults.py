@@ -83,7 +83,8 @@ async def test_bwrap_killed_from_outside_between_calls_breaks_the_sandbox(
 async def test_bwrap_killed_by_the_sandboxs_own_memory_limit_is_the_tasks_doing(
     tmp_path: Path,
 ) -> None:
-    sb = LocalSandbox("oom", root_dir=tmp_path / "sandboxes", memory_mib=64)
+    # /tmp's quota above the memory limit: the memory limit, not ENOSPC, stops the fill.
+    sb = LocalSandbox("oom", root_dir=tmp_path / "sandboxes", memory_mib=64, tmp_mib=512)
     await sb.start()
     try:
         # bwrap first in line for the OOM killer: filling the private /tmp (a tmpfs,

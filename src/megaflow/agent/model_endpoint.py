@@ -194,6 +194,7 @@ def _bind_unix(path: Path) -> socket.socket:
         folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
         try:
             sock.bind(f"/proc/self/fd/{folder}/{path.name}")
+            _give_to_folder_owner(folder, path.name)
         finally:
             os.close(folder)
         sock.listen(128)
@@ -222,6 +223,15 @@ def _bind_loopback() -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _give_to_folder_owner(folder: int, name: str) -> None:
+    """Hand ``name`` to the owner of ``folder`` (a descriptor) when that is another user:
+    a sandbox whose workload is an unprivileged uid owns its socket folder, and must be
+    able to connect to the socket and read the key file put there for it."""
+    st = os.fstat(folder)
+    if st.st_uid != os.geteuid():
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=folder, follow_symlinks=False)
 
 
 class TaskModelEndpoint:
@@ -282,6 +292,9 @@ class TaskModelEndpoint:
     async def start(self) -> None:
         if self.listen == "unix":
             fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            folder = os.stat(self.key_path.parent)
+            if folder.st_uid != os.geteuid():  # see _give_to_folder_owner
+                os.fchown(fd, folder.st_uid, folder.st_gid)
             with os.fdopen(fd, "w") as f:
                 f.write(self.api_key)
         app = self.gateway.app()

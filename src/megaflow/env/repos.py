@@ -52,6 +52,11 @@ _GIT_ENV = {
     "GIT_ASKPASS": "true",
     "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
     "LC_ALL": "C",
+    # A host workspace may belong to the sandbox's unprivileged uid (local backend):
+    # the service's git works in it all the same, then hands the files over.
+    "GIT_CONFIG_COUNT": "1",
+    "GIT_CONFIG_KEY_0": "safe.directory",
+    "GIT_CONFIG_VALUE_0": "*",
 }
 # The mirror's side of a workspace's fetch: any commit by id, whatever refs point at it;
 # no delta search and no compression (the pack only crosses a pipe to the same disk:
@@ -124,6 +129,7 @@ class WorkspaceMaker:
             workspace = _host_workspace(sandbox)
             if workspace is not None:
                 await _in_thread(_extract, archive, workspace)
+                await asyncio.to_thread(_hand_over, workspace)
             else:
                 await backends.restore(sandbox, await asyncio.to_thread(archive.read_bytes))
 
@@ -136,6 +142,7 @@ class WorkspaceMaker:
         workspace = _host_workspace(sandbox)
         if workspace is not None:
             await _checkout(mirror, sha, source.url, workspace, timeout_s)
+            await asyncio.to_thread(_hand_over, workspace)
             return
         with tempfile.TemporaryDirectory(prefix="megaflow-git-") as tmp:
             await _checkout(mirror, sha, source.url, Path(tmp), timeout_s)
@@ -256,6 +263,17 @@ def _extract(stop: threading.Event, archive: Path, workspace: Path) -> None:
                 tar.extract(member, workspace, filter="data")
     except (tarfile.TarError, OSError) as exc:
         raise InvalidRequestError(f"the workspace archive cannot be extracted: {exc}") from exc
+
+
+def _hand_over(workspace: Path) -> None:
+    """Give what the service wrote into a host workspace to the workspace's owner (a
+    local sandbox's unprivileged uid), so the workload can change it."""
+    st = workspace.stat()
+    if st.st_uid == os.geteuid():
+        return
+    for folder, dirs, files in os.walk(workspace):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(folder, name), st.st_uid, st.st_gid)
 
 
 def _tar_bytes(root: Path) -> bytes:

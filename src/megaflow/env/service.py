@@ -96,10 +96,11 @@ class SandboxEnvironmentService:
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         """Reclaim what a dead earlier process left, start the reaper and the warm pools."""
-        # Only root may traverse sandbox folders: a setuid file an agent plants in its
-        # workspace must be out of reach of unprivileged host users.
-        self.config.root_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.config.root_dir.chmod(0o700)
+        # Searchable, not listable: a local sandbox's unprivileged uid must pass to reach
+        # its own folders (each 0700 and its own, on a nosuid tmpfs), so a setuid file an
+        # agent plants in its workspace stays out of reach of other host users.
+        self.config.root_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        self.config.root_dir.chmod(0o711)
         reclaimed = await self.factory.reclaim()
         if reclaimed:
             log.warning("reclaimed %d sandbox(es) left by an earlier process", reclaimed)

@@ -18,7 +18,7 @@ from megaflow.core.errors import InvalidRequestError
 from megaflow.env.config import EnvServiceConfig
 from megaflow.env.images import Image, ImageStore, ImageStoreConfig
 from megaflow.env.local.owner import reclaim_orphans
-from megaflow.env.local.sandbox import LocalSandbox
+from megaflow.env.local.sandbox import SANDBOX_UID, LocalSandbox
 from megaflow.env.registry import SandboxSpec
 from megaflow.env.sandbox import Capabilities, Sandbox, SnapshotSandbox, SuspendableSandbox
 
@@ -36,6 +36,26 @@ class LocalBackendConfig(BaseModel):
         default=(),
         description="Absolute folders every sandbox may write besides /workspace and /tmp "
         "(each a private folder of the sandbox; e.g. Harbor's /logs, /tests, /solution).",
+    )
+    disk_mib: int = Field(
+        default=0,
+        ge=0,
+        le=1024 * 1024,
+        description="Workspace quota (MiB) of a sandbox whose task asks none; 0: half its "
+        "memory limit. Never unlimited.",
+    )
+    tmp_mib: int = Field(
+        default=0,
+        ge=0,
+        le=1024 * 1024,
+        description="/tmp quota (MiB) of every sandbox; 0: a quarter of its memory limit.",
+    )
+    sandbox_uid: int = Field(
+        default=SANDBOX_UID,
+        gt=0,
+        lt=2**32 - 1,
+        description="Unprivileged host uid (and gid) the sandboxes' workloads run as "
+        "(root only inside their user namespace).",
     )
 
 
@@ -90,8 +110,11 @@ class LocalBackend:
         )
         if spec.cpu_shares:
             limits["cpu_shares"] = spec.cpu_shares
-        if spec.disk_mib:
-            limits["disk_mib"] = spec.disk_mib
+        if spec.disk_mib or self.config.disk_mib:
+            limits["disk_mib"] = spec.disk_mib or self.config.disk_mib
+        if self.config.tmp_mib:
+            limits["tmp_mib"] = self.config.tmp_mib
+        limits["uid"] = self.config.sandbox_uid
         if self.config.writable_dirs:
             limits["writable_dirs"] = self.config.writable_dirs
         root_dir = self.service.root_dir

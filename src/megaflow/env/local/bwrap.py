@@ -31,6 +31,14 @@ IMAGE_ENTRIES = ("usr", "etc", "opt", "bin", "sbin", "lib", "lib32", "lib64", "l
 MASKED_FILES = ("etc/shadow", "etc/gshadow", "etc/shadow-", "etc/gshadow-")
 """Files of the image hidden behind /dev/null (host password hashes, when image is /)."""
 
+MASKED_PROC = ("/proc/keys", "/proc/key-users", "/proc/timer_list", "/proc/sched_debug")
+"""/proc entries describing the host, hidden behind /dev/null (opening it fails: /proc
+is nodev)."""
+
+INIT_SCRIPT = "unset SHLVL OLDPWD; bash --noprofile --norc; exit $?"
+"""What pid 1 inside runs: the persistent shell as its child (pid 2), then the shell's
+status as its own. Bash reaps any orphan meanwhile; its argv names nothing of the host."""
+
 
 def bwrap_argv(
     *,
@@ -42,6 +50,7 @@ def bwrap_argv(
     extra_path: Sequence[str] = (),
     seccomp_fd: int | None = None,
     writable_dirs: Sequence[tuple[Path, str]] = (),
+    tmp: Path | None = None,
 ) -> list[str]:
     """The bwrap argv that starts ``bash`` in a fresh sandbox.
 
@@ -53,9 +62,17 @@ def bwrap_argv(
     folder of the sandbox.
     ``seccomp_fd``: a readable descriptor holding the BPF program of
     :mod:`megaflow.env.local.seccomp` (bwrap reads it once, at start).
+    ``tmp``: a host folder (the sandbox's quota'd tmpfs) bound as ``/tmp``; None: a
+    private tmpfs of bwrap's.
     """
     argv = [
         BWRAP,
+        "--unshare-user",
+        "--uid",
+        "0",
+        "--gid",
+        "0",
+        "--unshare-cgroup",
         "--unshare-pid",
         "--unshare-ipc",
         "--unshare-uts",
@@ -96,8 +113,7 @@ def bwrap_argv(
             for host, path in writable_dirs
             for arg in ("--dir", path, "--bind", str(host), path)
         ),
-        "--tmpfs",
-        "/tmp",
+        *(["--dir", "/tmp", "--bind", str(tmp), "/tmp"] if tmp else ["--tmpfs", "/tmp"]),
         "--proc",
         "/proc",
         # Real root needs no capability to write sysctls: keep /proc/sys read-only.
@@ -107,6 +123,12 @@ def bwrap_argv(
         "--ro-bind-try",
         "/proc/sysrq-trigger",
         "/proc/sysrq-trigger",
+        *(
+            arg
+            for entry in MASKED_PROC
+            if os.path.exists(entry)  # the sandbox's /proc has the host kernel's entries
+            for arg in ("--ro-bind", "/dev/null", entry)
+        ),
         "--dev",
         "/dev",
         "--remount-ro",
@@ -127,10 +149,13 @@ def bwrap_argv(
         "--setenv",
         "LANG",
         "C.UTF-8",
+        "--as-pid-1",
         "--",
         "bash",
         "--noprofile",
         "--norc",
+        "-c",
+        INIT_SCRIPT,
     ]
     return argv
 
@@ -140,13 +165,27 @@ def image_has_bash(image_root: Path) -> bool:
     return any((image_root / d / "bash").exists() for d in ("usr/bin", "bin", "usr/local/bin"))
 
 
-def launcher_argv(bwrap: list[str], procs_files: Sequence[Path]) -> list[str]:
-    """Wrap ``bwrap`` so it joins the sandbox's cgroups *before* it execs.
+SETPRIV = "/usr/bin/setpriv"
 
-    ``/bin/sh`` writes its own pid into each ``cgroup.procs`` and then becomes bwrap,
-    so bwrap and everything it starts are limited from the first instruction.
+
+def launcher_argv(bwrap: list[str], procs_files: Sequence[Path], uid: int) -> list[str]:
+    """Wrap ``bwrap`` so it joins the sandbox's cgroups *before* it execs, as ``uid``.
+
+    ``/bin/sh`` (root) writes its own pid into each ``cgroup.procs``, then becomes
+    ``setpriv``, which drops to ``uid``/``uid`` without supplementary groups or any
+    capability and becomes bwrap: bwrap and everything it starts are limited from the
+    first instruction and never hold the host's root.
     """
+    drop = [
+        SETPRIV,
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--",
+    ]
     if not procs_files:
-        return bwrap
+        return [*drop, *bwrap]
     joins = " && ".join(f"echo $$ > {shlex.quote(str(p))}" for p in procs_files)
-    return ["/bin/sh", "-c", f'{joins} && exec "$@"', "megaflow-sandbox", *bwrap]
+    return ["/bin/sh", "-c", f'{joins} && exec "$@"', "megaflow-sandbox", *drop, *bwrap]

@@ -29,6 +29,7 @@ class SandboxFeatures:
     _state: Literal["new", "starting", "running", "stopped"]
     _cgroups: SandboxCgroups
     _frozen: bool
+    uid: int
 
     @property
     def workdir(self) -> str:
@@ -80,7 +81,7 @@ class SandboxFeatures:
                 raise InvalidRequestError(f"put_files {path!r}: content must be bytes")
         async with self._lock:
             self._check_running()
-            await asyncio.to_thread(workspace.write_files, self.host_workspace, files)
+            await asyncio.to_thread(workspace.write_files, self.host_workspace, files, self.uid)
 
     async def snapshot(self) -> bytes:
         """An uncompressed tar archive of /workspace (paths relative to it).
@@ -114,7 +115,7 @@ class SandboxFeatures:
             raise InvalidRequestError("restore archive must be bytes")
         async with self._lock:
             self._check_running()
-            await asyncio.to_thread(workspace.unpack, self.host_workspace, bytes(archive))
+            await asyncio.to_thread(workspace.unpack, self.host_workspace, bytes(archive), self.uid)
 
     def _check_running(self) -> None:
         if self._state != "running":

@@ -20,7 +20,7 @@ from megaflow.env.local import procs
 from megaflow.env.local.cgroups import SandboxCgroups
 from megaflow.env.local.freezer import frozen_now, thaw_if_frozen
 from megaflow.env.local.process import ShellProcess
-from megaflow.env.local.quota import unmount_workspace
+from megaflow.env.local.quota import unmount_sandbox
 
 
 class SandboxKilling:
@@ -127,7 +127,7 @@ class SandboxKilling:
             errors.append(str(exc))
         if self._made_dir:
             try:
-                unmount_workspace(self.host_workspace)
+                unmount_sandbox(self._dir)
             except SandboxError as exc:
                 errors.append(str(exc))
             try:

@@ -20,7 +20,7 @@ from pathlib import Path
 from megaflow.env.local import procs
 from megaflow.env.local.cgroups import cgroup_pids, remove_cgroup_dirs
 from megaflow.env.local.freezer import thaw_if_frozen
-from megaflow.env.local.quota import unmount_workspace
+from megaflow.env.local.quota import unmount_sandbox
 
 OWNER_FILE = "owner.json"
 UNOWNED_GRACE_S = 60.0
@@ -129,7 +129,7 @@ def reclaim_orphans(root_dir: Path) -> int:
         with contextlib.suppress(Exception):
             remove_cgroup_dirs(cgroups, timeout_s=2.0)
         with contextlib.suppress(Exception):
-            unmount_workspace(folder / "workspace")
+            unmount_sandbox(folder)
         shutil.rmtree(folder, ignore_errors=True)
         reclaimed += 1
     return reclaimed

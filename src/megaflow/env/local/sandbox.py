@@ -19,23 +19,32 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
-from megaflow.env.local.bwrap import INBOX, WORKDIR, bwrap_argv, image_has_bash, launcher_argv
+from megaflow.env.local import workspace
+from megaflow.env.local.bwrap import (
+    INBOX,
+    WORKDIR,
+    bwrap_argv,
+    image_has_bash,
+    launcher_argv,
+)
 from megaflow.env.local.cgroups import CPU_SHARES_DEFAULT, SandboxCgroups, cgroup_layout
 from megaflow.env.local.features import SandboxFeatures
 from megaflow.env.local.freezer import frozen_now
 from megaflow.env.local.killing import SandboxKilling
 from megaflow.env.local.owner import Owner
 from megaflow.env.local.process import ShellProcess
-from megaflow.env.local.quota import mount_workspace
+from megaflow.env.local.quota import default_disk_mib, default_tmp_mib, mount_quota
 from megaflow.env.local.seccomp import filter_program
 from megaflow.env.local.shell import ansi_c_quote, command_line, ready_line, user_command_line
 from megaflow.env.sandbox import Capabilities, SandboxLifecycle
@@ -58,6 +67,9 @@ INTERRUPT_GRACE_S = 2.0
 RESTART_TIMEOUT_S = 10.0
 HANG_CHECK_S = 1.0
 """While a command runs, how often the sandbox checks it was not frozen from outside."""
+SANDBOX_UID = 61_000
+"""The unprivileged host uid (and gid) the workload runs as by default: root (uid 0)
+only inside its user namespace. No host user should own files under this uid."""
 
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _BASH_PREFIX = re.compile(r"^[\w./-]+: line \d+: ", re.MULTILINE)
@@ -83,8 +95,13 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
     - ``extra_path``: folders (inside the sandbox) appended to ``PATH``.
     - ``cpu_shares``: relative CPU weight in v1 ``cpu.shares`` units (default 1024 = an
       equal share; v2 gets the matching ``cpu.weight``), when the machine has a cpu cgroup.
-    - ``disk_mib``: workspace quota: ``/workspace`` becomes a tmpfs of that size and a
-      write beyond it fails with ENOSPC (see :mod:`megaflow.env.local.quota`); 0: none.
+    - ``disk_mib``: workspace quota in MiB (the sandbox folder is a tmpfs of that size
+      and :func:`~megaflow.env.local.quota.inodes_for` inodes; a write beyond it fails
+      with ENOSPC, see :mod:`megaflow.env.local.quota`); 0: the default, half of
+      ``memory_mib``. There is no unlimited workspace.
+    - ``tmp_mib``: ``/tmp`` quota in MiB, likewise; 0: a quarter of ``memory_mib``.
+    - ``uid``: the unprivileged host uid (and gid) the workload runs as (mapped to 0
+      inside its user namespace); never 0.
 
     The image must provide ``bash`` (the persistent shell's protocol needs it); an image
     without one is refused with InvalidRequestError.
@@ -122,6 +139,8 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
         cpu_shares: int = CPU_SHARES_DEFAULT,
         disk_mib: int = 0,
         writable_dirs: Sequence[str] = (),
+        tmp_mib: int = 0,
+        uid: int = SANDBOX_UID,
     ) -> None:
         if not _SANDBOX_ID.fullmatch(sandbox_id):
             raise InvalidRequestError(f"invalid sandbox id {sandbox_id!r}")
@@ -130,11 +149,17 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
                 f"sandbox limits too small: memory_mib={memory_mib} (min 16), "
                 f"pids={pids} (min 8), output_bytes={output_bytes} (min 256)"
             )
-        if not 2 <= cpu_shares <= 262144 or not 0 <= disk_mib <= 1024 * 1024:
+        if (
+            not 2 <= cpu_shares <= 262144
+            or not 0 <= disk_mib <= 1024 * 1024
+            or not 0 <= tmp_mib <= 1024 * 1024
+        ):
             raise InvalidRequestError(
-                f"cpu_shares={cpu_shares} (2..262144) or disk_mib={disk_mib} (0..1048576) "
-                "out of range"
+                f"cpu_shares={cpu_shares} (2..262144), disk_mib={disk_mib} or "
+                f"tmp_mib={tmp_mib} (0..1048576) out of range"
             )
+        if not 0 < uid < 2**32 - 1:
+            raise InvalidRequestError(f"sandbox uid {uid} must be an unprivileged uid (not 0)")
         if any(":" in p or "\0" in p or not p.startswith("/") for p in extra_path):
             raise InvalidRequestError(f"extra_path entries must be absolute: {extra_path!r}")
         bad = [p for p in writable_dirs if not _writable_dir_ok(p)]
@@ -160,7 +185,11 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
             (self._dir / "writable" / p.strip("/").replace("/", "%"), p) for p in writable_dirs
         )
         self._cpu_shares = cpu_shares
-        self._disk_mib = disk_mib
+        self._disk_mib = disk_mib or default_disk_mib(memory_mib)
+        self._tmp_mib = tmp_mib or default_tmp_mib(memory_mib)
+        self._tmp = self._dir / "tmp"
+        self.uid = uid
+        """The host uid (and gid) of the workload."""
         self._frozen = False
         self._made_dir = False
         self._cgroups = SandboxCgroups(())
@@ -226,10 +255,19 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
         async with self._lock:
             await self._ready_shell()
             upload = self._inbox / new_nonce()
-            if len(data) > 256 * 1024:
-                await asyncio.to_thread(upload.write_bytes, data)
-            else:
-                upload.write_bytes(data)
+            try:
+                if len(data) > 256 * 1024:
+                    await asyncio.to_thread(upload.write_bytes, data)
+                else:
+                    upload.write_bytes(data)
+            except OSError as exc:
+                upload.unlink(missing_ok=True)
+                if exc.errno == errno.ENOSPC:
+                    raise InvalidRequestError(
+                        f"write_file {path!r}: no space left on device (the sandbox's disk "
+                        "quota is full)"
+                    ) from exc
+                raise
             code = f"__mf_write {ansi_c_quote(target)} {INBOX}/{upload.name}"
             try:
                 ex = await self._exchange(lambda n: command_line(code, n), FILE_OP_TIMEOUT_S, 65536)
@@ -259,22 +297,32 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
             )
         layout = cgroup_layout()
         name = f"megaflow-{self.sandbox_id}-{secrets.token_hex(4)}"
-        self._root_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._root_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        searchable(self._root_dir)
         try:
-            # 0700: no other host user may reach the workspace, where the sandbox (uid 0)
-            # can leave setuid-root files.
             self._dir.mkdir(mode=0o700)
         except FileExistsError as exc:
             raise SandboxError(f"sandbox folder {self._dir} already exists") from exc
         self._made_dir = True
+        # The folder is the workspace quota's tmpfs: the binds from it show paths
+        # relative to it (/workspace), never the host's, in the sandbox's mountinfo.
+        # 0711: the sandbox's uid (bwrap resolves its bind sources by path) may pass,
+        # nobody may list; every folder below is 0700 and the sandbox uid's alone, so
+        # no other host user reaches the workspace.
+        mount_quota(self._dir, self._disk_mib, mode=0o711)
         Owner.current(tuple(base / name for _, base in layout.bases)).write(self._dir)
-        self.host_workspace.mkdir()
-        if self._disk_mib:
-            mount_workspace(self.host_workspace, self._disk_mib)
-        self._inbox.mkdir()
-        self.host_socket_dir.mkdir()
+        uid = self.uid
+        # The sandbox's user owns its socket folder; what the agent puts there (sockets,
+        # key files) is handed to the folder's owner (see megaflow.agent.model_endpoint).
+        for folder in (self.host_workspace, self._inbox, self.host_socket_dir):
+            folder.mkdir(mode=0o700)
+            os.chown(folder, uid, uid)
         for host, _ in self._writable:
-            host.mkdir(parents=True)
+            host.mkdir(mode=0o700, parents=True)
+            os.chown(host, uid, uid)
+            os.chown(host.parent, uid, uid)
+        self._tmp.mkdir(mode=0o700)
+        mount_quota(self._tmp, self._tmp_mib, mode=0o700, uid=uid, gid=uid, name="megaflow-tmp")
         self._cgroups = SandboxCgroups.create(
             layout,
             name,
@@ -284,7 +332,21 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
         )
 
     async def _spawn(self) -> None:
-        """Start bwrap + bash and wait until the shell answers."""
+        """Start bwrap + bash and wait until the shell answers.
+
+        The unprivileged bwrap resolves its bind sources by path: a parent folder that
+        someone closed meanwhile (pytest resets its 0700 base folder at every session
+        start, for one) is opened again, and the start tried once more."""
+        try:
+            await self._spawn_once()
+        except SandboxError as exc:
+            if "Can't find source path" not in str(exc) or "Permission denied" not in str(exc):
+                raise
+            await self._spawn_once()
+
+    async def _spawn_once(self) -> None:
+        searchable(self._root_dir)  # again: someone may have closed it meanwhile
+        searchable(self._image_root)  # e.g. in an image cache under a 0700 home
         program = filter_program()
         seccomp_fd: int | None = None
         if program is not None:  # a pipe per spawn: bwrap reads the program from it
@@ -303,8 +365,10 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
                 extra_path=self._extra_path,
                 seccomp_fd=seccomp_fd,
                 writable_dirs=self._writable,
+                tmp=self._tmp,
             ),
             self._cgroups.procs_files,
+            self.uid,
         )
         try:
             shell = await ShellProcess.spawn(argv, () if seccomp_fd is None else (seccomp_fd,))
@@ -349,8 +413,10 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
         return SHELL_RESTARTED
 
     async def _restart(self) -> None:
-        """Replace a dead or hopeless shell (workspace and cgroups persist)."""
+        """Replace a dead or hopeless shell (workspace and cgroups persist, /tmp starts
+        empty)."""
         await self._kill_processes()
+        await asyncio.to_thread(workspace.clear, self._tmp)
         try:
             async with asyncio.timeout(RESTART_TIMEOUT_S):
                 await self._spawn()
@@ -473,6 +539,16 @@ class LocalSandbox(SandboxLifecycle, SandboxFeatures, SandboxKilling, ShellSandb
         if ex.status != 0:
             message = _BASH_PREFIX.sub("", ex.sink.text()).strip() or f"exit status {ex.status}"
             raise InvalidRequestError(f"{op} {path!r}: {message}")
+
+
+def searchable(folder: Path) -> None:
+    """Let every host user search (not list) ``folder`` and its parents: the sandbox's
+    unprivileged bwrap resolves its bind sources by path. Only folders lacking the
+    others' search bit are changed."""
+    for path in (folder, *folder.parents):
+        mode = path.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            path.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
 
 def _sandbox_path(path: str) -> str:

@@ -16,10 +16,12 @@ import errno
 import io
 import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from megaflow.core.errors import InvalidRequestError
 
@@ -38,17 +40,17 @@ def check_relative(path: str) -> tuple[str, ...]:
     return parts
 
 
-def write_files(root: Path, files: Mapping[str, bytes]) -> None:
+def write_files(root: Path, files: Mapping[str, bytes], owner: int | None = None) -> None:
     """Write ``files`` (relative path -> content) under ``root``, creating folders.
 
     Every component is opened with ``O_NOFOLLOW``: a symlink anywhere on the way is an
     error, so nothing is written outside ``root``. ENOSPC (workspace quota) becomes an
-    InvalidRequestError.
+    InvalidRequestError. ``owner``: the uid (and gid) given every file and folder made.
     """
     checked = [(check_relative(path), bytes(data)) for path, data in files.items()]
     for parts, data in checked:
         try:
-            _write_one(root, parts, data)
+            _write_one(root, parts, data, owner)
         except OSError as exc:
             where = "/".join(parts)
             if exc.errno == errno.ENOSPC:
@@ -58,21 +60,26 @@ def write_files(root: Path, files: Mapping[str, bytes]) -> None:
             raise InvalidRequestError(f"put_files {where!r}: {exc.strerror}") from exc
 
 
-def _write_one(root: Path, parts: tuple[str, ...], data: bytes) -> None:
+def _write_one(root: Path, parts: tuple[str, ...], data: bytes, owner: int | None) -> None:
     nofollow_dir = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(root, nofollow_dir)
     try:
         for part in parts[:-1]:
+            made = True
             try:
                 os.mkdir(part, 0o755, dir_fd=fd)
             except FileExistsError:
-                pass
+                made = False
             next_fd = os.open(part, nofollow_dir, dir_fd=fd)
             os.close(fd)
             fd = next_fd
+            if made and owner is not None:
+                os.fchown(fd, owner, owner)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         out = os.open(parts[-1], flags, 0o644, dir_fd=fd)
         try:
+            if owner is not None:
+                os.fchown(out, owner, owner)
             view = memoryview(data)
             while view:
                 view = view[os.write(out, view) :]
@@ -82,19 +89,61 @@ def _write_one(root: Path, parts: tuple[str, ...], data: bytes) -> None:
         os.close(fd)
 
 
+TAR = "/usr/bin/tar"
+_PACK_CHUNK = 1 << 20
+
+
 def pack(root: Path, max_bytes: int = MAX_SNAPSHOT_BYTES) -> bytes:
-    """A tar archive of everything under ``root`` (paths relative, symlinks as links)."""
-    buf = io.BytesIO()
+    """A tar archive of everything under ``root`` (paths relative, symlinks as links).
 
-    def limit(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        if buf.tell() + info.size > max_bytes:
-            raise InvalidRequestError(f"workspace snapshot exceeds {max_bytes} bytes")
-        return info
+    GNU tar writes it (``--sparse``: a sparse file costs the archive only its data, not
+    its apparent size; read back by tarfile, which extracts it sparse again), streamed
+    into a temporary file that may spill to disk, never more than ``max_bytes``: a
+    bigger workspace fails the snapshot with InvalidRequestError as soon as the archive
+    passes the cap, before it is read into memory.
+    """
+    names = sorted(os.listdir(root))
+    with tempfile.TemporaryFile(prefix="megaflow-snapshot-") as out:
+        if names:
+            _tar_into(root, names, out, max_bytes)
+        else:  # an empty archive, as tarfile writes it
+            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT):
+                pass
+        out.seek(0)
+        return out.read()
 
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for entry in sorted(os.listdir(root)):
-            tar.add(root / entry, arcname=entry, recursive=True, filter=limit)
-    return buf.getvalue()
+
+def _tar_into(root: Path, names: list[str], out: IO[bytes], max_bytes: int) -> None:
+    argv = [
+        TAR, "--create", "--file=-", "--sparse", "--format=posix", "--numeric-owner",
+        "--recursion", f"--directory={root}",
+        "--null", "--verbatim-files-from", "--files-from=-",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(b"\0".join(os.fsencode(n) for n in names) + b"\0")
+        proc.stdin.close()
+        written = 0
+        while chunk := proc.stdout.read(_PACK_CHUNK):
+            written += len(chunk)
+            if written > max_bytes:
+                raise InvalidRequestError(
+                    f"workspace snapshot exceeds {max_bytes} bytes (sparse files count only "
+                    "their data): remove large files from the workspace or snapshot less"
+                )
+            out.write(chunk)
+        errors = proc.stderr.read(65536)
+        if proc.wait() not in (0, 1):  # 1: a file changed while read (frozen: rare)
+            raise OSError(f"tar failed: {errors.decode(errors='replace').strip()[-500:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def _restore_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
@@ -151,8 +200,16 @@ def clear(root: Path) -> None:
             os.unlink(entry.path)
 
 
-def unpack(root: Path, archive: bytes) -> None:
-    """Replace ``root``'s content with ``archive`` (checked first; then cleared, extracted)."""
+def give_to(root: Path, owner: int) -> None:
+    """Make ``owner`` (uid and gid) own everything under ``root`` (symlinks themselves)."""
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(folder, name), owner, owner)
+
+
+def unpack(root: Path, archive: bytes, owner: int | None = None) -> None:
+    """Replace ``root``'s content with ``archive`` (checked first; then cleared, extracted;
+    then, with ``owner``, owned by that uid and gid)."""
     check_archive(archive)
     clear(root)
     try:
@@ -164,3 +221,5 @@ def unpack(root: Path, archive: bytes) -> None:
         if exc.errno == errno.ENOSPC:
             raise InvalidRequestError("restore: the archive does not fit the workspace") from exc
         raise
+    if owner is not None:
+        give_to(root, owner)
