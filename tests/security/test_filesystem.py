@@ -76,7 +76,7 @@ async def test_read_secret_through_proc_root_links(arena: Arena) -> None:
 async def test_write_to_host_path(arena: Arena, folder: str) -> None:
     target = arena.host_dir if folder == "host_tmp_dir" else Path(folder)
     r = await arena.step(f"echo pwned > {target}/{arena.pwn}")
-    if arena.backend == "docker" and not failed(r):
+    if arena.docker and not failed(r):
         # Docker's root filesystem is the container's own copy-on-write layer.
         await arena.assert_written_privately(f"{target}/{arena.pwn}")
     else:
@@ -179,7 +179,9 @@ async def test_image_files_are_read_only(arena: Arena) -> None:
     await arena.assert_contained()
 
 
-@pytest.mark.only_backends("docker", reason="Docker's writable root filesystem layer")
+@pytest.mark.only_backends(
+    "docker", "gvisor", reason="Docker's writable root filesystem layer"
+)
 async def test_image_writes_stay_in_own_layer(arena: Arena) -> None:
     before = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()
     r = await arena.step(

@@ -27,19 +27,19 @@ async def test_grpc_read_host_secret(grpc_arena: Arena) -> None:
 async def test_grpc_write_host_files(grpc_arena: Arena) -> None:
     arena = grpc_arena
     r = await arena.write("../../etc/passwd", b"evil::0:0::/:/bin/sh\n")
-    if arena.backend == "docker":  # the container's own copy-on-write root filesystem
+    if arena.docker:  # the container's own copy-on-write root filesystem
         assert r.ok, r.message
         await arena.assert_written_privately("/etc/passwd")
     else:
         assert not r.ok and "read-only" in r.message.lower(), r.message
     r = await arena.write(f"/root/{arena.pwn}", b"pwned")
-    if arena.backend == "docker":
+    if arena.docker:
         assert r.ok, r.message
         await arena.assert_written_privately(f"/root/{arena.pwn}")
     else:
         assert not r.ok
     step = await arena.step(f"echo pwned > /usr/bin/{arena.pwn}")
-    if arena.backend == "docker":
+    if arena.docker:
         assert step.exit_code == 0, step.output
         await arena.assert_written_privately(f"/usr/bin/{arena.pwn}")
     else:

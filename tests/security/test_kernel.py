@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.security import hoststate
-from tests.security.conftest import MEMORY_MIB, PIDS, Arena, failed
+from tests.security.conftest import (
+    Arena,
+    failed,
+    memory_limit_bytes,
+    pids_limit,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -201,7 +206,7 @@ async def test_change_own_cgroup_limits(arena: Arena) -> None:
     }
     checked = {p.name: p.read_text().strip() for p in limits if p.is_file()}
     assert checked, f"no cgroup limit file found on the host for {paths}"
-    expected = {str(MEMORY_MIB * 1024 * 1024), str(PIDS)}
+    expected = {str(memory_limit_bytes(arena.backend)), str(pids_limit(arena.backend))}
     assert set(checked.values()) <= expected, checked
     await arena.assert_contained()
 

@@ -138,7 +138,7 @@ async def _assert_fill_bounded_and_freed(
 )
 async def test_fill_workspace_with_quota(arena: Arena) -> None:
     limits = common_pb2.EnvLimits(disk_mib=32)
-    if arena.backend == "docker":  # no quota there: the request is refused, not ignored
+    if arena.docker:  # no quota there: the request is refused, not ignored
         with pytest.raises(InvalidRequestError, match="disk_mib"):
             await arena.service.create_environment(arena.request(owner="quota", limits=limits))
         await arena.assert_contained()

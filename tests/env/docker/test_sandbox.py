@@ -10,6 +10,7 @@ import socket
 import pytest
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
+from megaflow.env.docker.hardening import DiskQuota
 from megaflow.env.docker import DockerEngine, DockerSandbox
 from megaflow.env.docker.sandbox import MAX_FILE_BYTES
 from megaflow.env.shell import TRUNCATION_MARKER
@@ -87,7 +88,9 @@ async def test_exit_restarts_the_shell(sandbox: DockerSandbox) -> None:
 async def test_memory_limit_kills_the_hog_and_the_sandbox_survives(
     make_sandbox: Factory,
 ) -> None:
-    sb: DockerSandbox = await make_sandbox(memory_mib=64)
+    # The container holds memory_mib plus the tmpfs quotas (files have their own room).
+    quota = DiskQuota(workspace_mib=16, tmp_mib=16)
+    sb: DockerSandbox = await make_sandbox(memory_mib=64, quota=quota)
     hog = "sh -c 'x=$(head -c 300000000 /dev/zero | tr \"\\0\" a); echo ${#x}'"
     r = await sb.execute(hog, 60)
     assert r.exit_code == 137 and "300000000" not in r.output
