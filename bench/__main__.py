@@ -18,6 +18,7 @@ from megaflow.core.allocator import current, preload
 BENCHES = {
     "env": "env_bench",
     "docker": "docker_bench",
+    "docker-hardening": "docker_hardening_bench",
     "model": "model_bench",
     "gateway": "gateway_bench",
     "e2e": "e2e_bench",

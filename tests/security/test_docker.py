@@ -103,8 +103,9 @@ async def test_host_cgroup_enforces_limits(arena: Arena) -> None:
 
 
 @pytest.mark.only_backends(
-    "docker", reason="the host path of a file in a runc container's tmpfs; gVisor's tmpfs "
-    "is its Sentry's memory, with no host path at all"
+    "docker",
+    reason="the host path of a file in a runc container's tmpfs; gVisor's tmpfs "
+    "is its Sentry's memory, with no host path at all",
 )
 async def test_setuid_file_in_workspace_gives_host_user_nothing(arena: Arena) -> None:
     r = await arena.step("cp /bin/bash /workspace/rootsh && chmod 4755 /workspace/rootsh")

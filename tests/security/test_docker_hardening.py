@@ -116,7 +116,9 @@ async def test_default_quota_stops_2gib(arena: Arena, folder: str) -> None:
     assert int(lines[-1]) <= limit, r.output
     # The host's disk did not take the write (tmpfs: memory of the sandbox's cgroup).
     assert free_before - shutil.disk_usage("/").free < 256 * 1024 * 1024
-    again = await arena.step(f"rm {folder}/fill && echo freed > {folder}/after && cat {folder}/after")
+    again = await arena.step(
+        f"rm {folder}/fill && echo freed > {folder}/after && cat {folder}/after"
+    )
     assert again.output.strip().endswith("freed"), again.output
     await arena.assert_contained()
 
@@ -149,9 +151,7 @@ async def test_default_quota_stops_200000_files(arena: Arena, folder: str) -> No
 
 
 async def test_task_quota_overrides_the_default(arena: Arena) -> None:
-    arena.attacker = await arena.create(
-        owner="quota", limits=common_pb2.EnvLimits(disk_mib=8)
-    )
+    arena.attacker = await arena.create(owner="quota", limits=common_pb2.EnvLimits(disk_mib=8))
     r = await arena.step("dd if=/dev/zero of=fill bs=1M count=64; du -m fill | cut -f1")
     assert ENOSPC in r.output and int(r.output.splitlines()[-1]) <= 8, r.output
     await arena.assert_contained()

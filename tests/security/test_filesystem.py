@@ -179,9 +179,7 @@ async def test_image_files_are_read_only(arena: Arena) -> None:
     await arena.assert_contained()
 
 
-@pytest.mark.only_backends(
-    "docker", "gvisor", reason="Docker's writable root filesystem layer"
-)
+@pytest.mark.only_backends("docker", "gvisor", reason="Docker's writable root filesystem layer")
 async def test_image_writes_stay_in_own_layer(arena: Arena) -> None:
     before = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()
     r = await arena.step(

@@ -10,8 +10,8 @@ import socket
 import pytest
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
-from megaflow.env.docker.hardening import DiskQuota
 from megaflow.env.docker import DockerEngine, DockerSandbox
+from megaflow.env.docker.hardening import DiskQuota
 from megaflow.env.docker.sandbox import MAX_FILE_BYTES
 from megaflow.env.shell import TRUNCATION_MARKER
 from tests.env.docker.conftest import Factory

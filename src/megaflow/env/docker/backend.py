@@ -24,6 +24,9 @@ from megaflow.env.sandbox import Capabilities, Sandbox
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CPU_SHARES = 1024
+"""Docker's own default CPU weight, when a task gives none."""
+
 RUNTIMES = ("runc", "runsc")
 
 
@@ -108,7 +111,7 @@ class DockerBackend:
             output_bytes=spec.output_bytes,
             quota=quota,
             user=own.user,
-            **({"cpu_shares": spec.cpu_shares} if spec.cpu_shares else {}),
+            cpu_shares=spec.cpu_shares or DEFAULT_CPU_SHARES,
         )
 
     def released(self, sandbox: Sandbox) -> None:

@@ -109,7 +109,6 @@ def seccomp_profile() -> str:
     return text
 
 
-
 def tmpfs_options(size_mib: int, inodes: int, mode: str, user: str) -> str:
     """Mount options of a quota tmpfs (exec: scripts and builds run from it)."""
     opts = [f"size={size_mib}m", f"nr_inodes={inodes}", f"mode={mode}", "exec", "nosuid", "nodev"]
