@@ -179,3 +179,22 @@ async def test_missing_image_is_a_sandbox_error_naming_it(engine: DockerEngine) 
         await sb.start()
     assert not sb.alive
     await sb.stop()
+
+
+async def test_root_refused_on_runc_without_userns(make_sandbox: Factory) -> None:
+    with pytest.raises(InvalidRequestError, match="isolating runtime"):
+        await make_sandbox(user="root")
+
+
+async def test_non_root_by_default_with_quotas(make_sandbox: Factory) -> None:
+    sb: DockerSandbox = await make_sandbox(quota=DiskQuota(workspace_mib=4, tmp_mib=2))
+    r = await sb.execute(
+        "id -u; dd if=/dev/zero of=big bs=1M count=8 2>&1 | head -1; "
+        "dd if=/dev/zero of=/tmp/big bs=1M count=8 2>&1 | head -1",
+        20,
+    )
+    lines = r.output.splitlines()
+    assert lines[0] == "1000", r.output
+    assert all("No space left on device" in line for line in lines[1:3]), r.output
+    archive = await sb.snapshot()  # snapshots read the quota mount
+    assert archive
