@@ -40,7 +40,7 @@ __mf_read() (
   if [ -d "$1" ]; then echo "is a directory"; exit 1; fi
   if [ ! -e "$1" ]; then echo "no such file"; exit 1; fi
   if [ ! -f "$1" ]; then echo "not a regular file"; exit 1; fi
-  n=$(wc -c < "$1") || exit 1
+  n=$(stat -c %s -- "$1" 2>/dev/null || wc -c < "$1") || exit 1
   if [ "$n" -gt "$2" ]; then echo "larger than $2 bytes"; exit 1; fi
   base64 < "$1"
 )
