@@ -374,9 +374,9 @@ async def arena(
             reap_interval_s=1.0,
             artifact_dir=tmp_path / "artifacts",
             docker_host=None if dockerd is None else dockerd.base_url,
-            backends={
-                "docker": {"workspace_mib": WORKSPACE_MIB, "tmp_mib": TMP_MIB, "inodes": INODES}
-            },
+            backends={}
+            if dockerd is None
+            else {"docker": {"workspace_mib": WORKSPACE_MIB, "tmp_mib": TMP_MIB, "inodes": INODES}},
         )
     )
     try:

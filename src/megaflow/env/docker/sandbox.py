@@ -218,7 +218,7 @@ class DockerSandbox(SandboxLifecycle, ShellSandbox):
             raise InvalidRequestError(
                 f"write_file {path!r}: {len(data)} bytes is more than {MAX_FILE_BYTES}"
             )
-        code = f"__mf_write {sh_quote(target)} '{files.b64_encode(data)}'"
+        code = f"__mf_write {sh_quote(target)} '{files.b64_encode(data)}' {len(data)}"
         await self._file_op("write_file", path, code, 65536)
 
     async def put_files(self, files_: Mapping[str, bytes]) -> None:

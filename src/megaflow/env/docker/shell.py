@@ -51,7 +51,12 @@ __mf_write() (
     if [ -n "$d" ] && [ ! -d "$d" ]; then mkdir -p -- "$d" || exit 1; fi;;
   esac
   if [ -d "$1" ]; then echo "is a directory"; exit 1; fi
-  printf %s "$2" | base64 -d > "$1"
+  printf %s "$2" | base64 -d > "$1" || exit 1
+  # busybox base64 ignores write errors: a full quota shows as a short file.
+  n=$(stat -c %s -- "$1") || exit 1
+  if [ "$n" != "$3" ]; then
+    echo "No space left on device: wrote $n of $3 bytes (the disk quota is full?)"; exit 1
+  fi
 )
 __mf_untar() (
   PATH=__SAFE_PATH__
