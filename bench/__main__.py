@@ -19,6 +19,7 @@ BENCHES = {
     "env": "env_bench",
     "local-quota": "local_quota_bench",
     "docker": "docker_bench",
+    "docker-hardening": "docker_hardening_bench",
     "model": "model_bench",
     "gateway": "gateway_bench",
     "e2e": "e2e_bench",

@@ -2,7 +2,8 @@
 
 ``local`` is bubblewrap; ``docker`` is runc on the session's private dockerd
 (`megaflow.testing.dockerd`) with `DOCKER_IMAGE` (busybox, bash, python3 and
-`megaflow.testing.images.SECURITY_TOOLS`)."""
+`megaflow.testing.images.SECURITY_TOOLS`); ``gvisor`` is the same daemon and image
+under gVisor's ``runsc`` runtime (ptrace platform)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,23 @@ from megaflow.testing.dockerd import Dockerd
 from megaflow.v1 import common_pb2, env_pb2
 from tests.security import hoststate
 
-BACKENDS = ("local", "docker")
+BACKENDS = ("local", "docker", "gvisor")
+DOCKER_BACKENDS = ("docker", "gvisor")
+"""Backends whose sandboxes are containers of the session's dockerd."""
 DOCKER_IMAGE = "megaflow-security:test"
 DOCKER_RUNTIME = "runc"
+RUNTIMES = {"docker": "runc", "gvisor": "runsc"}
 
 
 def env_request(backend: str, **fields: Any) -> env_pb2.CreateEnvironmentRequest:
-    """A CreateEnvironmentRequest on ``backend`` (Docker: the battery's image, runc)."""
-    if backend == "docker":
+    """A CreateEnvironmentRequest on ``backend`` (Docker: the battery's image, runc or
+    runsc)."""
+    if backend in DOCKER_BACKENDS:
         fields.setdefault("image", DOCKER_IMAGE)
         placement = common_pb2.EnvPlacement()
         if fields.get("placement") is not None:
             placement.CopyFrom(fields["placement"])  # keeps the mode (persistent...)
-        placement.backend, placement.runtime = "docker", DOCKER_RUNTIME
+        placement.backend, placement.runtime = "docker", RUNTIMES[backend]
         fields["placement"] = placement
     return env_pb2.CreateEnvironmentRequest(**fields)
 
@@ -62,14 +67,21 @@ def sandbox_containers(dockerd: Dockerd) -> list[dict[str, Any]]:
         api.close()
 
 
-def docker_workspace_holding(dockerd: Dockerd, text: bytes) -> tuple[Path, str]:
-    """The host path of /workspace (in the overlay MergedDir) of the one container whose
-    victim.txt holds ``text``, and that container's id."""
-    found = []
+def docker_workspace_holding(dockerd: Dockerd, text: bytes) -> tuple[Path, str, bool]:
+    """The host path of /workspace of the one container whose victim.txt holds ``text``
+    (its quota tmpfs, seen through ``/proc/PID/root`` of the container's init), and that
+    container's id, and whether the host sees the files there. gVisor's tmpfs lives in
+    its Sentry's memory, invisible to the host: the path is then the container's root
+    layer's /workspace (what an attacker would aim at) of the one sandbox container."""
+    found: list[tuple[Path, str, bool]] = []
     for info in sandbox_containers(dockerd):
-        merged = Path(info["GraphDriver"]["Data"]["MergedDir"], "workspace")
+        if info["HostConfig"]["Runtime"] == "runsc":
+            merged = Path(info["GraphDriver"]["Data"]["MergedDir"], "workspace")
+            found.append((merged, str(info["Id"]), False))
+            continue
+        workspace = Path(f"/proc/{info['State']['Pid']}/root/workspace")
         with contextlib.suppress(OSError):
-            if (merged / "victim.txt").read_bytes() == text:
-                found.append((merged, str(info["Id"])))
+            if (workspace / "victim.txt").read_bytes() == text:
+                found.append((workspace, str(info["Id"]), True))
     assert len(found) == 1, found
     return found[0]

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import pytest
 
+from megaflow.env.docker.sandbox import RUNSC_PIDS_OVERHEAD
 from megaflow.env.service import EnvServiceConfig, SandboxEnvironmentService
 from megaflow.rpc.clients import EnvironmentServiceClient
 from megaflow.rpc.server import GrpcServer
@@ -38,6 +39,7 @@ from megaflow.testing.images import SECURITY_TOOLS, build_python_image
 from megaflow.v1 import env_pb2
 from tests.security import hoststate
 from tests.security.backends import (
+    DOCKER_BACKENDS,
     DOCKER_IMAGE,
     docker_workspace_holding,
     env_request,
@@ -61,6 +63,19 @@ CALL_SLACK_S = 30.0
 """Extra time a call may take beyond its step timeout before the test calls it hung."""
 VICTIM_TEXT = b"the victim's work, which must survive every attack\n"
 SECRET_ENV = "MEGAFLOW_SECURITY_TEST_SECRET"
+WORKSPACE_MIB, TMP_MIB, INODES = 64, 32, 20_000
+"""Docker/gVisor: the service's default quotas (a task asks for none): /workspace and
+/tmp tmpfs sizes and each one's inode limit."""
+
+
+def memory_limit_bytes(backend: str) -> int:
+    """The sandbox's cgroup memory limit (Docker/gVisor: plus its tmpfs quotas)."""
+    return (MEMORY_MIB + (WORKSPACE_MIB + TMP_MIB if backend != "local" else 0)) * 1024 * 1024
+
+
+def pids_limit(backend: str) -> int:
+    """The sandbox's cgroup pids limit (gVisor: plus runsc's own host threads)."""
+    return PIDS + (RUNSC_PIDS_OVERHEAD if backend == "gvisor" else 0)
 
 
 class EnvApi(Protocol):
@@ -87,18 +102,20 @@ class EnvApi(Protocol):
 class Victim:
     env_id: str
     workspace: Path
-    """Host folder seen as /workspace by the victim."""
+    """Host folder seen as /workspace by the victim (gVisor: where it would be)."""
     daemon_pid: int
     """Host pid of a long-running process of the victim."""
     daemon_ticks: int
     container_id: str = ""
     """Docker: the victim's container."""
+    host_view: bool = True
+    """Whether the host sees the victim's files at `workspace` (not under gVisor)."""
 
 
 @dataclass
 class Arena:
     backend: str
-    """``local`` or ``docker``: where the attacker and victim run."""
+    """``local``, ``docker`` or ``gvisor``: where the attacker and victim run."""
     dockerd: Dockerd | None
     """The session's daemon (docker arenas only)."""
     service: SandboxEnvironmentService
@@ -118,6 +135,11 @@ class Arena:
     connections: list[str] = field(default_factory=list)
     containers: dict[str, str] = field(default_factory=dict)
     """Docker: container id of the victim and the first attacker (``victim``/``attacker``)."""
+
+    @property
+    def docker(self) -> bool:
+        """A container of the session's dockerd (``docker``: runc, ``gvisor``: runsc)."""
+        return self.backend in DOCKER_BACKENDS
 
     def bash(self, command: str) -> str:
         """``command`` run by bash: the local shell is bash, Docker's step shell is
@@ -184,7 +206,8 @@ class Arena:
     async def assert_victim_intact(self) -> None:
         victim = self.victim
         assert hoststate.start_ticks(victim.daemon_pid) == victim.daemon_ticks, "victim killed"
-        assert (victim.workspace / "victim.txt").read_bytes() == VICTIM_TEXT
+        if victim.host_view:
+            assert (victim.workspace / "victim.txt").read_bytes() == VICTIM_TEXT
         r = await self.step("cat victim.txt", env_id=victim.env_id)
         assert (r.exit_code, r.output) == (0, VICTIM_TEXT.decode()), r.output
 
@@ -283,17 +306,27 @@ async def _start_victim(
         )
     )
     assert r.exit_code == 0, r.output
-    pid = await _wait_for_host_pid(tag)
+    if backend == "gvisor":  # its processes live in the Sentry: the host sees the Sentry
+        pid = _sentry_pid(dockerd)
+    else:
+        pid = await _wait_for_host_pid(tag)
     ticks = hoststate.start_ticks(pid)
     assert ticks is not None
-    container_id = ""
+    container_id, host_view = "", True
     if dockerd is None:
         workspace = _host_workspace_holding(service.config.root_dir, VICTIM_TEXT)
     else:
-        workspace, container_id = docker_workspace_holding(dockerd, VICTIM_TEXT)
+        workspace, container_id, host_view = docker_workspace_holding(dockerd, VICTIM_TEXT)
         # Found by its command line; it must be a process of the victim's container.
         assert pid in hoststate.cgroup_pids(container_id), "victim daemon not in its cgroup"
-    return Victim(env_id, workspace, pid, ticks, container_id)
+    return Victim(env_id, workspace, pid, ticks, container_id, host_view)
+
+
+def _sentry_pid(dockerd: Dockerd | None) -> int:
+    """gVisor: the host pid of the one sandbox container's init (its runsc Sentry side)."""
+    assert dockerd is not None
+    (info,) = sandbox_containers(dockerd)
+    return int(info["State"]["Pid"])
 
 
 def _host_workspace_holding(root_dir: Path, text: bytes) -> Path:
@@ -308,7 +341,7 @@ async def arena(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Arena]:
     dockerd: Dockerd | None = (
-        request.getfixturevalue("security_dockerd") if backend == "docker" else None
+        request.getfixturevalue("security_dockerd") if backend in DOCKER_BACKENDS else None
     )
     marker = f"mf{secrets.token_hex(6)}"
     env_secret = f"env-secret-{secrets.token_hex(8)}"
@@ -341,6 +374,9 @@ async def arena(
             reap_interval_s=1.0,
             artifact_dir=tmp_path / "artifacts",
             docker_host=None if dockerd is None else dockerd.base_url,
+            backends={}
+            if dockerd is None
+            else {"docker": {"workspace_mib": WORKSPACE_MIB, "tmp_mib": TMP_MIB, "inodes": INODES}},
         )
     )
     try:

@@ -68,7 +68,7 @@ async def test_write_outside_workspace(arena: Arena, path: str) -> None:
     passwd = _sha("/etc/passwd")
     target = path.format(pwn=arena.pwn, host_dir=arena.host_dir)
     r = await arena.write(target, b"evil::0:0::/:/bin/sh\n")
-    if arena.backend == "docker" and r.ok:
+    if arena.docker and r.ok:
         # Docker's root filesystem is the container's own copy-on-write layer (the local
         # backend binds the image read-only): the write must have landed there only.
         await arena.assert_written_privately(target)
@@ -135,13 +135,13 @@ async def test_symlink_escape(arena: Arena, link_to: str) -> None:
         assert not read.ok, read.message
     for path, lands in (("link", target), (f"dirlink/{arena.pwn}", f"{target}/{arena.pwn}")):
         write = await arena.write(path, b"pwned\n")
-        if arena.backend == "docker" and write.ok:
+        if arena.docker and write.ok:
             # The link resolves inside the container, into its own copy-on-write layer.
             await arena.assert_written_privately(lands)
         else:
             assert not write.ok, write.message
     edit = await arena.act(edit_file=env_pb2.EditFile(path="link", old="root", new="pwned"))
-    if arena.backend == "docker" and edit.ok:
+    if arena.docker and edit.ok:
         await arena.assert_written_privately(target)
     else:
         assert not edit.ok, edit.message

@@ -27,23 +27,13 @@ async def test_grpc_read_host_secret(grpc_arena: Arena) -> None:
 async def test_grpc_write_host_files(grpc_arena: Arena) -> None:
     arena = grpc_arena
     r = await arena.write("../../etc/passwd", b"evil::0:0::/:/bin/sh\n")
-    if arena.backend == "docker":  # the container's own copy-on-write root filesystem
-        assert r.ok, r.message
-        await arena.assert_written_privately("/etc/passwd")
-    else:
-        assert not r.ok and "read-only" in r.message.lower(), r.message
+    # local: the image is bound read-only; Docker: the sandbox user may not write there.
+    denial = "permission denied" if arena.docker else "read-only"
+    assert not r.ok and denial in r.message.lower(), r.message
     r = await arena.write(f"/root/{arena.pwn}", b"pwned")
-    if arena.backend == "docker":
-        assert r.ok, r.message
-        await arena.assert_written_privately(f"/root/{arena.pwn}")
-    else:
-        assert not r.ok
+    assert not r.ok
     step = await arena.step(f"echo pwned > /usr/bin/{arena.pwn}")
-    if arena.backend == "docker":
-        assert step.exit_code == 0, step.output
-        await arena.assert_written_privately(f"/usr/bin/{arena.pwn}")
-    else:
-        assert failed(step)
+    assert failed(step)
     await arena.assert_contained()
 
 
@@ -56,6 +46,12 @@ async def test_grpc_signal_victim_and_reach_host_listener(grpc_arena: Arena) -> 
     await arena.assert_contained()
 
 
+@pytest.mark.hole_on(
+    "gvisor",
+    reason="a memory bomb exhausts the container's cgroup, which holds gVisor's Sentry too: "
+    "the step hangs to its timeout and the sandbox restarts (empty /workspace) instead of "
+    "the bomb alone being killed",
+)
 async def test_grpc_memory_bomb_and_timeout(grpc_arena: Arena) -> None:
     arena = grpc_arena
     r = await arena.step("python3 -c 'b = bytearray(400 * 1024 * 1024)'", timeout_s=30.0)

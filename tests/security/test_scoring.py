@@ -98,15 +98,6 @@ async def test_read_only_hidden_test_path(arena: Arena) -> None:
     task = _task()
     hidden = next(p for p in task.hidden_files if p.startswith("tests/test_hidden_"))
     command = f"echo 'import unittest' > {hidden} && chmod 444 {hidden} && chmod 555 tests"
-    if arena.backend == "docker":
-        # Root in the container keeps CAP_DAC_OVERRIDE: the evaluation overwrites the fake
-        # with the real hidden test, which fails the unfixed task.
-        reply = await _score_after(arena, command)
-        assert reply.reward == 0.0, reply
-        await arena.assert_contained()
-        return
     with pytest.raises(InvalidRequestError, match="Permission denied"):
-        await _score_after(
-            arena, f"echo 'import unittest' > {hidden} && chmod 444 {hidden} && chmod 555 tests"
-        )
+        await _score_after(arena, command)
     await arena.assert_contained()

@@ -66,6 +66,8 @@ def python_rootfs(dest: Path, tools: tuple[Path, ...] = ()) -> Path:
             _copy_with_libraries(tool, root, as_name=f"usr/bin/{tool.name}")
     for folder in ("workspace", "proc", "sys", "dev"):
         (root / folder).mkdir(exist_ok=True)
+    (root / "tmp").mkdir(exist_ok=True)
+    (root / "tmp").chmod(0o1777)  # as in any distribution: a non-root user writes there
     return root
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from megaflow.core.errors import SandboxError
 from megaflow.env.docker import DockerEngine, DockerSandbox, reclaim_orphan_containers
+from megaflow.env.docker.hardening import DEFAULT_TMP_MIB, DEFAULT_WORKSPACE_MIB
 from megaflow.env.docker.orphans import LABEL_OWNER_PID, LABEL_SANDBOX_ID, owner_labels
 from megaflow.testing.dockerd import Dockerd
 from tests.env.docker.conftest import IMAGE, Factory
@@ -22,10 +23,11 @@ pytestmark = pytest.mark.integration
 
 
 def upper_file(dockerd: Dockerd, sandbox: DockerSandbox, path: str) -> Path:
-    """The host copy of a container file in overlay2's upper dir (runc containers)."""
+    """A container file as the host sees it (runc containers): through the container
+    init's root (/workspace is a tmpfs in the container's mount namespace)."""
     with dockerd.api() as api:
         info = api.inspect_container(sandbox.container_name)
-    return Path(info["GraphDriver"]["Data"]["UpperDir"]) / path.lstrip("/")
+    return Path(f"/proc/{info['State']['Pid']}/root") / path.lstrip("/")
 
 
 async def test_suspend_freezes_and_resume_continues(
@@ -121,7 +123,9 @@ async def test_container_config_carries_limits_and_labels(
     with dockerd.api() as api:
         info = api.inspect_container(sb.container_name)
     host = info["HostConfig"]
-    assert host["Memory"] == host["MemorySwap"] == 96 * 1024 * 1024
+    # The workload's memory plus its tmpfs quotas (default sizes).
+    limit = (96 + DEFAULT_WORKSPACE_MIB + DEFAULT_TMP_MIB) * 1024 * 1024
+    assert host["Memory"] == host["MemorySwap"] == limit
     assert (host["PidsLimit"], host["CpuShares"], host["NetworkMode"]) == (50, 512, "none")
     assert host["Runtime"] == "runc" and host["Init"] is True
     labels = info["Config"]["Labels"]
@@ -139,8 +143,9 @@ async def test_a_container_killed_from_outside_is_started_again(
     # The first call finds the shell gone (before or under its command) and starts it all again.
     r = await sandbox.execute("echo first", 30)
     assert "a new shell was started" in r.output
-    r = await sandbox.execute("cat kept.txt", 30)
-    assert (r.exit_code, r.output) == (0, "kept")
+    assert "start empty" in r.output  # the tmpfs quota mounts did not survive: said so
+    r = await sandbox.execute("cat kept.txt; pwd", 30)
+    assert "No such file" in r.output and r.output.endswith("/workspace\n"), r.output
     assert sandbox.alive
 
 

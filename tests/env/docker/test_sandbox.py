@@ -11,6 +11,7 @@ import pytest
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env.docker import DockerEngine, DockerSandbox
+from megaflow.env.docker.hardening import DiskQuota
 from megaflow.env.docker.sandbox import MAX_FILE_BYTES
 from megaflow.env.shell import TRUNCATION_MARKER
 from tests.env.docker.conftest import Factory
@@ -87,7 +88,9 @@ async def test_exit_restarts_the_shell(sandbox: DockerSandbox) -> None:
 async def test_memory_limit_kills_the_hog_and_the_sandbox_survives(
     make_sandbox: Factory,
 ) -> None:
-    sb: DockerSandbox = await make_sandbox(memory_mib=64)
+    # The container holds memory_mib plus the tmpfs quotas (files have their own room).
+    quota = DiskQuota(workspace_mib=16, tmp_mib=16)
+    sb: DockerSandbox = await make_sandbox(memory_mib=64, quota=quota)
     hog = "sh -c 'x=$(head -c 300000000 /dev/zero | tr \"\\0\" a); echo ${#x}'"
     r = await sb.execute(hog, 60)
     assert r.exit_code == 137 and "300000000" not in r.output
@@ -176,3 +179,22 @@ async def test_missing_image_is_a_sandbox_error_naming_it(engine: DockerEngine) 
         await sb.start()
     assert not sb.alive
     await sb.stop()
+
+
+async def test_root_refused_on_runc_without_userns(make_sandbox: Factory) -> None:
+    with pytest.raises(InvalidRequestError, match="isolating runtime"):
+        await make_sandbox(user="root")
+
+
+async def test_non_root_by_default_with_quotas(make_sandbox: Factory) -> None:
+    sb: DockerSandbox = await make_sandbox(quota=DiskQuota(workspace_mib=4, tmp_mib=2))
+    r = await sb.execute(
+        "id -u; dd if=/dev/zero of=big bs=1M count=8 2>&1 | head -1; "
+        "dd if=/dev/zero of=/tmp/big bs=1M count=8 2>&1 | head -1",
+        20,
+    )
+    lines = r.output.splitlines()
+    assert lines[0] == "1000", r.output
+    assert all("No space left on device" in line for line in lines[1:3]), r.output
+    archive = await sb.snapshot()  # snapshots read the quota mount
+    assert archive

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
 from megaflow.env.config import EnvServiceConfig
+from megaflow.env.docker import hardening
 from megaflow.env.docker.engine import DockerEngine
 from megaflow.env.docker.orphans import reclaim_orphan_containers
 from megaflow.env.docker.sandbox import DockerSandbox
@@ -22,6 +23,9 @@ from megaflow.env.registry import SandboxSpec
 from megaflow.env.sandbox import Capabilities, Sandbox
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CPU_SHARES = 1024
+"""Docker's own default CPU weight, when a task gives none."""
 
 RUNTIMES = ("runc", "runsc")
 
@@ -35,6 +39,20 @@ class DockerBackendConfig(BaseModel):
         default=None,
         description="Docker Engine endpoint (unix:///path/docker.sock); None: the service's "
         "`docker_host`.",
+    )
+    workspace_mib: int = Field(
+        default=hardening.DEFAULT_WORKSPACE_MIB,
+        ge=1,
+        description="Default size quota of /workspace (a task's limits.disk_mib overrides it).",
+    )
+    tmp_mib: int = Field(default=hardening.DEFAULT_TMP_MIB, ge=1, description="/tmp's size quota.")
+    inodes: int = Field(
+        default=hardening.DEFAULT_INODES, ge=64, description="Inode quota of /workspace and /tmp."
+    )
+    user: str = Field(
+        default=hardening.DEFAULT_USER,
+        description="uid:gid of the workload; 'root' only for runsc sandboxes or on a "
+        "userns-remapped daemon (else each create fails with a clear error).",
     )
 
 
@@ -54,6 +72,8 @@ class DockerBackend:
                 "was started without a Docker endpoint (docker_host)"
             )
         self.docker_host = host
+        self.config = own
+        hardening.check_user(own.user)
         self._engine: DockerEngine | None = None
 
     @property
@@ -74,10 +94,13 @@ class DockerBackend:
         return image, runtime or "runc"
 
     async def build(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
-        if spec.disk_mib:  # refused, not ignored: the task asked for a quota
-            raise InvalidRequestError(
-                "the docker backend does not support limits.disk_mib (a workspace quota)"
-            )
+        own = self.config
+        quota = hardening.DiskQuota(
+            workspace_mib=spec.disk_mib or own.workspace_mib,
+            workspace_inodes=own.inodes,
+            tmp_mib=own.tmp_mib,
+            tmp_inodes=own.inodes,
+        )
         return DockerSandbox(
             sandbox_id,
             engine=self.engine,
@@ -86,7 +109,9 @@ class DockerBackend:
             memory_mib=spec.memory_mib,
             pids=spec.pids,
             output_bytes=spec.output_bytes,
-            **({"cpu_shares": spec.cpu_shares} if spec.cpu_shares else {}),
+            quota=quota,
+            user=own.user,
+            cpu_shares=spec.cpu_shares or DEFAULT_CPU_SHARES,
         )
 
     def released(self, sandbox: Sandbox) -> None:

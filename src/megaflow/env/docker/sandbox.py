@@ -11,7 +11,11 @@ Life of a sandbox::
 
 The container runs ``docker-init`` (tini, reaps orphans) with ``sleep infinity``
 under it, ``--network none``, memory (swap included), pids and CPU-share limits and
-owner labels (:mod:`megaflow.env.docker.orphans`). The shell is a ``docker exec`` of
+owner labels (:mod:`megaflow.env.docker.orphans`), hardened by default
+(:mod:`megaflow.env.docker.hardening`): every capability dropped but
+:data:`~megaflow.env.docker.hardening.CAPABILITIES`, ``no-new-privileges``, MegaFlow's
+seccomp profile, a non-root user, and ``/workspace`` and ``/tmp`` on size- and
+inode-limited tmpfs mounts (the disk quota, on by default). The shell is a ``docker exec`` of
 ``/bin/sh`` attached over the daemon's socket (:mod:`megaflow.env.docker.stream`),
 speaking :mod:`megaflow.env.docker.shell`.
 """
@@ -29,7 +33,7 @@ import docker  # type: ignore[import-untyped]
 import docker.errors  # type: ignore[import-untyped]
 
 from megaflow.core.errors import InvalidRequestError, SandboxError
-from megaflow.env.docker import files
+from megaflow.env.docker import files, hardening
 from megaflow.env.docker.engine import DockerEngine
 from megaflow.env.docker.orphans import owner_labels
 from megaflow.env.docker.session import ShellSession
@@ -75,6 +79,14 @@ class DockerSandbox(SandboxLifecycle, ShellSandbox):
       gVisor, plus :data:`RUNSC_PIDS_OVERHEAD` for its own host threads);
       ``cpu_shares``: relative CPU weight (1024 = Docker's default).
     - ``output_bytes``: output kept per command: the first and last halves.
+    - ``quota``: size and inode limits of ``/workspace`` and ``/tmp``
+      (:class:`~megaflow.env.docker.hardening.DiskQuota`; tmpfs, whose pages count to
+      the memory cgroup: the container's limit is ``memory_mib`` plus both sizes, so a
+      full quota is ENOSPC, never an OOM kill; a workload may use unused quota as memory).
+    - ``user``: ``uid:gid`` of the workload (default 1000:1000); ``root`` only under
+      gVisor or on a daemon with user-namespace remapping (checked at start).
+    - ``profile``: ``hardened`` (default) or ``docker-default`` (Docker's defaults:
+      for benchmarks that measure what hardening costs, never for tasks).
 
     If the shell dies (``exit``, killed for memory), the next call starts a new one in
     the same container: files persist, the environment and working folder start
@@ -97,6 +109,9 @@ class DockerSandbox(SandboxLifecycle, ShellSandbox):
         pids: int = 256,
         cpu_shares: int = 1024,
         output_bytes: int = 64_000,
+        quota: hardening.DiskQuota | None = None,
+        user: str = hardening.DEFAULT_USER,
+        profile: str = "hardened",
     ) -> None:
         if not _SANDBOX_ID.fullmatch(sandbox_id):
             raise InvalidRequestError(f"invalid sandbox id {sandbox_id!r}")
@@ -110,8 +125,16 @@ class DockerSandbox(SandboxLifecycle, ShellSandbox):
                 f"pids={pids} (min 8), output_bytes={output_bytes} (min 256), "
                 f"cpu_shares={cpu_shares} (2..262144)"
             )
+        if profile not in hardening.PROFILES:
+            raise InvalidRequestError(f"unknown profile {profile!r}; expected {hardening.PROFILES}")
+        hardening.check_user(user)
+        if runtime == "runsc":
+            hardening.check_runsc_limits(memory_mib, quota or hardening.DiskQuota())
         super().__init__(sandbox_id)
         self.image = image
+        self.quota = quota or hardening.DiskQuota()
+        self.user = user
+        self.profile = profile
         self.runtime = runtime
         self.container_name = f"megaflow-{sandbox_id}-{secrets.token_hex(4)}"
         self._engine = engine
@@ -137,6 +160,14 @@ class DockerSandbox(SandboxLifecycle, ShellSandbox):
 
     async def _boot(self) -> None:
         """Create and start the container and its shell (SandboxLifecycle.start)."""
+        if self.user_is_root and self.profile == "hardened" and self.runtime != "runsc":
+            userns = await self._engine.call("info", hardening.daemon_remaps_users)
+            if not userns:
+                raise InvalidRequestError(
+                    f"sandbox {self.sandbox_id}: user 'root' needs an isolating runtime: "
+                    "runtime 'runsc' (gVisor) or a docker daemon with userns-remap; "
+                    "this daemon runs runc without user namespaces"
+                )
         await self._tracked(self._engine.call("create", self._create))
         await self._tracked(self._engine.call("start", lambda api: api.start(self.container_name)))
         await self._session.spawn()
@@ -187,7 +218,7 @@ class DockerSandbox(SandboxLifecycle, ShellSandbox):
             raise InvalidRequestError(
                 f"write_file {path!r}: {len(data)} bytes is more than {MAX_FILE_BYTES}"
             )
-        code = f"__mf_write {sh_quote(target)} '{files.b64_encode(data)}'"
+        code = f"__mf_write {sh_quote(target)} '{files.b64_encode(data)}' {len(data)}"
         await self._file_op("write_file", path, code, 65536)
 
     async def put_files(self, files_: Mapping[str, bytes]) -> None:
@@ -216,16 +247,35 @@ class DockerSandbox(SandboxLifecycle, ShellSandbox):
 
     # -- internals ---------------------------------------------------------------------
 
+    @property
+    def user_is_root(self) -> bool:
+        return self.user.split(":")[0] in ("root", "0")
+
+    @property
+    def memory_limit_mib(self) -> int:
+        """The container's memory limit: the workload's plus its tmpfs quotas (files
+        have their own room: a full quota is ENOSPC, never an OOM kill of the shell)."""
+        if self.profile != "hardened":
+            return self._memory_mib
+        return self._memory_mib + self.quota.workspace_mib + self.quota.tmp_mib
+
     def _create(self, api: docker.APIClient) -> None:
+        limit = self.memory_limit_mib * 1024 * 1024
+        options: dict[str, object] = {}
+        user, home = "", "/root"
+        if self.profile == "hardened":
+            options = hardening.host_options(self.quota, self.user)
+            user = self.user
+            home = "/root" if self.user_is_root else WORKDIR
         host_config = api.create_host_config(
             network_mode="none",
-            mem_limit=self._memory_mib * 1024 * 1024,
-            memswap_limit=self._memory_mib * 1024 * 1024,
+            mem_limit=limit,
+            memswap_limit=limit,
             pids_limit=self._pids + (RUNSC_PIDS_OVERHEAD if self.runtime == "runsc" else 0),
             cpu_shares=self._cpu_shares,
             runtime=self.runtime,
             init=True,
-            security_opt=["no-new-privileges"],
+            **({"security_opt": ["no-new-privileges"]} | options),
         )
         api.create_container(
             self.image,
@@ -233,7 +283,8 @@ class DockerSandbox(SandboxLifecycle, ShellSandbox):
             name=self.container_name,
             hostname="sandbox",
             working_dir=WORKDIR,
-            environment={"PATH": SAFE_PATH, "HOME": "/root"},
+            user=user,
+            environment={"PATH": SAFE_PATH, "HOME": home},
             labels=owner_labels(self.sandbox_id),
             network_disabled=True,
             host_config=host_config,

@@ -6,7 +6,9 @@ container's init and its ``sleep``): those are *protected*. Interrupting a comma
 runs a second exec that SIGKILLs every unprotected process but the shell; if the
 shell still does not answer (it was looping in a builtin) the shell is killed too
 and a new one started. If no exec can even start (the pids limit is exhausted by a
-fork bomb), the container is killed and started again: files persist.
+fork bomb), the container is killed and started again: files of its image layer
+persist, but ``/workspace`` and ``/tmp`` are tmpfs quota mounts and start empty (the
+note says so: :data:`CONTAINER_RESTARTED`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ INTERRUPT_GRACE_S = 2.0
 """How long a timed-out command's shell gets to come back before it is replaced."""
 SPAWN_TIMEOUT_S = 30.0
 KILL_TIMEOUT_S = 15.0
+CONTAINER_RESTARTED = (
+    "[megaflow: the shell exited; a new shell was started in a restarted sandbox: "
+    "/workspace and /tmp (memory-backed quota mounts) start empty]"
+)
 
 
 class ShellSession:
@@ -102,8 +108,7 @@ class ShellSession:
         await asyncio.sleep(0)  # let the loop notice a connection the daemon just closed
         if self._stream is not None and not self._stream.closed:
             return ""
-        await self.restart()
-        return SHELL_RESTARTED
+        return await self.restart()
 
     async def exchange(self, line: LineBuilder, timeout_s: float, cap: int) -> Exchange:
         """Send one control line and collect its output until the sentinel."""
@@ -132,27 +137,31 @@ class ShellSession:
                 raise SandboxError(f"sandbox {self._sandbox_id} was stopped while the command ran")
             ex.exit_code = await self._exit_code()
             try:
-                await self.restart()
-                ex.note = SHELL_RESTARTED
+                ex.note = await self.restart()
             except SandboxError as exc:
                 ex.note = f"[megaflow: the shell exited and could not be restarted: {exc}]"
         return ex
 
-    async def restart(self) -> None:
-        """Replace the shell: kill everything but the container's init, start a new one."""
+    async def restart(self) -> str:
+        """Replace the shell: kill everything but the container's init, start a new one.
+        Returns the note for the agent (the container's restart loses its tmpfs files)."""
         self.close()
+        note = SHELL_RESTARTED
         try:
             if not await self._kill(self._base):
                 await self._restart_container()
+                note = CONTAINER_RESTARTED
             try:
                 await self.spawn()
             except (SandboxError, TimeoutError):
                 await self._restart_container()
+                note = CONTAINER_RESTARTED
                 await self.spawn()
         except (SandboxError, TimeoutError) as exc:
             self.close()
             self.broken = f"the shell could not be restarted: {exc}"
             raise SandboxError(f"sandbox {self._sandbox_id}: {self.broken}") from exc
+        return note
 
     def close(self) -> None:
         if self._stream is not None:

@@ -40,7 +40,7 @@ __mf_read() (
   if [ -d "$1" ]; then echo "is a directory"; exit 1; fi
   if [ ! -e "$1" ]; then echo "no such file"; exit 1; fi
   if [ ! -f "$1" ]; then echo "not a regular file"; exit 1; fi
-  n=$(wc -c < "$1") || exit 1
+  n=$(stat -c %s -- "$1" 2>/dev/null || wc -c < "$1") || exit 1
   if [ "$n" -gt "$2" ]; then echo "larger than $2 bytes"; exit 1; fi
   base64 < "$1"
 )
@@ -51,7 +51,12 @@ __mf_write() (
     if [ -n "$d" ] && [ ! -d "$d" ]; then mkdir -p -- "$d" || exit 1; fi;;
   esac
   if [ -d "$1" ]; then echo "is a directory"; exit 1; fi
-  printf %s "$2" | base64 -d > "$1"
+  printf %s "$2" | base64 -d > "$1" || exit 1
+  # busybox base64 ignores write errors: a full quota shows as a short file.
+  n=$(stat -c %s -- "$1") || exit 1
+  if [ "$n" != "$3" ]; then
+    echo "No space left on device: wrote $n of $3 bytes (the disk quota is full?)"; exit 1
+  fi
 )
 __mf_untar() (
   PATH=__SAFE_PATH__
