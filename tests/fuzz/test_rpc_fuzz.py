@@ -38,7 +38,7 @@ from megaflow.scheduler.service import SchedulerServiceImpl
 from megaflow.store.sqlite import SqliteLedger
 from megaflow.testing.processes import live_sandboxes
 from megaflow.testing.simulated_model import SimulatedBackend
-from megaflow.v1 import common_pb2, env_pb2, scheduler_pb2
+from megaflow.v1 import common_pb2, env_pb2, model_pb2, scheduler_pb2
 from tests.fuzz.protostrategies import messages
 
 pytestmark = pytest.mark.integration
@@ -288,4 +288,24 @@ def test_an_oversized_request_is_refused_and_the_service_keeps_serving(
         huge = b"\x0a" + b"\xff\xff\xff\x3f" + b"x" * (MAX_MESSAGE_BYTES + 1024)
         _run(target.loop, target.call(method, huge, 60.0))
         assert target.codes == Counter({"RESOURCE_EXHAUSTED": 1})
+        _run(target.loop, target.health())
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        model_pb2.UpdateWeightsRequest(version="v2", replicas=2**32 - 1),
+        model_pb2.UpdateWeightsRequest(version="v2", drain_timeout_s=math.nan),
+    ],
+)
+def test_an_update_weights_that_would_hang_the_model_service_is_refused(
+    request_: model_pb2.UpdateWeightsRequest,
+) -> None:
+    """Found by the fuzzer: replicas=2**32-1 built backends in a loop that held the event
+    loop (the service stopped answering); a NaN drain timeout reached the swap."""
+    impl = ModelServiceImpl([SimulatedBackend.fast(success_rate=1.0)])
+    with serving("model", impl) as target:
+        method = SERVICES["model"].methods_by_name["UpdateWeights"]
+        _run(target.loop, target.call(method, request_.SerializeToString(), 20.0))
+        assert target.codes == Counter({"INVALID_ARGUMENT": 1})
         _run(target.loop, target.health())
