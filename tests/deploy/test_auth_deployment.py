@@ -81,8 +81,12 @@ def test_a_token_deployment_runs_tasks_and_refuses_callers_without_the_token(
 ) -> None:
     creds = ["--auth-token-file", _token_file(tmp_path / "token", TOKEN)]
     wrong = ["--auth-token-file", _token_file(tmp_path / "wrong", "x" * 32)]
-    procs = _deploy(tmp_path, dict.fromkeys(("scheduler", "model", "env", "agent"), creds))
+    shapes = dict.fromkeys(("scheduler", "model", "env", "agent"), creds)
+    # the env host as on a cluster: every address, reached at the one it advertises
+    shapes["env"] = [*creds, "--listen", "0.0.0.0:0", "--advertise", "127.0.0.1"]
+    procs = _deploy(tmp_path, shapes)
     try:
+        assert procs["env"].address.startswith("127.0.0.1:")
         sched = procs["scheduler"].address
         _run_ok(sched, tmp_path / "out", creds, tasks=4)
         # a client without the token: one clear error, exit 2, no task submitted
@@ -150,3 +154,21 @@ def test_insecure_or_a_token_allows_a_non_loopback_bind(tmp_path: Path) -> None:
         ).start()
         assert proc.address.startswith("0.0.0.0:")
         assert proc.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("advertise", "expected"),
+    [
+        ("10.0.0.2", "10.0.0.2:7072"),
+        ("10.0.0.2:0", "10.0.0.2:7072"),
+        ("host1.example:9000", "host1.example:9000"),
+        ("[fd00::2]", "[fd00::2]:7072"),
+        ("[fd00::2]:9000", "[fd00::2]:9000"),
+    ],
+)
+def test_the_advertised_address_takes_the_listening_port_when_it_names_none(
+    advertise: str, expected: str
+) -> None:
+    from megaflow.deploy.processes import _advertised
+
+    assert _advertised(advertise, 7072) == expected

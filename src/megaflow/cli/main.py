@@ -33,6 +33,14 @@ console = Console(stderr=True)
 DEFAULT_SANDBOX_DIR = EnvServiceConfig().root_dir
 LogLevel = Annotated[str, typer.Option(help="Python log level.")]
 Listen = Annotated[str, typer.Option(help="host:port to listen on (port 0: any free port).")]
+Advertise = Annotated[
+    str | None,
+    typer.Option(
+        help="HOST[:PORT] the scheduler and other services reach this one at (default: "
+        "the --listen address; needed with --listen 0.0.0.0:PORT; no port: the one it "
+        "listens on)."
+    ),
+]
 SchedulerAddr = Annotated[str, typer.Option("--scheduler", help="Scheduler address host:port.")]
 TasksFrom = Annotated[
     Path | None,
@@ -555,6 +563,7 @@ def serve_model(
             "each extra one runs its own copy of the Model Service (docs/architecture.md).",
         ),
     ] = 1,
+    advertise: Advertise = None,
     auth_token_file: AuthTokenFile = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
@@ -600,6 +609,7 @@ def serve_model(
             capacity,
             openai_listen=openai_listen,
             gateway_workers=gateway_workers,
+            advertise=advertise,
         )
     )
 
@@ -617,6 +627,7 @@ def serve_agent(
             "etcd://HOST:PORT). Empty: no checkpoints."
         ),
     ] = "",
+    advertise: Advertise = None,
     auth_token_file: AuthTokenFile = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
@@ -635,7 +646,7 @@ def serve_agent(
     except InvalidRequestError as exc:
         raise typer.BadParameter(str(exc), param_hint="--store") from None
     _logging(log_level)
-    asyncio.run(serve_agent_command(listen, scheduler, capacity, ledger))
+    asyncio.run(serve_agent_command(listen, scheduler, capacity, ledger, advertise))
 
 
 @serve_app.command("env")
@@ -655,6 +666,7 @@ def serve_env(
         str, typer.Option(help="Where snapshots go: a directory or any fsspec URL.")
     ] = "",
     insecure_registry: InsecureRegistry = None,
+    advertise: Advertise = None,
     auth_token_file: AuthTokenFile = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
@@ -683,6 +695,7 @@ def serve_env(
             pools,
             artifact_url,
             insecure_registry or (),
+            advertise,
         )
     )
 

@@ -105,6 +105,15 @@ async def _register_forever(
         await client.close()
 
 
+def _advertised(advertise: str, port: int) -> str:
+    """`HOST[:PORT]` as the address others reach this service at: without a port (or
+    with port 0) the port it listens on."""
+    host, sep, given = advertise.rpartition(":")
+    if not sep or not given.isdigit() or host.endswith(":") or advertise.endswith("]"):
+        host, given = advertise, "0"  # no port (a bare IPv6 address in brackets too)
+    return f"{host}:{port if int(given) == 0 else given}"
+
+
 async def serve(
     kind: str,
     impl: Any,
@@ -143,7 +152,7 @@ async def serve(
         raise SystemExit(2) from None
     try:
         collector.start()
-        address = advertise or server.address
+        address = _advertised(advertise, server.port) if advertise else server.address
         print(f"megaflow {kind} ready on {address}", file=sys.stdout, flush=True)
         if scheduler and kind in KINDS:
             registered = asyncio.Event()
