@@ -34,6 +34,8 @@ class ArtifactStore:
 
     def check(self, uri: str) -> str:
         """``uri`` normalised, or InvalidRequestError if it lies outside the store."""
+        if "\x00" in uri:  # the OS refuses it (ValueError): a bad request, not a bug
+            raise InvalidRequestError(f"snapshot URI {uri!r} holds a NUL byte")
         if "://" not in uri:
             uri = f"file://{uri}" if uri.startswith("/") else f"{self.base}/{uri}"
         protocol, path = uri.split("://", 1)
