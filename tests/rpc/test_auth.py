@@ -167,3 +167,19 @@ def test_bad_settings_say_what_is_wrong(kwargs: dict[str, object], message: str)
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="cannot read the auth token file"):
         auth.load(token_file=tmp_path / "nope", environ={})
+
+
+def test_the_process_default_follows_the_environment_until_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(auth.ENV_TOKEN, raising=False)
+    monkeypatch.delenv(auth.ENV_TOKEN_FILE, raising=False)
+    assert auth.current().token == ""
+    monkeypatch.setenv(auth.ENV_TOKEN, TOKEN)
+    assert auth.current().token == TOKEN
+    try:
+        auth.configure(auth.RpcSecurity(token="c" * 20))
+        assert auth.current().token == "c" * 20
+    finally:
+        auth.configure(None)
+    assert auth.current().token == TOKEN

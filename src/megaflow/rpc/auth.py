@@ -210,17 +210,15 @@ _current: RpcSecurity | None = None
 
 
 def configure(security: RpcSecurity | None) -> None:
-    """Set this process's default (None: read the environment again on next use)."""
+    """Set this process's default (None: the environment's, read at each use)."""
     global _current
     _current = security
 
 
 def current() -> RpcSecurity:
-    """This process's default settings (from `configure`, else from the environment)."""
-    global _current
-    if _current is None:
-        _current = load()
-    return _current
+    """This process's default settings: from `configure`, else from the environment as
+    it is now (read each time a server or client is built, never cached)."""
+    return _current if _current is not None else load()
 
 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
