@@ -65,6 +65,10 @@ OVERRIDES = {
     ("megaflow.v1.CreateEnvironmentRequest", "setup_timeout_s"): st.sampled_from(
         [0.0, -1.0, 5.0, math.nan, math.inf]
     ),
+    # a real sandbox per valid create: mostly images that do not exist (a clear error)
+    ("megaflow.v1.CreateEnvironmentRequest", "image"): st.sampled_from(
+        ["no-such-image", "", "host", "\x00", "dir:/nonexistent", "docker://x", "../..", "a" * 300]
+    ),
     ("megaflow.v1.WorkspaceSource", "url"): st.sampled_from(["", "file:///nonexistent", "x"]),
 }
 
@@ -80,6 +84,7 @@ class Target:
     health: Callable[[], Any]
     codes: Counter[str] = field(default_factory=Counter)
     known_ids: list[str] = field(default_factory=list)  # env ids / run ids seen
+    created: int = 0  # environments created
     live_ids: set[str] = field(default_factory=set)
     calls: int = 0
 
@@ -135,7 +140,7 @@ def _payload(data: st.DataObject, target: Target, method: MethodDescriptor) -> b
         pick = data.draw(st.integers(-8, 7)) if name in fields else -1
         if pick >= 0 and target.known_ids:
             setattr(msg, name, target.known_ids[-1 - pick % len(target.known_ids)])
-    if method.name == "CreateEnvironment" and data.draw(st.integers(0, 3)) == 0:
+    if method.name == "CreateEnvironment" and data.draw(st.integers(0, 7)) == 0:
         msg = env_pb2.CreateEnvironmentRequest(owner="fuzz", image="host", lease_s=60.0)
     good = msg.SerializeToString()
     # every draw below has fixed bounds: `good` may depend on the ids seen so far
@@ -158,6 +163,7 @@ async def _batch(target: Target, batch: list[tuple[MethodDescriptor, bytes]]) ->
             env_id = env_pb2.CreateEnvironmentResponse.FromString(reply).env_id
             target.known_ids.append(env_id)
             target.live_ids.add(env_id)
+            target.created += 1
         if reply is not None and method.name == "SubmitTasks":
             target.known_ids.append(scheduler_pb2.SubmitTasksResponse.FromString(reply).run_id)
     for env_id in sorted(target.live_ids):  # what the batch created, released
@@ -239,7 +245,10 @@ def serving(kind: str, impl: Any) -> Iterator[Target]:
 
 
 def _report(target: Target, seconds: float) -> None:
-    print(f"\n{target.kind}: {target.calls} calls in {seconds:.1f} s: {dict(target.codes)}")
+    created = f", {target.created} environments created" if target.kind == "env" else ""
+    print(
+        f"\n{target.kind}: {target.calls} calls in {seconds:.1f} s{created}: {dict(target.codes)}"
+    )
 
 
 def test_fuzz_model_service() -> None:
@@ -251,7 +260,7 @@ def test_fuzz_model_service() -> None:
 
 def test_fuzz_environment_service(tmp_path: Path) -> None:
     root = tmp_path / "sandboxes"
-    impl = SandboxEnvironmentService(EnvServiceConfig(root_dir=root, max_environments=4))
+    impl = SandboxEnvironmentService(EnvServiceConfig(root_dir=root, max_environments=2))
     with serving("env", impl) as target:
         _report(target, fuzz(target))
         assert target.calls >= CASES
@@ -315,14 +324,17 @@ def test_an_update_weights_that_would_hang_the_model_service_is_refused(
         _run(target.loop, target.health())
 
 
-def test_a_snapshot_uri_with_a_nul_byte_is_a_bad_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize("uri", ["\x00", "a" * 300])
+def test_a_snapshot_uri_with_a_nul_byte_or_too_long_is_a_bad_request(
+    tmp_path: Path, uri: str
+) -> None:
     """Found by the fuzzer: CreateEnvironment(restore_from="\\x00") answered INTERNAL
-    (ValueError: embedded null byte)."""
+    (ValueError: embedded null byte), and so did a 300-character name (ENAMETOOLONG)."""
     root = tmp_path / "sandboxes"
     impl = SandboxEnvironmentService(EnvServiceConfig(root_dir=root, max_environments=2))
     with serving("env", impl) as target:
         method = SERVICES["env"].methods_by_name["CreateEnvironment"]
-        request = env_pb2.CreateEnvironmentRequest(image="host", restore_from="\x00")
+        request = env_pb2.CreateEnvironmentRequest(image="host", restore_from=uri)
         _run(target.loop, target.call(method, request.SerializeToString(), 20.0))
         assert target.codes == Counter({"INVALID_ARGUMENT": 1})
         _run(target.loop, target.health())

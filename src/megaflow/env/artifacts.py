@@ -9,6 +9,7 @@ there.
 from __future__ import annotations
 
 import asyncio
+import errno
 import posixpath
 from pathlib import Path
 
@@ -65,6 +66,12 @@ class ArtifactStore:
                 return await asyncio.to_thread(_read, uri)
         except FileNotFoundError:
             raise NotFoundError(f"no snapshot at {uri}") from None
+        except (IsADirectoryError, NotADirectoryError) as error:
+            raise InvalidRequestError(f"no snapshot at {uri}: {error.strerror}") from None
+        except OSError as error:
+            if error.errno == errno.ENAMETOOLONG:  # a bad request, not a bug
+                raise InvalidRequestError(f"snapshot URI too long: {uri[:100]}...") from None
+            raise
 
 
 def _write(uri: str, data: bytes) -> None:
