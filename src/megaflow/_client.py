@@ -23,28 +23,42 @@ from megaflow._results import Result
 from megaflow._run import Results, ScaffoldArg
 from megaflow._tasks import TaskLike, task_specs
 from megaflow.core.errors import InvalidRequestError
+from megaflow.rpc.auth import RpcSecurity
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.v1 import common_pb2, scheduler_pb2
 
 
-def connect(address: str, *, timeout_s: float = 30.0, reconnect_for_s: float = 300.0) -> Client:
+def connect(
+    address: str,
+    *,
+    timeout_s: float = 30.0,
+    reconnect_for_s: float = 300.0,
+    security: RpcSecurity | None = None,
+) -> Client:
     """A client of the scheduler at `address` ("host:port"); use as `async with`.
 
     `timeout_s`: deadline of each call (submitting, status); `reconnect_for_s`: how long a
     watch keeps reconnecting to a scheduler that is down before it raises
-    `ServiceUnavailableError`."""
-    return Client(address, timeout_s=timeout_s, reconnect_for_s=reconnect_for_s)
+    `ServiceUnavailableError`. `security`: the deployment's token and/or TLS files
+    (`megaflow.rpc.auth.load(token_file=...)`); default: from the environment
+    ($MEGAFLOW_AUTH_TOKEN, $MEGAFLOW_TLS_CERT...). Wrong ones: `AuthenticationError`."""
+    return Client(address, timeout_s=timeout_s, reconnect_for_s=reconnect_for_s, security=security)
 
 
 class Client:
     """An async client of one scheduler (see `connect`)."""
 
     def __init__(
-        self, address: str, *, timeout_s: float = 30.0, reconnect_for_s: float = 300.0
+        self,
+        address: str,
+        *,
+        timeout_s: float = 30.0,
+        reconnect_for_s: float = 300.0,
+        security: RpcSecurity | None = None,
     ) -> None:
         self.address = address
         self.reconnect_for_s = reconnect_for_s
-        self._scheduler = SchedulerServiceClient(address, timeout_s=timeout_s)
+        self._scheduler = SchedulerServiceClient(address, timeout_s=timeout_s, security=security)
 
     def submit(
         self,

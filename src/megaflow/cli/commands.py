@@ -323,13 +323,21 @@ async def serve_model_command(
     capacity: int,
     openai_listen: str | None = None,
     gateway_workers: int = 1,
+    advertise: str | None = None,
 ) -> None:
     """The Model Service over gRPC; with `openai_listen`, its OpenAI gateway too, served by
     `gateway_workers` processes sharing that port (megaflow.model.gateway_workers)."""
     build = functools.partial(model_service, model, success_rate, seed, time_scale)
     service = build()
     if not openai_listen:
-        await serve("model", service, listen=listen, scheduler=scheduler, capacity=capacity)
+        await serve(
+            "model",
+            service,
+            listen=listen,
+            scheduler=scheduler,
+            capacity=capacity,
+            advertise=advertise,
+        )
         return
     host, port = parse_listen(openai_listen)
     # one socket per client connection: thousands of agents need more than a default
@@ -342,17 +350,35 @@ async def serve_model_command(
         workers = GatewayWorkers(build, gateway.host, gateway.port, gateway_workers - 1)
         async with workers:
             print(f"megaflow openai-gateway ready on {gateway.base_url}", flush=True)
-            await serve("model", service, listen=listen, scheduler=scheduler, capacity=capacity)
+            await serve(
+                "model",
+                service,
+                listen=listen,
+                scheduler=scheduler,
+                capacity=capacity,
+                advertise=advertise,
+            )
 
 
 async def serve_agent_command(
-    listen: str, scheduler: str, capacity: int, store: TaskLedger | None = None
+    listen: str,
+    scheduler: str,
+    capacity: int,
+    store: TaskLedger | None = None,
+    advertise: str | None = None,
 ) -> None:
     """`store`: where the agents checkpoint (opened and closed by the service)."""
     resolver = ServiceResolver()
     impl = AgentServiceImpl(resolver, capacity=capacity, store=store, own_store=True)
     try:
-        await serve("agent", impl, listen=listen, scheduler=scheduler, capacity=capacity)
+        await serve(
+            "agent",
+            impl,
+            listen=listen,
+            scheduler=scheduler,
+            capacity=capacity,
+            advertise=advertise,
+        )
     finally:
         await resolver.close()
 
@@ -377,6 +403,7 @@ async def serve_env_command(
     warm_pool: dict[str, int] | None = None,
     artifact_url: str = "",
     insecure_registries: Sequence[str] = (),
+    advertise: str | None = None,
 ) -> None:
     config = EnvServiceConfig(
         root_dir=sandbox_dir,
@@ -387,4 +414,6 @@ async def serve_env_command(
         insecure_registries=tuple(insecure_registries),
     )
     impl = SandboxEnvironmentService(config)
-    await serve("env", impl, listen=listen, scheduler=scheduler, capacity=capacity)
+    await serve(
+        "env", impl, listen=listen, scheduler=scheduler, capacity=capacity, advertise=advertise
+    )

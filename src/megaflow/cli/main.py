@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from megaflow.cli import output
-from megaflow.core.errors import InvalidRequestError
+from megaflow.core.errors import AuthenticationError, InvalidRequestError
 from megaflow.env.service import EnvServiceConfig
 
 if TYPE_CHECKING:
@@ -33,6 +33,14 @@ console = Console(stderr=True)
 DEFAULT_SANDBOX_DIR = EnvServiceConfig().root_dir
 LogLevel = Annotated[str, typer.Option(help="Python log level.")]
 Listen = Annotated[str, typer.Option(help="host:port to listen on (port 0: any free port).")]
+Advertise = Annotated[
+    str | None,
+    typer.Option(
+        help="HOST[:PORT] the scheduler and other services reach this one at (default: "
+        "the --listen address; needed with --listen 0.0.0.0:PORT; no port: the one it "
+        "listens on)."
+    ),
+]
 SchedulerAddr = Annotated[str, typer.Option("--scheduler", help="Scheduler address host:port.")]
 TasksFrom = Annotated[
     Path | None,
@@ -55,6 +63,103 @@ def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+AuthTokenFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--auth-token-file",
+        help="File holding the deployment's shared token (mode 600), sent and checked on "
+        "every RPC; default: $MEGAFLOW_AUTH_TOKEN_FILE or $MEGAFLOW_AUTH_TOKEN.",
+        rich_help_panel="Control-plane security",
+    ),
+]
+TlsCert = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-cert",
+        help="PEM certificate this process presents (mutual TLS, with --tls-key and "
+        "--tls-ca); default: $MEGAFLOW_TLS_CERT.",
+        rich_help_panel="Control-plane security",
+    ),
+]
+TlsKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-key",
+        help="Its PEM private key (mode 600); default: $MEGAFLOW_TLS_KEY.",
+        rich_help_panel="Control-plane security",
+    ),
+]
+TlsCa = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca",
+        help="PEM CA certificate the other side's certificate must be signed by; "
+        "default: $MEGAFLOW_TLS_CA.",
+        rich_help_panel="Control-plane security",
+    ),
+]
+TlsServerName = Annotated[
+    str | None,
+    typer.Option(
+        "--tls-server-name",
+        help="Name to check in servers' certificates instead of each address's host "
+        "(one certificate shared by every host); default: $MEGAFLOW_TLS_SERVER_NAME.",
+        rich_help_panel="Control-plane security",
+    ),
+]
+Insecure = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="Allow a non-loopback --listen without a token or mutual TLS (anyone who "
+        "can reach the port can then use the service).",
+        rich_help_panel="Control-plane security",
+    ),
+]
+
+
+def _security(
+    token_file: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
+    tls_server_name: str | None,
+    insecure: bool = False,
+) -> None:
+    """Set this process's control-plane credentials (every gRPC server and client it
+    builds uses them); a bad setting is a usage error (exit 2)."""
+    from megaflow.rpc import auth
+
+    try:
+        auth.configure(
+            auth.load(
+                token_file=token_file,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                tls_ca=tls_ca,
+                tls_server_name=tls_server_name,
+                insecure=insecure,
+            )
+        )
+    except InvalidRequestError as exc:
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(2) from None
+
+
+def _check_listen(listen: str, option: str, insecure: bool, *, why: str) -> None:
+    """An HTTP listener with no authentication of its own: a non-loopback bind needs
+    --insecure (exit 2 otherwise)."""
+    from megaflow.rpc.auth import is_loopback
+
+    host = listen.rpartition(":")[0]
+    if host and not is_loopback(host) and not insecure:
+        console.print(
+            f"[red]error[/]: refusing {option} {listen}: {why}; bind it to loopback "
+            "(127.0.0.1) and put an authenticating proxy in front, or pass --insecure"
+        )
+        raise typer.Exit(2)
 
 
 InsecureRegistry = Annotated[
@@ -152,6 +257,11 @@ def run(
             'a JSON object {"type": NAME, ...its config}.'
         ),
     ] = None,
+    auth_token_file: AuthTokenFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_server_name: TlsServerName = None,
     log_level: LogLevel = "warning",
 ) -> None:
     """Run N synthetic software-engineering tasks and write trajectories and rewards.
@@ -165,6 +275,7 @@ def run(
     without a result (infrastructure failure, invalid, cancelled).
 
     --env docker --image NAME runs each task in a Docker container (--runtime runsc: gVisor)."""
+    _security(auth_token_file, tls_cert, tls_key, tls_ca, tls_server_name)
     if not scheduler:  # our model: check its server before the heavy imports, and any task
         from megaflow.cli.preflight import check_model_spec
 
@@ -221,7 +332,7 @@ def run(
                 scaffold=chosen,
             )
         )
-    except InvalidRequestError as exc:  # e.g. another run still going in --out
+    except (InvalidRequestError, AuthenticationError) as exc:  # e.g. a run going in --out
         console.print(f"[red]error[/]: {exc}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -322,10 +433,16 @@ def watch(
         Path | None,
         typer.Option(help="Rewrite results.jsonl and trajectories.jsonl of the whole run here."),
     ] = None,
+    auth_token_file: AuthTokenFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_server_name: TlsServerName = None,
     log_level: LogLevel = "warning",
 ) -> None:
     """Re-attach to a run on a scheduler (e.g. after its client died) and follow it to
     the end: its finished tasks first, then the rest as they finish."""
+    _security(auth_token_file, tls_cert, tls_key, tls_ca, tls_server_name)
     from megaflow.cli.commands import watch_command
     from megaflow.core.errors import MegaFlowError
 
@@ -342,11 +459,25 @@ def watch(
 
 
 @app.command()
-def status(scheduler: SchedulerAddr = "127.0.0.1:7070") -> None:
+def status(
+    scheduler: SchedulerAddr = "127.0.0.1:7070",
+    auth_token_file: AuthTokenFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_server_name: TlsServerName = None,
+) -> None:
     """Show a running scheduler's queue and services."""
+    _security(auth_token_file, tls_cert, tls_key, tls_ca, tls_server_name)
     from megaflow.cli.commands import status_command
+    from megaflow.core.errors import MegaFlowError
 
-    output.print_status(console, asyncio.run(status_command(scheduler)))
+    try:
+        reply = asyncio.run(status_command(scheduler))
+    except MegaFlowError as exc:  # unreachable, or credentials refused
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(2) from None
+    output.print_status(console, reply)
 
 
 @serve_app.command("scheduler")
@@ -372,9 +503,16 @@ def serve_scheduler(
             min=0.1, help="Seconds between service heartbeats; a service is lost after two."
         ),
     ] = 2.0,
+    auth_token_file: AuthTokenFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
     log_level: LogLevel = "info",
 ) -> None:
     """The scheduler: queue, ledger, placement."""
+    _security(auth_token_file, tls_cert, tls_key, tls_ca, tls_server_name, insecure)
     from megaflow.cli.commands import load_policy, serve_scheduler_command
     from megaflow.store.factory import open_ledger
 
@@ -425,9 +563,17 @@ def serve_model(
             "each extra one runs its own copy of the Model Service (docs/architecture.md).",
         ),
     ] = 1,
+    advertise: Advertise = None,
+    auth_token_file: AuthTokenFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
     log_level: LogLevel = "info",
 ) -> None:
     """A Model Service (and, with --openai-listen, its OpenAI-compatible gateway)."""
+    _security(auth_token_file, tls_cert, tls_key, tls_ca, tls_server_name, insecure)
     from megaflow.cli.commands import parse_listen, serve_model_command
 
     if openai_listen is not None:
@@ -435,6 +581,13 @@ def serve_model(
             parse_listen(openai_listen)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--openai-listen") from None
+        _check_listen(
+            openai_listen,
+            "--openai-listen",
+            insecure,
+            why="the OpenAI gateway checks no shared key (its per-task keys are issued "
+            "in-process only), so anyone who can reach it can use the model",
+        )
     elif gateway_workers > 1:
         raise typer.BadParameter("needs --openai-listen", param_hint="--gateway-workers")
     from megaflow.cli.preflight import check_model_spec
@@ -456,6 +609,7 @@ def serve_model(
             capacity,
             openai_listen=openai_listen,
             gateway_workers=gateway_workers,
+            advertise=advertise,
         )
     )
 
@@ -473,9 +627,17 @@ def serve_agent(
             "etcd://HOST:PORT). Empty: no checkpoints."
         ),
     ] = "",
+    advertise: Advertise = None,
+    auth_token_file: AuthTokenFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
     log_level: LogLevel = "info",
 ) -> None:
     """An Agent Service."""
+    _security(auth_token_file, tls_cert, tls_key, tls_ca, tls_server_name, insecure)
     from megaflow.cli.commands import serve_agent_command
     from megaflow.store.factory import open_ledger
 
@@ -484,7 +646,7 @@ def serve_agent(
     except InvalidRequestError as exc:
         raise typer.BadParameter(str(exc), param_hint="--store") from None
     _logging(log_level)
-    asyncio.run(serve_agent_command(listen, scheduler, capacity, ledger))
+    asyncio.run(serve_agent_command(listen, scheduler, capacity, ledger, advertise))
 
 
 @serve_app.command("env")
@@ -504,9 +666,17 @@ def serve_env(
         str, typer.Option(help="Where snapshots go: a directory or any fsspec URL.")
     ] = "",
     insecure_registry: InsecureRegistry = None,
+    advertise: Advertise = None,
+    auth_token_file: AuthTokenFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
     log_level: LogLevel = "info",
 ) -> None:
     """An Environment Service (local bubblewrap sandboxes; Docker with --docker-host)."""
+    _security(auth_token_file, tls_cert, tls_key, tls_ca, tls_server_name, insecure)
     from megaflow.cli.commands import parse_warm_pool, serve_env_command
 
     _logging(log_level)
@@ -525,6 +695,7 @@ def serve_env(
             pools,
             artifact_url,
             insecure_registry or (),
+            advertise,
         )
     )
 
@@ -560,12 +731,26 @@ def serve_openenv(
             "and /tmp (repeatable; Harbor tasks need /logs, /tests, /solution).",
         ),
     ] = None,
+    auth_token_file: AuthTokenFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
     log_level: LogLevel = "info",
 ) -> None:
     """An OpenEnv-compatible environment server (HTTP and per-session WebSocket /ws):
     each session is one MegaFlow sandbox (see docs/openenv.md)."""
+    _security(auth_token_file, tls_cert, tls_key, tls_ca, tls_server_name, insecure)
     from megaflow.integrations.openenv import OpenEnvConfig, serve
 
+    _check_listen(
+        listen,
+        "--listen",
+        insecure,
+        why="the OpenEnv server has no authentication: anyone who can reach it can run "
+        "commands in sandboxes",
+    )
     _logging(log_level)
     config = OpenEnvConfig(image=image, max_sessions=max_sessions, idle_timeout_s=idle_timeout)
     backends = {"local": {"writable_dirs": writable_dir}} if writable_dir else {}

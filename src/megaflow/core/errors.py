@@ -9,7 +9,8 @@
     │   ├── ServiceUnavailableError       a remote service could not be reached
     │   ├── CapacityError                 no capacity right now
     │   └── DeadlineExceededError(TimeoutError)  a platform budget ran out
-    └── CancelledTaskError                the task was cancelled
+    ├── CancelledTaskError                the task was cancelled
+    └── AuthenticationError               a service refused the caller's credentials
 
 `megaflow.rpc.status` maps each class to one gRPC status code and back.
 """
@@ -78,3 +79,10 @@ class CancelledTaskError(MegaFlowError):
     """The task was cancelled by its owner."""
 
     kind = common_pb2.ERROR_KIND_CANCELLED
+
+
+class AuthenticationError(MegaFlowError):
+    """A service refused the caller's credentials (no token, a wrong one, no client
+    certificate): a configuration error, so never retried; not the task's fault."""
+
+    kind = common_pb2.ERROR_KIND_INFRA

@@ -6,7 +6,10 @@ every heartbeat interval so the scheduler knows it is alive. The heartbeat outli
 scheduler: while it is down (or restarting) each call times out within an interval and
 is retried with bounded backoff on a fresh channel, so the service re-registers as soon
 as a scheduler answers at that address again. SIGTERM or SIGINT stops it gracefully:
-the server drains, then the service releases what it holds.
+the server drains, then the service releases what it holds. A scheduler that refuses
+the service's credentials (`AuthenticationError`) stops it with exit status 2 and the
+reason, instead of a retry loop; so does a listen address refused for lack of them
+(`megaflow.rpc.auth`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from megaflow.core import jitter
-from megaflow.core.errors import MegaFlowError
+from megaflow.core.errors import AuthenticationError, MegaFlowError
 from megaflow.core.runtime import GcTuner
 from megaflow.rpc.clients import SchedulerServiceClient
 from megaflow.rpc.server import GrpcServer
@@ -81,6 +84,8 @@ async def _register_forever(
                     ),
                     timeout_s=min(interval, 5.0),
                 )
+            except AuthenticationError:
+                raise  # wrong credentials: retrying cannot help; the service stops
             except Exception as error:  # the heartbeat must outlive anything
                 if not failing:
                     log.warning("cannot register with scheduler %s: %s", scheduler, error)
@@ -103,6 +108,15 @@ async def _register_forever(
         await client.close()
 
 
+def _advertised(advertise: str, port: int) -> str:
+    """`HOST[:PORT]` as the address others reach this service at: without a port (or
+    with port 0) the port it listens on."""
+    host, sep, given = advertise.rpartition(":")
+    if not sep or not given.isdigit() or host.endswith(":") or advertise.endswith("]"):
+        host, given = advertise, "0"  # no port (a bare IPv6 address in brackets too)
+    return f"{host}:{port if int(given) == 0 else given}"
+
+
 async def serve(
     kind: str,
     impl: Any,
@@ -119,18 +133,29 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    server = GrpcServer(listen, {kind: impl})
+    try:
+        server.security.check_bind(listen)  # before the service starts anything
+    except MegaFlowError as error:
+        print(f"megaflow {kind}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     try:
         await impl.start()
     except MegaFlowError as error:
         print(f"megaflow {kind}: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    server = GrpcServer(listen, {kind: impl})
     registrar: asyncio.Task[None] | None = None
     collector = GcTuner()  # thousands of loops per process: no full-heap GC pauses
+    failure: str | None = None
     try:
         await server.start()
+    except MegaFlowError as error:
+        await impl.stop()
+        print(f"megaflow {kind}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    try:
         collector.start()
-        address = advertise or server.address
+        address = _advertised(advertise, server.port) if advertise else server.address
         print(f"megaflow {kind} ready on {address}", file=sys.stdout, flush=True)
         if scheduler and kind in KINDS:
             registered = asyncio.Event()
@@ -144,12 +169,20 @@ async def serve(
                     lambda: advertised_resources(impl),
                 )
             )
+            registrar.add_done_callback(lambda _: stop.set())
         await stop.wait()
+        if registrar is not None and registrar.done() and not registrar.cancelled():
+            refused = registrar.exception()
+            if isinstance(refused, AuthenticationError):
+                failure = f"cannot register with scheduler {scheduler}: {refused}"
     finally:
         if registrar is not None:
             registrar.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, AuthenticationError):
                 await registrar
         await collector.stop()
         await server.stop(grace_s=2.0)
         await impl.stop()
+    if failure is not None:
+        print(f"megaflow {kind}: error: {failure}", file=sys.stderr, flush=True)
+        raise SystemExit(2)

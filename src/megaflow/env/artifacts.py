@@ -9,6 +9,7 @@ there.
 from __future__ import annotations
 
 import asyncio
+import errno
 import posixpath
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class ArtifactStore:
 
     def check(self, uri: str) -> str:
         """``uri`` normalised, or InvalidRequestError if it lies outside the store."""
+        if "\x00" in uri:  # the OS refuses it (ValueError): a bad request, not a bug
+            raise InvalidRequestError(f"snapshot URI {uri!r} holds a NUL byte")
         if "://" not in uri:
             uri = f"file://{uri}" if uri.startswith("/") else f"{self.base}/{uri}"
         protocol, path = uri.split("://", 1)
@@ -63,6 +66,12 @@ class ArtifactStore:
                 return await asyncio.to_thread(_read, uri)
         except FileNotFoundError:
             raise NotFoundError(f"no snapshot at {uri}") from None
+        except (IsADirectoryError, NotADirectoryError) as error:
+            raise InvalidRequestError(f"no snapshot at {uri}: {error.strerror}") from None
+        except OSError as error:
+            if error.errno == errno.ENAMETOOLONG:  # a bad request, not a bug
+                raise InvalidRequestError(f"snapshot URI too long: {uri[:100]}...") from None
+            raise
 
 
 def _write(uri: str, data: bytes) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -78,6 +79,11 @@ __all__ = [
     "estimate_tokens",
     "validate_generate",
 ]
+
+
+# Replicas one UpdateWeights may start per backend spec (a bigger number is a typo or
+# an attack: each replica is built before any serves).
+MAX_REPLICAS_PER_SPEC = 256
 
 
 class ModelServiceImpl:
@@ -478,6 +484,15 @@ class ModelServiceImpl:
         pool = self._pool(request.model)
         if not request.version:
             raise InvalidRequestError("UpdateWeightsRequest.version is required")
+        if request.replicas > MAX_REPLICAS_PER_SPEC:
+            raise InvalidRequestError(
+                f"UpdateWeightsRequest.replicas is {request.replicas}: at most "
+                f"{MAX_REPLICAS_PER_SPEC} per backend spec"
+            )
+        if not math.isfinite(request.drain_timeout_s) or request.drain_timeout_s < 0:
+            raise InvalidRequestError(
+                f"UpdateWeightsRequest.drain_timeout_s must be >= 0, got {request.drain_timeout_s}"
+            )
         specs = list(request.backend_specs) or list(pool.specs)
         if not specs:
             raise InvalidRequestError(

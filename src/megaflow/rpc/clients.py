@@ -19,11 +19,13 @@ from google.protobuf.message import Message
 
 from megaflow.core import jitter
 from megaflow.core.errors import (
+    AuthenticationError,
     CancelledTaskError,
     DeadlineExceededError,
     MegaFlowError,
     ServiceUnavailableError,
 )
+from megaflow.rpc import auth
 from megaflow.rpc.server import CHANNEL_OPTIONS, SERVICES
 from megaflow.rpc.status import ADDRESS_METADATA_KEY, ERROR_METADATA_KEY, error_from_rpc
 from megaflow.v1 import agent_pb2, common_pb2, env_pb2, model_pb2, scheduler_pb2
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 DEADLINE_SLACK_S = 10.0
 
 
-def _translate(address: str, error: grpc.aio.AioRpcError) -> MegaFlowError:
+def _translate(address: str, error: grpc.aio.AioRpcError, tls: bool = False) -> MegaFlowError:
     class_name, unreachable = None, ""
     for key, value in error.trailing_metadata() or ():
         if key == ERROR_METADATA_KEY:
@@ -44,22 +46,57 @@ def _translate(address: str, error: grpc.aio.AioRpcError) -> MegaFlowError:
             unreachable = str(value)
     code = error.code()
     details = error.details() or ""
+    if code is grpc.StatusCode.UNAUTHENTICATED or class_name == "AuthenticationError":
+        details = details.removeprefix("AuthenticationError: ")
+        return AuthenticationError(f"{address} refused the call: {details}")
+    if class_name is None and code is grpc.StatusCode.UNAVAILABLE and _tls_failure(details):
+        return AuthenticationError(
+            f"{address}: the TLS handshake failed ({details.strip()}): both sides need "
+            "certificates from the deployment's CA (--tls-cert, --tls-key, --tls-ca)"
+        )
     if class_name is None and code is grpc.StatusCode.UNAVAILABLE:
+        if not tls and "socket closed" in details.lower():
+            details += (
+                " (a service that requires mutual TLS closes plain connections: if the "
+                "deployment uses TLS, give --tls-cert, --tls-key and --tls-ca)"
+            )
         return ServiceUnavailableError(f"{address} unreachable: {details}", address=address)
     if class_name is None and code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceededError(f"call to {address} passed its deadline")
     return error_from_rpc(code, details, class_name, unreachable)
 
 
+def _tls_failure(details: str) -> bool:
+    """Whether an UNAVAILABLE's details say the TLS handshake failed (a certificate
+    refused, or missing): retrying will not help."""
+    lowered = details.lower()
+    return any(
+        word in lowered
+        for word in ("handshake", "ssl_error", "certificate_verify", "tls", "peer did not return")
+    )
+
+
 class GrpcClient:
-    """A channel to one service address, with deadlines and error translation."""
+    """A channel to one service address, with deadlines and error translation.
+
+    `security`: the credentials every call carries (default: this process's,
+    `megaflow.rpc.auth.current()`); a service that refuses them raises
+    `AuthenticationError` (never retried)."""
 
     kind: str = ""
 
-    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 30.0,
+        security: auth.RpcSecurity | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.security = security if security is not None else auth.current()
+        self._metadata = self.security.call_metadata()
+        self._channel = self.security.channel(address, CHANNEL_OPTIONS)
         self._service = SERVICES[self.kind].full_name
 
     async def _unary(
@@ -71,9 +108,11 @@ class GrpcClient:
             response_deserializer=out.FromString,
         )
         try:
-            response: R = await call(request, timeout=timeout_s or self.timeout_s)
+            response: R = await call(
+                request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as error:
-            raise _translate(self.address, error) from None
+            raise _translate(self.address, error, self.security.tls) from None
         return response
 
     async def _stream(
@@ -85,10 +124,10 @@ class GrpcClient:
             response_deserializer=out.FromString,
         )
         try:
-            async for item in call(request, timeout=timeout_s):
+            async for item in call(request, timeout=timeout_s, metadata=self._metadata):
                 yield item
         except grpc.aio.AioRpcError as error:
-            raise _translate(self.address, error) from None
+            raise _translate(self.address, error, self.security.tls) from None
 
     async def health(self, request: common_pb2.HealthRequest) -> common_pb2.HealthResponse:
         return await self._unary("Health", request, common_pb2.HealthResponse, 5.0)
@@ -98,7 +137,7 @@ class GrpcClient:
         backoff (which grows to minutes) before it tries the address again."""
         old, self._channel = (
             self._channel,
-            grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS),
+            self.security.channel(self.address, CHANNEL_OPTIONS),
         )
         await old.close()
 

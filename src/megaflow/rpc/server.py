@@ -18,6 +18,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from megaflow.core.errors import InvalidRequestError
+from megaflow.rpc import auth
 from megaflow.rpc.status import error_metadata, status_for
 from megaflow.v1 import agent_pb2, env_pb2, model_pb2, scheduler_pb2
 
@@ -131,11 +132,22 @@ def _message_class(full_name: str) -> type[Message]:
 
 
 class GrpcServer:
-    """One grpc.aio server hosting one or more MegaFlow services."""
+    """One grpc.aio server hosting one or more MegaFlow services.
 
-    def __init__(self, listen: str, services: dict[str, object]) -> None:
+    `security`: who may call it (default: this process's, `megaflow.rpc.auth.current()`):
+    a token checked on every RPC, mutual TLS, or neither (then only a loopback `listen`
+    is allowed, unless `security.insecure`)."""
+
+    def __init__(
+        self,
+        listen: str,
+        services: dict[str, object],
+        *,
+        security: auth.RpcSecurity | None = None,
+    ) -> None:
         self._listen = listen
         self._services = services
+        self.security = security if security is not None else auth.current()
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -145,11 +157,15 @@ class GrpcServer:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self.security.check_bind(self._listen)
+        server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=self.security.interceptors())
         server.add_generic_rpc_handlers(
             tuple(generic_handler(kind, impl) for kind, impl in self._services.items())
         )
-        self.port = server.add_insecure_port(self._listen)
+        if self.security.tls:
+            self.port = server.add_secure_port(self._listen, self.security.server_credentials())
+        else:
+            self.port = server.add_insecure_port(self._listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self._listen}")
         await server.start()

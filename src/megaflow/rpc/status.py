@@ -21,6 +21,7 @@ ADDRESS_METADATA_KEY = "megaflow-unreachable"
 # Most specific classes first: the first match wins.
 _TO_STATUS: list[tuple[type[e.MegaFlowError], grpc.StatusCode]] = [
     (e.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (e.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (e.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (e.CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -42,6 +43,7 @@ _BY_NAME: dict[str, type[e.MegaFlowError]] = {
         e.CapacityError,
         e.DeadlineExceededError,
         e.CancelledTaskError,
+        e.AuthenticationError,
     )
 }
 
@@ -56,6 +58,8 @@ _BY_STATUS: dict[grpc.StatusCode, type[e.MegaFlowError]] = {
     grpc.StatusCode.CANCELLED: e.ServiceUnavailableError,
     grpc.StatusCode.UNAVAILABLE: e.ServiceUnavailableError,
     grpc.StatusCode.FAILED_PRECONDITION: e.MegaFlowError,
+    grpc.StatusCode.UNAUTHENTICATED: e.AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: e.AuthenticationError,
 }
 
 
