@@ -160,65 +160,27 @@ class ModelServiceImpl:
     # -- generate -------------------------------------------------------------------------
 
     async def generate(self, request: model_pb2.GenerateRequest) -> model_pb2.GenerateResponse:
-        validate_generate(request)
-        pool = self._pools.get(request.model or self.default) or self._pool(request.model)
-        if self._health_task is None:
-            self._ensure_health_task()
-        started = time.monotonic()
-        config = self.config
-        deadline = started + config.deadline_s
-        tokens = estimate_tokens(request)
-        client = client_key(request)
-        limiter = self._limiter
-        if limiter.enabled:
-            wait = limiter.reserve(client, tokens, started, deadline - started)
-            if wait is None:
-                raise CapacityError(f"client {client!r} is over its rate limit; retry later")
-            if wait > 0:
-                await asyncio.sleep(wait)
-        tried: set[str] = set()
-        backoff = self.config.retry_backoff_s
-        rounds = 0
-        last: MegaFlowError | None = None
+        call = await self._admit(request)
+        pool, tokens = call.pool, call.tokens
         while True:
-            replica = await self._acquire(pool, request.task_id, tokens, tried, deadline, last)
-            if replica is None:  # every replica failed this request
-                rounds += 1
-                if rounds >= self.config.retry_rounds and last is not None:
-                    raise last  # retryable: the caller (agent, scheduler) decides what next
-                tried.clear()  # pause, then another round over all replicas
-                left = max(deadline - time.monotonic(), 0.0)
-                await asyncio.sleep(min(jitter.full(backoff), left))
-                backoff = min(backoff * 2, 1.0)
-                continue
+            replica = await self._next_replica(call)
+            if replica is None:
+                continue  # a pause between rounds over all replicas
             # Another healthy replica could take a retry: the backend hands it over.
-            failover = len(pool.replicas) > 1 and any(
-                v.healthy and v.accepting and v.id != replica.id and v.id not in tried
-                for v in pool.views()
-            )
+            failover = _can_fail_over(pool, replica, call.tried)
             replica.breaker.acquire()  # claims a half-open breaker's one trial call
             replica.begin(tokens)
             try:
                 # coarse: one shared timer handle, not one per request (core.runtime)
-                async with coarse_timeout_at(_loop_time(deadline, started)) as scope:
-                    with call_scope(deadline, failover=failover):
+                async with coarse_timeout_at(_loop_time(call.deadline, call.started)) as scope:
+                    with call_scope(call.deadline, failover=failover):
                         response = await replica.backend.generate(request)
             except MegaFlowError as error:
                 if not error.retryable:
                     replica.breaker.release()
                     raise
-                last = error
-                tried.add(replica.id)
-                opened = replica.breaker.failure()
-                if replica.record(False, self.config.health) or opened:
-                    pool.wake_all()
-                if opened:
-                    log.warning(
-                        "replica %s: circuit breaker open for %gs after: %s",
-                        replica.id,
-                        replica.breaker.config.cooldown_s,
-                        error,
-                    )
+                call.failed(replica, error)
+                self._count_failure(pool, replica, error)
                 log.info("replica %s failed a request (%s); retrying elsewhere", replica.id, error)
                 continue
             except TimeoutError as error:
@@ -226,7 +188,7 @@ class ModelServiceImpl:
                 if scope.expired():
                     raise DeadlineExceededError(
                         f"model {pool.name!r}: no answer within {self.config.deadline_s:g}s"
-                        + (f" (last error: {last})" if last else "")
+                        + (f" (last error: {call.last})" if call.last else "")
                     ) from error
                 raise
             except BaseException:
@@ -235,60 +197,26 @@ class ModelServiceImpl:
             finally:
                 replica.end(tokens)
                 pool.wake_one()
-            replica.record(True, config.health)
-            replica.breaker.success()
-            response.replica = replica.id
-            response.model_version = replica.version or response.model_version
-            now = time.monotonic()
-            if response.completion_tokens and limiter.enabled:
-                limiter.charge(client, response.completion_tokens, now)
-            response.latency_s = max(response.latency_s, now - started)
+            self._succeeded(call, replica, response)
             return response
 
     async def generate_stream(
         self, request: model_pb2.GenerateRequest
     ) -> AsyncIterator[model_pb2.GenerateChunk]:
         """`generate`, answered incrementally (see the module docstring)."""
-        validate_generate(request)
-        pool = self._pools.get(request.model or self.default) or self._pool(request.model)
-        if self._health_task is None:
-            self._ensure_health_task()
-        started = time.monotonic()
-        config = self.config
-        deadline = started + config.deadline_s
-        tokens = estimate_tokens(request)
-        client = client_key(request)
-        limiter = self._limiter
-        if limiter.enabled:
-            wait = limiter.reserve(client, tokens, started, deadline - started)
-            if wait is None:
-                raise CapacityError(f"client {client!r} is over its rate limit; retry later")
-            if wait > 0:
-                await asyncio.sleep(wait)
-        tried: set[str] = set()
-        backoff = config.retry_backoff_s
-        rounds = 0
-        last: MegaFlowError | None = None
+        call = await self._admit(request)
+        pool, tokens = call.pool, call.tokens
         while True:
-            replica = await self._acquire(pool, request.task_id, tokens, tried, deadline, last)
-            if replica is None:  # every replica failed this request
-                rounds += 1
-                if rounds >= config.retry_rounds and last is not None:
-                    raise last
-                tried.clear()
-                await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0.0)))
-                backoff = min(backoff * 2, 1.0)
+            replica = await self._next_replica(call)
+            if replica is None:
                 continue
-            failover = len(pool.replicas) > 1 and any(
-                v.healthy and v.accepting and v.id != replica.id and v.id not in tried
-                for v in pool.views()
-            )
+            failover = _can_fail_over(pool, replica, call.tried)
             replica.breaker.acquire()
             replica.begin(tokens)
             chunks = stream_backend(replica.backend, request)
             # Before the first chunk: failures are retried exactly as in `generate`.
             try:
-                first = await self._next_chunk(pool, chunks, deadline, failover, last)
+                first = await self._next_chunk(pool, chunks, call.deadline, failover, call.last)
             except BaseException as error:
                 replica.end(tokens)
                 pool.wake_one()
@@ -296,8 +224,7 @@ class ModelServiceImpl:
                 if not isinstance(error, MegaFlowError) or not error.retryable:
                     replica.breaker.release()
                     raise
-                last = error
-                tried.add(replica.id)
+                call.failed(replica, error)
                 self._count_failure(pool, replica, error)
                 log.info("replica %s failed a request (%s); retrying elsewhere", replica.id, error)
                 continue
@@ -307,20 +234,12 @@ class ModelServiceImpl:
                 chunk = first
                 while True:
                     if chunk.HasField("final"):
-                        response = chunk.final
                         finished = True
-                        replica.record(True, config.health)
-                        replica.breaker.success()
-                        response.replica = replica.id
-                        response.model_version = replica.version or response.model_version
-                        now = time.monotonic()
-                        if response.completion_tokens and limiter.enabled:
-                            limiter.charge(client, response.completion_tokens, now)
-                        response.latency_s = max(response.latency_s, now - started)
+                        self._succeeded(call, replica, chunk.final)
                         yield chunk
                         return
                     yield chunk
-                    chunk = await self._next_chunk(pool, chunks, deadline, False, None)
+                    chunk = await self._next_chunk(pool, chunks, call.deadline, False, None)
             except MegaFlowError as error:
                 if not finished:
                     if error.retryable:
@@ -336,6 +255,54 @@ class ModelServiceImpl:
                 replica.end(tokens)
                 pool.wake_one()
                 await _close(chunks)
+
+    async def _admit(self, request: model_pb2.GenerateRequest) -> _Call:
+        """Validate a call, find its pool, start its deadline and wait out its rate limit."""
+        validate_generate(request)
+        pool = self._pools.get(request.model or self.default) or self._pool(request.model)
+        if self._health_task is None:
+            self._ensure_health_task()
+        started = time.monotonic()
+        call = _Call(pool, request, started, started + self.config.deadline_s)
+        limiter = self._limiter
+        if limiter.enabled:
+            wait = limiter.reserve(call.client, call.tokens, started, call.deadline - started)
+            if wait is None:
+                raise CapacityError(f"client {call.client!r} is over its rate limit; retry later")
+            if wait > 0:
+                await asyncio.sleep(wait)
+        call.backoff = self.config.retry_backoff_s
+        return call
+
+    async def _next_replica(self, call: _Call) -> Replica | None:
+        """The replica to try next, or None after a jittered pause once every replica has
+        failed this call (a new round); raises the last error after `retry_rounds`."""
+        replica = await self._acquire(
+            call.pool, call.request.task_id, call.tokens, call.tried, call.deadline, call.last
+        )
+        if replica is not None:
+            return replica
+        call.rounds += 1
+        if call.rounds >= self.config.retry_rounds and call.last is not None:
+            raise call.last  # retryable: the caller (agent, scheduler) decides what next
+        call.tried.clear()  # pause, then another round over all replicas
+        left = max(call.deadline - time.monotonic(), 0.0)
+        await asyncio.sleep(min(jitter.full(call.backoff), left))
+        call.backoff = min(call.backoff * 2, 1.0)
+        return None
+
+    def _succeeded(
+        self, call: _Call, replica: Replica, response: model_pb2.GenerateResponse
+    ) -> None:
+        """Book a call's answer: replica health, breaker, rate limit, the answer's fields."""
+        replica.record(True, self.config.health)
+        replica.breaker.success()
+        response.replica = replica.id
+        response.model_version = replica.version or response.model_version
+        now = time.monotonic()
+        if response.completion_tokens and self._limiter.enabled:
+            self._limiter.charge(call.client, response.completion_tokens, now)
+        response.latency_s = max(response.latency_s, now - call.started)
 
     async def _next_chunk(
         self,
@@ -651,3 +618,45 @@ def _loop_time(deadline: float, now: float | None = None) -> float:
     if now is None:
         now = time.monotonic()
     return asyncio.get_running_loop().time() + (deadline - now)
+
+
+class _Call:
+    """One `generate` call's state across its tries."""
+
+    __slots__ = (
+        "backoff",
+        "client",
+        "deadline",
+        "last",
+        "pool",
+        "request",
+        "rounds",
+        "started",
+        "tokens",
+        "tried",
+    )
+
+    def __init__(
+        self, pool: ModelPool, request: model_pb2.GenerateRequest, started: float, deadline: float
+    ) -> None:
+        self.pool = pool
+        self.request = request
+        self.started = started
+        self.deadline = deadline
+        self.tokens = estimate_tokens(request)
+        self.client = client_key(request)
+        self.tried: set[str] = set()
+        self.backoff = 0.0
+        self.rounds = 0
+        self.last: MegaFlowError | None = None
+
+    def failed(self, replica: Replica, error: MegaFlowError) -> None:
+        self.last = error
+        self.tried.add(replica.id)
+
+
+def _can_fail_over(pool: ModelPool, replica: Replica, tried: set[str]) -> bool:
+    """Whether another healthy replica, not tried yet, could take a retry of this call."""
+    return len(pool.replicas) > 1 and any(
+        v.healthy and v.accepting and v.id != replica.id and v.id not in tried for v in pool.views()
+    )
