@@ -16,8 +16,14 @@ PUBLIC_MODELS = [
     for name in megaflow.__all__
     if isinstance(getattr(megaflow, name), type) and issubclass(getattr(megaflow, name), BaseModel)
 ]
-# Proto fields a model carries under another name or derives (Result: status, reward).
-DERIVED = {"TaskResult": {"state", "has_reward"}, "ScaffoldSpec": {"config_json"}}
+# Proto fields a model carries under another name or derives (Result: status, reward),
+# or that only a checkpoint's compact encoding sets (Turn: cleared again on resume, never
+# in a result).
+DERIVED = {
+    "TaskResult": {"state", "has_reward"},
+    "ScaffoldSpec": {"config_json"},
+    "Turn": {"reused_prompt_ids", "observation_of"},
+}
 
 
 def test_the_api_exports_the_models_and_functions() -> None:
