@@ -132,17 +132,19 @@ def _security(
     builds uses them); a bad setting is a usage error (exit 2)."""
     from megaflow.rpc import auth
 
+    given = token_file or tls_cert or tls_key or tls_ca or tls_server_name or insecure
     try:
-        auth.configure(
-            auth.load(
-                token_file=token_file,
-                tls_cert=tls_cert,
-                tls_key=tls_key,
-                tls_ca=tls_ca,
-                tls_server_name=tls_server_name,
-                insecure=insecure,
-            )
+        security = auth.load(
+            token_file=token_file,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+            tls_server_name=tls_server_name,
+            insecure=insecure,
         )
+        # No option: the environment's settings, read at each use (as from the API); an
+        # earlier command in this process (a test, a notebook) leaves nothing behind.
+        auth.configure(security if given else None)
     except InvalidRequestError as exc:
         console.print(f"[red]error[/]: {exc}")
         raise typer.Exit(2) from None
