@@ -167,15 +167,7 @@ class GpuLatencyModel:
     ) -> Served:
         """`run`, also saying how long the service was meant to take (`modelled_s`)."""
         loop = asyncio.get_running_loop()
-        arrived = time.monotonic()
-        if self._first is None:
-            self._first = arrived
-        self._requests += 1
-        kv = max(prompt_tokens, 0) + max(completion_tokens, 0) if self.config.kv_tokens else 0
-        await self._acquire(loop, kv)
-        started = time.monotonic()
-        self._in_flight += 1
-        self._busy_starts += started - self._epoch
+        arrived, started, kv = await self._enter(loop, prompt_tokens, completion_tokens)
         delay = 0.0
         try:
             cached = self._lookup(prefix_key, prompt_tokens)
@@ -185,11 +177,7 @@ class GpuLatencyModel:
                 await asyncio.sleep(delay)
             self._remember(prefix_key, prompt_tokens + completion_tokens)
         finally:
-            ended = time.monotonic()
-            self._in_flight -= 1
-            self._busy_starts -= started - self._epoch
-            self._busy_done += ended - started
-            self._release(kv)
+            ended = self._leave(started, kv)
         return Served(started - arrived, ended - started, delay)
 
     async def stream(
@@ -205,15 +193,7 @@ class GpuLatencyModel:
         last value is `completion_tokens`). The slot is held until the iterator ends or
         is closed (`aclose()`, e.g. when the caller is cancelled)."""
         loop = asyncio.get_running_loop()
-        arrived = time.monotonic()
-        if self._first is None:
-            self._first = arrived
-        self._requests += 1
-        kv = max(prompt_tokens, 0) + max(completion_tokens, 0) if self.config.kv_tokens else 0
-        await self._acquire(loop, kv)
-        started = time.monotonic()
-        self._in_flight += 1
-        self._busy_starts += started - self._epoch
+        _, started, kv = await self._enter(loop, prompt_tokens, completion_tokens)
         try:
             yield 0
             c = self.config
@@ -238,13 +218,33 @@ class GpuLatencyModel:
                 yield done
             self._remember(prefix_key, prompt_tokens + completion_tokens)
         finally:
-            ended = time.monotonic()
-            self._in_flight -= 1
-            self._busy_starts -= started - self._epoch
-            self._busy_done += ended - started
-            self._release(kv)
+            self._leave(started, kv)
 
     # -- admission ------------------------------------------------------------------------
+
+    async def _enter(
+        self, loop: asyncio.AbstractEventLoop, prompt_tokens: int, completion_tokens: int
+    ) -> tuple[float, float, int]:
+        """Count a request, queue it for a slot and its KV; (arrived, started, kv)."""
+        arrived = time.monotonic()
+        if self._first is None:
+            self._first = arrived
+        self._requests += 1
+        kv = max(prompt_tokens, 0) + max(completion_tokens, 0) if self.config.kv_tokens else 0
+        await self._acquire(loop, kv)
+        started = time.monotonic()
+        self._in_flight += 1
+        self._busy_starts += started - self._epoch
+        return arrived, started, kv
+
+    def _leave(self, started: float, kv: int) -> float:
+        """A request that `_enter`ed at `started` ends: its slot and KV freed; the time."""
+        ended = time.monotonic()
+        self._in_flight -= 1
+        self._busy_starts -= started - self._epoch
+        self._busy_done += ended - started
+        self._release(kv)
+        return ended
 
     def _fits(self, kv: int) -> bool:
         if self._free <= 0:
